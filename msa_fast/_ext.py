@@ -1,0 +1,56 @@
+"""Loading of the optional C++/CUDA extension ``msa_fast._C`` and build facts.
+
+The package works without the extension (eager and Triton paths); the ``cpp``
+and ``cuda`` backends then report why they are unavailable.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> tuple[object | None, str | None]:
+    """Import ``msa_fast._C`` once. Returns ``(module, None)`` or ``(None, why)``."""
+    try:
+        from msa_fast import _C  # noqa: PLC0415  (registers torch.ops.msa_fast.*)
+    except ImportError as exc:
+        return None, f"the C++ extension msa_fast._C is not built ({exc}); reinstall with `pip install --no-build-isolation -e .`"
+    return _C, None
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """True when ``torch.ops.msa_fast.<op>`` has a kernel for ``dispatch_key`` (CPU, CUDA)."""
+    if load()[0] is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"msa_fast::{op}", dispatch_key)
+
+
+def build_info() -> dict:
+    """What was compiled: the extension, its CPU and CUDA ops, the CUDA archs, Triton."""
+    mod, why = load()
+    info: dict = {
+        "extension": mod is not None,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if mod is None:
+        info.update(reason=why, cpu_ops=[], cuda_ops=[], cuda_archs=[], openmp=False)
+        return info
+    ops = sorted(name for name in dir(torch.ops.msa_fast) if not name.startswith("_")
+                 and isinstance(getattr(torch.ops.msa_fast, name), torch._ops.OpOverloadPacket))
+    info["cpu_ops"] = [op for op in ops if has_kernel(op, "CPU")]
+    info["cuda_ops"] = [op for op in ops if has_kernel(op, "CUDA")]
+    info["with_cuda"] = bool(mod.with_cuda)
+    info["cuda_archs"] = [a for a in mod.cuda_archs.replace(",", ";").split(";") if a]
+    info["openmp"] = bool(mod.with_openmp)
+    return info

@@ -1,0 +1,120 @@
+"""Build of msa_fast and its one extension, ``msa_fast._C``.
+
+``csrc/cpu/*.cpp`` (and ``csrc/module.cpp``) are always compiled (OpenMP, -O3).
+``csrc/cuda/*.cu`` are compiled whenever torch is a CUDA build and nvcc is found.
+``MSA_FAST_BUILD_CUDA=0`` forces the CUDA part off, ``=1`` forces it on and fails
+loudly if that is impossible. ``MSA_FAST_BUILD_EXT=0`` skips the extension
+altogether (the package then runs its eager and Triton paths only).
+
+Install with ``pip install --no-build-isolation -e .`` so that the build sees the
+torch of the environment.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_reason_missing(torch, cuda_home) -> str | None:
+    """Why the CUDA sources cannot be compiled here, or None when they can."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is not a CUDA build"
+    if cuda_home is None:
+        return "CUDA_HOME is not set and nvcc was not found"
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    if not (os.path.exists(nvcc) or shutil.which("nvcc")):
+        return f"nvcc not found under CUDA_HOME={cuda_home}"
+    return None
+
+
+def _extensions():
+    if os.environ.get("MSA_FAST_BUILD_EXT", "1") == "0":
+        print("msa_fast: MSA_FAST_BUILD_EXT=0, skipping the C++/CUDA extension")
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    flag = os.environ.get("MSA_FAST_BUILD_CUDA")
+    if flag not in (None, "", "0", "1"):
+        raise RuntimeError(f"MSA_FAST_BUILD_CUDA must be 0 or 1, got {flag!r}")
+    cuda_home = cpp_extension.CUDA_HOME
+    missing = _cuda_reason_missing(torch, cuda_home)
+    if flag == "1" and missing:
+        raise RuntimeError(f"MSA_FAST_BUILD_CUDA=1 but the CUDA part cannot be built: {missing}")
+    with_cuda = missing is None and flag != "0"
+
+    cpu_sources = ["csrc/module.cpp", "csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) if with_cuda else []
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
+    if with_cuda and not archs:
+        # Without a GPU torch cannot detect the arch; default to the GPUs we target.
+        archs = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    define_macros = [
+        ("MSA_FAST_WITH_CUDA", "1" if with_cuda else "0"),
+        ("MSA_FAST_CUDA_ARCHS", f'"{archs}"'),
+    ]
+    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    extra = {"cxx": cxx}
+    if with_cuda:
+        # The pip CUDA wheels keep the runtime headers (cuda_runtime_api.h ...) that
+        # ATen's CUDA headers include under site-packages/nvidia/cu13/include.
+        for site in sys.path:
+            for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include"):
+                p = os.path.join(site, sub)
+                if os.path.isdir(p):
+                    include_dirs.append(p)
+        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        ext_cls = cpp_extension.CUDAExtension
+    else:
+        ext_cls = cpp_extension.CppExtension
+        if missing:
+            print(f"msa_fast: building CPU ops only ({missing})")
+    ext = ext_cls(
+        name="msa_fast._C",
+        sources=cpu_sources + cuda_sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
+    )
+    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], cmdclass
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="msa_fast",
+    version="0.1.0",
+    description="Fused PyTorch kernels and reference models for multimodal sentiment analysis",
+    packages=find_packages(include=["msa_fast", "msa_fast.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.8",
+        "numpy",
+        "transformers",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "pybind11",
+        "ninja",
+        "psutil",
+    ],
+    extras_require={
+        "triton": ["triton>=3.4"],
+        "test": ["pytest", "pytest-benchmark", "ruff", "matplotlib", "scikit-learn"],
+        "bench": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["msa-fast=msa_fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
