@@ -61,7 +61,7 @@ def _extensions():
         ("MSA_FAST_WITH_CUDA", "1" if with_cuda else "0"),
         ("MSA_FAST_CUDA_ARCHS", f'"{archs}"'),
     ]
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp"]  # the C++ standard is torch's own (C++20 from torch 2.13)
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra = {"cxx": cxx}
     if with_cuda:
@@ -72,7 +72,7 @@ def _extensions():
                 p = os.path.join(site, sub)
                 if os.path.isdir(p):
                     include_dirs.append(p)
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
         ext_cls = cpp_extension.CUDAExtension
     else:
         ext_cls = cpp_extension.CppExtension

@@ -1,3 +1,8 @@
 """Drop-in ``torch.nn`` modules built on :mod:`msa_fast.ops` (SPEC section 3)."""
 
-__all__: list[str] = []
+from msa_fast.nn.contrastive import FDCMDIEContrastiveLoss
+from msa_fast.nn.dipu import CMDIE, DIPU
+from msa_fast.nn.dual_gate import DualGateFusion
+from msa_fast.nn.gap import GatedAttentionPooling
+
+__all__ = ["CMDIE", "DIPU", "DualGateFusion", "FDCMDIEContrastiveLoss", "GatedAttentionPooling"]

@@ -7,6 +7,25 @@ ground truth of each.
 """
 
 from msa_fast.ops import reference
+from msa_fast.ops.attention import attention
+from msa_fast.ops.contrastive import fd_cmdie_contrastive_loss, nt_xent, triplet
+from msa_fast.ops.dipu import dipu
+from msa_fast.ops.dual_gate import dual_gate
+from msa_fast.ops.gap import gated_attention_pool
+from msa_fast.ops.layer_norm import add_layer_norm
 from msa_fast.ops.pair_mining import MinedPairs, mine_pairs, sentiment_classes
 
-__all__ = ["MinedPairs", "mine_pairs", "reference", "sentiment_classes"]
+__all__ = [
+    "MinedPairs",
+    "add_layer_norm",
+    "attention",
+    "dipu",
+    "dual_gate",
+    "fd_cmdie_contrastive_loss",
+    "gated_attention_pool",
+    "mine_pairs",
+    "nt_xent",
+    "reference",
+    "sentiment_classes",
+    "triplet",
+]
