@@ -145,14 +145,280 @@ def sentiment_classes(y: torch.Tensor, scheme: str = "7") -> torch.Tensor:
 # --------------------------------------------------------------------------- #
 
 
+_F = torch.nn.functional  # alias, not an import: keeps this section self-contained
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for fp16 / bf16 inputs, the input dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def dual_gate(
+    h: torch.Tensor,
+    w_z: torch.Tensor,
+    b_z: torch.Tensor,
+    g_logits: torch.Tensor,
+    tau: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entropy gate and importance gate of the AGFN dual-gate fusion (SPEC 3.1).
+
+    Shapes: ``h: (..., M, D)``, ``w_z: (M, D)``, ``b_z: (M,)``, ``g_logits: (..., M)``.
+
+    * entropy gate: ``H_m = -sum_D p_m log p_m`` with ``log p_m = log_softmax(h_m)``
+      (natural log; from log-softmax so that it is finite for any finite ``h``, and
+      ``p log p -> 0`` where ``p`` underflows), ``z_m = h_m . w_z[m] + b_z[m]``,
+      ``e = softmax_m(z_m * exp(-H_m / tau))``, ``h_ent = sum_m e_m h_m`` -> ``(..., D)``;
+    * importance gate: ``g = sigmoid(g_logits)``, ``h_imp_in = concat_m(g_m h_m)``
+      -> ``(..., M*D)`` (modality-major: ``h_imp_in[..., m*D:(m+1)*D] = g_m h_m``).
+
+    Returns ``(h_ent, h_imp_in, e, g)`` in the dtype of ``h``; ``e`` and ``g`` have
+    shape ``(..., M)``. fp16 / bf16 inputs are computed in fp32.
+    """
+    dtype = h.dtype
+    acc = _acc_dtype(dtype)
+    hc = h.to(acc)
+    logp = torch.log_softmax(hc, dim=-1)
+    entropy = -(logp.exp() * logp).sum(dim=-1)  # (..., M)
+    z = (hc * w_z.to(acc)).sum(dim=-1) + b_z.to(acc)
+    e = torch.softmax(z * torch.exp(-entropy / tau), dim=-1)
+    h_ent = (e.unsqueeze(-1) * hc).sum(dim=-2)
+    g = torch.sigmoid(g_logits.to(acc))
+    h_imp_in = (g.unsqueeze(-1) * hc).flatten(-2)
+    return h_ent.to(dtype), h_imp_in.to(dtype), e.to(dtype), g.to(dtype)
+
+
+
 # --------------------------------------------------------------------------- #
 # Gated attention pooling, GAP (eq. 25-29, SPEC 3.2)
 # --------------------------------------------------------------------------- #
 
 
+def gated_attention_pool(
+    x: torch.Tensor,
+    ln_w: torch.Tensor,
+    ln_b: torch.Tensor,
+    W1g: torch.Tensor,
+    b1g: torch.Tensor,
+    w2g: torch.Tensor,
+    b2g: torch.Tensor,
+    W1a: torch.Tensor,
+    b1a: torch.Tensor,
+    w2a: torch.Tensor,
+    b2a: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gated attention pooling of M sequences into one (eq. 25-29, SPEC 3.2).
+
+    Shapes: ``x: (M, B, L, d)``; ``ln_w, ln_b: (M, d)``; ``W1g: (M, h, d)``,
+    ``b1g: (M, h)``, ``w2g: (M, h)``, ``b2g: (M,)`` (one GateMLP per modality);
+    ``W1a: (ha, d)``, ``b1a: (ha,)``, ``w2a: (ha,)``, ``b2a: ()`` (one attention MLP
+    shared by all modalities); ``mask: (B, L)`` bool, True = padding.
+
+    Per modality m and position: ``n_m = LayerNorm_m(x_m)`` (own affine, ``eps``);
+    ``g_m = sigmoid(w2g_m . GELU(W1g_m n_m + b1g_m) + b2g_m)`` (eq. 25, exact erf
+    GELU); ``y_m = g_m n_m`` (eq. 26: the gate multiplies the *normalised* feature,
+    as the paper's text says); ``s_m = w2a . tanh(W1a y_m + b1a) + b2a`` (eq. 27);
+    ``alpha = softmax_m(s)`` (eq. 28); ``out = sum_m alpha_m y_m`` (eq. 29).
+
+    Returns ``(out (B, L, d), alpha (M, B, L), g (M, B, L))`` in the dtype of ``x``
+    (fp16 / bf16 computed in fp32). Padded positions: ``x`` is zeroed there before
+    the math (so even non-finite padding is harmless) and ``out``, ``alpha`` and ``g``
+    are exactly 0 there, with zero gradient to every input from those positions.
+    """
+    dtype = x.dtype
+    acc = _acc_dtype(dtype)
+    xc = x.to(acc)
+    if mask is not None:
+        xc = xc.masked_fill(mask[None, :, :, None], 0.0)
+    d = xc.shape[-1]
+    n = _F.layer_norm(xc, (d,), eps=eps) * ln_w.to(acc)[:, None, None, :] + ln_b.to(acc)[:, None, None, :]
+    hid = _F.gelu(torch.einsum("mbld,mhd->mblh", n, W1g.to(acc)) + b1g.to(acc)[:, None, None, :])
+    g = torch.sigmoid(torch.einsum("mblh,mh->mbl", hid, w2g.to(acc)) + b2g.to(acc)[:, None, None])
+    y = g.unsqueeze(-1) * n
+    s = torch.tanh(_F.linear(y, W1a.to(acc), b1a.to(acc))) @ w2a.to(acc) + b2a.to(acc)
+    alpha = torch.softmax(s, dim=0)
+    out = (alpha.unsqueeze(-1) * y).sum(dim=0)
+    if mask is not None:
+        # where (not multiply) so that the padded values' gradient is exactly zero
+        out = out.masked_fill(mask[..., None], 0.0)
+        alpha = alpha.masked_fill(mask[None], 0.0)
+        g = g.masked_fill(mask[None], 0.0)
+    return out.to(dtype), alpha.to(dtype), g.to(dtype)
+
+
+
 # --------------------------------------------------------------------------- #
 # Attention, add + LayerNorm, DIPU (eq. 13-24, SPEC 3.3)
 # --------------------------------------------------------------------------- #
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention with a key padding mask (eq. 15 / 18, SPEC 3.3).
+
+    Shapes: ``q: (B, H, Lq, Dh)``, ``k, v: (B, H, Lk, Dh)``, ``key_padding_mask:
+    (B, Lk)`` bool, True = ignore that key (PyTorch's convention). ``scale``
+    defaults to ``Dh ** -0.5``. ``out = softmax(q k^T * scale) v`` -> ``(B, H, Lq, Dh)``.
+
+    A query whose keys are all masked outputs exactly 0 with zero gradient (never
+    NaN): the row maximum is replaced by 0 when it is -inf, so ``exp`` gives 0
+    everywhere, and the empty denominator is replaced by 1. Elsewhere it equals
+    ``torch.nn.functional.scaled_dot_product_attention``. fp16 / bf16 inputs are
+    computed in fp32 and returned in the input dtype.
+    """
+    dtype = q.dtype
+    acc = _acc_dtype(dtype)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    if key_padding_mask is not None:
+        s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    # softmax is shift invariant, so the (detached) max only guards exp
+    m = s.detach().amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    den = p.sum(dim=-1, keepdim=True)
+    p = p / torch.where(den > 0, den, torch.ones_like(den))
+    return torch.matmul(p, v.to(acc)).to(dtype)
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``LayerNorm(x + residual)`` over the last dim (the residual + LNorm of eq. 13-22).
+
+    Shapes: ``x, residual: (..., d)``, ``weight, bias: (d,)``; biased variance, ``eps``
+    inside the square root (as ``torch.nn.LayerNorm``). fp16 / bf16 computed in fp32.
+    """
+    dtype = x.dtype
+    acc = _acc_dtype(dtype)
+    s = x.to(acc) + residual.to(acc)
+    return _F.layer_norm(s, (s.shape[-1],), weight.to(acc), bias.to(acc), eps).to(dtype)
+
+
+def sinusoidal_position_encoding(length: int, d: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The fixed sinusoidal PE of eq. 13-14 (Vaswani et al.): ``(length, d)``.
+
+    ``PE[p, 2i] = sin(p / 10000^(2i/d))``, ``PE[p, 2i+1] = cos(p / 10000^(2i/d))``,
+    positions counted from 0 (padding is at the end of a sequence, so real
+    positions are 0..len-1); an odd ``d`` drops the last cosine column.
+    """
+    pos = torch.arange(length, device=device, dtype=dtype)
+    two_i = torch.arange(0, d, 2, device=device, dtype=dtype)
+    angles = pos[:, None] * torch.exp(two_i * (-9.210340371976184 / d))[None, :]  # ln(10000)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[:, :d]
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, L, d) -> (B, H, L, Dh)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).flatten(2)  # (B, H, L, Dh) -> (B, L, d)
+
+
+def dipu(
+    G: torch.Tensor,
+    X: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    heads: int,
+    g_mask: torch.Tensor | None = None,
+    x_mask: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    cross2: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One deep interaction promotion unit, DIPU (FD-CMDIE eq. 13-24), dropout-free.
+
+    Shapes: ``G: (B, Lg, d)`` global similarity feature, ``X: (B, Lx, d)`` one
+    modality's dissimilarity feature, ``g_mask: (B, Lg)``, ``x_mask: (B, Lx)`` bool,
+    True = padding. ``params`` holds exactly the tensors of
+    ``dict(msa_fast.nn.DIPU(d, heads, ffn_dim, cross2=cross2).named_parameters())``:
+
+    * ``norm_g_in.*``, ``norm_x_in.*``: eq. 13-14, ``G0 = LN(G + PE)``, ``X0 = LN(X + PE)``;
+    * ``cross.in_proj.{weight,bias}`` ``(3d, d)`` = ``[W_Q; W_K; W_V]`` and
+      ``cross.out_proj.*``: ONE multi-head cross-attention shared by both directions
+      and both stages, as the paper states (eq. 16-17 use the same ``W_Q, W_K, W_V``;
+      eq. 21-22 reuse ``W_Q`` and the keys / values of eq. 16-17). The output
+      projection, which eq. 15 leaves implicit, is shared the same way;
+    * ``norm_g1.*``, ``norm_x1.*``: ``G1 = LN(CA(G0 W_Q, X0 W_K, X0 W_V) + G0)``,
+      ``X1 = LN(CA(X0 W_Q, G0 W_K, G0 W_V) + X0)`` (eq. 16-17);
+    * ``self_g.*``, ``self_x.*`` (own ``in_proj``/``out_proj`` each: the paper gives no
+      sharing for self-attention and G and X live in different spaces) and
+      ``norm_g2.*``, ``norm_x2.*``: ``G2 = LN(SA(G1) + G1)``, ``X2 = LN(SA(X1) + X1)``
+      (eq. 18-20);
+    * ``norm_g3.*``, ``norm_x3.*`` (only when ``cross2``): ``G3 = LN(CA(G2 W_Q, K_X, V_X)
+      + G2)``, ``X3 = LN(CA(X2 W_Q, K_G, V_G) + X2)`` with ``K_X, V_X, K_G, V_G`` the
+      tensors of eq. 16-17 (eq. 21-22). ``cross2=False`` (the "w/o CrossAtt-2"
+      ablation) sets ``G3, X3 = G2, X2``;
+    * ``ffn_g.fc1/fc2``, ``ffn_x.fc1/fc2``: ``G_next = G3 + fc2(GELU(fc1(G3)))``, same for
+      X (eq. 23-24; exact erf GELU; no LayerNorm after, as in the paper).
+
+    Multi-head: ``heads`` divides ``d``, ``Dh = d / heads``, scores scaled by
+    ``Dh ** -0.5`` (eq. 15's ``sqrt(d_k)`` read per head, as in every Transformer).
+
+    Masks: a padded position is never a key (so it never influences a real
+    position); padded inputs are zeroed first (non-finite padding is harmless,
+    their gradient is 0) and padded outputs are set to exactly 0. A fully padded
+    sequence (a missing modality) gives zero attention output, never NaN.
+    Returns ``(G_next (B, Lg, d), X_next (B, Lx, d))`` in the dtype of ``G``;
+    fp16 / bf16 are computed in fp32.
+    """
+    dtype = G.dtype
+    acc = _acc_dtype(dtype)
+    p = {name: t.to(acc) for name, t in params.items()}
+    G, X = G.to(acc), X.to(acc)
+    if g_mask is not None:
+        G = G.masked_fill(g_mask[..., None], 0.0)
+    if x_mask is not None:
+        X = X.masked_fill(x_mask[..., None], 0.0)
+    d = G.shape[-1]
+
+    def norm(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return add_layer_norm(a, b, p[f"{name}.weight"], p[f"{name}.bias"], eps)
+
+    def lin(name: str, a: torch.Tensor) -> torch.Tensor:
+        return _F.linear(a, p[f"{name}.weight"], p[f"{name}.bias"])
+
+    def attend(proj: str, q, k, v, key_mask) -> torch.Tensor:
+        out = attention(_split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads), key_mask)
+        return lin(f"{proj}.out_proj", _merge_heads(out))
+
+    def self_attend(proj: str, a: torch.Tensor, key_mask) -> torch.Tensor:
+        q, k, v = lin(f"{proj}.in_proj", a).chunk(3, dim=-1)
+        return attend(proj, q, k, v, key_mask)
+
+    G0 = norm("norm_g_in", G, sinusoidal_position_encoding(G.shape[1], d, device=G.device, dtype=acc).expand_as(G))
+    X0 = norm("norm_x_in", X, sinusoidal_position_encoding(X.shape[1], d, device=X.device, dtype=acc).expand_as(X))
+    q_g, k_g, v_g = lin("cross.in_proj", G0).chunk(3, dim=-1)
+    q_x, k_x, v_x = lin("cross.in_proj", X0).chunk(3, dim=-1)
+    G1 = norm("norm_g1", attend("cross", q_g, k_x, v_x, x_mask), G0)
+    X1 = norm("norm_x1", attend("cross", q_x, k_g, v_g, g_mask), X0)
+    G2 = norm("norm_g2", self_attend("self_g", G1, g_mask), G1)
+    X2 = norm("norm_x2", self_attend("self_x", X1, x_mask), X1)
+    if cross2:
+        w_q, b_q = p["cross.in_proj.weight"][:d], p["cross.in_proj.bias"][:d]
+        G3 = norm("norm_g3", attend("cross", _F.linear(G2, w_q, b_q), k_x, v_x, x_mask), G2)
+        X3 = norm("norm_x3", attend("cross", _F.linear(X2, w_q, b_q), k_g, v_g, g_mask), X2)
+    else:
+        G3, X3 = G2, X2
+    G_next = G3 + lin("ffn_g.fc2", _F.gelu(lin("ffn_g.fc1", G3)))
+    X_next = X3 + lin("ffn_x.fc2", _F.gelu(lin("ffn_x.fc1", X3)))
+    if g_mask is not None:
+        G_next = G_next.masked_fill(g_mask[..., None], 0.0)
+    if x_mask is not None:
+        X_next = X_next.masked_fill(x_mask[..., None], 0.0)
+    return G_next.to(dtype), X_next.to(dtype)
+
 
 
 # --------------------------------------------------------------------------- #
