@@ -424,3 +424,207 @@ def dipu(
 # --------------------------------------------------------------------------- #
 # Contrastive losses (eq. 9-12, SPEC 3.4)       -- section owned by the loss work
 # --------------------------------------------------------------------------- #
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half inputs: the exp / log-sum-exp and the norms run in fp32.
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def unit_vectors(x: torch.Tensor) -> torch.Tensor:
+    """``x / ||x||`` along the last dim, zero-safe in value *and* gradient.
+
+    A vector with ``||x|| <= finfo.tiny`` (zero, or so small that its squared
+    entries underflow) maps to the zero vector, so every cosine with it is 0
+    (as in :func:`mine_pairs`). The reciprocal is taken of ``where(norm > tiny,
+    norm, 1)`` (the "double where"), so its backward never sees ``1/0``: the
+    gradient at a zero vector is exactly 0. A clamped norm (``F.normalize``)
+    would give the same value but a gradient of ``1/eps`` (1e12) at zero, which
+    blows up a training step; this is why it is not used. Above ``tiny`` the
+    gradient is the exact derivative of ``x / ||x||``.
+    """
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    ok = norm > torch.finfo(norm.dtype).tiny
+    inv = torch.where(ok, torch.where(ok, norm, torch.ones_like(norm)).reciprocal(), torch.zeros_like(norm))
+    return x * inv
+
+
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def nt_xent(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    negatives_mask: torch.Tensor | None = None,
+    tau: float = 0.5,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """NT-Xent over explicit (anchor, positive, negatives) rows (eq. 9, SPEC 3.4).
+
+    Shapes: ``anchor (P, D)``, ``positive (P, D)``, ``negatives (P, K, D)``,
+    ``negatives_mask (P, K)`` bool, True = valid (None: all valid). With
+    ``c = cos(anchor, .)`` (:func:`unit_vectors`, 0 for zero vectors), the row loss is
+
+        ``l_p = -log(exp(c_p/tau) / (exp(c_p/tau) + sum_{k valid} exp(c_k/tau)))``
+        ``    = logsumexp([c_p, c_k valid] / tau) - c_p / tau``
+
+    i.e. eq. 9 read as standard NT-Xent: the denominator runs over every pair
+    sharing the anchor, the positive included, so ``l_p >= 0`` and a row with no
+    valid negative has loss 0. Log-sum-exp keeps it stable for any ``tau > 0``;
+    masked negatives get ``-inf`` logits (exactly zero weight and gradient).
+    ``reduction``: ``"mean"`` / ``"sum"`` over rows, or ``"none"`` -> ``(P,)``.
+    Computed in fp32 for half inputs (fp64 for fp64), returned in the input dtype.
+    """
+    ct = _loss_dtype(anchor.dtype)
+    a = unit_vectors(anchor.to(ct))
+    c_pos = (a * unit_vectors(positive.to(ct))).sum(-1) / tau  # (P,)
+    c_neg = torch.einsum("pd,pkd->pk", a, unit_vectors(negatives.to(ct))) / tau  # (P, K)
+    if negatives_mask is not None:
+        c_neg = c_neg.masked_fill(~negatives_mask, float("-inf"))
+    loss = torch.logsumexp(torch.cat([c_pos[:, None], c_neg], dim=1), dim=1) - c_pos
+    return _reduce(loss, reduction).to(anchor.dtype)
+
+
+def triplet(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    margin: float = 0.5,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cosine triplet loss (eq. 10-11, SPEC 3.4).
+
+    Shapes: ``anchor, positive, negative (P, D)``. Row loss
+    ``max(0, d(a, p) - d(a, n) + margin)`` with ``d(x, y) = 1 - cos(x, y)`` (eq. 11;
+    cos 0 for zero vectors, see :func:`unit_vectors`). ``reduction`` as in
+    :func:`nt_xent`; fp32 math for half inputs, returned in the input dtype.
+    """
+    ct = _loss_dtype(anchor.dtype)
+    a = unit_vectors(anchor.to(ct))
+    d_pos = 1 - (a * unit_vectors(positive.to(ct))).sum(-1)
+    d_neg = 1 - (a * unit_vectors(negative.to(ct))).sum(-1)
+    loss = torch.relu(d_pos - d_neg + margin)
+    return _reduce(loss, reduction).to(anchor.dtype)
+
+
+def _anchor_group_nt_xent(logits: torch.Tensor, is_pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Eq. 9 for anchor groups: ``logits (B, ..., C)`` = cos(anchor, candidate)/tau.
+
+    Returns, per sample ``(B,)``, the sum over valid positives ``beta`` of
+    ``logsumexp_{valid gamma}(logits) - logits[beta]``. A group with no valid
+    candidate gets finite dummy logits (0) so its log-sum-exp, and hence its
+    backward, stays finite; it has no valid positive, so it contributes 0.
+    """
+    has_any = valid.any(dim=-1, keepdim=True)
+    lse = torch.logsumexp(
+        logits.masked_fill(~valid, float("-inf")).masked_fill(~has_any, 0.0), dim=-1, keepdim=True)
+    per_pair = torch.where(is_pos & valid, lse - logits, torch.zeros_like(logits))
+    return per_pair.flatten(1).sum(dim=1)
+
+
+def fd_cmdie_contrastive_loss(
+    sim_feats: torch.Tensor,
+    diff_feats: torch.Tensor,
+    pos_partner_feats: torch.Tensor,
+    neg_partner_feats: torch.Tensor,
+    tau: float = 0.5,
+    margin: float = 0.5,
+    lambda_tri: float = 0.1,
+    pos_partner_mask: torch.Tensor | None = None,
+    neg_partner_mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """FD-CMDIE contrastive loss ``L_cl`` (section 2.3.2, eq. 9-12).
+
+    Shapes (modality order t, a, v everywhere; ``s`` = similarity, ``d`` =
+    dissimilarity features):
+
+    * ``sim_feats (B, 3, D)`` = ``[T_s, A_s, V_s]`` of each sample i;
+    * ``diff_feats (B, 3, D)`` = ``[T_d, A_d, V_d]``;
+    * ``pos_partner_feats (B, Kp, 2, 3, D)``: the partners j in ``similar^i``,
+      ``[:, :, 0]`` their similarity and ``[:, :, 1]`` their dissimilarity features;
+    * ``neg_partner_feats (B, Kn, 3, D)``: similarity features of the partners k in
+      ``different^i``;
+    * ``pos_partner_mask (B, Kp)`` / ``neg_partner_mask (B, Kn)``: bool, True =
+      the partner exists (mining returns -1 when a class is too small); masked
+      slots may hold any finite values. None = all valid. Kp, Kn may be 0.
+
+    Pair sets of sample i (a pair ``(alpha, beta)`` is ordered, ``alpha`` is its
+    anchor, exactly as written in the paper):
+
+    * ``Positive_in``: ``(T_s^i, V_s^i), (T_s^i, A_s^i)`` and, for every j,
+      ``(T_s^j, V_s^j), (T_s^j, A_s^j)`` (text-anchored, as the paper's examples
+      and SPEC 3.4; ``(A_s, V_s)`` is not a pair);
+    * ``Positive_out``: ``(X_s^i, X_s^j)`` for X in {T, A, V}, every j;
+    * ``Negative_in``: ``(T_s^i, X_d^i)`` for X in {T, A, V} and, for every j,
+      ``(T_s^j, X_d^j)``;
+    * ``Negative_out``: ``(X_s^i, X_s^k)`` for X in {T, A, V}, every k in
+      ``different^i``.
+
+    Eq. 9 (NT-Xent, as SPEC 3.4 reads it): for each ``(alpha, beta)`` in ``P^i``,
+    ``-log(exp(cos(alpha, beta)/tau) / sum_{(alpha, gamma) in P^i u N^i}
+    exp(cos(alpha, gamma)/tau))`` -- the denominator runs over every pair of
+    ``P^i u N^i`` with the same anchor, ``beta`` and the other positives included.
+    So the anchors and their candidate sets are: ``T_s^i`` -> {V_s^i, A_s^i, T_s^j,
+    T_d^i, A_d^i, V_d^i, T_s^k}; ``A_s^i`` -> {A_s^j, A_s^k}; ``V_s^i`` -> {V_s^j,
+    V_s^k}; each ``T_s^j`` -> {V_s^j, A_s^j, T_d^j, A_d^j, V_d^j}.
+    ``l_NT^i`` is the sum over all positive pairs of ``P^i``.
+
+    Eq. 10-11 (triplet): ``Pair_Tri^i = {(T_s^i, p, n) : p in {V_s^i, A_s^i},
+    n in {T_d^i, A_d^i, V_d^i}}``, the full 2 x 3 product of sample i's own
+    features (the paper anchors triplets at ``T_s^i`` only; partner triplets are
+    not used); ``l_Tri^i = sum max(0, d(a, p) - d(a, n) + margin)``,
+    ``d = 1 - cos``.
+
+    Eq. 12: ``L_cl = mean_i l_NT^i + lambda_tri * mean_i l_Tri^i``. ``reduction``:
+    ``"mean"`` (eq. 12), ``"sum"`` or ``"none"`` -> ``(B,)`` per-sample
+    ``l_NT^i + lambda_tri * l_Tri^i``. Cosines are zero-safe
+    (:func:`unit_vectors`); fp32 math for half inputs, returned in the input dtype.
+    Cost: O(B (Kp + Kn) D), no pair is materialised twice.
+    """
+    ct = _loss_dtype(sim_feats.dtype)
+    dev = sim_feats.device
+    s = unit_vectors(sim_feats.to(ct))  # (B, 3, D)
+    d = unit_vectors(diff_feats.to(ct))  # (B, 3, D)
+    ps = unit_vectors(pos_partner_feats.to(ct))  # (B, Kp, 2, 3, D)
+    ns = unit_vectors(neg_partner_feats.to(ct))  # (B, Kn, 3, D)
+    b, kp, kn = s.shape[0], ps.shape[1], ns.shape[1]
+    pm = pos_partner_mask if pos_partner_mask is not None else torch.ones(b, kp, dtype=torch.bool, device=dev)
+    nm = neg_partner_mask if neg_partner_mask is not None else torch.ones(b, kn, dtype=torch.bool, device=dev)
+    yes = lambda *shape: torch.ones(shape, dtype=torch.bool, device=dev)
+    no = lambda *shape: torch.zeros(shape, dtype=torch.bool, device=dev)
+    va = [2, 1]  # (V, A): the text anchor's intra positives
+
+    # Anchor T_s^i: intra positives, partner T_s^j, own dissimilarity features, T_s^k.
+    cand = torch.cat([s[:, va], ps[:, :, 0, 0], d, ns[:, :, 0]], dim=1)  # (B, 5+Kp+Kn, D)
+    logits = torch.einsum("bd,bcd->bc", s[:, 0], cand) / tau
+    valid = torch.cat([yes(b, 2), pm, yes(b, 3), nm], dim=1)
+    is_pos = torch.cat([yes(b, 2), pm, no(b, 3), no(b, kn)], dim=1)
+    l_nt = _anchor_group_nt_xent(logits, is_pos, valid)
+
+    # Anchors A_s^i, V_s^i: inter-sample pairs only, same modality.
+    cand = torch.cat([ps[:, :, 0, 1:], ns[:, :, 1:]], dim=1).transpose(1, 2)  # (B, 2, Kp+Kn, D)
+    logits = torch.einsum("bmd,bmcd->bmc", s[:, 1:], cand) / tau
+    valid = torch.cat([pm, nm], dim=1)[:, None, :].expand(b, 2, kp + kn)
+    is_pos = torch.cat([yes(b, kp), no(b, kn)], dim=1)[:, None, :].expand(b, 2, kp + kn)
+    l_nt = l_nt + _anchor_group_nt_xent(logits, is_pos, valid)
+
+    # Anchors T_s^j of the similar partners: their own intra pairs.
+    cand = torch.cat([ps[:, :, 0, va], ps[:, :, 1]], dim=2)  # (B, Kp, 5, D)
+    logits = torch.einsum("bjd,bjcd->bjc", ps[:, :, 0, 0], cand) / tau
+    valid = pm[:, :, None].expand(b, kp, 5)
+    is_pos = torch.cat([yes(b, kp, 2), no(b, kp, 3)], dim=2)
+    l_nt = l_nt + _anchor_group_nt_xent(logits, is_pos, valid)
+
+    # Triplets (eq. 10-11): T_s^i x {V_s^i, A_s^i} x {T_d^i, A_d^i, V_d^i}.
+    d_pos = 1 - torch.einsum("bd,bpd->bp", s[:, 0], s[:, va])  # (B, 2)
+    d_neg = 1 - torch.einsum("bd,bnd->bn", s[:, 0], d)  # (B, 3)
+    l_tri = torch.relu(d_pos[:, :, None] - d_neg[:, None, :] + margin).sum(dim=(1, 2))
+
+    return _reduce(l_nt + lambda_tri * l_tri, reduction).to(sim_feats.dtype)
