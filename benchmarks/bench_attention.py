@@ -1,0 +1,57 @@
+"""Benchmark of ``attention`` with a key padding mask (SPEC 3.3) vs eager, torch.compile,
+Triton and ``F.scaled_dot_product_attention`` given the same mask.
+
+Shapes ``(B, H, Lq, Lk, Dh)``: DIPU self/cross attention for MOSI / MOSEI aligned
+(L = 50) and unaligned (G of 50 attending to 500 frames, 500 x 500 self-attention)
+and a large-batch training shape. 30 % of the keys of each sequence are padding.
+TFLOP/s counts ``4 B H Lq Lk Dh`` forward and ``10 B H Lq Lk Dh`` backward (FA2's
+convention: the backward recomputes ``q k^T``).
+
+    python benchmarks/bench_attention.py [--device cuda] [--dtype bfloat16] [--quick]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from _common import cli, run_op
+
+import msa_fast
+
+SHAPES = {
+    "mosi_aligned": (32, 8, 50, 50, 16),
+    "mosei_cross_unaligned": (32, 8, 50, 500, 32),
+    "mosei_self_unaligned": (32, 8, 500, 500, 32),
+    "train_large": (128, 8, 500, 500, 64),
+}
+
+
+def build(shape, device, dtype):
+    B, H, Lq, Lk, Dh = shape
+    q = torch.randn(B, H, Lq, Dh, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, H, Lk, Dh, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, H, Lk, Dh, device=device, dtype=dtype, requires_grad=True)
+    lengths = torch.randint(int(0.7 * Lk), Lk + 1, (B,), device=device)
+    mask = torch.arange(Lk, device=device)[None, :] >= lengths[:, None]
+    inputs = [q, k, v]
+
+    # SDPA takes "True = attend", the opposite of key_padding_mask, broadcast over heads and queries.
+    attend = (~mask)[:, None, None, :]
+
+    def call(backend):
+        if backend == "sdpa":
+            return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+        return lambda: msa_fast.ops.attention(q, k, v, mask, backend=backend)
+
+    return inputs, call
+
+
+def flops(shape):
+    B, H, Lq, Lk, Dh = shape
+    base = B * H * Lq * Lk * Dh
+    return 4 * base, 10 * base
+
+
+if __name__ == "__main__":
+    run_op("attention", SHAPES, build, cli(__doc__).parse_args(), flops=flops,
+           extra_providers={"sdpa": lambda inputs, call: call("sdpa")})

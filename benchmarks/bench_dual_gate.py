@@ -1,0 +1,50 @@
+"""Benchmark of ``dual_gate`` (AGFN dual gate, SPEC 3.1): eager vs torch.compile vs Triton.
+
+Shapes ``(rows, M, D)``: one utterance vector per modality and sample. MOSI / MOSEI
+batches (the batch is the row count) and a large-batch training shape. Memory bound:
+GB/s counts the bytes that must move (read ``h``, ``g_logits``; write ``h_ent``,
+``h_imp_in``, ``e``, ``g``; the backward also reads the four incoming gradients and
+writes ``dh`` and ``dg_logits``).
+
+    python benchmarks/bench_dual_gate.py [--device cuda] [--dtype bfloat16] [--quick]
+"""
+
+from __future__ import annotations
+
+import torch
+from _common import cli, run_op
+
+import msa_fast
+
+SHAPES = {
+    "mosi_b32": (32, 3, 128),
+    "mosei_b64": (64, 3, 256),
+    "mosei_b1024": (1024, 3, 768),
+    "train_b16384": (16384, 3, 768),
+}
+
+
+def build(shape, device, dtype):
+    R, M, D = shape
+    h = torch.randn(R, M, D, device=device, dtype=dtype, requires_grad=True)
+    w_z = (0.1 * torch.randn(M, D, device=device, dtype=dtype)).requires_grad_()
+    b_z = torch.randn(M, device=device, dtype=dtype, requires_grad=True)
+    g_logits = torch.randn(R, M, device=device, dtype=dtype, requires_grad=True)
+    inputs = [h, w_z, b_z, g_logits]
+
+    def call(backend):
+        return lambda: msa_fast.ops.dual_gate(h, w_z, b_z, g_logits, 1.0, backend=backend)
+
+    return inputs, call
+
+
+def traffic(shape, dtype):
+    R, M, D = shape
+    el = torch.finfo(dtype).bits // 8
+    fwd = el * (R * M * D + R * M + R * D + R * M * D + 2 * R * M)
+    bwd = el * (R * M * D + R * M + (R * D + R * M * D + 2 * R * M) + R * M * D + R * M)
+    return fwd, bwd
+
+
+if __name__ == "__main__":
+    run_op("dual_gate", SHAPES, build, cli(__doc__).parse_args(), traffic=traffic)
