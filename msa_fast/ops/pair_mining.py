@@ -21,6 +21,9 @@ __all__ = ["MinedPairs", "mine_pairs", "sentiment_classes"]
 _backend.register("mine_pairs", "cpp", "cuda")
 
 if _ext.load()[0] is not None:
+    # Resolve the op packet now: torch.ops namespaces are lazy and dir() (used by
+    # msa_fast.build_info) lists only the ops already looked up.
+    _ = torch.ops.msa_fast.mine_pairs
 
     @torch.library.register_fake("msa_fast::mine_pairs")
     def _mine_pairs_fake(features, labels, queries, query_labels, query_index, k):
@@ -29,6 +32,13 @@ if _ext.load()[0] is not None:
         idx = features.new_empty((q, k), dtype=torch.long)
         sim = features.new_empty((q, k), dtype=sim_dtype)
         return idx, sim, torch.empty_like(idx), torch.empty_like(sim)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str | None, device: torch.device) -> str:
+    # Backend resolution asks the dispatcher which kernels exist, which Dynamo
+    # cannot trace; its answer is fixed for a process, so fold it into the graph.
+    return _backend.resolve("mine_pairs", backend, device)
 
 
 def _check(features, labels, k, queries, query_labels, query_index):
@@ -72,7 +82,7 @@ def mine_pairs(
     those rows of the full result, so mining shards across processes.
     """
     _check(features, labels, k, queries, query_labels, query_index)
-    name = _backend.resolve("mine_pairs", backend, features.device)
+    name = _resolve(backend, features.device)
     if name == "eager":
         return reference.mine_pairs(features, labels, k, queries, query_labels, query_index)
     n = features.shape[0]

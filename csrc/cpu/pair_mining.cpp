@@ -1,0 +1,253 @@
+// CPU kernel of msa_fast::mine_pairs (SPEC 3.4, FD-CMDIE eq. 7-8).
+//
+//   sim(i, j) = <q_i / |q_i|, f_j / |f_j|>        (0 when either row is zero)
+//   pos_i = the k rows j with labels[j] == query_labels[i], j != query_index[i],
+//           of largest sim, sorted descending;
+//   neg_i = the k rows j with labels[j] != query_labels[i] of smallest sim,
+//           sorted ascending;
+//   ties go to the lower j; fewer than k candidates: -1 / NaN.
+//
+// Shapes: features (N, D), labels (N,) int64, queries (Q, D), query_labels (Q,)
+// int64, query_index (Q,) int64 in [-1, N). Outputs (Q, k): int64 indices and
+// similarities in fp64 for fp64 inputs, fp32 otherwise (fp16 / bf16 are
+// promoted to fp32 first, as the reference does).
+//
+// Algorithm: the rows are normalised once (one N x D copy, plus Q x D when the
+// queries are not the features), then the Q x N similarity matrix is produced
+// one (kQueryBlock x kKeyBlock) tile at a time with at::mm (MKL, multithreaded)
+// and consumed immediately by a per-query running top-k. Memory is
+// O((Q + N) D + kQueryBlock * (kKeyBlock + k)): the Q x N matrix never exists.
+//
+// The running top-k is a bounded binary heap per query whose root is the
+// current worst kept entry. Keys are offered in increasing j (tiles are visited
+// in order and scanned left to right), so a candidate that merely ties the worst
+// kept similarity has a larger index and loses: the admission test is a strict
+// comparison against a cached threshold, which keeps the hot loop branch-light.
+// The heap comparator nevertheless orders ties by index, so the final sort is
+// exact (sim, then lower index first).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace msa_fast {
+namespace {
+
+// Tile sizes: 512 x 2048 fp32 = 4 MiB, large enough for MKL to run near peak on
+// the (512 x D) @ (D x 2048) product, small enough to stay in the last-level
+// cache while the selection pass reads it back.
+constexpr int64_t kQueryBlock = 512;
+constexpr int64_t kKeyBlock = 2048;
+
+template <typename scalar_t>
+struct Cand {
+  scalar_t sim;
+  int64_t idx;
+};
+
+// "a is output before b": larger (pos) / smaller (neg) similarity, then lower index.
+template <typename scalar_t, bool kLargest>
+struct RanksBefore {
+  bool operator()(const Cand<scalar_t>& a, const Cand<scalar_t>& b) const {
+    if (a.sim != b.sim) return kLargest ? a.sim > b.sim : a.sim < b.sim;
+    return a.idx < b.idx;
+  }
+};
+
+// A bounded top-`cap` list over a caller-owned buffer. With RanksBefore as the
+// heap's "less", std::*_heap keep the entry output last (the worst) at the root.
+template <typename scalar_t, bool kLargest>
+struct TopK {
+  Cand<scalar_t>* buf;
+  int64_t cap;
+  int64_t size;
+  // Admission threshold: +-inf until full, then the worst kept similarity.
+  scalar_t thr;
+
+  void reset(Cand<scalar_t>* b, int64_t c) {
+    buf = b;
+    cap = c;
+    size = 0;
+    thr = kLargest ? -std::numeric_limits<scalar_t>::infinity()
+                   : std::numeric_limits<scalar_t>::infinity();
+  }
+
+  // Called only for candidates that pass `sim > thr` (pos) / `sim < thr` (neg),
+  // in increasing idx order.
+  void push(scalar_t sim, int64_t idx) {
+    RanksBefore<scalar_t, kLargest> cmp;
+    if (size < cap) {
+      buf[size++] = Cand<scalar_t>{sim, idx};
+      std::push_heap(buf, buf + size, cmp);
+    } else {
+      std::pop_heap(buf, buf + cap, cmp);
+      buf[cap - 1] = Cand<scalar_t>{sim, idx};
+      std::push_heap(buf, buf + cap, cmp);
+    }
+    if (size == cap) thr = buf[0].sim;
+  }
+
+  // Sorts in output order and writes k slots, padding with -1 / NaN.
+  template <typename out_t>
+  void write(int64_t* out_idx, out_t* out_sim, int64_t k) {
+    std::sort_heap(buf, buf + size, RanksBefore<scalar_t, kLargest>());
+    for (int64_t t = 0; t < size; ++t) {
+      out_idx[t] = buf[t].idx;
+      out_sim[t] = static_cast<out_t>(buf[t].sim);
+    }
+    for (int64_t t = size; t < k; ++t) {
+      out_idx[t] = -1;
+      out_sim[t] = std::numeric_limits<out_t>::quiet_NaN();
+    }
+  }
+};
+
+// x / |x| per row with a zero row kept zero -- the same ATen ops as
+// msa_fast.ops.reference.normalize_rows, so both paths see identical unit rows.
+at::Tensor normalize_rows(const at::Tensor& x) {
+  auto norm = at::linalg_vector_norm(x, 2, at::IntArrayRef{1}, /*keepdim=*/true);
+  auto inv = at::where(norm > 0, norm.reciprocal(), at::zeros_like(norm));
+  return (x * inv).contiguous();
+}
+
+template <typename scalar_t>
+void mine_blocked(const at::Tensor& fn, const at::Tensor& qn, const int64_t* labels,
+                  const int64_t* qlabels, const int64_t* qindex, int64_t k, int64_t* pos_idx,
+                  scalar_t* pos_sim, int64_t* neg_idx, scalar_t* neg_sim) {
+  const int64_t n = fn.size(0);
+  const int64_t q = qn.size(0);
+  const int64_t cap = std::min(k, n);  // never more than n candidates
+  const int64_t qb_max = std::min(kQueryBlock, q);
+  const int64_t kb_max = std::min(kKeyBlock, n);
+  std::vector<Cand<scalar_t>> pos_buf(static_cast<size_t>(qb_max * cap));
+  std::vector<Cand<scalar_t>> neg_buf(static_cast<size_t>(qb_max * cap));
+  std::vector<TopK<scalar_t, true>> pos(static_cast<size_t>(qb_max));
+  std::vector<TopK<scalar_t, false>> neg(static_cast<size_t>(qb_max));
+  // One flat tile buffer reused for every (query block, key block); edge tiles
+  // view its prefix so that the mm output stays contiguous.
+  at::Tensor tile_buf = at::empty({qb_max * kb_max}, fn.options());
+
+  for (int64_t q0 = 0; q0 < q; q0 += kQueryBlock) {
+    const int64_t qb = std::min(kQueryBlock, q - q0);
+    for (int64_t r = 0; r < qb; ++r) {
+      pos[r].reset(pos_buf.data() + r * cap, cap);
+      neg[r].reset(neg_buf.data() + r * cap, cap);
+    }
+    const at::Tensor qblock = qn.narrow(0, q0, qb);
+    for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
+      const int64_t kb = std::min(kKeyBlock, n - j0);
+      at::Tensor tile = tile_buf.narrow(0, 0, qb * kb).view({qb, kb});
+      at::mm_out(tile, qblock, fn.narrow(0, j0, kb).t());
+      const scalar_t* s = tile.const_data_ptr<scalar_t>();
+      const int64_t* lab = labels + j0;
+      at::parallel_for(0, qb, 8, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* row = s + r * kb;
+          const int64_t ql = qlabels[q0 + r];
+          // Local index of the query's own row in this tile (or out of range).
+          const int64_t self = qindex[q0 + r] - j0;
+          TopK<scalar_t, true>& p = pos[r];
+          TopK<scalar_t, false>& g = neg[r];
+          for (int64_t j = 0; j < kb; ++j) {
+            const scalar_t v = row[j];
+            const bool same = lab[j] == ql;
+            // Bitwise & on bools: one well-predicted branch per key, since after
+            // warm-up almost no key beats the thresholds.
+            if (same & (v > p.thr) & (j != self)) p.push(v, j0 + j);
+            if (!same & (v < g.thr)) g.push(v, j0 + j);
+          }
+        }
+      });
+    }
+    at::parallel_for(0, qb, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t row = q0 + r;
+        pos[r].write(pos_idx + row * k, pos_sim + row * k, k);
+        neg[r].write(neg_idx + row * k, neg_sim + row * k, k);
+      }
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine_pairs_cpu(
+    const at::Tensor& features, const at::Tensor& labels, const at::Tensor& queries,
+    const at::Tensor& query_labels, const at::Tensor& query_index, int64_t k) {
+  TORCH_CHECK(features.dim() == 2, "mine_pairs: features: expected rank 2 (N, D), got shape ",
+              features.sizes());
+  TORCH_CHECK(features.is_floating_point(), "mine_pairs: features: expected a floating dtype, got ",
+              features.scalar_type());
+  const int64_t n = features.size(0);
+  const int64_t d = features.size(1);
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n,
+              "mine_pairs: labels: expected shape (", n, ",), got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "mine_pairs: labels: expected int64, got ",
+              labels.scalar_type());
+  TORCH_CHECK(queries.dim() == 2 && queries.size(1) == d,
+              "mine_pairs: queries: expected shape (Q, ", d, "), got ", queries.sizes());
+  TORCH_CHECK(queries.scalar_type() == features.scalar_type(),
+              "mine_pairs: queries: expected dtype ", features.scalar_type(), ", got ",
+              queries.scalar_type());
+  const int64_t q = queries.size(0);
+  TORCH_CHECK(query_labels.dim() == 1 && query_labels.size(0) == q,
+              "mine_pairs: query_labels: expected shape (", q, ",), got ", query_labels.sizes());
+  TORCH_CHECK(query_labels.scalar_type() == at::kLong,
+              "mine_pairs: query_labels: expected int64, got ", query_labels.scalar_type());
+  TORCH_CHECK(query_index.dim() == 1 && query_index.size(0) == q,
+              "mine_pairs: query_index: expected shape (", q, ",), got ", query_index.sizes());
+  TORCH_CHECK(query_index.scalar_type() == at::kLong,
+              "mine_pairs: query_index: expected int64, got ", query_index.scalar_type());
+  TORCH_CHECK(k >= 1, "mine_pairs: k: expected an int >= 1, got ", k);
+  for (const at::Tensor* t : {&features, &labels, &queries, &query_labels, &query_index}) {
+    TORCH_CHECK(t->device().is_cpu(), "mine_pairs (cpu kernel): expected CPU tensors, got ",
+                t->device());
+  }
+
+  const bool is_f64 = features.scalar_type() == at::kDouble;
+  const auto dtype = is_f64 ? at::kDouble : at::kFloat;
+  const auto opts = features.options().dtype(dtype);
+  auto pos_idx = at::empty({q, k}, features.options().dtype(at::kLong));
+  auto neg_idx = at::empty({q, k}, features.options().dtype(at::kLong));
+  auto pos_sim = at::empty({q, k}, opts);
+  auto neg_sim = at::empty({q, k}, opts);
+  if (q == 0) return {pos_idx, pos_sim, neg_idx, neg_sim};
+
+  const auto qi = query_index.contiguous();
+  if (n == 0) {
+    TORCH_CHECK((qi == -1).all().item<bool>(),
+                "mine_pairs: query_index: expected -1 for every query when features is empty");
+  } else {
+    const auto mm = at::aminmax(qi);
+    const int64_t lo = std::get<0>(mm).item<int64_t>();
+    const int64_t hi = std::get<1>(mm).item<int64_t>();
+    TORCH_CHECK(lo >= -1 && hi < n, "mine_pairs: query_index: expected values in [-1, ", n - 1,
+                "], got range [", lo, ", ", hi, "]");
+  }
+
+  // The default call passes the features as the queries: normalise them once.
+  const at::Tensor fn = normalize_rows(features.to(dtype));
+  const bool same_rows = queries.is_same(features) ||
+                         (queries.data_ptr() == features.data_ptr() &&
+                          queries.sizes() == features.sizes() &&
+                          queries.strides() == features.strides());
+  const at::Tensor qn = same_rows ? fn : normalize_rows(queries.to(dtype));
+  const auto lab = labels.contiguous();
+  const auto qlab = query_labels.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES(fn.scalar_type(), "mine_pairs_cpu", [&] {
+    mine_blocked<scalar_t>(fn, qn, lab.const_data_ptr<int64_t>(), qlab.const_data_ptr<int64_t>(),
+                           qi.const_data_ptr<int64_t>(), k, pos_idx.data_ptr<int64_t>(),
+                           pos_sim.data_ptr<scalar_t>(), neg_idx.data_ptr<int64_t>(),
+                           neg_sim.data_ptr<scalar_t>());
+  });
+  return {pos_idx, pos_sim, neg_idx, neg_sim};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(msa_fast, CPU, m) { m.impl("mine_pairs", &mine_pairs_cpu); }
+
+}  // namespace msa_fast
