@@ -1,0 +1,426 @@
+"""Contrastive losses (FD-CMDIE eq. 9-12, SPEC 3.4): nt_xent, triplet,
+fd_cmdie_contrastive_loss and the FDCMDIEContrastiveLoss module."""
+
+import math
+
+import pytest
+import torch
+
+import msa_fast
+from msa_fast.nn import FDCMDIEContrastiveLoss
+from msa_fast.ops import fd_cmdie_contrastive_loss, nt_xent, triplet
+from msa_fast.ops import reference as R
+
+F64 = torch.float64
+
+
+def _rand(*shape, dtype=F64, grad=False):
+    return torch.randn(*shape, dtype=dtype, requires_grad=grad)
+
+
+def _fd_inputs(b, kp, kn, d, dtype=F64, grad=False):
+    return (_rand(b, 3, d, dtype=dtype, grad=grad), _rand(b, 3, d, dtype=dtype, grad=grad),
+            _rand(b, kp, 2, 3, d, dtype=dtype, grad=grad), _rand(b, kn, 3, d, dtype=dtype, grad=grad))
+
+
+def _random_mask(*shape, p=0.6):
+    return torch.rand(*shape) < p
+
+
+# --------------------------------------------------------------------------- #
+# Hand-computed cases
+# --------------------------------------------------------------------------- #
+
+
+def test_nt_xent_hand_computed():
+    # Row 0: c_p = 1/sqrt(2); negatives c = 0, -1, 0.8.  Row 1: c_p = 1; negatives
+    # c = 0 and 1/sqrt(2) (the middle one is masked out). tau = 0.5.
+    anchor = torch.tensor([[3.0, 0.0], [0.0, 2.0]], dtype=F64)
+    positive = torch.tensor([[2.0, 2.0], [0.0, 1.0]], dtype=F64)
+    negatives = torch.tensor([[[0.0, -5.0], [-1.0, 0.0], [4.0, 3.0]],
+                              [[1.0, 0.0], [0.0, -3.0], [1.0, 1.0]]], dtype=F64)
+    mask = torch.tensor([[True, True, True], [True, False, True]])
+    c = 1 / math.sqrt(2)
+    row0 = math.log(math.exp(2 * c) + 1 + math.exp(-2) + math.exp(1.6)) - 2 * c
+    row1 = math.log(math.exp(2) + 1 + math.exp(2 * c)) - 2
+    assert row0 == pytest.approx(0.9083327812587885, rel=1e-12)
+    assert row1 == pytest.approx(0.5259131455039494, rel=1e-12)
+    out = nt_xent(anchor, positive, negatives, mask, tau=0.5, reduction="none")
+    torch.testing.assert_close(out, torch.tensor([row0, row1], dtype=F64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(nt_xent(anchor, positive, negatives, mask, tau=0.5),
+                               torch.tensor(0.7171229633813689, dtype=F64), rtol=1e-12, atol=1e-12)
+
+
+def test_triplet_hand_computed():
+    # d = 1 - cos. Row 0: 0.29289 - 1 + 0.5 < 0 -> 0. Row 1: 1 - 0.29289 + 0.5.
+    # Row 2: zero anchor, cos 0 with everything -> d(a,p) = d(a,n) = 1 -> margin.
+    anchor = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 0.0]], dtype=F64)
+    positive = torch.tensor([[1.0, 1.0], [0.0, 3.0], [1.0, 2.0]], dtype=F64)
+    negative = torch.tensor([[0.0, 1.0], [3.0, 3.0], [-1.0, 5.0]], dtype=F64)
+    out = triplet(anchor, positive, negative, margin=0.5, reduction="none")
+    want = torch.tensor([0.0, 1.5 - (1 - 1 / math.sqrt(2)), 0.5], dtype=F64)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[1], torch.tensor(1.2071067811865475, dtype=F64))
+    torch.testing.assert_close(triplet(anchor, positive, negative, margin=0.5, reduction="sum"), want.sum())
+
+
+def test_fd_cmdie_hand_computed_no_partners():
+    # Kp = Kn = 0: only the anchor T_s with positives {V_s, A_s} and negatives
+    # {T_d, A_d, V_d}, plus the 6 triplets. Unit axes make every cosine 0 or 1.
+    e = torch.eye(4, dtype=F64)
+    sim = torch.stack([e[0], e[0], e[1]])[None]        # T_s = A_s = e0, V_s = e1
+    diff = torch.stack([e[2], e[0], e[3]])[None]       # A_d = e0 (cos 1 with T_s)
+    empty_p, empty_n = torch.zeros(1, 0, 2, 3, 4, dtype=F64), torch.zeros(1, 0, 3, 4, dtype=F64)
+    tau, margin, lam = 0.5, 0.5, 0.1
+    # logits /tau: V_s 0, A_s 2, T_d 0, A_d 2, V_d 0
+    lse = math.log(3 + 2 * math.exp(2))
+    l_nt = (lse - 0) + (lse - 2)
+    # d(T, V_s) = 1, d(T, A_s) = 0; d(T, .) over diff = 1, 0, 1.
+    # dp = 1: 0.5 + 1.5 + 0.5; dp = 0: 0 + 0.5 + 0 -> 3.0
+    l_tri = sum(max(0.0, dp - dn + margin) for dp in (1.0, 0.0) for dn in (1.0, 0.0, 1.0))
+    assert l_tri == pytest.approx(3.0)
+    out = fd_cmdie_contrastive_loss(sim, diff, empty_p, empty_n, tau, margin, lam)
+    torch.testing.assert_close(out, torch.tensor(l_nt + lam * l_tri, dtype=F64), rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- #
+# fd_cmdie_contrastive_loss against an explicit loop over P^i and N^i
+# --------------------------------------------------------------------------- #
+
+
+def _slow_fd_cmdie(s, d, ps, ns, pm, nm, tau, margin, lam):
+    """Build P^i / N^i pair by pair (section 2.3.2) and apply eq. 9-12 literally."""
+
+    def cos(x, y):
+        nx, ny = float(x.norm()), float(y.norm())
+        return 0.0 if nx == 0 or ny == 0 else float(x @ y) / (nx * ny)
+
+    T, A, Vm = 0, 1, 2
+    per_sample = []
+    for i in range(s.shape[0]):
+        pairs = []  # (anchor key, anchor, other, positive?)
+        pairs += [(("i", T), s[i, T], s[i, Vm], True), (("i", T), s[i, T], s[i, A], True)]  # Positive_in
+        pairs += [(("i", T), s[i, T], d[i, m], False) for m in range(3)]  # Negative_in
+        for j in range(ps.shape[1]):
+            if not pm[i, j]:
+                continue
+            tj = ps[i, j, 0, T]
+            pairs += [(("j", j), tj, ps[i, j, 0, Vm], True), (("j", j), tj, ps[i, j, 0, A], True)]
+            pairs += [(("j", j), tj, ps[i, j, 1, m], False) for m in range(3)]
+            pairs += [(("i", m), s[i, m], ps[i, j, 0, m], True) for m in range(3)]  # Positive_out
+        for k in range(ns.shape[1]):
+            if nm[i, k]:
+                pairs += [(("i", m), s[i, m], ns[i, k, m], False) for m in range(3)]  # Negative_out
+        l_nt = 0.0
+        for key, a, b, positive in pairs:
+            if positive:
+                denom = sum(math.exp(cos(a2, g) / tau) for key2, a2, g, _ in pairs if key2 == key)
+                l_nt -= math.log(math.exp(cos(a, b) / tau) / denom)
+        l_tri = sum(max(0.0, (1 - cos(s[i, T], p)) - (1 - cos(s[i, T], n)) + margin)
+                    for p in (s[i, Vm], s[i, A]) for n in d[i])
+        per_sample.append(l_nt + lam * l_tri)
+    return per_sample
+
+
+@pytest.mark.parametrize("b,kp,kn,d", [(3, 2, 3, 5), (1, 1, 1, 7), (4, 0, 2, 3), (2, 3, 0, 6)])
+def test_fd_cmdie_matches_explicit_pair_loop(b, kp, kn, d):
+    s, df, ps, ns = _fd_inputs(b, kp, kn, d)
+    pm, nm = _random_mask(b, kp), _random_mask(b, kn)
+    if b > 1:
+        pm[0] = False  # a sample whose similar^i is empty (class too small)
+        nm[-1] = False
+    tau, margin, lam = 0.3, 0.4, 0.25
+    want = torch.tensor(_slow_fd_cmdie(s, df, ps, ns, pm, nm, tau, margin, lam), dtype=F64)
+    got = fd_cmdie_contrastive_loss(s, df, ps, ns, tau, margin, lam, pm, nm, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fd_cmdie_contrastive_loss(s, df, ps, ns, tau, margin, lam, pm, nm), want.mean())
+
+
+def test_fd_cmdie_masked_partners_are_ignored():
+    s, df, ps, ns = _fd_inputs(3, 3, 4, 5)
+    pm, nm = _random_mask(3, 3), _random_mask(3, 4)
+    base = fd_cmdie_contrastive_loss(s, df, ps, ns, 0.5, 0.5, 0.1, pm, nm, reduction="none")
+    ps2, ns2 = ps.clone(), ns.clone()
+    ps2[~pm] = torch.randn_like(ps2[~pm]) * 100
+    ns2[~nm] = 0.0
+    torch.testing.assert_close(
+        fd_cmdie_contrastive_loss(s, df, ps2, ns2, 0.5, 0.5, 0.1, pm, nm, reduction="none"), base)
+
+
+# --------------------------------------------------------------------------- #
+# Gradients, zero vectors, dtypes
+# --------------------------------------------------------------------------- #
+
+
+def test_gradcheck_nt_xent():
+    a, p, n = _rand(5, 7, grad=True), _rand(5, 7, grad=True), _rand(5, 3, 7, grad=True)
+    mask = _random_mask(5, 3)
+    mask[2] = False
+    assert torch.autograd.gradcheck(lambda a, p, n: R.nt_xent(a, p, n, mask, 0.3, "none"), (a, p, n))
+
+
+def test_gradcheck_triplet():
+    a, p, n = _rand(6, 5, grad=True), _rand(6, 5, grad=True), _rand(6, 5, grad=True)
+    # Large margin keeps every row off the hinge's kink.
+    assert torch.autograd.gradcheck(lambda a, p, n: R.triplet(a, p, n, 3.0, "none"), (a, p, n))
+
+
+def test_gradcheck_fd_cmdie():
+    inputs = _fd_inputs(3, 2, 3, 5, grad=True)
+    pm, nm = _random_mask(3, 2), _random_mask(3, 3)
+    pm[1] = False
+    fn = lambda *x: R.fd_cmdie_contrastive_loss(*x, 0.4, 3.0, 0.3, pm, nm, "none")
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_unit_vectors_zero_safe():
+    x = torch.tensor([[0.0, 0.0, 0.0], [3.0, 0.0, 4.0]], dtype=F64, requires_grad=True)
+    u = R.unit_vectors(x)
+    torch.testing.assert_close(u.detach(), torch.tensor([[0.0, 0.0, 0.0], [0.6, 0.0, 0.8]], dtype=F64))
+    (u * torch.randn_like(u)).sum().backward()
+    assert torch.all(x.grad[0] == 0) and torch.isfinite(x.grad).all() and x.grad[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_zero_vectors_finite_loss_and_grads(dtype):
+    a = torch.zeros(3, 4, dtype=dtype, requires_grad=True)
+    p = torch.zeros(3, 4, dtype=dtype, requires_grad=True)
+    n = torch.randn(3, 2, 4, dtype=dtype)
+    n[0] = 0
+    n.requires_grad_(True)
+    loss = nt_xent(a, p, n) + triplet(a, p, n[:, 0])
+    loss.backward()
+    # Every cosine is 0: nt_xent = log(1 + K), triplet = margin.
+    torch.testing.assert_close(loss.float(), torch.tensor(math.log(3) + 0.5), rtol=2e-2, atol=1e-2)
+    for t in (a, p, n):
+        assert torch.isfinite(t.grad.float()).all()
+
+    zs = [torch.zeros(x.shape, dtype=dtype, requires_grad=True) for x in _fd_inputs(2, 2, 3, 4)]
+    out = fd_cmdie_contrastive_loss(*zs)
+    out.backward()
+    assert torch.isfinite(out.float())
+    assert all(torch.isfinite(z.grad.float()).all() for z in zs)
+
+
+def test_nt_xent_gradient_flows_and_masked_negatives_get_none():
+    a, p, n = _rand(4, 6, grad=True), _rand(4, 6, grad=True), _rand(4, 5, 6, grad=True)
+    mask = _random_mask(4, 5)
+    mask[1] = False
+    nt_xent(a, p, n, mask).backward()
+    assert torch.all(n.grad[~mask] == 0)
+    assert torch.all(n.grad[mask].abs().sum(-1) > 0)
+    # Row 1 has no valid negative: constant loss 0, so no gradient at all.
+    assert torch.all(a.grad[1] == 0) and torch.all(p.grad[1] == 0)
+    assert torch.all(a.grad[[0, 2, 3]].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_matches_fp64(dtype):
+    a, p, n = _rand(9, 13), _rand(9, 13), _rand(9, 4, 13)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    # Compare against fp64 of the *rounded* inputs: the loss math itself runs in fp32.
+    a_, p_, n_ = (x.to(dtype) for x in (a, p, n))
+    out = nt_xent(a_, p_, n_, tau=0.7, reduction="none")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), R.nt_xent(a_.double(), p_.double(), n_.double(), None, 0.7, "none"),
+                               **tol)
+    xs = [x.to(dtype) for x in _fd_inputs(3, 2, 2, 11)]
+    out = fd_cmdie_contrastive_loss(*xs, reduction="none")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), R.fd_cmdie_contrastive_loss(*(x.double() for x in xs), reduction="none"),
+                               **tol)
+
+
+# --------------------------------------------------------------------------- #
+# Reductions and masks
+# --------------------------------------------------------------------------- #
+
+
+def test_reductions():
+    a, p, n = _rand(7, 3), _rand(7, 3), _rand(7, 5, 3)
+    mask = _random_mask(7, 5)
+    none = nt_xent(a, p, n, mask, reduction="none")
+    assert none.shape == (7,) and torch.all(none >= 0)
+    torch.testing.assert_close(nt_xent(a, p, n, mask, reduction="sum"), none.sum())
+    torch.testing.assert_close(nt_xent(a, p, n, mask), none.mean())
+    t_none = triplet(a, p, n[:, 0], 0.8, reduction="none")
+    assert t_none.shape == (7,)
+    torch.testing.assert_close(triplet(a, p, n[:, 0], 0.8), t_none.mean())
+    torch.testing.assert_close(triplet(a, p, n[:, 0], 0.8, reduction="sum"), t_none.sum())
+    xs = _fd_inputs(5, 2, 3, 4)
+    f_none = fd_cmdie_contrastive_loss(*xs, reduction="none")
+    assert f_none.shape == (5,)
+    torch.testing.assert_close(fd_cmdie_contrastive_loss(*xs), f_none.mean())
+    torch.testing.assert_close(fd_cmdie_contrastive_loss(*xs, reduction="sum"), f_none.sum())
+
+
+def test_nt_xent_mask_equals_dropping_negatives():
+    a, p, n = _rand(5, 9), _rand(5, 9), _rand(5, 6, 9)
+    mask = torch.zeros(5, 6, dtype=torch.bool)
+    mask[:, [1, 4]] = True
+    torch.testing.assert_close(nt_xent(a, p, n, mask, reduction="none"),
+                               nt_xent(a, p, n[:, [1, 4]], reduction="none"))
+    # A row with no valid negative: only the positive in the denominator -> loss 0.
+    mask[3] = False
+    out = nt_xent(a, p, n, mask, reduction="none")
+    assert out[3] == 0 and torch.all(out[[0, 1, 2, 4]] > 0)
+    # K = 0 behaves like an all-invalid row.
+    torch.testing.assert_close(nt_xent(a, p, n[:, :0], reduction="none"), torch.zeros(5, dtype=F64))
+
+
+# --------------------------------------------------------------------------- #
+# Public ops: dispatch and bad input
+# --------------------------------------------------------------------------- #
+
+
+def test_public_ops_equal_reference_and_backends():
+    a, p, n = _rand(4, 5), _rand(4, 5), _rand(4, 3, 5)
+    want = R.nt_xent(a, p, n, None, 0.5, "mean")
+    for backend in (None, "auto", "eager"):
+        torch.testing.assert_close(nt_xent(a, p, n, backend=backend), want, rtol=0, atol=0)
+    with msa_fast.use_backend("eager"):
+        torch.testing.assert_close(nt_xent(a, p, n), want, rtol=0, atol=0)
+    xs = _fd_inputs(2, 2, 2, 5)
+    for backend in ("triton", "cuda", "cpp"):
+        with pytest.raises(RuntimeError, match=f"backend '{backend}' is unavailable"):
+            nt_xent(a, p, n, backend=backend)
+        with pytest.raises(RuntimeError, match="unavailable"):
+            triplet(a, p, n[:, 0], backend=backend)
+        with pytest.raises(RuntimeError, match="unavailable"):
+            fd_cmdie_contrastive_loss(*xs, backend=backend)
+    with pytest.raises(ValueError, match="backend"):
+        nt_xent(a, p, n, backend="fastest")
+
+
+def _bad_cases():
+    a, p, n = torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 3, 5)
+    s, df, ps, ns = (x.float() for x in _fd_inputs(2, 2, 3, 5))
+    return [
+        ("anchor", lambda: nt_xent(a[0], p, n)),
+        ("positive", lambda: nt_xent(a, p[:3], n)),
+        ("positive", lambda: nt_xent(a, p.double(), n)),
+        ("negatives", lambda: nt_xent(a, p, n[0])),
+        ("negatives", lambda: nt_xent(a, p, n[..., :4])),
+        ("negatives", lambda: nt_xent(a, p, n[:2])),
+        ("negatives_mask", lambda: nt_xent(a, p, n, torch.ones(4, 3))),
+        ("negatives_mask", lambda: nt_xent(a, p, n, torch.ones(4, 2, dtype=torch.bool))),
+        ("tau", lambda: nt_xent(a, p, n, tau=0.0)),
+        ("tau", lambda: nt_xent(a, p, n, tau=-1.0)),
+        ("reduction", lambda: nt_xent(a, p, n, reduction="avg")),
+        ("anchor", lambda: triplet(a.long(), p, p)),
+        ("negative", lambda: triplet(a, p, n)),
+        ("margin", lambda: triplet(a, p, p, margin=float("nan"))),
+        ("reduction", lambda: triplet(a, p, p, reduction=None)),
+        ("sim_feats", lambda: fd_cmdie_contrastive_loss(s[0], df, ps, ns)),
+        ("sim_feats", lambda: fd_cmdie_contrastive_loss(s[:, :2], df, ps, ns)),
+        ("diff_feats", lambda: fd_cmdie_contrastive_loss(s, df[..., :4], ps, ns)),
+        ("pos_partner_feats", lambda: fd_cmdie_contrastive_loss(s, df, ps[:, :, 0], ns)),
+        ("pos_partner_feats", lambda: fd_cmdie_contrastive_loss(s, df, ps[:1], ns)),
+        ("neg_partner_feats", lambda: fd_cmdie_contrastive_loss(s, df, ps, ns[..., :2])),
+        ("neg_partner_feats", lambda: fd_cmdie_contrastive_loss(s, df, ps, ns.double())),
+        ("pos_partner_mask", lambda: fd_cmdie_contrastive_loss(s, df, ps, ns, pos_partner_mask=torch.ones(2, 2))),
+        ("neg_partner_mask", lambda: fd_cmdie_contrastive_loss(
+            s, df, ps, ns, neg_partner_mask=torch.ones(2, 2, dtype=torch.bool))),
+        ("tau", lambda: fd_cmdie_contrastive_loss(s, df, ps, ns, tau=0)),
+        ("lambda_tri", lambda: fd_cmdie_contrastive_loss(s, df, ps, ns, lambda_tri=-0.1)),
+        ("reduction", lambda: fd_cmdie_contrastive_loss(s, df, ps, ns, reduction="batchmean")),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input_raises_value_error_naming_argument(case):
+    name, call = _bad_cases()[case]
+    with pytest.raises(ValueError, match=rf"\b{name}: expected"):
+        call()
+
+
+# --------------------------------------------------------------------------- #
+# FDCMDIEContrastiveLoss: forward partners vs memory bank
+# --------------------------------------------------------------------------- #
+
+
+def _dataset(n, d, dtype=torch.float32):
+    return torch.randn(n, 3, d, dtype=dtype), torch.randn(n, 3, d, dtype=dtype)
+
+
+def test_bank_and_forward_sources_agree():
+    n, d, b = 11, 6, 4
+    sims, diffs = _dataset(n, d)
+    idx = torch.tensor([3, 0, 10, 7])
+    pos_idx = torch.tensor([[5, 1, -1], [2, -1, -1], [4, 8, 9], [-1, -1, -1]])
+    neg_idx = torch.tensor([[6, 2], [9, -1], [1, 0], [3, 5]])
+    bank_loss = FDCMDIEContrastiveLoss(n, d, tau=0.4, margin=0.3, lambda_tri=0.2, partner_source="bank")
+    bank_loss.update(torch.arange(n), sims, diffs)
+    fwd_loss = FDCMDIEContrastiveLoss(tau=0.4, margin=0.3, lambda_tri=0.2)
+
+    s, df = sims[idx].clone().requires_grad_(True), diffs[idx].clone().requires_grad_(True)
+    got = bank_loss(s, df, pos_idx=pos_idx, neg_idx=neg_idx, indices=idx)
+    got.backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+    assert not bank_loss.bank.requires_grad
+
+    pp = torch.stack([sims[pos_idx.clamp_min(0)], diffs[pos_idx.clamp_min(0)]], dim=2)  # (B, Kp, 2, 3, D)
+    nn_ = sims[neg_idx.clamp_min(0)]
+    want = fwd_loss(sims[idx], diffs[idx], pp, nn_, pos_idx >= 0, neg_idx >= 0)
+    torch.testing.assert_close(got, want)
+    assert b == idx.numel()
+
+
+def test_bank_unfilled_rows_are_missing_partners_and_forward_refreshes():
+    n, d = 9, 5
+    sims, diffs = _dataset(n, d, F64)
+    loss = FDCMDIEContrastiveLoss(n, d, partner_source="bank").double()
+    with torch.no_grad():
+        loss.update(torch.tensor([0, 1, 2, 3]), sims[:4], diffs[:4])
+    assert loss.filled.tolist() == [True] * 4 + [False] * 5
+    pos_idx = torch.tensor([[1, 6], [7, 8]])  # 6, 7, 8 unfilled
+    neg_idx = torch.tensor([[2, 5], [0, 3]])  # 5 unfilled
+    bf, bn, pm, nm = loss.gather(pos_idx, neg_idx)
+    assert pm.tolist() == [[True, False], [False, False]]
+    assert nm.tolist() == [[True, False], [True, True]]
+    loss.eval()
+    s, df = sims[[4, 5]], diffs[[4, 5]]
+    got = loss(s, df, pos_idx=pos_idx, neg_idx=neg_idx, indices=torch.tensor([4, 5]))
+    assert not loss.filled[4:].any()  # eval: the bank is not written
+    want = fd_cmdie_contrastive_loss(s, df, bf, bn, pos_partner_mask=pm, neg_partner_mask=nm)
+    torch.testing.assert_close(got, want)
+
+    loss.train()
+    fresh = torch.randn(2, 3, d, dtype=F64, requires_grad=True)
+    loss(fresh, df, pos_idx=pos_idx, neg_idx=neg_idx, indices=torch.tensor([6, 7]))
+    assert loss.filled[[6, 7]].all() and not loss.filled[8]
+    torch.testing.assert_close(loss.bank[[6, 7], 0], fresh.detach())
+    assert "bank" in loss.state_dict() and "filled" in loss.state_dict()
+
+
+def test_module_bad_configuration_and_indices():
+    with pytest.raises(ValueError, match="num_samples"):
+        FDCMDIEContrastiveLoss(partner_source="bank", dim=4)
+    with pytest.raises(ValueError, match="dim"):
+        FDCMDIEContrastiveLoss(5, partner_source="bank")
+    with pytest.raises(ValueError, match="partner_source"):
+        FDCMDIEContrastiveLoss(partner_source="queue")
+    loss = FDCMDIEContrastiveLoss(5, 4, partner_source="bank")
+    s, df = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="pos_idx"):
+        loss(s, df, pos_idx=torch.tensor([[0, 5]]).expand(2, 2), neg_idx=torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="neg_idx"):
+        loss(s, df, pos_idx=torch.zeros(2, 1, dtype=torch.long), neg_idx=torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="indices"):
+        loss.update(torch.tensor([0, -1]), s, df)
+    with pytest.raises(ValueError, match="pos_partner_feats"):
+        FDCMDIEContrastiveLoss()(s, df)
+    with pytest.raises(RuntimeError, match="bank"):
+        FDCMDIEContrastiveLoss().update(torch.tensor([0, 1]), s, df)
+
+
+# --------------------------------------------------------------------------- #
+# torch.compile
+# --------------------------------------------------------------------------- #
+
+
+def test_nt_xent_compiles_fullgraph():
+    a, p, n = torch.randn(6, 10), torch.randn(6, 10), torch.randn(6, 3, 10)
+    mask = _random_mask(6, 3)
+    fn = torch.compile(lambda a, p, n, m: nt_xent(a, p, n, m, tau=0.25, reduction="sum"), fullgraph=True)
+    torch.testing.assert_close(fn(a, p, n, mask), R.nt_xent(a, p, n, mask, 0.25, "sum"), rtol=1e-5, atol=1e-5)
