@@ -1,0 +1,208 @@
+"""attention and add_layer_norm (SPEC 3.3): reference, public op, validation, compile."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from msa_fast import ops
+from msa_fast.ops import reference as R
+
+F64 = torch.float64
+
+
+def _rand(*shape, dtype=torch.float32, requires_grad=False):
+    return torch.randn(*shape, dtype=dtype).requires_grad_(requires_grad)
+
+
+def _kpm(b, lk, p=0.35, full_row=None):
+    m = torch.rand(b, lk) < p
+    m[:, 0] = False  # at least one valid key per row unless a full row is asked for
+    if full_row is not None:
+        m[full_row] = True
+    return m
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def test_attention_hand_computed():
+    q = torch.tensor([[[[1.0, 0.0]]]], dtype=F64)  # (1, 1, 1, 2)
+    k = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]], dtype=F64)
+    v = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], dtype=F64)
+    s0, s1 = 1 / math.sqrt(2), 0.0  # q.k / sqrt(Dh)
+    p0 = math.exp(s0) / (math.exp(s0) + math.exp(s1))
+    want = torch.tensor([p0 * 1 + (1 - p0) * 3, p0 * 2 + (1 - p0) * 4], dtype=F64)
+    torch.testing.assert_close(R.attention(q, k, v)[0, 0, 0], want)
+    # an explicit scale, and masking key 0 leaves only v[1]
+    p0 = math.exp(0.5) / (math.exp(0.5) + 1)
+    torch.testing.assert_close(R.attention(q, k, v, scale=0.5)[0, 0, 0],
+                               torch.tensor([p0 + 3 * (1 - p0), 2 * p0 + 4 * (1 - p0)], dtype=F64))
+    masked = R.attention(q, k, v, torch.tensor([[True, False]]))
+    torch.testing.assert_close(masked[0, 0, 0], torch.tensor([3.0, 4.0], dtype=F64))
+
+
+@pytest.mark.parametrize("b,h,lq,lk,dh", [(2, 3, 5, 7, 16), (1, 2, 1, 1, 8), (2, 1, 37, 37, 24), (3, 2, 4, 37, 5)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_matches_sdpa(b, h, lq, lk, dh, masked):
+    q, k, v = _rand(b, h, lq, dh), _rand(b, h, lk, dh), _rand(b, h, lk, dh)
+    kpm = _kpm(b, lk) if masked else None
+    out = ops.attention(q, k, v, kpm)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=None if kpm is None else ~kpm[:, None, None, :])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    scale = 0.3
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=None if kpm is None else ~kpm[:, None, None, :],
+                                         scale=scale)
+    torch.testing.assert_close(ops.attention(q, k, v, kpm, scale), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_gradients_match_sdpa():
+    q, k, v = (_rand(2, 2, 6, 12, dtype=F64, requires_grad=True) for _ in range(3))
+    k2 = _rand(2, 2, 9, 12, dtype=F64, requires_grad=True)
+    v2 = _rand(2, 2, 9, 12, dtype=F64, requires_grad=True)
+    kpm = _kpm(2, 9)
+    go = _rand(2, 2, 6, 12, dtype=F64)
+    g1 = torch.autograd.grad(ops.attention(q, k2, v2, kpm), (q, k2, v2), go)
+    g2 = torch.autograd.grad(F.scaled_dot_product_attention(q, k2, v2, attn_mask=~kpm[:, None, None, :]),
+                             (q, k2, v2), go)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_fully_masked_rows_give_zeros_and_zero_grads():
+    q = _rand(3, 2, 5, 8, requires_grad=True)
+    k = _rand(3, 2, 6, 8, requires_grad=True)
+    v = _rand(3, 2, 6, 8, requires_grad=True)
+    kpm = _kpm(3, 6, full_row=1)
+    out = ops.attention(q, k, v, kpm)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.sum().backward()  # a stride-0 incoming gradient
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+        assert torch.equal(t.grad[1], torch.zeros_like(t.grad[1]))
+        assert t.grad[0].abs().sum() > 0
+    # padded keys of the other rows get no gradient either
+    padded_keys = k.grad.transpose(1, 2)[kpm]  # (n_padded, H, Dh)
+    assert torch.equal(padded_keys, torch.zeros_like(padded_keys))
+
+
+def test_attention_gradcheck():
+    q = _rand(2, 2, 3, 5, dtype=F64, requires_grad=True)
+    k = _rand(2, 2, 4, 5, dtype=F64, requires_grad=True)
+    v = _rand(2, 2, 4, 5, dtype=F64, requires_grad=True)
+    kpm = torch.tensor([[False, True, False, True], [True, True, True, True]])
+    assert torch.autograd.gradcheck(lambda a, b, c: R.attention(a, b, c, kpm), (q, k, v))
+
+
+def test_attention_bf16_close_to_fp32():
+    q, k, v = _rand(2, 2, 7, 16), _rand(2, 2, 9, 16), _rand(2, 2, 9, 16)
+    kpm = _kpm(2, 9)
+    out = ops.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), kpm)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ops.attention(q, k, v, kpm), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("case,arg", [
+    ("q_rank", "q"), ("k_batch", "k"), ("k_width", "k"), ("v_len", "v"), ("k_dtype", "k"),
+    ("k_device", "k"), ("mask_dtype", "key_padding_mask"), ("mask_shape", "key_padding_mask"),
+    ("scale", "scale")])
+def test_attention_bad_input(case, arg):
+    q, k, v = _rand(2, 3, 4, 8), _rand(2, 3, 5, 8), _rand(2, 3, 5, 8)
+    kw = {"key_padding_mask": None, "scale": None}
+    if case == "q_rank":
+        q = q[0]
+    elif case == "k_batch":
+        k = _rand(3, 3, 5, 8)
+    elif case == "k_width":
+        k = _rand(2, 3, 5, 7)
+    elif case == "v_len":
+        v = _rand(2, 3, 6, 8)
+    elif case == "k_dtype":
+        k = k.double()
+    elif case == "k_device":
+        k = k.to("meta")
+    elif case == "mask_dtype":
+        kw["key_padding_mask"] = torch.zeros(2, 5, dtype=torch.int64)
+    elif case == "mask_shape":
+        kw["key_padding_mask"] = torch.zeros(2, 4, dtype=torch.bool)
+    elif case == "scale":
+        kw["scale"] = -1.0
+    with pytest.raises(ValueError, match=f"attention: {arg}: expected"):
+        ops.attention(q, k, v, **kw)
+
+
+def test_attention_explicit_unavailable_backend_raises():
+    q = _rand(1, 1, 2, 4)
+    with pytest.raises(RuntimeError, match="attention: backend 'cuda' is unavailable"):
+        ops.attention(q, q, q, backend="cuda")
+    torch.testing.assert_close(ops.attention(q, q, q, backend="auto"), ops.attention(q, q, q, backend="eager"))
+
+
+def test_attention_compiles_fullgraph():
+    q, k, v = _rand(2, 2, 3, 8), _rand(2, 2, 5, 8), _rand(2, 2, 5, 8)
+    kpm = _kpm(2, 5, full_row=1)
+    fn = torch.compile(lambda a, b, c, m: ops.attention(a, b, c, m), fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v, kpm), ops.attention(q, k, v, kpm), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- add_layer_norm
+
+
+def test_add_layer_norm_hand_computed():
+    x = torch.tensor([1.0, 2.0, 4.0], dtype=F64)
+    r = torch.tensor([1.0, 0.0, -1.0], dtype=F64)
+    w = torch.tensor([2.0, -1.0, 0.5], dtype=F64)
+    b = torch.tensor([0.1, 0.2, 0.3], dtype=F64)
+    eps = 1e-5
+    s = [2.0, 2.0, 3.0]
+    mu, var = 7 / 3, 2 / 9  # mean and biased variance of s
+    want = [(si - mu) / math.sqrt(var + eps) * wi + bi for si, wi, bi in zip(s, w.tolist(), b.tolist())]
+    torch.testing.assert_close(R.add_layer_norm(x, r, w, b, eps), torch.tensor(want, dtype=F64))
+
+
+@pytest.mark.parametrize("shape", [(3, 37, 20), (1, 1, 7), (5, 33)])
+def test_add_layer_norm_matches_torch(shape):
+    x, r = _rand(*shape), _rand(*shape)
+    w, b = _rand(shape[-1]), _rand(shape[-1])
+    torch.testing.assert_close(ops.add_layer_norm(x, r, w, b), F.layer_norm(x + r, (shape[-1],), w, b),
+                               rtol=1e-5, atol=1e-5)
+    xb = ops.add_layer_norm(x.bfloat16(), r.bfloat16(), w.bfloat16(), b.bfloat16())
+    assert xb.dtype == torch.bfloat16
+    torch.testing.assert_close(xb.float(), F.layer_norm(x + r, (shape[-1],), w, b), rtol=2e-2, atol=3e-2)
+
+
+def test_add_layer_norm_gradcheck():
+    args = [_rand(2, 3, 5, dtype=F64, requires_grad=True), _rand(2, 3, 5, dtype=F64, requires_grad=True),
+            _rand(5, dtype=F64, requires_grad=True), _rand(5, dtype=F64, requires_grad=True)]
+    assert torch.autograd.gradcheck(R.add_layer_norm, args)
+
+
+@pytest.mark.parametrize("case,arg", [("x_type", "x"), ("res_shape", "residual"), ("w_width", "weight"),
+                                      ("b_dtype", "bias"), ("res_device", "residual"), ("eps", "eps")])
+def test_add_layer_norm_bad_input(case, arg):
+    x, r, w, b = _rand(2, 4, 6), _rand(2, 4, 6), _rand(6), _rand(6)
+    eps = 1e-5
+    if case == "x_type":
+        x = x.tolist()
+    elif case == "res_shape":
+        r = _rand(2, 5, 6)
+    elif case == "w_width":
+        w = _rand(5)
+    elif case == "b_dtype":
+        b = b.double()
+    elif case == "res_device":
+        r = r.to("meta")
+    elif case == "eps":
+        eps = 0.0
+    with pytest.raises(ValueError, match=f"add_layer_norm: {arg}: expected"):
+        ops.add_layer_norm(x, r, w, b, eps)
+
+
+def test_add_layer_norm_backend_and_compile():
+    x, r, w, b = _rand(3, 7), _rand(3, 7), _rand(7), _rand(7)
+    with pytest.raises(RuntimeError, match="add_layer_norm: backend 'cuda' is unavailable"):
+        ops.add_layer_norm(x, r, w, b, backend="cuda")
+    fn = torch.compile(lambda *a: ops.add_layer_norm(*a), fullgraph=True)
+    torch.testing.assert_close(fn(x, r, w, b), ops.add_layer_norm(x, r, w, b), rtol=1e-5, atol=1e-5)
