@@ -11,7 +11,7 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load() -> tuple[object | None, str | None]:
     """Import ``msa_fast._C`` once. Returns ``(module, None)`` or ``(None, why)``."""
     try:
