@@ -1,8 +1,9 @@
 """``attention``: scaled dot-product attention with a key padding mask (SPEC 3.3).
 
-Backends: ``eager`` (:func:`msa_fast.ops.reference.attention`). Fused
-implementations register themselves when they land; until then an explicit
-``triton`` / ``cpp`` / ``cuda`` request raises ``RuntimeError`` and ``auto`` runs eager.
+Backends: ``eager`` (:func:`msa_fast.ops.reference.attention`) and ``triton``
+(``msa_fast/kernels/triton/attention.py``: flash attention, online softmax, LSE saved,
+recomputing backward), registered as ``torch.ops.msa_fast.attention_triton`` with a
+fake kernel and autograd.
 """
 
 from __future__ import annotations
@@ -12,6 +13,51 @@ import torch
 from msa_fast import _backend
 from msa_fast.ops import _validate as V
 from msa_fast.ops import reference
+
+_backend.register("attention", "triton")
+
+
+@torch.library.custom_op("msa_fast::attention_triton", mutates_args=())
+def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      key_padding_mask: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from msa_fast.kernels.triton.attention import attention_forward
+
+    return attention_forward(q, k, v, key_padding_mask, scale)
+
+
+@_attention_triton.register_fake
+def _(q, k, v, key_padding_mask, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("msa_fast::attention_triton_backward", mutates_args=())
+def _attention_triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               out: torch.Tensor, lse: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from msa_fast.kernels.triton.attention import attention_backward
+
+    return attention_backward(do, q, k, v, out, lse, key_padding_mask, scale)
+
+
+@_attention_triton_backward.register_fake
+def _(do, q, k, v, out, lse, key_padding_mask, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.scale = scale
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = _attention_triton_backward(dout, q, k, v, out, lse, key_padding_mask, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_attention_triton.register_autograd(_backward, setup_context=_setup_context)
 
 __all__ = ["attention"]
 
@@ -47,4 +93,6 @@ def attention(
     name = _backend.resolve("attention", backend, q.device)
     if name == "eager":
         return reference.attention(q, k, v, key_padding_mask, scale)
-    raise RuntimeError(f"attention: backend {name!r} has no implementation wired in")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return _attention_triton(q, k, v, key_padding_mask, float(scale))[0]

@@ -1,9 +1,9 @@
 """``dual_gate``: AGFN entropy gate + importance gate (SPEC 3.1), validated and dispatched.
 
-Backends: ``eager`` (:func:`msa_fast.ops.reference.dual_gate`). Fused Triton / C++
-implementations register themselves with :func:`msa_fast._backend.register` when
-they land; until then an explicit ``triton`` / ``cpp`` / ``cuda`` request raises
-``RuntimeError`` and ``auto`` runs eager.
+Backends: ``eager`` (:func:`msa_fast.ops.reference.dual_gate`) and ``triton``
+(``msa_fast/kernels/triton/dual_gate.py``: one-pass forward, one-pass fused
+backward), registered as ``torch.ops.msa_fast.dual_gate_triton`` with a fake kernel
+and autograd so that it traces under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,54 @@ from msa_fast.ops import _validate as V
 from msa_fast.ops import reference
 
 __all__ = ["dual_gate"]
+
+_backend.register("dual_gate", "triton")
+
+
+@torch.library.custom_op("msa_fast::dual_gate_triton", mutates_args=())
+def _dual_gate_triton(h: torch.Tensor, w_z: torch.Tensor, b_z: torch.Tensor, g_logits: torch.Tensor,
+                      tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from msa_fast.kernels.triton.dual_gate import dual_gate_forward
+
+    return dual_gate_forward(h, w_z, b_z, g_logits, tau)
+
+
+@_dual_gate_triton.register_fake
+def _(h, w_z, b_z, g_logits, tau):
+    *lead, m, d = h.shape
+    return (h.new_empty((*lead, d)), h.new_empty((*lead, m * d)), h.new_empty((*lead, m)),
+            h.new_empty((*lead, m)))
+
+
+@torch.library.custom_op("msa_fast::dual_gate_triton_backward", mutates_args=())
+def _dual_gate_triton_backward(
+    h: torch.Tensor, w_z: torch.Tensor, b_z: torch.Tensor, g_logits: torch.Tensor, tau: float,
+    d_hent: torch.Tensor | None, d_himp: torch.Tensor | None, d_e: torch.Tensor | None,
+    d_g: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from msa_fast.kernels.triton.dual_gate import dual_gate_backward
+
+    return dual_gate_backward(h, w_z, b_z, g_logits, tau, d_hent, d_himp, d_e, d_g)
+
+
+@_dual_gate_triton_backward.register_fake
+def _(h, w_z, b_z, g_logits, tau, d_hent, d_himp, d_e, d_g):
+    return torch.empty_like(h), torch.empty_like(w_z), torch.empty_like(b_z), torch.empty_like(g_logits)
+
+
+def _setup_context(ctx, inputs, output):
+    h, w_z, b_z, g_logits, tau = inputs
+    ctx.save_for_backward(h, w_z, b_z, g_logits)
+    ctx.tau = tau
+
+
+def _backward(ctx, d_hent, d_himp, d_e, d_g):
+    h, w_z, b_z, g_logits = ctx.saved_tensors
+    grads = _dual_gate_triton_backward(h, w_z, b_z, g_logits, ctx.tau, d_hent, d_himp, d_e, d_g)
+    return (*grads, None)
+
+
+_dual_gate_triton.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(h, w_z, b_z, g_logits, tau) -> None:
@@ -46,4 +94,4 @@ def dual_gate(
     name = _backend.resolve("dual_gate", backend, h.device)
     if name == "eager":
         return reference.dual_gate(h, w_z, b_z, g_logits, tau)
-    raise RuntimeError(f"dual_gate: backend {name!r} has no implementation wired in")
+    return _dual_gate_triton(h, w_z, b_z, g_logits, float(tau))

@@ -1,8 +1,10 @@
 """``gated_attention_pool``: GAP, FD-CMDIE eq. 25-29 (SPEC 3.2), validated and dispatched.
 
-Backends: ``eager`` (:func:`msa_fast.ops.reference.gated_attention_pool`). Fused
-implementations register themselves when they land; until then an explicit
-``triton`` / ``cpp`` / ``cuda`` request raises ``RuntimeError`` and ``auto`` runs eager.
+Backends: ``eager`` (:func:`msa_fast.ops.reference.gated_attention_pool`) and
+``triton`` (``msa_fast/kernels/triton/gap.py``: one forward kernel, a two-kernel
+fused backward with weight-gradient partials), registered as
+``torch.ops.msa_fast.gated_attention_pool_triton`` with a fake kernel and autograd.
+The Triton path needs ``h, ha <= 128`` (one ``tl.dot`` tile per hidden layer).
 """
 
 from __future__ import annotations
@@ -12,6 +14,52 @@ import torch
 from msa_fast import _backend
 from msa_fast.ops import _validate as V
 from msa_fast.ops import reference
+
+_backend.register("gated_attention_pool", "triton")
+
+_W = torch.Tensor
+
+
+@torch.library.custom_op("msa_fast::gated_attention_pool_triton", mutates_args=())
+def _gap_triton(x: _W, ln_w: _W, ln_b: _W, W1g: _W, b1g: _W, w2g: _W, b2g: _W, W1a: _W, b1a: _W,
+                w2a: _W, b2a: _W, mask: _W | None, eps: float) -> tuple[_W, _W, _W]:
+    from msa_fast.kernels.triton.gap import gap_forward
+
+    return gap_forward(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps)
+
+
+@_gap_triton.register_fake
+def _(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps):
+    m, b, length, d = x.shape
+    return x.new_empty((b, length, d)), x.new_empty((m, b, length)), x.new_empty((m, b, length))
+
+
+@torch.library.custom_op("msa_fast::gated_attention_pool_triton_backward", mutates_args=())
+def _gap_triton_backward(dout: _W | None, dalpha: _W | None, dg: _W | None, x: _W, ln_w: _W, ln_b: _W,
+                         W1g: _W, b1g: _W, w2g: _W, b2g: _W, W1a: _W, b1a: _W, w2a: _W, b2a: _W,
+                         mask: _W | None, eps: float) -> tuple[_W, _W, _W, _W, _W, _W, _W, _W, _W, _W, _W]:
+    from msa_fast.kernels.triton.gap import gap_backward
+
+    return gap_backward(dout, dalpha, dg, x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps)
+
+
+@_gap_triton_backward.register_fake
+def _(dout, dalpha, dg, *inputs_mask_eps):
+    return tuple(torch.empty_like(t) for t in inputs_mask_eps[:11])
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, mask, eps = inputs
+    ctx.save_for_backward(*tensors, mask)
+    ctx.eps = eps
+
+
+def _backward(ctx, dout, dalpha, dg):
+    *tensors, mask = ctx.saved_tensors
+    return (*_gap_triton_backward(dout, dalpha, dg, *tensors, mask, ctx.eps), None, None)
+
+
+_gap_triton.register_autograd(_backward, setup_context=_setup_context)
 
 __all__ = ["gated_attention_pool"]
 
@@ -63,4 +111,7 @@ def gated_attention_pool(
     name = _backend.resolve("gated_attention_pool", backend, x.device)
     if name == "eager":
         return reference.gated_attention_pool(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps)
-    raise RuntimeError(f"gated_attention_pool: backend {name!r} has no implementation wired in")
+    if max(W1g.shape[1], W1a.shape[0]) > 128:
+        raise RuntimeError(f"gated_attention_pool: the triton backend needs hidden sizes <= 128, got "
+                           f"h={W1g.shape[1]}, ha={W1a.shape[0]}; use backend='eager'")
+    return _gap_triton(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, float(eps))

@@ -1,8 +1,8 @@
 """``add_layer_norm``: ``LayerNorm(x + residual)`` (the residual + LNorm of FD-CMDIE eq. 13-22).
 
-Backends: ``eager`` (:func:`msa_fast.ops.reference.add_layer_norm`). Fused
-implementations register themselves when they land; until then an explicit
-``triton`` / ``cpp`` / ``cuda`` request raises ``RuntimeError`` and ``auto`` runs eager.
+Backends: ``eager`` (:func:`msa_fast.ops.reference.add_layer_norm`) and ``triton``
+(``msa_fast/kernels/triton/layer_norm.py``), registered as
+``torch.ops.msa_fast.add_layer_norm_triton`` with a fake kernel and autograd.
 """
 
 from __future__ import annotations
@@ -12,6 +12,53 @@ import torch
 from msa_fast import _backend
 from msa_fast.ops import _validate as V
 from msa_fast.ops import reference
+
+_backend.register("add_layer_norm", "triton")
+
+
+@torch.library.custom_op("msa_fast::add_layer_norm_triton", mutates_args=())
+def _add_layer_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from msa_fast.kernels.triton.layer_norm import add_layer_norm_forward
+
+    return add_layer_norm_forward(x, residual, weight, bias, eps)
+
+
+@_add_layer_norm_triton.register_fake
+def _(x, residual, weight, bias, eps):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    stats = x.new_empty((rows,), dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("msa_fast::add_layer_norm_triton_backward", mutates_args=())
+def _add_layer_norm_triton_backward(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
+                                    weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from msa_fast.kernels.triton.layer_norm import add_layer_norm_backward
+
+    return add_layer_norm_backward(dy, x, residual, weight, mean, rstd)
+
+
+@_add_layer_norm_triton_backward.register_fake
+def _(dy, x, residual, weight, mean, rstd):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, _, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, residual, weight, mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, residual, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _add_layer_norm_triton_backward(dy, x, residual, weight, mean, rstd)
+    # d(x + residual) is the same for both summands
+    return dx, dx, dw, db, None
+
+
+_add_layer_norm_triton.register_autograd(_backward, setup_context=_setup_context)
 
 __all__ = ["add_layer_norm"]
 
@@ -40,4 +87,4 @@ def add_layer_norm(
     name = _backend.resolve("add_layer_norm", backend, x.device)
     if name == "eager":
         return reference.add_layer_norm(x, residual, weight, bias, eps)
-    raise RuntimeError(f"add_layer_norm: backend {name!r} has no implementation wired in")
+    return _add_layer_norm_triton(x, residual, weight, bias, float(eps))[0]
