@@ -1,0 +1,56 @@
+"""Resolve a data argument: a pickle path or ``synthetic:<preset>[:<option>...]``.
+
+Options after the preset, in any order: ``aligned`` (default) or ``unaligned``,
+``seed=N`` (default 0), ``limit=N`` (first N samples per split; generation stops early).
+Examples: ``synthetic:mosi``, ``synthetic:mosei:unaligned``, ``synthetic:tiny:seed=3``.
+Synthetic pickles are cached by :func:`msa_fast.data.synthetic.cached`; loaded data is also
+kept in-process (the tensors are never modified in place), so repeated calls are cheap.
+"""
+
+from __future__ import annotations
+
+from msa_fast.data import synthetic
+from msa_fast.data.mmsa import MMSAData, load_pickle
+
+_MEMO: dict[tuple, MMSAData] = {}
+
+
+def parse_synthetic(spec: str) -> dict:
+    parts = spec.split(":")
+    if parts[0] != "synthetic" or len(parts) < 2:
+        raise ValueError(f"data: expected synthetic:<preset>, got {spec!r}")
+    preset = parts[1]
+    if preset not in synthetic.PRESETS:
+        raise ValueError(
+            f"data: unknown synthetic preset {preset!r} (choose from {sorted(synthetic.PRESETS)})")
+    out = {"preset": preset, "seed": 0, "aligned": True, "limit": None}
+    for opt in parts[2:]:
+        if opt in ("aligned", "unaligned"):
+            out["aligned"] = opt == "aligned"
+        elif opt.startswith(("seed=", "limit=")):
+            key, _, val = opt.partition("=")
+            if not val.isdigit():
+                raise ValueError(f"data: {key} must be a non-negative integer in {spec!r}")
+            out[key] = int(val)
+        else:
+            raise ValueError(f"data: unknown synthetic option {opt!r} in {spec!r}")
+    return out
+
+
+def load_data(spec: str, limit: int | None = None) -> MMSAData:
+    """Load ``spec`` (path or synthetic spec); ``limit`` keeps the first rows of each split."""
+    key = (spec, limit)
+    if key in _MEMO:
+        return _MEMO[key]
+    if spec.startswith("synthetic:"):
+        opts = parse_synthetic(spec)
+        lim = opts["limit"] if limit is None else min(limit, opts["limit"] or limit)
+        path = synthetic.cached(opts["preset"], opts["seed"], opts["aligned"], lim)
+        data = load_pickle(path)
+        data.source = spec
+    else:
+        data = load_pickle(spec, limit=limit)
+    if len(_MEMO) > 4:
+        _MEMO.clear()
+    _MEMO[key] = data
+    return data
