@@ -234,6 +234,16 @@ def test_cpp_sharded_rows_equal_full(dtype):
 
 
 @needs_cpp
+def test_cpp_copied_queries_take_general_path():
+    # queries == features but another tensor: the kernel cannot use the symmetric
+    # half-GEMM path and streams all Q x N tiles (Q spans several query blocks).
+    f, labels = _data(2200, 17, 5, torch.float32, dup=20, zeros=2)
+    got = mine_pairs(f, labels, 12, f.clone(), labels.clone(), torch.arange(2200), backend="cpp")
+    assert_mined_equal(got, R.mine_pairs(f, labels, 12), f)
+    assert_mined_equal(got, mine_pairs(f, labels, 12, backend="cpp"), f)
+
+
+@needs_cpp
 def test_cpp_empty_features():
     f = torch.zeros(0, 4)
     out = mine_pairs(f, torch.zeros(0, dtype=torch.long), 3, torch.randn(2, 4),

@@ -14,9 +14,11 @@
 //
 // Algorithm: the rows are normalised once (one N x D copy, plus Q x D when the
 // queries are not the features), then the Q x N similarity matrix is produced
-// one (kQueryBlock x kKeyBlock) tile at a time with at::mm (MKL, multithreaded)
-// and consumed immediately by a per-query running top-k. Memory is
-// O((Q + N) D + kQueryBlock * (kKeyBlock + k)): the Q x N matrix never exists.
+// one kBlock x kBlock tile at a time with at::mm (MKL, multithreaded) and
+// consumed immediately by a per-query running top-k. When the queries are the
+// feature rows the matrix is symmetric and only the tiles on and above the
+// diagonal are multiplied (half the FLOPs; see mine_blocked). Memory is
+// O((Q + N) D + Q k + kBlock^2): the Q x N matrix never exists.
 //
 // The running top-k is a bounded binary heap per query whose root is the
 // current worst kept entry. Keys are offered in increasing j (tiles are visited
@@ -37,11 +39,10 @@
 namespace msa_fast {
 namespace {
 
-// Tile sizes: 512 x 2048 fp32 = 4 MiB, large enough for MKL to run near peak on
-// the (512 x D) @ (D x 2048) product, small enough to stay in the last-level
-// cache while the selection pass reads it back.
-constexpr int64_t kQueryBlock = 512;
-constexpr int64_t kKeyBlock = 2048;
+// Tile side: a 1024 x 1024 fp32 tile (4 MiB) is large enough for MKL to run
+// near peak on the (1024 x D) @ (D x 1024) product and small enough to stay in
+// the last-level cache while the selection pass reads it back.
+constexpr int64_t kBlock = 1024;
 
 template <typename scalar_t>
 struct Cand {
@@ -114,63 +115,92 @@ at::Tensor normalize_rows(const at::Tensor& x) {
   return (x * inv).contiguous();
 }
 
+// Offers keys j0 .. j0 + len - 1 (similarities `row`, labels `lab`) to one
+// query's two lists. `self` is the query's own row relative to j0 (any value
+// outside [0, len) when it is not in this range).
 template <typename scalar_t>
-void mine_blocked(const at::Tensor& fn, const at::Tensor& qn, const int64_t* labels,
-                  const int64_t* qlabels, const int64_t* qindex, int64_t k, int64_t* pos_idx,
-                  scalar_t* pos_sim, int64_t* neg_idx, scalar_t* neg_sim) {
+inline void scan(TopK<scalar_t, true>& p, TopK<scalar_t, false>& g, const scalar_t* row,
+                 int64_t len, int64_t j0, const int64_t* lab, int64_t ql, int64_t self) {
+  for (int64_t j = 0; j < len; ++j) {
+    const scalar_t v = row[j];
+    const bool same = lab[j] == ql;
+    // Bitwise & on bools: one well-predicted branch per key and list, since
+    // after warm-up almost no key beats the thresholds.
+    if (same & (v > p.thr) & (j != self)) p.push(v, j0 + j);
+    if (!same & (v < g.thr)) g.push(v, j0 + j);
+  }
+}
+
+// Streams the similarity matrix tile by tile into the per-query lists.
+//
+// symmetric == true (the queries are the feature rows, the default call): S is
+// symmetric, so only the tiles (I, J) with J >= I are multiplied -- half the
+// GEMM -- and each off-diagonal tile feeds its rows to the queries of block I
+// and, transposed, its columns to the queries of block J. Keys still reach every
+// query in increasing order: block J's queries receive key blocks I < J as
+// columns during outer iterations I = 0 .. J-1, then key blocks >= J as rows at
+// outer iteration J.
+template <typename scalar_t>
+void mine_blocked(const at::Tensor& fn, const at::Tensor& qn, bool symmetric,
+                  const int64_t* labels, const int64_t* qlabels, const int64_t* qindex,
+                  int64_t k, int64_t* pos_idx, scalar_t* pos_sim, int64_t* neg_idx,
+                  scalar_t* neg_sim) {
   const int64_t n = fn.size(0);
   const int64_t q = qn.size(0);
   const int64_t cap = std::min(k, n);  // never more than n candidates
-  const int64_t qb_max = std::min(kQueryBlock, q);
-  const int64_t kb_max = std::min(kKeyBlock, n);
-  std::vector<Cand<scalar_t>> pos_buf(static_cast<size_t>(qb_max * cap));
-  std::vector<Cand<scalar_t>> neg_buf(static_cast<size_t>(qb_max * cap));
-  std::vector<TopK<scalar_t, true>> pos(static_cast<size_t>(qb_max));
-  std::vector<TopK<scalar_t, false>> neg(static_cast<size_t>(qb_max));
-  // One flat tile buffer reused for every (query block, key block); edge tiles
-  // view its prefix so that the mm output stays contiguous.
+  // Per-query state for all Q queries: O(Q k), as the outputs themselves.
+  std::vector<Cand<scalar_t>> pos_buf(static_cast<size_t>(q * cap));
+  std::vector<Cand<scalar_t>> neg_buf(static_cast<size_t>(q * cap));
+  std::vector<TopK<scalar_t, true>> pos(static_cast<size_t>(q));
+  std::vector<TopK<scalar_t, false>> neg(static_cast<size_t>(q));
+  for (int64_t r = 0; r < q; ++r) {
+    pos[r].reset(pos_buf.data() + r * cap, cap);
+    neg[r].reset(neg_buf.data() + r * cap, cap);
+  }
+  // Flat tile buffers reused for every tile; edge tiles view a prefix so that
+  // the mm output (and the transposed copy) stay contiguous.
+  const int64_t qb_max = std::min(kBlock, q);
+  const int64_t kb_max = std::min(kBlock, n);
   at::Tensor tile_buf = at::empty({qb_max * kb_max}, fn.options());
+  at::Tensor tile_t_buf = symmetric ? at::empty({qb_max * kb_max}, fn.options()) : at::Tensor();
 
-  for (int64_t q0 = 0; q0 < q; q0 += kQueryBlock) {
-    const int64_t qb = std::min(kQueryBlock, q - q0);
-    for (int64_t r = 0; r < qb; ++r) {
-      pos[r].reset(pos_buf.data() + r * cap, cap);
-      neg[r].reset(neg_buf.data() + r * cap, cap);
-    }
+  for (int64_t q0 = 0; q0 < q; q0 += kBlock) {
+    const int64_t qb = std::min(kBlock, q - q0);
     const at::Tensor qblock = qn.narrow(0, q0, qb);
-    for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
-      const int64_t kb = std::min(kKeyBlock, n - j0);
+    for (int64_t j0 = symmetric ? q0 : 0; j0 < n; j0 += kBlock) {
+      const int64_t kb = std::min(kBlock, n - j0);
       at::Tensor tile = tile_buf.narrow(0, 0, qb * kb).view({qb, kb});
       at::mm_out(tile, qblock, fn.narrow(0, j0, kb).t());
       const scalar_t* s = tile.const_data_ptr<scalar_t>();
-      const int64_t* lab = labels + j0;
-      at::parallel_for(0, qb, 8, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* row = s + r * kb;
-          const int64_t ql = qlabels[q0 + r];
-          // Local index of the query's own row in this tile (or out of range).
-          const int64_t self = qindex[q0 + r] - j0;
-          TopK<scalar_t, true>& p = pos[r];
-          TopK<scalar_t, false>& g = neg[r];
-          for (int64_t j = 0; j < kb; ++j) {
-            const scalar_t v = row[j];
-            const bool same = lab[j] == ql;
-            // Bitwise & on bools: one well-predicted branch per key, since after
-            // warm-up almost no key beats the thresholds.
-            if (same & (v > p.thr) & (j != self)) p.push(v, j0 + j);
-            if (!same & (v < g.thr)) g.push(v, j0 + j);
+      // Columns of an off-diagonal tile are the rows of the mirrored tile (J, I).
+      const bool mirror = symmetric && j0 != q0;
+      const scalar_t* st = nullptr;
+      if (mirror) {
+        at::Tensor tile_t = tile_t_buf.narrow(0, 0, kb * qb).view({kb, qb});
+        tile_t.copy_(tile.t());
+        st = tile_t.const_data_ptr<scalar_t>();
+      }
+      const int64_t work = mirror ? qb + kb : qb;
+      at::parallel_for(0, work, 8, [&](int64_t w0, int64_t w1) {
+        for (int64_t w = w0; w < w1; ++w) {
+          if (w < qb) {  // query q0 + w against keys j0 ..
+            const int64_t r = q0 + w;
+            scan(pos[r], neg[r], s + w * kb, kb, j0, labels + j0, qlabels[r], qindex[r] - j0);
+          } else {  // query j0 + c against keys q0 .. (transposed tile)
+            const int64_t c = w - qb;
+            const int64_t r = j0 + c;
+            scan(pos[r], neg[r], st + c * qb, qb, q0, labels + q0, qlabels[r], qindex[r] - q0);
           }
         }
       });
     }
-    at::parallel_for(0, qb, 64, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t row = q0 + r;
-        pos[r].write(pos_idx + row * k, pos_sim + row * k, k);
-        neg[r].write(neg_idx + row * k, neg_sim + row * k, k);
-      }
-    });
   }
+  at::parallel_for(0, q, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      pos[r].write(pos_idx + r * k, pos_sim + r * k, k);
+      neg[r].write(neg_idx + r * k, neg_sim + r * k, k);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine_pairs_cpu(
@@ -238,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine_pairs_cpu(
   const auto qlab = query_labels.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES(fn.scalar_type(), "mine_pairs_cpu", [&] {
-    mine_blocked<scalar_t>(fn, qn, lab.const_data_ptr<int64_t>(), qlab.const_data_ptr<int64_t>(),
+    mine_blocked<scalar_t>(fn, qn, same_rows, lab.const_data_ptr<int64_t>(), qlab.const_data_ptr<int64_t>(),
                            qi.const_data_ptr<int64_t>(), k, pos_idx.data_ptr<int64_t>(),
                            pos_sim.data_ptr<scalar_t>(), neg_idx.data_ptr<int64_t>(),
                            neg_sim.data_ptr<scalar_t>());
