@@ -1,0 +1,101 @@
+"""Reusable unimodal encoders. Every encoder maps ``(x, mask)`` (mask True = padding) to
+``(seq (B, L, H), pooled (B, H))``; padded positions of ``seq`` are 0.
+
+- :class:`SLSTMEncoder` (audio / vision): stacked LSTM over packed sequences
+  (``pack_padded_sequence``, lengths from the mask, at least 1); ``pooled`` = the last
+  layer's final hidden state (both directions concatenated when bidirectional).
+- :class:`FeatureTextEncoder`: 768-d pre-extracted BERT features -> ``GELU(W x)`` per token,
+  masked mean over valid tokens for ``pooled``. (Cheap on a CPU; the heavy lifting was done
+  by the BERT that extracted the features.)
+- :class:`HFTextEncoder`: any Hugging Face encoder from a local directory
+  (``transformers.AutoModel``, ``local_files_only=True``, never downloads) fine-tuned on
+  ``text_bert`` ids; ``seq`` is a projection of the last hidden state, ``pooled`` its CLS row.
+- :func:`masked_mean`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 1 of ``x (B, L, H)`` ignoring ``mask`` True positions; all-padding -> 0."""
+    if mask is None:
+        return x.mean(1)
+    keep = (~mask).unsqueeze(-1).to(x.dtype)
+    return (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+
+class SLSTMEncoder(nn.Module):
+    def __init__(self, in_dim: int, hidden: int = 32, layers: int = 1, dropout: float = 0.0,
+                 bidirectional: bool = False):
+        super().__init__()
+        self.lstm = nn.LSTM(in_dim, hidden, num_layers=layers, batch_first=True,
+                            dropout=dropout if layers > 1 else 0.0, bidirectional=bidirectional)
+        self.out_dim = hidden * (2 if bidirectional else 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        B, L, _ = x.shape
+        lengths = (L - mask.sum(1)) if mask is not None else torch.full((B,), L)
+        lengths = lengths.clamp(min=1).cpu()
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, (h, _) = self.lstm(packed)
+        seq, _ = pad_packed_sequence(out, batch_first=True, total_length=L)
+        if self.lstm.bidirectional:
+            pooled = torch.cat([h[-2], h[-1]], dim=-1)
+        else:
+            pooled = h[-1]
+        return seq, pooled
+
+
+class FeatureTextEncoder(nn.Module):
+    def __init__(self, in_dim: int = 768, hidden: int = 64, dropout: float = 0.0):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU())
+        self.out_dim = hidden
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        seq = self.proj(x)
+        if mask is not None:
+            seq = seq * (~mask).unsqueeze(-1).to(seq.dtype)
+        return seq, masked_mean(seq, mask)
+
+
+class HFTextEncoder(nn.Module):
+    """``path``: a local directory with ``config.json`` and weights (no network access)."""
+
+    def __init__(self, path: str, hidden: int = 64, finetune: bool = True,
+                 trust_remote_code: bool = False):
+        super().__init__()
+        from transformers import AutoModel  # heavy import, only when used
+
+        self.model = AutoModel.from_pretrained(path, local_files_only=True,
+                                               trust_remote_code=trust_remote_code)
+        if not finetune:
+            self.model.requires_grad_(False)
+        self.proj = nn.Linear(self.model.config.hidden_size, hidden)
+        self.out_dim = hidden
+
+    def forward(self, text_bert: torch.Tensor, mask: torch.Tensor | None = None):
+        ids, attn, seg = text_bert[:, 0].long(), text_bert[:, 1].long(), text_bert[:, 2].long()
+        out = self.model(input_ids=ids, attention_mask=attn, token_type_ids=seg)
+        seq = self.proj(out.last_hidden_state)
+        return seq, seq[:, 0]
+
+
+def build_text_encoder(dims: dict, hidden: int, dropout: float = 0.0,
+                       text_model: str | None = None) -> nn.Module:
+    """Features encoder for ``text`` input, HF encoder when ``text_model`` (a local path) is set."""
+    if text_model:
+        return HFTextEncoder(text_model, hidden)
+    if dims.get("text_input", "features") != "features":
+        raise ValueError("text: the data has only text_bert ids; pass text_model=<local HF path>")
+    return FeatureTextEncoder(dims.get("text", 768), hidden, dropout)
+
+
+def encode_text(encoder: nn.Module, batch: dict):
+    if isinstance(encoder, HFTextEncoder):
+        return encoder(batch["text_bert"], batch["text_mask"])
+    return encoder(batch["text"], batch["text_mask"])

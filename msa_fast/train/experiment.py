@@ -1,0 +1,63 @@
+"""Several seeds of one configuration -> mean ± std table and ``results.json``.
+
+``results.json`` (in ``out``): ``model``, ``data``, ``config``, ``seeds``, ``per_seed`` (test
+and valid metrics with MMSA's keys, best epoch, per-epoch history, throughput),
+``mean`` / ``std`` of the test metrics over seeds (population std, ``ddof=0``, as MMSA's
+``np.std``), ``wall_s``. Each seed checkpoints into ``out/seed_<seed>/``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+
+from msa_fast.data.source import load_data
+from msa_fast.metrics import METRIC_KEYS
+from msa_fast.train.checkpoint import save_json
+from msa_fast.train.config import TrainConfig
+from msa_fast.train.trainer import train_seed
+
+
+def summarize(per_seed: list[dict]) -> tuple[dict, dict]:
+    mean, std = {}, {}
+    for k in METRIC_KEYS:
+        vals = np.array([r["test"][k] for r in per_seed], dtype=np.float64)
+        mean[k] = round(float(vals.mean()), 4)
+        std[k] = round(float(vals.std()), 4)
+    return mean, std
+
+
+def format_table(model: str, mean: dict, std: dict, n: int) -> str:
+    """MMSA-style result table, one metric per line, ``mean ± std`` over ``n`` seeds."""
+    lines = [f"{model}: test metrics over {n} seed(s)"]
+    for k in METRIC_KEYS:
+        v = mean[k]
+        cell = "nan" if math.isnan(v) else f"{v:.4f}"
+        lines.append(f"  {k:<14} {cell}" + (f" ± {std[k]:.4f}" if n > 1 else ""))
+    return "\n".join(lines)
+
+
+def run_experiment(cfg: TrainConfig, log=print) -> dict:
+    t0 = time.perf_counter()
+    data = load_data(cfg.data, limit=cfg.limit)
+    per_seed = []
+    for seed in cfg.seeds:
+        run_dir = os.path.join(cfg.out, f"seed_{seed}") if cfg.out else None
+        res = train_seed(cfg, data, seed, run_dir)
+        res.pop("model_obj", None)
+        if res.get("interrupted"):
+            log(f"seed {seed}: stopped after epoch {res['epoch']} (stop_after_epoch)")
+            continue
+        per_seed.append(res)
+    results = {"model": cfg.model, "data": cfg.data, "aligned": data.aligned, "dims": data.dims,
+               "config": cfg.to_dict(), "seeds": [r["seed"] for r in per_seed],
+               "per_seed": per_seed, "wall_s": round(time.perf_counter() - t0, 2)}
+    if per_seed:
+        results["mean"], results["std"] = summarize(per_seed)
+        log(format_table(cfg.model, results["mean"], results["std"], len(per_seed)))
+    if cfg.out:
+        save_json(os.path.join(cfg.out, "results.json"), results)
+    return results

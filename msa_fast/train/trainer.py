@@ -1,0 +1,185 @@
+"""One training run (one seed): AdamW on ``L1(pred, y) + loss_extra``, MMSA's early stopping,
+atomic checkpoints with resume, test evaluation of the best epoch.
+
+Per epoch: train over shuffled batches (order from ``(seed, epoch)``), clip the global grad
+norm, then compute the valid loss (mean absolute error over all valid samples). Early
+stopping is MMSA's rule: an epoch is better when ``valid_loss <= best - 1e-6``; training
+stops when ``epoch - best_epoch >= patience`` (8) or at ``epochs``. (MMSA averages per-batch
+losses and rounds to 4 places; the per-sample mean here is the exact MAE.) After training,
+the best epoch's weights are evaluated on valid and test with :mod:`msa_fast.metrics`.
+
+A non-finite loss raises :class:`NonFiniteLossError` before any optimizer step or checkpoint
+write of that epoch, so the last checkpoint on disk is the last good one. On CUDA the
+forward runs under ``torch.autocast(dtype=torch.bfloat16)`` when ``amp`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from msa_fast.data.loader import make_loader
+from msa_fast.data.missing import MissingProtocol
+from msa_fast.data.mmsa import MMSAData
+from msa_fast.metrics import mosi_regression_metrics
+from msa_fast.models import build_model
+from msa_fast.train import checkpoint as ckpt
+from msa_fast.train.config import TrainConfig
+from msa_fast.train.seed import rng_state, set_rng_state, set_seed
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device, amp: bool = True, protocol=None, generator=None):
+    """(preds, labels) over a loader, float32 on the CPU, in the loader's order."""
+    model.eval()
+    preds, labels = [], []
+    for batch in loader:
+        if protocol is not None and protocol.active:
+            batch = protocol(batch, generator)
+        batch = to_device(batch, device)
+        with _autocast(device, amp):
+            out = model(batch)
+        preds.append(out["pred"].float().cpu())
+        labels.append(batch["labels"].float().cpu())
+    return torch.cat(preds), torch.cat(labels)
+
+
+def evaluate(model, data: MMSAData, split: str, cfg: TrainConfig, device, seed: int) -> dict:
+    loader = make_loader(data[split], cfg.batch_size, shuffle=False, aligned=data.aligned)
+    protocol = MissingProtocol(cfg.missing_rate, cfg.drop_rate)
+    t0 = time.perf_counter()
+    p, y = predict(model, loader, device, cfg.amp, protocol, protocol.generator(seed, split))
+    dt = time.perf_counter() - t0
+    metrics = mosi_regression_metrics(p, y)
+    metrics["Loss"] = round(float((p - y).abs().mean()), 4)
+    metrics["samples_per_s"] = round(len(y) / max(dt, 1e-9), 1)
+    return metrics
+
+
+def train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None) -> dict:
+    """Train one seed; returns ``{"seed", "test", "valid", "best_epoch", "history", ...}``.
+    ``run_dir`` (or None: no checkpoints) receives the checkpoints of this seed."""
+    device = resolve_device(cfg.device)
+    set_seed(seed)
+    model = build_model(cfg.model, data.dims, **cfg.model_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    protocol = MissingProtocol(cfg.missing_rate, cfg.drop_rate)
+    train_loader = make_loader(data["train"], cfg.batch_size, shuffle=True, seed=seed,
+                               aligned=data.aligned, num_workers=cfg.num_workers)
+    valid_loader = make_loader(data["valid"], cfg.batch_size, shuffle=False, aligned=data.aligned)
+
+    state = {"best_valid": float("inf"), "best_epoch": 0, "history": [], "finished": False}
+    start_epoch = 1
+    if run_dir and cfg.resume and os.path.exists(os.path.join(run_dir, "state.json")):
+        state = ckpt.load_checkpoint(run_dir, model, optimizer)
+        set_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+    meta = {"model": cfg.model, "model_cfg": cfg.model_cfg, "dims": data.dims, "data": cfg.data,
+            "aligned": data.aligned, "seed": seed, "config": cfg.to_dict()}
+
+    stop = state["finished"]
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if stop:
+            break
+        model.train()
+        train_loader.batch_sampler.set_epoch(epoch)
+        gen = protocol.generator(seed, "train", epoch)
+        total, n_seen, t0 = 0.0, 0, time.perf_counter()
+        bar = tqdm(train_loader, desc=f"seed {seed} epoch {epoch}/{cfg.epochs}", leave=False,
+                   disable=not cfg.progress, unit="batch", dynamic_ncols=True)
+        for step, batch in enumerate(bar):
+            if protocol.active:
+                batch = protocol(batch, gen)
+            batch = to_device(batch, device)
+            with _autocast(device, cfg.amp):
+                out = model(batch)
+                loss = nn.functional.l1_loss(out["pred"].float(), batch["labels"])
+                if "loss_extra" in out:
+                    loss = loss + out["loss_extra"].float()
+            if not torch.isfinite(loss):
+                last = (f"{run_dir} (epoch {state.get('epoch', 0)})"
+                        if run_dir and os.path.exists(os.path.join(run_dir, "state.json"))
+                        else "none written")
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss.item()}) at seed {seed} epoch {epoch} step {step}; "
+                    f"last good checkpoint: {last}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            bs = batch["labels"].shape[0]
+            total += loss.item() * bs
+            n_seen += bs
+            bar.set_postfix(loss=f"{total / n_seen:.4f}",
+                            sps=f"{n_seen / (time.perf_counter() - t0):.0f}")
+        train_time = time.perf_counter() - t0
+        vp, vy = predict(model, valid_loader, device, cfg.amp, protocol,
+                         protocol.generator(seed, "valid"))
+        valid_loss = float((vp - vy).abs().mean())
+        better = valid_loss <= state["best_valid"] - 1e-6
+        if better:
+            state["best_valid"], state["best_epoch"] = valid_loss, epoch
+        state["history"].append({
+            "epoch": epoch, "train_loss": round(total / max(n_seen, 1), 6),
+            "valid_loss": round(valid_loss, 6), "train_s": round(train_time, 3),
+            "train_samples_per_s": round(n_seen / max(train_time, 1e-9), 1), "best": better})
+        if cfg.progress:
+            tqdm.write(f"seed {seed} epoch {epoch}: train L1 {total / max(n_seen, 1):.4f}  "
+                       f"valid L1 {valid_loss:.4f}{'  *' if better else ''}")
+        stop = epoch - state["best_epoch"] >= cfg.patience or epoch == cfg.epochs
+        if run_dir:
+            if better:
+                ckpt.save_weights(os.path.join(run_dir, "best.safetensors"), model)
+            ckpt.save_checkpoint(run_dir, epoch, model, optimizer,
+                                 dict(state, **meta, rng=rng_state(), finished=stop))
+        elif better:
+            state["best_weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch and not stop:
+            return {"seed": seed, "interrupted": True, "epoch": epoch, "history": state["history"]}
+
+    if run_dir and os.path.exists(os.path.join(run_dir, "best.safetensors")):
+        ckpt.load_weights(os.path.join(run_dir, "best.safetensors"), model)
+    elif "best_weights" in state:
+        model.load_state_dict(state.pop("best_weights"))
+    result = {
+        "seed": seed,
+        "best_epoch": state["best_epoch"],
+        "best_valid_loss": round(state["best_valid"], 6),
+        "epochs_run": len(state["history"]),
+        "valid": evaluate(model, data, "valid", cfg, device, seed),
+        "test": evaluate(model, data, "test", cfg, device, seed),
+        "history": state["history"],
+        "train_samples_per_s": round(
+            sum(h["train_samples_per_s"] for h in state["history"]) / max(len(state["history"]), 1), 1),
+    }
+    result["model_obj"] = model
+    return result
