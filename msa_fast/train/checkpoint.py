@@ -19,7 +19,8 @@ import os
 import tempfile
 
 import torch
-from safetensors.torch import load_file, save as st_save
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

@@ -1,0 +1,245 @@
+"""The ``msa-fast`` command line.
+
+- ``msa-fast train --model lf_dnn --data synthetic:mosi [--seeds 1111 1112] [--out DIR]``
+  trains, prints MMSA's test metrics (mean ± std over seeds) and writes ``DIR/results.json``.
+- ``msa-fast eval --checkpoint DIR/seed_1111 [--data ...] [--split test]`` evaluates the
+  best weights of a run directory.
+- ``msa-fast data synth --preset mosi|mosei|tiny --out PATH [--unaligned] [--seed N]``.
+- ``msa-fast data inspect PATH|synthetic:...``: splits, shapes, label histogram, NaN/-inf.
+
+Errors the user can fix (bad path, wrong schema, unknown model, bad config, non-finite
+loss) print one line ``msa-fast: error: ...`` on stderr and exit with status 2 (3 for a
+non-finite loss); no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from msa_fast.data.schema import SPLITS, SchemaError
+
+_FLAG_KEYS = ("model", "data", "limit", "seeds", "epochs", "patience", "batch_size", "lr",
+              "weight_decay", "grad_clip", "device", "backend", "out", "resume", "missing_rate",
+              "drop_rate", "num_workers", "stop_after_epoch")
+
+
+class UserError(Exception):
+    """A problem with the user's input; reported in one line."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="msa-fast", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a model over one or more seeds")
+    t.add_argument("--model", help="registered model name (text_only, lf_dnn, ...)")
+    t.add_argument("--data", help="MMSA pickle path or synthetic:<preset>[:unaligned][:seed=N]")
+    t.add_argument("--limit", type=int, help="keep the first N samples of every split")
+    t.add_argument("--backend", choices=("auto", "eager", "triton", "cuda", "cpp"))
+    t.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    t.add_argument("--seeds", type=int, nargs="+")
+    t.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
+    t.add_argument("--patience", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--grad-clip", type=float)
+    t.add_argument("--out", help="run directory: checkpoints and results.json")
+    t.add_argument("--resume", action="store_true", default=None,
+                   help="continue from the checkpoints in --out")
+    t.add_argument("--config", help="YAML or JSON file whose keys mirror these flags")
+    t.add_argument("--missing-rate", type=float, nargs="+",
+                   help="MMSA token/frame missing rate: one value or three (t a v)")
+    t.add_argument("--drop-rate", type=float, help="MPLMM whole-modality drop rate")
+    t.add_argument("--model-cfg", help='model hyper-parameters as JSON, e.g. \'{"hidden": 64}\'')
+    t.add_argument("--num-workers", type=int)
+    t.add_argument("--stop-after-epoch", type=int, help=argparse.SUPPRESS)
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="evaluate a run directory's best weights on a split")
+    e.add_argument("--checkpoint", required=True, help="run directory (out/seed_<seed>)")
+    e.add_argument("--data", help="data to evaluate on (default: the training data)")
+    e.add_argument("--split", default="test", choices=SPLITS)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int)
+    e.add_argument("--missing-rate", type=float, nargs="+")
+    e.add_argument("--drop-rate", type=float)
+    e.add_argument("--weights", choices=("best", "last"), default="best")
+
+    d = sub.add_parser("data", help="synthetic data and pickle inspection")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    s = dsub.add_parser("synth", help="write a synthetic MMSA pickle")
+    s.add_argument("--preset", default="mosi")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--unaligned", action="store_true")
+    s.add_argument("--limit", type=int)
+    i = dsub.add_parser("inspect", help="summarise a pickle (splits, shapes, labels, NaN/-inf)")
+    i.add_argument("path")
+    return p
+
+
+def _config_from_args(args) -> TrainConfig:  # noqa: F821 - lazy import below
+    from msa_fast.train.config import TrainConfig, read_config_file
+
+    d = read_config_file(args.config) if args.config else {}
+    for key in _FLAG_KEYS:
+        val = getattr(args, key, None)
+        if val is not None:
+            d[key] = val
+    if args.model_cfg:
+        try:
+            d["model_cfg"] = dict(d.get("model_cfg") or {}, **json.loads(args.model_cfg))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise UserError(f"--model-cfg: not a JSON object ({e})") from None
+    if args.no_progress:
+        d["progress"] = False
+    if isinstance(d.get("missing_rate"), list) and len(d["missing_rate"]) == 1:
+        d["missing_rate"] = d["missing_rate"][0]
+    if isinstance(d.get("seeds"), int):
+        d["seeds"] = [d["seeds"]]
+    if d.get("resume") and not d.get("out"):
+        raise UserError("--resume needs --out (the run directory to resume)")
+    return TrainConfig.from_dict(d)
+
+
+def _check_model(name: str) -> None:
+    from msa_fast.models import _lookup
+
+    _lookup(name)
+
+
+def _set_backend(name: str) -> None:
+    if name == "auto" and "msa_fast._backend" not in sys.modules:
+        return  # nothing to set; spares importing the fused ops for the baselines
+    import msa_fast
+
+    msa_fast.set_backend(name)
+
+
+def cmd_train(args) -> int:
+    from msa_fast.data.source import load_data
+    from msa_fast.train.experiment import run_experiment
+
+    cfg = _config_from_args(args)
+    _check_model(cfg.model)
+    _set_backend(cfg.backend)
+    load_data(cfg.data, limit=cfg.limit)  # fail early on a bad path / schema
+    results = run_experiment(cfg)
+    if cfg.out:
+        print(f"results: {os.path.join(cfg.out, 'results.json')}")
+    return 0 if results["per_seed"] or cfg.stop_after_epoch else 1
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from msa_fast.data.source import load_data
+    from msa_fast.metrics import format_metrics
+    from msa_fast.models import build_model
+    from msa_fast.train.checkpoint import load_json, load_weights
+    from msa_fast.train.config import TrainConfig
+    from msa_fast.train.trainer import evaluate, resolve_device
+
+    state_path = os.path.join(args.checkpoint, "state.json")
+    if not os.path.isfile(state_path):
+        raise UserError(f"no checkpoint in {args.checkpoint} (state.json not found)")
+    state = load_json(state_path)
+    weights = os.path.join(args.checkpoint,
+                           "best.safetensors" if args.weights == "best" else state["weights"])
+    if not os.path.isfile(weights):
+        raise UserError(f"checkpoint weights not found: {weights}")
+    cfg = TrainConfig.from_dict(state["config"])
+    cfg.data = args.data or state["data"]
+    for key in ("batch_size", "drop_rate", "device"):
+        if getattr(args, key, None) is not None:
+            setattr(cfg, key, getattr(args, key))
+    if args.missing_rate:
+        cfg.missing_rate = args.missing_rate[0] if len(args.missing_rate) == 1 else args.missing_rate
+    data = load_data(cfg.data, limit=cfg.limit if not args.data else None)
+    if data.dims != state["dims"]:
+        raise UserError(f"data widths {data.dims} differ from the checkpoint's {state['dims']}")
+    device = resolve_device(cfg.device)
+    model = build_model(state["model"], state["dims"], **state["model_cfg"]).to(device)
+    try:
+        load_weights(weights, model)
+    except (RuntimeError, OSError) as e:
+        raise UserError(f"cannot load {weights}: {str(e).splitlines()[0]}") from None
+    with torch.no_grad():
+        m = evaluate(model, data, args.split, cfg, device, state["seed"])
+    print(f"{state['model']} on {cfg.data} [{args.split}]: {format_metrics(m)}")
+    print(json.dumps(m))
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from msa_fast.data import synthetic
+
+    if args.preset not in synthetic.PRESETS:
+        raise UserError(f"unknown preset {args.preset!r} (choose from {sorted(synthetic.PRESETS)})")
+    synthetic.write(args.out, args.preset, args.seed, not args.unaligned, args.limit)
+    print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB)")
+    return 0
+
+
+def inspect_text(data) -> str:
+    lines = [f"{data.source}: {'aligned' if data.aligned else 'unaligned'}, dims {data.dims}"]
+    for name in SPLITS:
+        s = data[name]
+        shapes = {k: tuple(getattr(s, k).shape) for k in ("text", "text_bert", "audio", "vision")
+                  if getattr(s, k) is not None}
+        y = s.labels.numpy()
+        hist, _ = np.histogram(np.clip(np.round(y), -3, 3), bins=7, range=(-3.5, 3.5))
+        lines.append(f"{name}: N={len(s)}  " + "  ".join(f"{k} {v}" for k, v in shapes.items()))
+        lines.append(f"  lengths text {int(s.text_lengths.min())}-{int(s.text_lengths.max())}, "
+                     f"audio {int(s.audio_lengths.min())}-{int(s.audio_lengths.max())}, "
+                     f"vision {int(s.vision_lengths.min())}-{int(s.vision_lengths.max())}")
+        lines.append(f"  labels mean {y.mean():+.3f} std {y.std():.3f} zeros {int((y == 0).sum())}; "
+                     f"histogram of round(y) -3..3: {hist.tolist()}")
+        bad = {m: c for m, c in data.report[name].items() if sum(c.values())}
+        lines.append("  non-finite (set to 0): " + (", ".join(
+            f"{m} " + "/".join(f"{v} {k}" for k, v in c.items() if v) for m, c in bad.items())
+            or "none"))
+    return "\n".join(lines)
+
+
+def cmd_data_inspect(args) -> int:
+    from msa_fast.data.source import load_data
+
+    print(inspect_text(load_data(args.path)))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from msa_fast.models import UnknownModelError
+    from msa_fast.train.trainer import NonFiniteLossError
+
+    try:
+        if args.cmd == "train":
+            return cmd_train(args)
+        if args.cmd == "eval":
+            return cmd_eval(args)
+        if args.data_cmd == "synth":
+            return cmd_data_synth(args)
+        return cmd_data_inspect(args)
+    except NonFiniteLossError as e:
+        print(f"msa-fast: error: {e}", file=sys.stderr)
+        return 3
+    except (UserError, SchemaError, UnknownModelError, FileNotFoundError, IsADirectoryError,
+            PermissionError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"msa-fast: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("msa-fast: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
