@@ -25,7 +25,7 @@ from msa_fast.data.schema import SPLITS, SchemaError
 
 _FLAG_KEYS = ("model", "data", "limit", "seeds", "epochs", "patience", "batch_size", "lr",
               "weight_decay", "grad_clip", "device", "backend", "out", "resume", "missing_rate",
-              "drop_rate", "num_workers", "stop_after_epoch")
+              "drop_rate", "num_workers", "threads", "stop_after_epoch")
 
 
 class UserError(Exception):
@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--drop-rate", type=float, help="MPLMM whole-modality drop rate")
     t.add_argument("--model-cfg", help='model hyper-parameters as JSON, e.g. \'{"hidden": 64}\'')
     t.add_argument("--num-workers", type=int)
+    t.add_argument("--threads", type=int, help="CPU threads while training (default 1; 0 = torch's)")
     t.add_argument("--stop-after-epoch", type=int, help=argparse.SUPPRESS)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 

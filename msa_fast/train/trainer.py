@@ -86,6 +86,16 @@ def evaluate(model, data: MMSAData, split: str, cfg: TrainConfig, device, seed: 
 def train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None) -> dict:
     """Train one seed; returns ``{"seed", "test", "valid", "best_epoch", "history", ...}``.
     ``run_dir`` (or None: no checkpoints) receives the checkpoints of this seed."""
+    previous = torch.get_num_threads()
+    if cfg.threads > 0 and resolve_device(cfg.device).type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train_seed(cfg, data, seed, run_dir)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None) -> dict:
     device = resolve_device(cfg.device)
     set_seed(seed)
     model = build_model(cfg.model, data.dims, **cfg.model_cfg).to(device)
@@ -161,6 +171,7 @@ def train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None)
                 ckpt.save_weights(os.path.join(run_dir, "best.safetensors"), model)
             ckpt.save_checkpoint(run_dir, epoch, model, optimizer,
                                  dict(state, **meta, rng=rng_state(), finished=stop))
+            state["epoch"] = epoch  # the last checkpoint on disk
         elif better:
             state["best_weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch and not stop:

@@ -1,0 +1,136 @@
+"""Trainer: resume is bitwise exact, a non-finite loss keeps the last good checkpoint,
+early stopping, atomic files, the model registry."""
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+os.environ.setdefault("MSA_FAST_CACHE", os.path.join(tempfile.gettempdir(), "msa_fast_test_cache"))
+
+from msa_fast.data import load_data  # noqa: E402
+from msa_fast.data.loader import gather_batch  # noqa: E402
+from msa_fast.models import UnknownModelError, available_models, build_model, register_model  # noqa: E402
+from msa_fast.train import NonFiniteLossError, TrainConfig, run_experiment, train_seed  # noqa: E402
+from msa_fast.train.checkpoint import atomic_write_bytes  # noqa: E402
+
+DATA = "synthetic:tiny:limit=64"
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(model="lf_dnn", data=DATA, seeds=[5], epochs=4, batch_size=16, progress=False,
+                out=str(tmp_path), model_cfg={"hidden": 16, "av_hidden": 8, "dropout": 0.2})
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    data = load_data(DATA)
+    full = train_seed(_cfg(tmp_path / "a", missing_rate=0.2, drop_rate=0.3), data, 5, str(tmp_path / "a"))
+    part = _cfg(tmp_path / "b", missing_rate=0.2, drop_rate=0.3, stop_after_epoch=2)
+    r = train_seed(part, data, 5, str(tmp_path / "b"))
+    assert r["interrupted"] and json.load(open(tmp_path / "b" / "state.json"))["epoch"] == 2
+    resumed = train_seed(_cfg(tmp_path / "b", missing_rate=0.2, drop_rate=0.3, resume=True), data, 5,
+                         str(tmp_path / "b"))
+    wa = load_file(str(tmp_path / "a" / "epoch4.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "epoch4.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    timing = ("samples_per_s", "train_s", "train_samples_per_s")
+    strip = lambda m: {k: v for k, v in m.items() if k not in timing}
+    assert [strip(h) for h in full["history"]] == [strip(h) for h in resumed["history"]]
+    assert strip(full["test"]) == strip(resumed["test"])
+    assert not [f for f in os.listdir(tmp_path / "b") if f.startswith(("epoch1", "epoch2", ".tmp"))]
+
+
+@register_model("_nan_after_two_epochs")
+class _NanModel(nn.Module):
+    """Finite for the first 8 training forwards (two epochs of 4 batches), then NaN."""
+
+    def __init__(self, dims, **_):
+        super().__init__()
+        self.lin = nn.Linear(dims["audio"], 1)
+        self.calls = 0
+
+    def forward(self, batch):
+        pred = self.lin(batch["audio"].mean(1)).squeeze(-1)
+        if self.training:
+            self.calls += 1
+            if self.calls > 8:
+                pred = pred * float("nan")
+        return {"pred": pred}
+
+
+def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, model="_nan_after_two_epochs", epochs=5)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 3 step 0.*epoch 2\)"):
+        train_seed(cfg, load_data(DATA), 5, str(tmp_path))
+    state = json.load(open(tmp_path / "state.json"))
+    assert state["epoch"] == 2 and state["weights"] == "epoch2.safetensors"
+    w = load_file(str(tmp_path / "epoch2.safetensors"))
+    assert all(torch.isfinite(v).all() for v in w.values())
+    assert os.path.exists(tmp_path / "epoch2.optim.pt")
+
+
+def test_early_stopping_mmsa_rule(tmp_path):
+    # a learning rate this large makes the valid loss stop improving quickly
+    cfg = _cfg(tmp_path, model="text_only", epochs=30, patience=2, lr=0.5, seeds=[1], out=None)
+    res = run_experiment(cfg, log=lambda *_: None)
+    r = res["per_seed"][0]
+    assert r["epochs_run"] < 30 and r["epochs_run"] - r["best_epoch"] == 2
+    assert set(res["mean"]) >= {"Has0_acc_2", "Non0_acc_2", "MAE", "Corr", "Mult_acc_7"}
+
+
+def test_results_json_and_seeds(tmp_path):
+    cfg = _cfg(tmp_path, epochs=2, seeds=[1, 2], model="text_only")
+    res = run_experiment(cfg, log=lambda *_: None)
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["seeds"] == [1, 2] and len(saved["per_seed"]) == 2
+    assert set(saved["std"]) == set(saved["mean"])
+    h = saved["per_seed"][0]["history"][0]
+    assert {"epoch", "train_loss", "valid_loss", "train_samples_per_s"} <= set(h)
+    assert res["mean"] == saved["mean"]
+    assert os.path.exists(tmp_path / "seed_2" / "best.safetensors")
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    p = tmp_path / "f.json"
+    atomic_write_bytes(str(p), b"old")
+
+    def boom(*a):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_bytes(str(p), b"new")
+    assert p.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.json"]
+
+
+def test_registry_interface():
+    assert {"text_only", "lf_dnn"} <= set(available_models())
+    data = load_data(DATA)
+    batch = gather_batch(data["train"], torch.arange(4))
+    for name in ("text_only", "lf_dnn"):
+        out = build_model(name, data.dims, hidden=8, unused_key=1)(batch)
+        assert out["pred"].shape == (4,)
+    with pytest.raises(UnknownModelError, match="unknown model 'nope'"):
+        build_model("nope", data.dims)
+
+
+def test_hf_text_encoder_from_local_dir(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=8192, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32)
+    transformers.BertModel(cfg).save_pretrained(str(tmp_path))
+    data = load_data(DATA)
+    batch = gather_batch(data["train"], torch.arange(3))
+    model = build_model("lf_dnn", data.dims, hidden=8, text_model=str(tmp_path))
+    out = model(batch)
+    out["pred"].sum().backward()
+    assert out["pred"].shape == (3,)
+    assert model.text.model.embeddings.word_embeddings.weight.grad is not None
