@@ -20,8 +20,8 @@ from msa_fast.data import (  # noqa: E402
     load_data,
     load_pickle,
     make_loader,
+    synthetic,  # noqa: E402
 )
-from msa_fast.data import synthetic  # noqa: E402
 from msa_fast.data.missing import UNK_ID  # noqa: E402
 
 
