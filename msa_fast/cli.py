@@ -116,8 +116,6 @@ def _check_model(name: str) -> None:
 
 
 def _set_backend(name: str) -> None:
-    if name == "auto" and "msa_fast._backend" not in sys.modules:
-        return  # nothing to set; spares importing the fused ops for the baselines
     import msa_fast
 
     msa_fast.set_backend(name)

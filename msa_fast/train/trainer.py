@@ -124,7 +124,8 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
         gen = protocol.generator(seed, "train", epoch)
         total, n_seen, t0 = 0.0, 0, time.perf_counter()
         bar = tqdm(train_loader, desc=f"seed {seed} epoch {epoch}/{cfg.epochs}", leave=False,
-                   disable=not cfg.progress, unit="batch", dynamic_ncols=True)
+                   disable=None if cfg.progress else True,  # None: off when not a TTY
+                   unit="batch", dynamic_ncols=True)
         for step, batch in enumerate(bar):
             if protocol.active:
                 batch = protocol(batch, gen)
