@@ -19,6 +19,7 @@ from msa_fast.ops.reference import MinedPairs, sentiment_classes
 __all__ = ["MinedPairs", "mine_pairs", "sentiment_classes"]
 
 _backend.register("mine_pairs", "cpp", "cuda")
+CUDA_MAX_K = 64  # csrc/cuda/pair_mining.cu: kMaxK
 
 if _ext.load()[0] is not None:
     # Resolve the op packet now: torch.ops namespaces are lazy and dir() (used by
@@ -83,6 +84,11 @@ def mine_pairs(
     """
     _check(features, labels, k, queries, query_labels, query_index)
     name = _resolve(backend, features.device)
+    if name == "cuda" and k > CUDA_MAX_K:
+        # The CUDA kernel keeps two list slots per lane of a warp.
+        if (backend if backend is not None else _backend.get_backend()) == "cuda":
+            raise RuntimeError(f"mine_pairs: backend 'cuda' supports k <= {CUDA_MAX_K}, got k={k}")
+        name = "eager"  # auto never fails
     if name == "eager":
         return reference.mine_pairs(features, labels, k, queries, query_labels, query_index)
     n = features.shape[0]
