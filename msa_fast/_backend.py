@@ -104,6 +104,15 @@ def available(op: str, device: torch.device | str = "cpu") -> list[str]:
     return [b for b in BACKENDS if unavailable_reason(op, b, device) is None]
 
 
+def is_explicit(backend: str | None) -> bool:
+    """True when the caller (or the global default) named a backend rather than ``auto``.
+
+    Ops whose fused kernel has a shape limit use it to decide between raising
+    (explicit request) and falling back to eager (``auto`` never fails).
+    """
+    return (backend if backend is not None else _default) != "auto"
+
+
 def resolve(op: str, backend: str | None, device: torch.device) -> str:
     """The concrete backend to run ``op`` with (``None`` means the global default)."""
     name = _check_name(backend if backend is not None else _default)

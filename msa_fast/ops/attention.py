@@ -93,6 +93,11 @@ def attention(
     name = _backend.resolve("attention", backend, q.device)
     if name == "eager":
         return reference.attention(q, k, v, key_padding_mask, scale)
+    if q.shape[-1] > 128:
+        why = f"the triton backend supports head dims up to 128, got Dh={q.shape[-1]}"
+        if _backend.is_explicit(backend):
+            raise RuntimeError(f"attention: {why}; use backend='eager'")
+        return reference.attention(q, k, v, key_padding_mask, scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return _attention_triton(q, k, v, key_padding_mask, float(scale))[0]

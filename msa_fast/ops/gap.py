@@ -112,6 +112,8 @@ def gated_attention_pool(
     if name == "eager":
         return reference.gated_attention_pool(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps)
     if max(W1g.shape[1], W1a.shape[0]) > 128:
-        raise RuntimeError(f"gated_attention_pool: the triton backend needs hidden sizes <= 128, got "
-                           f"h={W1g.shape[1]}, ha={W1a.shape[0]}; use backend='eager'")
+        why = f"the triton backend needs hidden sizes <= 128, got h={W1g.shape[1]}, ha={W1a.shape[0]}"
+        if _backend.is_explicit(backend):
+            raise RuntimeError(f"gated_attention_pool: {why}; use backend='eager'")
+        return reference.gated_attention_pool(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps)
     return _gap_triton(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, float(eps))
