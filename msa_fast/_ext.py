@@ -46,8 +46,10 @@ def build_info() -> dict:
     if mod is None:
         info.update(reason=why, cpu_ops=[], cuda_ops=[], cuda_archs=[], openmp=False)
         return info
-    ops = sorted(name for name in dir(torch.ops.msa_fast) if not name.startswith("_")
-                 and isinstance(getattr(torch.ops.msa_fast, name), torch._ops.OpOverloadPacket))
+    # every registered msa_fast op (dir(torch.ops.msa_fast) lists only those already
+    # looked up); the Python custom ops of the Triton backend have no CPU/CUDA kernel
+    ops = sorted(name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
+                 if name.startswith("msa_fast::"))
     info["cpu_ops"] = [op for op in ops if has_kernel(op, "CPU")]
     info["cuda_ops"] = [op for op in ops if has_kernel(op, "CUDA")]
     info["with_cuda"] = bool(mod.with_cuda)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import msa_fast
 from msa_fast import ops
 from msa_fast.ops import reference as R
 
@@ -206,3 +207,94 @@ def test_add_layer_norm_backend_and_compile():
         ops.add_layer_norm(x, r, w, b, backend="cuda")
     fn = torch.compile(lambda *a: ops.add_layer_norm(*a), fullgraph=True)
     torch.testing.assert_close(fn(x, r, w, b), ops.add_layer_norm(x, r, w, b), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# add_layer_norm: triton backend (interpreted on the CPU) vs the reference
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37, 24), (2, 5, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_add_layer_norm_matches_reference(shape, dtype):
+    d = shape[-1]
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    res = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    w = (1 + 0.2 * torch.randn(d, dtype=dtype)).requires_grad_()
+    b = (0.2 * torch.randn(d, dtype=dtype)).requires_grad_()
+    inputs = [x, res, w, b]
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    y = msa_fast.ops.add_layer_norm(*inputs, 1e-5, backend="triton")
+    y_ref = R.add_layer_norm(*ref_in, 1e-5)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    for cot in (torch.ones((), dtype=dtype).expand_as(y), torch.randn(*reversed(shape), dtype=dtype).permute(*reversed(range(len(shape))))):
+        got = torch.autograd.grad(y, inputs, cot, retain_graph=True)
+        want = torch.autograd.grad(y_ref, ref_in, cot.double(), retain_graph=True)
+        gtol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+        for a, c in zip(got, want):
+            torch.testing.assert_close(a.double(), c, **gtol)
+
+
+def test_triton_add_layer_norm_opcheck_and_compile():
+    x, r = torch.randn(2, 7, 24, requires_grad=True), torch.randn(2, 7, 24, requires_grad=True)
+    w, b = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
+    torch.library.opcheck(torch.ops.msa_fast.add_layer_norm_triton, (x, r, w, b, 1e-5))
+    fn = torch.compile(lambda *a: msa_fast.ops.add_layer_norm(*a, backend="triton"), fullgraph=True)
+    torch.testing.assert_close(fn(x, r, w, b), R.add_layer_norm(x, r, w, b), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# attention: triton backend (interpreted on the CPU) vs the reference
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("B,H,Lq,Lk,Dh", [(1, 1, 1, 1, 16), (2, 2, 37, 5, 24), (1, 2, 3, 70, 64), (2, 1, 40, 37, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_attention_matches_reference(B, H, Lq, Lk, Dh, dtype):
+    q = torch.randn(B, H, Lq, Dh, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, H, Lk, Dh, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, H, Lk, Dh, dtype=dtype, requires_grad=True)
+    mask = torch.rand(B, Lk) < 0.3
+    mask[0] = True  # a sequence whose keys are all padding: its queries output zeros
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = msa_fast.ops.attention(q, k, v, mask, backend="triton")
+    want = R.attention(*ref_in, mask)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.double(), want, **tol)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    cot = torch.ones((), dtype=dtype).expand_as(out)
+    got = torch.autograd.grad(out, (q, k, v), cot)
+    exp = torch.autograd.grad(want, ref_in, cot.double())
+    gtol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    for a, b in zip(got, exp):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, **gtol)
+    assert torch.equal(got[0][0], torch.zeros_like(got[0][0]))
+
+
+def test_triton_attention_non_contiguous_inputs_and_gradient():
+    q = torch.randn(2, 9, 3, 16).transpose(1, 2).requires_grad_()  # (B, H, L, Dh) strided
+    k = torch.randn(2, 3, 11, 16, requires_grad=True)
+    v = torch.randn(2, 3, 11, 16, requires_grad=True)
+    out = msa_fast.ops.attention(q, k, v, None, 0.3, backend="triton")
+    want = R.attention(q, k, v, None, 0.3)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    cot = torch.randn(2, 3, 16, 9).transpose(-1, -2)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), cot), torch.autograd.grad(want, (q, k, v), cot)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_attention_opcheck_and_compile():
+    q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for n in (5, 7, 7))
+    mask = torch.tensor([[False, False, True, False, True, True, False]])
+    torch.library.opcheck(torch.ops.msa_fast.attention_triton, (q, k, v, mask, 0.25))
+    fn = torch.compile(lambda *a: msa_fast.ops.attention(*a, backend="triton"), fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v, mask), R.attention(q, k, v, mask), rtol=1e-4, atol=1e-5)
+
+
+def test_triton_attention_head_dim_limit():
+    q = k = v = torch.randn(1, 1, 3, 136)
+    with pytest.raises(RuntimeError, match="head dims up to 128"):
+        msa_fast.ops.attention(q, k, v, backend="triton")
+    torch.testing.assert_close(msa_fast.ops.attention(q, k, v, backend="auto"), R.attention(q, k, v))

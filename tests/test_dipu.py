@@ -321,3 +321,29 @@ def test_cmdie_global_feature_concatenates_in_time():
     assert torch.equal(G, torch.cat([T, A, Vv], 1))
     assert gm.dtype == torch.bool and gm.shape == (2, 10)
     assert torch.equal(gm[:, 3:8], am) and not gm[:, :3].any() and not gm[:, 8:].any()
+
+
+# ----------------------------------------------------------------------------- triton fast path
+
+
+def test_dipu_and_cmdie_triton_equal_eager_forward_and_backward():
+    """backend="triton" swaps in the fused attention, add+LayerNorm and GAP kernels
+    (interpreted here); outputs and every gradient must match the eager module."""
+    torch.manual_seed(5)
+    eager = msa_fast.nn.CMDIE(16, heads=2, layers=1, ffn_dim=24).eval()
+    fast = msa_fast.nn.CMDIE(16, heads=2, layers=1, ffn_dim=24, backend="triton").eval()
+    fast.load_state_dict(eager.state_dict())
+    seqs = [_rand(2, n, 16) for n in (6, 5, 9, 7)]
+    masks = [_mask(2, n) for n in (6, 5, 9, 7)]
+    masks[2][1] = True  # one sample without audio: fully padded keys
+    outs = []
+    for mod in (eager, fast):
+        inputs = [s.detach().clone().requires_grad_() for s in seqs]
+        out = mod(*inputs, *masks)
+        loss = sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in out)
+        grads = torch.autograd.grad(loss, [*inputs, *mod.parameters()])
+        outs.append((out, grads))
+    for a, b in zip(outs[0][0], outs[1][0]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)

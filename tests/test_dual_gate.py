@@ -169,3 +169,69 @@ def test_dual_gate_fusion_backend_is_passed_to_the_op():
     mod = msa_fast.nn.DualGateFusion(6, backend="cuda")
     with pytest.raises(RuntimeError, match="dual_gate: backend 'cuda'"):
         mod(_rand(2, 3, 6))
+
+
+# --------------------------------------------------------------------------- #
+# triton backend (interpreted on the CPU) vs the reference
+# --------------------------------------------------------------------------- #
+
+
+def _triton_dual_gate_inputs(shape, dtype):
+    *lead, m, d = shape
+    h = torch.randn(*shape, dtype=dtype)
+    w_z = torch.randn(m, d, dtype=dtype) / d**0.5
+    b_z = torch.randn(m, dtype=dtype)
+    g_logits = torch.randn(*lead, m, dtype=dtype)
+    return [t.requires_grad_() for t in (h, w_z, b_z, g_logits)]
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1), (5, 3, 7), (2, 4, 3, 37), (3, 2, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_dual_gate_matches_reference(shape, dtype):
+    inputs = _triton_dual_gate_inputs(shape, dtype)
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    out = msa_fast.ops.dual_gate(*inputs, 0.7, backend="triton")
+    ref = R.dual_gate(*ref_in, 0.7)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(out, ref):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, **tol)
+    # one random cotangent per output, and a stride-0 one (what out.sum().backward() hands)
+    cots = [torch.randn_like(o) for o in out]
+    cots[0] = torch.ones((), dtype=dtype).expand_as(out[0])
+    got = torch.autograd.grad(out, inputs, cots)
+    want = torch.autograd.grad(ref, ref_in, [c.double() for c in cots])
+    gtol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, **gtol)
+
+
+def test_triton_dual_gate_non_contiguous_gradient_and_unused_outputs():
+    h, w_z, b_z, g_logits = _triton_dual_gate_inputs((6, 3, 11), torch.float32)
+    h_ent, h_imp, e, g = msa_fast.ops.dual_gate(h, w_z, b_z, g_logits, 1.3, backend="triton")
+    cot = torch.randn(11, 6).T  # non-contiguous
+    got = torch.autograd.grad(h_ent, (h, w_z, b_z, g_logits), cot)
+    r_in = [t.detach().requires_grad_() for t in (h, w_z, b_z, g_logits)]
+    want = torch.autograd.grad(R.dual_gate(*r_in, 1.3)[0], r_in, cot, allow_unused=True)
+    assert want[3] is None  # h_ent does not depend on the importance gate
+    torch.testing.assert_close(got[3], torch.zeros_like(g_logits))
+    for a, b in zip(got[:3], want[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_dual_gate_opcheck_and_compile():
+    inputs = _triton_dual_gate_inputs((4, 3, 19), torch.float32)
+    torch.library.opcheck(torch.ops.msa_fast.dual_gate_triton, (*inputs, 0.5))
+    fn = torch.compile(lambda *a: msa_fast.ops.dual_gate(*a, 0.5, backend="triton"), fullgraph=True)
+    torch.testing.assert_close(fn(*inputs)[0], R.dual_gate(*inputs, 0.5)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_dual_gate_fusion_triton_equals_eager():
+    torch.manual_seed(1)
+    mod = msa_fast.nn.DualGateFusion(24, num_modalities=3)
+    h = torch.randn(5, 3, 24)
+    with msa_fast.use_backend("eager"):
+        want = mod(h)
+    mod_t = msa_fast.nn.DualGateFusion(24, num_modalities=3, backend="triton")
+    mod_t.load_state_dict(mod.state_dict())
+    torch.testing.assert_close(mod_t(h), want, rtol=1e-5, atol=1e-5)

@@ -22,10 +22,6 @@ _backend.register("mine_pairs", "cpp", "cuda")
 CUDA_MAX_K = 64  # csrc/cuda/pair_mining.cu: kMaxK
 
 if _ext.load()[0] is not None:
-    # Resolve the op packet now: torch.ops namespaces are lazy and dir() (used by
-    # msa_fast.build_info) lists only the ops already looked up.
-    _ = torch.ops.msa_fast.mine_pairs
-
     @torch.library.register_fake("msa_fast::mine_pairs")
     def _mine_pairs_fake(features, labels, queries, query_labels, query_index, k):
         q = queries.shape[0]
