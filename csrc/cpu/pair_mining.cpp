@@ -31,6 +31,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "pair_mining.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -106,14 +108,6 @@ struct TopK {
     }
   }
 };
-
-// x / |x| per row with a zero row kept zero -- the same ATen ops as
-// msa_fast.ops.reference.normalize_rows, so both paths see identical unit rows.
-at::Tensor normalize_rows(const at::Tensor& x) {
-  auto norm = at::linalg_vector_norm(x, 2, at::IntArrayRef{1}, /*keepdim=*/true);
-  auto inv = at::where(norm > 0, norm.reciprocal(), at::zeros_like(norm));
-  return (x * inv).contiguous();
-}
 
 // Offers keys j0 .. j0 + len - 1 (similarities `row`, labels `lab`) to one
 // query's two lists. `self` is the query's own row relative to j0 (any value
@@ -206,30 +200,10 @@ void mine_blocked(const at::Tensor& fn, const at::Tensor& qn, bool symmetric,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine_pairs_cpu(
     const at::Tensor& features, const at::Tensor& labels, const at::Tensor& queries,
     const at::Tensor& query_labels, const at::Tensor& query_index, int64_t k) {
-  TORCH_CHECK(features.dim() == 2, "mine_pairs: features: expected rank 2 (N, D), got shape ",
-              features.sizes());
-  TORCH_CHECK(features.is_floating_point(), "mine_pairs: features: expected a floating dtype, got ",
-              features.scalar_type());
+  check_mine_pairs_args(features, labels, queries, query_labels, query_index);
   const int64_t n = features.size(0);
   const int64_t d = features.size(1);
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n,
-              "mine_pairs: labels: expected shape (", n, ",), got ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "mine_pairs: labels: expected int64, got ",
-              labels.scalar_type());
-  TORCH_CHECK(queries.dim() == 2 && queries.size(1) == d,
-              "mine_pairs: queries: expected shape (Q, ", d, "), got ", queries.sizes());
-  TORCH_CHECK(queries.scalar_type() == features.scalar_type(),
-              "mine_pairs: queries: expected dtype ", features.scalar_type(), ", got ",
-              queries.scalar_type());
   const int64_t q = queries.size(0);
-  TORCH_CHECK(query_labels.dim() == 1 && query_labels.size(0) == q,
-              "mine_pairs: query_labels: expected shape (", q, ",), got ", query_labels.sizes());
-  TORCH_CHECK(query_labels.scalar_type() == at::kLong,
-              "mine_pairs: query_labels: expected int64, got ", query_labels.scalar_type());
-  TORCH_CHECK(query_index.dim() == 1 && query_index.size(0) == q,
-              "mine_pairs: query_index: expected shape (", q, ",), got ", query_index.sizes());
-  TORCH_CHECK(query_index.scalar_type() == at::kLong,
-              "mine_pairs: query_index: expected int64, got ", query_index.scalar_type());
   TORCH_CHECK(k >= 1, "mine_pairs: k: expected an int >= 1, got ", k);
   for (const at::Tensor* t : {&features, &labels, &queries, &query_labels, &query_index}) {
     TORCH_CHECK(t->device().is_cpu(), "mine_pairs (cpu kernel): expected CPU tensors, got ",

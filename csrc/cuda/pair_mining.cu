@@ -26,6 +26,8 @@
 //      increasing key order (ballot, then a warp-wide shift by one slot).
 // Memory: O((Q + N) D + Q k); the Q x N matrix never exists.
 #include <ATen/ATen.h>
+
+#include "pair_mining.h"
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -219,40 +221,13 @@ mine_pairs_kernel(const T* __restrict__ fn, const T* __restrict__ qn,
   }
 }
 
-// x / |x| per row with a zero row kept zero: the reference's own ATen ops.
-at::Tensor normalize_rows(const at::Tensor& x) {
-  auto norm = at::linalg_vector_norm(x, 2, at::IntArrayRef{1}, /*keepdim=*/true);
-  auto inv = at::where(norm > 0, norm.reciprocal(), at::zeros_like(norm));
-  return (x * inv).contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine_pairs_cuda(
     const at::Tensor& features, const at::Tensor& labels, const at::Tensor& queries,
     const at::Tensor& query_labels, const at::Tensor& query_index, int64_t k) {
-  TORCH_CHECK(features.dim() == 2, "mine_pairs: features: expected rank 2 (N, D), got shape ",
-              features.sizes());
-  TORCH_CHECK(features.is_floating_point(), "mine_pairs: features: expected a floating dtype, got ",
-              features.scalar_type());
+  check_mine_pairs_args(features, labels, queries, query_labels, query_index);
   const int64_t n = features.size(0);
   const int64_t d = features.size(1);
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n,
-              "mine_pairs: labels: expected shape (", n, ",), got ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "mine_pairs: labels: expected int64, got ",
-              labels.scalar_type());
-  TORCH_CHECK(queries.dim() == 2 && queries.size(1) == d,
-              "mine_pairs: queries: expected shape (Q, ", d, "), got ", queries.sizes());
-  TORCH_CHECK(queries.scalar_type() == features.scalar_type(),
-              "mine_pairs: queries: expected dtype ", features.scalar_type(), ", got ",
-              queries.scalar_type());
   const int64_t q = queries.size(0);
-  TORCH_CHECK(query_labels.dim() == 1 && query_labels.size(0) == q,
-              "mine_pairs: query_labels: expected shape (", q, ",), got ", query_labels.sizes());
-  TORCH_CHECK(query_labels.scalar_type() == at::kLong,
-              "mine_pairs: query_labels: expected int64, got ", query_labels.scalar_type());
-  TORCH_CHECK(query_index.dim() == 1 && query_index.size(0) == q,
-              "mine_pairs: query_index: expected shape (", q, ",), got ", query_index.sizes());
-  TORCH_CHECK(query_index.scalar_type() == at::kLong,
-              "mine_pairs: query_index: expected int64, got ", query_index.scalar_type());
   TORCH_CHECK(k >= 1 && k <= kMaxK, "mine_pairs: k: the cuda kernel supports 1 <= k <= ", kMaxK,
               ", got ", k, " (use backend='eager' or 'triton' for larger k)");
   TORCH_CHECK(n < std::numeric_limits<int>::max() - kTileKeys &&
