@@ -34,10 +34,32 @@ def _cuda_reason_missing(torch, cuda_home) -> str | None:
     return None
 
 
+def _find_cuda_home() -> None:
+    """Point CUDA_HOME at a toolkit root that has both nvcc and libcudart.
+
+    torch guesses CUDA_HOME from ``which nvcc``; when nvcc is a wrapper script (as
+    ``/usr/local/bin/nvcc`` here) that guess is ``/usr/local``, which has no
+    ``lib64/libcudart.so`` and the link fails. An explicit CUDA_HOME / CUDA_PATH wins.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = ["/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in candidates:
+        has_nvcc = os.path.exists(os.path.join(root, "bin", "nvcc"))
+        has_rt = any(glob.glob(os.path.join(root, lib, "libcudart.so*")) for lib in ("lib64", "lib"))
+        if has_nvcc and has_rt:
+            os.environ["CUDA_HOME"] = root
+            return
+
+
 def _extensions():
     if os.environ.get("MSA_FAST_BUILD_EXT", "1") == "0":
         print("msa_fast: MSA_FAST_BUILD_EXT=0, skipping the C++/CUDA extension")
         return [], {}
+    _find_cuda_home()
     import torch
     from torch.utils import cpp_extension
 
