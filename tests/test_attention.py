@@ -298,3 +298,40 @@ def test_triton_attention_head_dim_limit():
     with pytest.raises(RuntimeError, match="head dims up to 128"):
         msa_fast.ops.attention(q, k, v, backend="triton")
     torch.testing.assert_close(msa_fast.ops.attention(q, k, v, backend="auto"), R.attention(q, k, v))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("Dh", [32, 64, 128])
+def test_triton_attention_gpu_large_matches_sdpa(dtype, Dh):
+    torch.manual_seed(0)
+    B, H, Lq, Lk = 8, 4, 500, 373
+    q, k, v = (torch.randn(B, H, n, Dh, device="cuda", dtype=dtype, requires_grad=True) for n in (Lq, Lk, Lk))
+    mask = torch.rand(B, Lk, device="cuda") < 0.3
+    out = msa_fast.ops.attention(q, k, v, mask, backend="triton")
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=(~mask)[:, None, None, :])
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), ref, **tol)
+    cot = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), cot)
+    want = torch.autograd.grad(ref, (q, k, v), cot.float())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), **({**tol, "atol": tol["atol"] * 5}))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_add_layer_norm_gpu_large(dtype):
+    x, r = (torch.randn(256, 500, 768, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    w = torch.randn(768, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(768, device="cuda", dtype=dtype, requires_grad=True)
+    y = msa_fast.ops.add_layer_norm(x, r, w, b, backend="triton")
+    ref_in = [t.detach().float().requires_grad_() for t in (x, r, w, b)]
+    ref = R.add_layer_norm(*ref_in)
+    big = dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2 if big else 1e-5, atol=5e-2 if big else 1e-4)
+    got = torch.autograd.grad(y.float().sum(), (x, r, w, b))
+    want = torch.autograd.grad(ref.sum(), ref_in)
+    for a, c in zip(got, want):
+        scale = c.abs().max().clamp_min(1.0)
+        assert (a.float() - c).abs().max() / scale < (5e-2 if big else 1e-3)

@@ -238,3 +238,23 @@ def test_triton_gap_rejects_wide_hidden_layers():
     # auto never fails: it falls back to the reference
     out = msa_fast.ops.gated_attention_pool(*inputs, backend="auto")
     torch.testing.assert_close(out[0], R.gated_attention_pool(*inputs)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_gap_gpu_large(dtype):
+    torch.manual_seed(0)
+    inputs = [t.detach().cuda().requires_grad_() for t in _triton_gap_inputs(3, 64, 500, 128, 64, 64, dtype)]
+    mask = (torch.rand(64, 500, device="cuda") < 0.2)
+    out = msa_fast.ops.gated_attention_pool(*inputs, mask=mask, backend="triton")
+    ref_in = [t.detach().float().requires_grad_() for t in inputs]
+    ref = R.gated_attention_pool(*ref_in, mask=mask)
+    big = dtype == torch.bfloat16
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a.float(), b, rtol=2e-2 if big else 1e-4, atol=2e-2 if big else 1e-4)
+    got = torch.autograd.grad(out[0].float().sum(), inputs)
+    want = torch.autograd.grad(ref[0].sum(), ref_in)
+    for a, b in zip(got, want):
+        # weight gradients sum over 32k positions: compare relative to their scale
+        scale = b.abs().max().clamp_min(1.0)
+        assert (a.float() - b).abs().max() / scale < (5e-2 if big else 1e-3)
