@@ -30,6 +30,13 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_tile(ptr, b, h, s_b, s_h, s_l, s_d, offs_l, L, offs_d, Dh):
+    """A ``(rows, DP)`` tile of one head of a ``(B, H, L, Dh)`` tensor; zeros outside ``L x Dh``."""
+    mask = (offs_l < L)[:, None] & (offs_d < Dh)[None, :]
+    return tl.load(ptr + b * s_b + h * s_h + offs_l[:, None] * s_l + offs_d[None, :] * s_d, mask=mask, other=0.0)
+
+
+@triton.jit
 def _scores(q, k, kpm_ptr, s_kpm_b, b, offs_n, Lk, qk_scale,
             HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
     """``q k^T * qk_scale`` (base 2) with out-of-range and padded keys at ``-inf``."""
@@ -58,18 +65,14 @@ def attention_fwd_kernel(
     offs_d = tl.arange(0, DP)
     d_ok = offs_d < Dh
     m_ok = offs_m < Lq
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_tile(q_ptr, b, h, sqb, sqh, sqm, sqd, offs_m, Lq, offs_d, Dh)
     m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
     acc = tl.zeros((BM, DP), dtype=tl.float32)
     for start_n in range(0, Lk, BN):
         offs_n = start_n + tl.arange(0, BN)
-        n_ok = offs_n < Lk
-        k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k = _load_tile(k_ptr, b, h, skb, skh, skn, skd, offs_n, Lk, offs_d, Dh)
+        v = _load_tile(v_ptr, b, h, svb, svh, svn, svd, offs_n, Lk, offs_d, Dh)
         s = _scores(q, k, kpm_ptr, s_kpm_b, b, offs_n, Lk, qk_scale, HAS_MASK, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -105,17 +108,15 @@ def attention_bwd_dkdv_kernel(
     d_ok = offs_d < Dh
     n_ok = offs_n < Lk
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    k = _load_tile(k_ptr, b, h, skb, skh, skn, skd, offs_n, Lk, offs_d, Dh)
+    v = _load_tile(v_ptr, b, h, svb, svh, svn, svd, offs_n, Lk, offs_d, Dh)
     dk = tl.zeros((BN, DP), dtype=tl.float32)
     dv = tl.zeros((BN, DP), dtype=tl.float32)
     for start_m in range(0, Lq, BM):
         offs_m = start_m + tl.arange(0, BM)
         m_ok = offs_m < Lq
-        q_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-        do = tl.load(do_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
-                     mask=q_mask, other=0.0)
+        q = _load_tile(q_ptr, b, h, sqb, sqh, sqm, sqd, offs_m, Lq, offs_d, Dh)
+        do = _load_tile(do_ptr, b, h, sdob, sdoh, sdom, sdod, offs_m, Lq, offs_d, Dh)
         lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=m_ok, other=0.0)
         s = _scores(q, k, kpm_ptr, s_kpm_b, b, offs_n, Lk, qk_scale, HAS_MASK, PRECISION)
@@ -147,17 +148,15 @@ def attention_bwd_dq_kernel(
     d_ok = offs_d < Dh
     m_ok = offs_m < Lq
     q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-    do = tl.load(do_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
-                 mask=q_mask, other=0.0)
+    q = _load_tile(q_ptr, b, h, sqb, sqh, sqm, sqd, offs_m, Lq, offs_d, Dh)
+    do = _load_tile(do_ptr, b, h, sdob, sdoh, sdom, sdod, offs_m, Lq, offs_d, Dh)
     lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros((BM, DP), dtype=tl.float32)
     for start_n in range(0, Lk, BN):
         offs_n = start_n + tl.arange(0, BN)
-        kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        k = _load_tile(k_ptr, b, h, skb, skh, skn, skd, offs_n, Lk, offs_d, Dh)
+        v = _load_tile(v_ptr, b, h, svb, svh, svn, svd, offs_n, Lk, offs_d, Dh)
         s = _scores(q, k, kpm_ptr, s_kpm_b, b, offs_n, Lk, qk_scale, HAS_MASK, PRECISION)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
