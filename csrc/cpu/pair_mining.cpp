@@ -202,7 +202,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine_pairs_cpu(
     const at::Tensor& query_labels, const at::Tensor& query_index, int64_t k) {
   check_mine_pairs_args(features, labels, queries, query_labels, query_index);
   const int64_t n = features.size(0);
-  const int64_t d = features.size(1);
   const int64_t q = queries.size(0);
   TORCH_CHECK(k >= 1, "mine_pairs: k: expected an int >= 1, got ", k);
   for (const at::Tensor* t : {&features, &labels, &queries, &query_labels, &query_index}) {
