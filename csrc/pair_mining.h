@@ -40,6 +40,24 @@ inline void check_mine_pairs_args(const at::Tensor& features, const at::Tensor& 
               "mine_pairs: query_index: expected int64, got ", query_index.scalar_type());
 }
 
+// query_index values in [-1, n - 1] (-1: the query is not a row of features). With
+// n == 0 this admits only -1. Reads the range back to the host: one sync on a GPU.
+inline void check_query_index_range(const at::Tensor& query_index, int64_t n) {
+  const auto mm = at::aminmax(query_index);
+  const int64_t lo = std::get<0>(mm).item<int64_t>();
+  const int64_t hi = std::get<1>(mm).item<int64_t>();
+  TORCH_CHECK(lo >= -1 && hi < n, "mine_pairs: query_index: expected values in [-1, ", n - 1,
+              "], got range [", lo, ", ", hi, "]");
+}
+
+// True when the queries are the feature rows themselves (the default call), so the
+// kernels normalise once and may use the symmetry of the similarity matrix.
+inline bool same_storage_rows(const at::Tensor& queries, const at::Tensor& features) {
+  return queries.is_same(features) ||
+         (queries.data_ptr() == features.data_ptr() && queries.sizes() == features.sizes() &&
+          queries.strides() == features.strides());
+}
+
 // x / |x| per row with a zero row kept zero -- the same ATen ops as
 // msa_fast.ops.reference.normalize_rows, so every path sees identical unit rows.
 inline at::Tensor normalize_rows(const at::Tensor& x) {

@@ -252,19 +252,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine_pairs_cuda(
   if (q == 0) return {pos_idx, pos_sim, neg_idx, neg_sim};
 
   const auto qi = query_index.contiguous();
-  {  // one host sync; the Python wrapper checks the same range before calling
-    const auto mm = at::aminmax(qi);
-    const int64_t lo = std::get<0>(mm).item<int64_t>();
-    const int64_t hi = std::get<1>(mm).item<int64_t>();
-    TORCH_CHECK(lo >= -1 && hi < n, "mine_pairs: query_index: expected values in [-1, ", n - 1,
-                "], got range [", lo, ", ", hi, "]");
-  }
+  check_query_index_range(qi, n);  // one host sync on the GPU
 
   const at::Tensor fn = normalize_rows(features.to(dtype));
-  const bool same_rows = queries.is_same(features) ||
-                         (queries.data_ptr() == features.data_ptr() &&
-                          queries.sizes() == features.sizes() &&
-                          queries.strides() == features.strides());
+  const bool same_rows = same_storage_rows(queries, features);
   const at::Tensor qn = same_rows ? fn : normalize_rows(queries.to(dtype));
   const auto lab = labels.contiguous();
   const auto qlab = query_labels.contiguous();
