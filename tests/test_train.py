@@ -134,3 +134,29 @@ def test_hf_text_encoder_from_local_dir(tmp_path):
     out["pred"].sum().backward()
     assert out["pred"].shape == (3,)
     assert model.text.model.embeddings.word_embeddings.weight.grad is not None
+
+
+@register_model("_epoch_hook_recorder")
+class _HookModel(nn.Module):
+    """Records what ``on_epoch_start`` receives."""
+
+    seen: list = []
+
+    def __init__(self, dims, **_):
+        super().__init__()
+        self.lin = nn.Linear(dims["audio"], 1)
+
+    def on_epoch_start(self, ctx):
+        type(self).seen.append((ctx.epoch, len(ctx.train), ctx.seed, ctx.batch_size))
+        self.eval()  # the trainer must put the model back in train mode
+
+    def forward(self, batch):
+        assert self.training or not torch.is_grad_enabled()
+        return {"pred": self.lin(batch["audio"].mean(1)).squeeze(-1)}
+
+
+def test_on_epoch_start_hook_sees_every_epoch_and_the_train_split(tmp_path):
+    _HookModel.seen.clear()
+    data = load_data(DATA)
+    train_seed(_cfg(tmp_path, model="_epoch_hook_recorder", epochs=3, patience=99), data, 5, None)
+    assert _HookModel.seen == [(e, len(data["train"]), 5, 16) for e in (1, 2, 3)]

@@ -4,9 +4,10 @@
 from msa_fast.train.config import TrainConfig, read_config_file
 from msa_fast.train.experiment import format_table, run_experiment
 from msa_fast.train.seed import set_seed
-from msa_fast.train.trainer import NonFiniteLossError, evaluate, predict, train_seed
+from msa_fast.train.trainer import EpochContext, NonFiniteLossError, evaluate, predict, train_seed
 
 __all__ = [
+    "EpochContext",
     "NonFiniteLossError",
     "TrainConfig",
     "evaluate",

@@ -8,6 +8,11 @@ stops when ``epoch - best_epoch >= patience`` (8) or at ``epochs``. (MMSA averag
 losses and rounds to 4 places; the per-sample mean here is the exact MAE.) After training,
 the best epoch's weights are evaluated on valid and test with :mod:`msa_fast.metrics`.
 
+A model may define ``on_epoch_start(ctx: EpochContext)``: it is called before every training
+epoch (also the first one after a resume) with the train split and the run's settings, so
+that a model can do dataset-level work such as FD-CMDIE's pair mining (eq. 7-8). It runs
+with the model in whatever mode it sets; the trainer puts the model back in train mode.
+
 A non-finite loss raises :class:`NonFiniteLossError` before any optimizer step or checkpoint
 write of that epoch, so the last checkpoint on disk is the last good one. On CUDA the
 forward runs under ``torch.autocast(dtype=torch.bfloat16)`` when ``amp`` is set.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,7 +30,7 @@ from tqdm.auto import tqdm
 
 from msa_fast.data.loader import make_loader
 from msa_fast.data.missing import MissingProtocol
-from msa_fast.data.mmsa import MMSAData
+from msa_fast.data.mmsa import MMSAData, SplitData
 from msa_fast.metrics import mosi_regression_metrics
 from msa_fast.models import build_model
 from msa_fast.train import checkpoint as ckpt
@@ -34,6 +40,21 @@ from msa_fast.train.seed import rng_state, set_rng_state, set_seed
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+@dataclass
+class EpochContext:
+    """What ``model.on_epoch_start`` receives. ``train`` is the whole train split (its row
+    ``i`` is the sample whose batches carry ``index == i``)."""
+
+    epoch: int
+    seed: int
+    train: SplitData
+    aligned: bool
+    batch_size: int
+    device: torch.device
+    amp: bool
+    progress: bool
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,6 +140,10 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
     for epoch in range(start_epoch, cfg.epochs + 1):
         if stop:
             break
+        on_epoch_start = getattr(model, "on_epoch_start", None)
+        if callable(on_epoch_start):
+            on_epoch_start(EpochContext(epoch, seed, data["train"], data.aligned, cfg.batch_size,
+                                        device, cfg.amp, bool(cfg.progress)))
         model.train()
         train_loader.batch_sampler.set_epoch(epoch)
         gen = protocol.generator(seed, "train", epoch)
