@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--missing-rate", type=float, nargs="+",
                    help="MMSA token/frame missing rate: one value or three (t a v)")
     t.add_argument("--drop-rate", type=float, help="MPLMM whole-modality drop rate")
+    t.add_argument("--preset", help="the model's named hyper-parameter set (e.g. FD-CMDIE's "
+                   "Table 2: mosi, mosei); flags and --model-cfg win over it")
     t.add_argument("--model-cfg", help='model hyper-parameters as JSON, e.g. \'{"hidden": 64}\'')
     t.add_argument("--num-workers", type=int)
     t.add_argument("--threads", type=int, help="CPU threads while training (default 1; 0 = torch's)")
@@ -89,6 +91,9 @@ def _config_from_args(args) -> TrainConfig:  # noqa: F821 - lazy import below
     from msa_fast.train.config import TrainConfig, read_config_file
 
     d = read_config_file(args.config) if args.config else {}
+    preset = getattr(args, "preset", None)
+    if preset:
+        d = _apply_preset(d, args.model or d.get("model") or TrainConfig.model, preset)
     for key in _FLAG_KEYS:
         val = getattr(args, key, None)
         if val is not None:
@@ -107,6 +112,25 @@ def _config_from_args(args) -> TrainConfig:  # noqa: F821 - lazy import below
     if d.get("resume") and not d.get("out"):
         raise UserError("--resume needs --out (the run directory to resume)")
     return TrainConfig.from_dict(d)
+
+
+def _apply_preset(d: dict, model: str, preset: str) -> dict:
+    """A model class may define ``presets = {name: {"train": {...}, "model": {...}}}``:
+    ``train`` keys are TrainConfig keys (lr, batch_size ...), ``model`` keys go to model_cfg.
+    The preset is the base; the config file's and the command line's values win."""
+    from msa_fast.models import _lookup
+
+    try:
+        presets = getattr(_lookup(model), "presets", {}) or {}
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if preset not in presets:
+        have = ", ".join(sorted(presets)) or "none"
+        raise UserError(f"--preset: model {model!r} has no preset {preset!r} (presets: {have})")
+    p = presets[preset]
+    out = dict(p.get("train", {}), **d)
+    out["model_cfg"] = dict(p.get("model", {}), **(d.get("model_cfg") or {}))
+    return out
 
 
 def _check_model(name: str) -> None:

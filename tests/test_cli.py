@@ -87,3 +87,26 @@ def test_bad_input_one_line(tmp_path, capsys, argv, message):
     err = [e for e in err if "non-finite feature values" not in e]
     assert len(err) == 1 and err[0].startswith("msa-fast: error:"), err
     assert message in err[0] and "Traceback" not in err[0]
+
+
+def test_preset_is_the_base_and_flags_win(tmp_path):
+    from torch import nn
+
+    from msa_fast.cli import _config_from_args, _parser
+    from msa_fast.models import register_model
+
+    @register_model("_with_presets")
+    class _M(nn.Module):
+        presets = {"mosi": {"train": {"lr": 5e-4, "batch_size": 24}, "model": {"hidden": 12, "k_cl": 10}}}
+
+    args = _parser().parse_args(["train", "--model", "_with_presets", "--preset", "mosi",
+                                 "--batch-size", "8", "--model-cfg", '{"hidden": 20}'])
+    cfg = _config_from_args(args)
+    assert (cfg.lr, cfg.batch_size) == (5e-4, 8)
+    assert cfg.model_cfg == {"hidden": 20, "k_cl": 10}
+
+
+def test_unknown_preset_is_one_line(capsys):
+    assert main(["train", "--model", "lf_dnn", "--preset", "mosei", *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--preset" in err and "no preset 'mosei'" in err
