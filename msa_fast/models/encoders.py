@@ -86,10 +86,15 @@ class HFTextEncoder(nn.Module):
 
 
 def build_text_encoder(dims: dict, hidden: int, dropout: float = 0.0,
-                       text_model: str | None = None) -> nn.Module:
-    """Features encoder for ``text`` input, HF encoder when ``text_model`` (a local path) is set."""
+                       text_model: str | None = None, trust_remote_code: bool = False,
+                       finetune: bool = True) -> nn.Module:
+    """Features encoder for ``text`` input, HF encoder when ``text_model`` (a local path) is set.
+
+    ``trust_remote_code`` lets ``AutoModel`` run the model's own code (NeoBERT needs it);
+    ``finetune=False`` freezes the HF weights (only the projection trains)."""
     if text_model:
-        return HFTextEncoder(text_model, hidden)
+        return HFTextEncoder(text_model, hidden, finetune=finetune,
+                             trust_remote_code=trust_remote_code)
     if dims.get("text_input", "features") != "features":
         raise ValueError("text: the data has only text_bert ids; pass text_model=<local HF path>")
     return FeatureTextEncoder(dims.get("text", 768), hidden, dropout)
