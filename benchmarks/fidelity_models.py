@@ -1,0 +1,124 @@
+"""Fidelity table (issue 4): every seed model against the baselines on synthetic data.
+
+Trains ``text_only``, ``lf_dnn``, ``agfn``, ``fd_cmdie`` and ``promma`` with their default
+configurations (``msa-fast train --model NAME --data DATA``, 3 seeds, MMSA early stopping)
+and reports the test metrics as mean ± std over the seeds, with each model's wall time.
+
+    python benchmarks/fidelity_models.py                    # synthetic:mosi, 3 seeds
+    python benchmarks/fidelity_models.py --quick            # CI smoke: tiny data, 1 epoch
+
+Writes ``benchmarks/results/fidelity_models.json`` (per-model mean/std/per-seed metrics and
+the environment), ``fidelity_models.png`` (MAE and Non0_acc_2 per model, error bars = std)
+and ``fidelity_models.md`` (the README table). A model that fails is recorded with its error
+and the others still run; the exit status is 1 then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import RESULTS, environment  # noqa: E402
+
+from msa_fast.train import TrainConfig, run_experiment  # noqa: E402
+
+MODELS = ("text_only", "lf_dnn", "agfn", "fd_cmdie", "promma")
+SHOWN = ("MAE", "Corr", "Non0_acc_2", "Has0_acc_2", "Mult_acc_7")
+
+
+def _table(rows: dict, data: str, seeds: list[int], command: str) -> str:
+    head = "| model | " + " | ".join(SHOWN) + " | wall s |"
+    lines = [f"Test split of `{data}`, mean ± std over seeds {seeds}; made by `{command}`.", "",
+             head, "|" + "---|" * (len(SHOWN) + 2)]
+    for name, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} |" + " |" * len(SHOWN))
+            continue
+        cells = [f"{r['mean'][k]:.4f} ± {r['std'][k]:.4f}" for k in SHOWN]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = {n: r for n, r in rows.items() if "error" not in r}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, better in zip(axes, ("MAE", "Non0_acc_2"), ("lower", "higher")):
+        names = list(ok)
+        ax.bar(names, [ok[n]["mean"][key] for n in names], yerr=[ok[n]["std"][key] for n in names],
+               color=["#999999" if n in ("text_only", "lf_dnn") else "#3b75af" for n in names], capsize=4)
+        ax.set_title(f"{key} ({better} is better)")
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--data", default="synthetic:mosi")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1111, 1112, 1113])
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--quick", action="store_true", help="tiny data, 1 epoch, 1 seed (smoke)")
+    p.add_argument("--out", default=RESULTS, help="directory of the JSON / PNG / MD outputs")
+    args = p.parse_args(argv)
+    extra = {}
+    if args.quick:
+        args.data, args.seeds = "synthetic:tiny:limit=48", [1]
+        extra = {"epochs": 1, "batch_size": 16}
+        if args.out == RESULTS:
+            args.out = os.path.join(RESULTS, "quick")
+    os.makedirs(args.out, exist_ok=True)
+
+    import msa_fast
+
+    msa_fast.set_backend(args.backend)
+    rows: dict[str, dict] = {}
+    for name in args.models:
+        t0 = time.perf_counter()
+        try:
+            cfg = TrainConfig(model=name, data=args.data, seeds=args.seeds, progress=False,
+                              backend=args.backend, **extra)
+            res = run_experiment(cfg, log=lambda s: print(s, flush=True))
+            rows[name] = {"mean": res["mean"], "std": res["std"],
+                          "per_seed": [{"seed": r["seed"], "test": r["test"],
+                                        "best_epoch": r["best_epoch"]} for r in res["per_seed"]],
+                          "wall_s": round(time.perf_counter() - t0, 1)}
+        except Exception as e:  # one failing model must not hide the others' results
+            traceback.print_exc()
+            rows[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+    command = "python benchmarks/fidelity_models.py" + (" --quick" if args.quick else "")
+    payload = {"data": args.data, "seeds": args.seeds, "backend": args.backend,
+               "environment": environment(torch.device("cpu")), "models": rows}
+    stem = os.path.join(args.out, "fidelity_models")
+    with open(stem + ".json", "w") as f:
+        json.dump(payload, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(_table(rows, args.data, args.seeds, command))
+    _plot(rows, stem + ".png")
+    print(open(stem + ".md").read())
+    base = rows.get("text_only", {}).get("mean", {}).get("MAE")
+    if base is not None:
+        for name, r in rows.items():
+            if name != "text_only" and "mean" in r:
+                verdict = "beats" if r["mean"]["MAE"] < base else "does NOT beat"
+                print(f"{name} {verdict} text_only on MAE ({r['mean']['MAE']:.4f} vs {base:.4f})")
+    return 1 if any("error" in r for r in rows.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
