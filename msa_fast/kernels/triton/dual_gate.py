@@ -51,13 +51,9 @@ def _row_stats(h, w, bz, m_ok, d_ok, tau):
 
 
 @triton.jit
-def dual_gate_fwd_kernel(
-    h_ptr, wz_ptr, bz_ptr, gl_ptr,
-    hent_ptr, himp_ptr, e_ptr, g_ptr,
-    R, M, D, tau,
-    ROWS: tl.constexpr, M_P: tl.constexpr, D_P: tl.constexpr,
-):
-    pid = tl.program_id(0)
+def _gate_weights(wz_ptr, bz_ptr, M, D, M_P: tl.constexpr, D_P: tl.constexpr):
+    """Index tiles of one (M_P, D_P) row and the gate weights ``w_z``, ``b_z`` in fp32,
+    loaded once per program and shared by all its rows."""
     offs_m = tl.arange(0, M_P)
     offs_d = tl.arange(0, D_P)
     m_ok = offs_m < M
@@ -66,6 +62,18 @@ def dual_gate_fwd_kernel(
     tile = offs_m[:, None] * D + offs_d[None, :]
     w = tl.load(wz_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
     bz = tl.load(bz_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)
+    return offs_m, offs_d, m_ok, d_ok, tile, tile_ok, w, bz
+
+
+@triton.jit
+def dual_gate_fwd_kernel(
+    h_ptr, wz_ptr, bz_ptr, gl_ptr,
+    hent_ptr, himp_ptr, e_ptr, g_ptr,
+    R, M, D, tau,
+    ROWS: tl.constexpr, M_P: tl.constexpr, D_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m, offs_d, m_ok, d_ok, tile, tile_ok, w, bz = _gate_weights(wz_ptr, bz_ptr, M, D, M_P, D_P)
     for i in range(ROWS):
         r = pid * ROWS + i
         if r < R:
@@ -93,14 +101,7 @@ def dual_gate_bwd_kernel(
     ROWS: tl.constexpr, M_P: tl.constexpr, D_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs_m = tl.arange(0, M_P)
-    offs_d = tl.arange(0, D_P)
-    m_ok = offs_m < M
-    d_ok = offs_d < D
-    tile_ok = m_ok[:, None] & d_ok[None, :]
-    tile = offs_m[:, None] * D + offs_d[None, :]
-    w = tl.load(wz_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
-    bz = tl.load(bz_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)
+    offs_m, offs_d, m_ok, d_ok, tile, tile_ok, w, bz = _gate_weights(wz_ptr, bz_ptr, M, D, M_P, D_P)
     dw_acc = tl.zeros((M_P, D_P), dtype=tl.float32)
     db_acc = tl.zeros((M_P,), dtype=tl.float32)
     for i in range(ROWS):
