@@ -85,6 +85,27 @@ def _modality_forward(
 
 
 @triton.jit
+def _row_block(pad_ptr, blk, R, BP: tl.constexpr, HAS_PAD: tl.constexpr):
+    """Positions of row block ``blk``, their bounds mask and padding flags (out of range = padded)."""
+    rows = blk * BP + tl.arange(0, BP)
+    r_ok = rows < R
+    if HAS_PAD:
+        pad = tl.load(pad_ptr + rows, mask=r_ok, other=1) != 0
+    else:
+        pad = rows < 0
+    return rows, r_ok, pad
+
+
+@triton.jit
+def _feature_offsets(D, HG, HA, DP: tl.constexpr, HP: tl.constexpr, AP: tl.constexpr):
+    """Offsets and bounds masks over the feature (D), gate-hidden (HG) and attention-hidden (HA) axes."""
+    offs_d = tl.arange(0, DP)
+    offs_h = tl.arange(0, HP)
+    offs_a = tl.arange(0, AP)
+    return offs_d, offs_d < D, offs_h, offs_h < HG, offs_a, offs_a < HA
+
+
+@triton.jit
 def _load_shared_mlp(W1a_ptr, b1a_ptr, w2a_ptr, b2a_ptr, offs_a, a_ok, offs_d, d_ok, D):
     W1a = tl.load(W1a_ptr + offs_a[:, None] * D + offs_d[None, :],
                   mask=a_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
@@ -102,19 +123,9 @@ def gap_fwd_kernel(
     M: tl.constexpr, M_P: tl.constexpr, BP: tl.constexpr, DP: tl.constexpr,
     HP: tl.constexpr, AP: tl.constexpr, HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BP + tl.arange(0, BP)
-    r_ok = rows < R
-    offs_d = tl.arange(0, DP)
-    d_ok = offs_d < D
-    offs_h = tl.arange(0, HP)
-    h_ok = offs_h < HG
-    offs_a = tl.arange(0, AP)
-    a_ok = offs_a < HA
+    rows, r_ok, pad = _row_block(pad_ptr, tl.program_id(0), R, BP, HAS_PAD)
+    offs_d, d_ok, offs_h, h_ok, offs_a, a_ok = _feature_offsets(D, HG, HA, DP, HP, AP)
     cols = tl.arange(0, M_P)
-    if HAS_PAD:
-        pad = tl.load(pad_ptr + rows, mask=r_ok, other=1) != 0
-    else:
-        pad = rows < 0
     W1a, b1a, w2a, b2a = _load_shared_mlp(W1a_ptr, b1a_ptr, w2a_ptr, b2a_ptr, offs_a, a_ok, offs_d, d_ok, D)
     run_max = tl.full((BP,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BP,), dtype=tl.float32)
@@ -154,19 +165,9 @@ def gap_bwd_scores_kernel(
     M: tl.constexpr, M_P: tl.constexpr, BP: tl.constexpr, DP: tl.constexpr,
     HP: tl.constexpr, AP: tl.constexpr, HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BP + tl.arange(0, BP)
-    r_ok = rows < R
-    offs_d = tl.arange(0, DP)
-    d_ok = offs_d < D
-    offs_h = tl.arange(0, HP)
-    h_ok = offs_h < HG
-    offs_a = tl.arange(0, AP)
-    a_ok = offs_a < HA
+    rows, r_ok, pad = _row_block(pad_ptr, tl.program_id(0), R, BP, HAS_PAD)
+    offs_d, d_ok, offs_h, h_ok, offs_a, a_ok = _feature_offsets(D, HG, HA, DP, HP, AP)
     cols = tl.arange(0, M_P)
-    if HAS_PAD:
-        pad = tl.load(pad_ptr + rows, mask=r_ok, other=1) != 0
-    else:
-        pad = rows < 0
     W1a, b1a, w2a, b2a = _load_shared_mlp(W1a_ptr, b1a_ptr, w2a_ptr, b2a_ptr, offs_a, a_ok, offs_d, d_ok, D)
     dout = tl.load(dout_ptr + rows[:, None] * s_do_r + offs_d[None, :] * s_do_d,
                    mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
@@ -203,12 +204,7 @@ def gap_bwd_kernel(
     nprog = tl.num_programs(0)
     m = tl.program_id(1)
     M = tl.num_programs(1)
-    offs_d = tl.arange(0, DP)
-    d_ok = offs_d < D
-    offs_h = tl.arange(0, HP)
-    h_ok = offs_h < HG
-    offs_a = tl.arange(0, AP)
-    a_ok = offs_a < HA
+    offs_d, d_ok, offs_h, h_ok, offs_a, a_ok = _feature_offsets(D, HG, HA, DP, HP, AP)
     W1a, b1a, w2a, b2a = _load_shared_mlp(W1a_ptr, b1a_ptr, w2a_ptr, b2a_ptr, offs_a, a_ok, offs_d, d_ok, D)
     acc_lnw = tl.zeros((DP,), dtype=tl.float32)
     acc_lnb = tl.zeros((DP,), dtype=tl.float32)
@@ -221,12 +217,7 @@ def gap_bwd_kernel(
     acc_w2a = tl.zeros((AP,), dtype=tl.float32)
     acc_b2a = tl.zeros((BP,), dtype=tl.float32)
     for blk in range(pid, n_blocks, nprog):
-        rows = blk * BP + tl.arange(0, BP)
-        r_ok = rows < R
-        if HAS_PAD:
-            pad = tl.load(pad_ptr + rows, mask=r_ok, other=1) != 0
-        else:
-            pad = rows < 0
+        rows, r_ok, pad = _row_block(pad_ptr, blk, R, BP, HAS_PAD)
         keep = r_ok & (pad == 0)
         xhat, rstd, lnw, n, W1g, w2g, pre_g, hid, g, y, t, _ = _modality_forward(
             x_ptr, lnw_ptr, lnb_ptr, W1g_ptr, b1g_ptr, w2g_ptr, b2g_ptr, W1a, b1a, w2a, b2a,
