@@ -91,6 +91,30 @@ def attention_fwd_kernel(
 
 
 @triton.jit
+def _query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh,
+                 sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod, offs_m, Lq, offs_d, Dh):
+    """Q and dO tiles of a query block with their saved LSE (base 2) and delta = rowsum(dO * O).
+    Rows past ``Lq`` get LSE = +inf, so their probabilities are exactly 0."""
+    m_ok = offs_m < Lq
+    q = _load_tile(q_ptr, b, h, sqb, sqh, sqm, sqd, offs_m, Lq, offs_d, Dh)
+    do = _load_tile(do_ptr, b, h, sdob, sdoh, sdom, sdod, offs_m, Lq, offs_d, Dh)
+    lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=m_ok, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, kpm_ptr, s_kpm_b, b, offs_n, Lk,
+                       qk_scale, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """Recomputed probabilities ``P = exp2(S - lse)`` of one (BM, BN) tile and the score
+    gradient ``dS = P * (dO V^T - delta)`` (without the softmax scale)."""
+    s = _scores(q, k, kpm_ptr, s_kpm_b, b, offs_n, Lk, qk_scale, HAS_MASK, PRECISION)
+    p = tl.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, kpm_ptr, dk_ptr, dv_ptr,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -114,16 +138,12 @@ def attention_bwd_dkdv_kernel(
     dv = tl.zeros((BN, DP), dtype=tl.float32)
     for start_m in range(0, Lq, BM):
         offs_m = start_m + tl.arange(0, BM)
-        m_ok = offs_m < Lq
-        q = _load_tile(q_ptr, b, h, sqb, sqh, sqm, sqd, offs_m, Lq, offs_d, Dh)
-        do = _load_tile(do_ptr, b, h, sdob, sdoh, sdom, sdod, offs_m, Lq, offs_d, Dh)
-        lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=m_ok, other=float("inf"))
-        delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=m_ok, other=0.0)
-        s = _scores(q, k, kpm_ptr, s_kpm_b, b, offs_n, Lk, qk_scale, HAS_MASK, PRECISION)
-        p = tl.exp2(s - lse[:, None])
+        q, do, lse, delta = _query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh,
+                                         sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod,
+                                         offs_m, Lq, offs_d, Dh)
+        p, ds = _probs_and_dscores(q, k, v, do, lse, delta, kpm_ptr, s_kpm_b, b, offs_n, Lk,
+                                   qk_scale, HAS_MASK, PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     base = bh * Lk * Dh + offs_n[:, None] * Dh + offs_d[None, :]
     tl.store(dk_ptr + base, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
@@ -148,19 +168,16 @@ def attention_bwd_dq_kernel(
     d_ok = offs_d < Dh
     m_ok = offs_m < Lq
     q_mask = m_ok[:, None] & d_ok[None, :]
-    q = _load_tile(q_ptr, b, h, sqb, sqh, sqm, sqd, offs_m, Lq, offs_d, Dh)
-    do = _load_tile(do_ptr, b, h, sdob, sdoh, sdom, sdod, offs_m, Lq, offs_d, Dh)
-    lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=m_ok, other=0.0)
+    q, do, lse, delta = _query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh,
+                                     sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod,
+                                     offs_m, Lq, offs_d, Dh)
     dq = tl.zeros((BM, DP), dtype=tl.float32)
     for start_n in range(0, Lk, BN):
         offs_n = start_n + tl.arange(0, BN)
         k = _load_tile(k_ptr, b, h, skb, skh, skn, skd, offs_n, Lk, offs_d, Dh)
         v = _load_tile(v_ptr, b, h, svb, svh, svn, svd, offs_n, Lk, offs_d, Dh)
-        s = _scores(q, k, kpm_ptr, s_kpm_b, b, offs_n, Lk, qk_scale, HAS_MASK, PRECISION)
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, kpm_ptr, s_kpm_b, b, offs_n, Lk,
+                                   qk_scale, HAS_MASK, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(dq_ptr + bh * Lq * Dh + offs_m[:, None] * Dh + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
