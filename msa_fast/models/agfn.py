@@ -1,0 +1,247 @@
+"""AGFN: Adaptive Gated Fusion Network (Wu et al., 2025, arXiv 2510.01677; SPEC 3.1, 4).
+
+Pipeline, per batch (``B`` samples, modalities t, a, v in that order):
+
+1. **Unimodal encoders** (shared with the baselines, :mod:`msa_fast.models.encoders`):
+   text from 768-d features (``GELU(W x)`` per token) or a local Hugging Face model
+   (``text_model``); audio and vision through sLSTMs over packed lengths. Each sequence
+   is projected to the common width ``d`` by its own ``Linear``:
+   ``X_m: (B, L_m, d)``, padded positions 0.
+2. **Cross-modal attention**, one block per target modality m (own weights): the
+   queries are ``X_m``; the keys / values are the other two modalities concatenated in
+   time, ``K_m = [X_n ; X_k]: (B, L_n + L_k, d)``, with the concatenated padding masks
+   (True = padding), so unaligned data with different lengths works unchanged.
+   ``Y_m = LN(X_m + Dropout(W_o MHA(W_q X_m, W_k K_m, W_v K_m)))`` then, when
+   ``ffn_dim > 0``, ``Z_m = LN(Y_m + Dropout(FFN(Y_m)))`` with
+   ``FFN = Linear(d, ffn_dim) - GELU - Dropout - Linear(ffn_dim, d)``.
+   The attention is :func:`msa_fast.ops.attention` and each residual + LayerNorm is
+   :func:`msa_fast.ops.add_layer_norm`, so ``--backend`` changes speed, not results.
+3. **Utterance vectors**: ``u_m = masked_mean_L(Z_m)`` over valid positions -> ``U: (B, 3, d)``.
+4. **Dual-gate fusion**: :class:`msa_fast.nn.DualGateFusion` (entropy gate + importance
+   gate, SPEC 3.1) -> ``(B, d)``; its ``last_weights = (e, g)`` hold the clean pass's
+   gate weights (the VAT passes do not overwrite them).
+5. **Head**: ``Linear(d, hidden) - ReLU - Dropout - Linear(hidden, 1)`` -> ``pred (B,)``.
+   The trainer adds the L1 loss.
+
+Missing modalities (``batch["present"] (B, 3)`` False, the MPLMM drop protocol): the
+dropped modality's input features are zeroed (the protocol already does so; repeated here
+so a caller's own batches are safe), its positions are masked out of every key set, and
+its utterance vector is set to 0 (the dual gate then sees a constant vector: uniform
+softmax, maximal entropy, so its entropy-gate logit is ``b_z[m] * exp(-log d / tau)``).
+A target whose keys are all masked (both other modalities dropped) gets an attention
+output of exactly 0 (the op's rule), i.e. ``Y_m = LN(X_m)``: never NaN.
+
+**Virtual adversarial training** (``vat=True``, training mode only): the utterance
+vectors ``U`` are perturbed in the adversarial direction found by one power iteration
+(Miyato et al., 2018): ``r0 = xi * normalize(N(0, I))`` per sample (norm over the
+``3 x d`` entries), ``D(r) = mean_b (f(U + r) - f(U))^2`` with ``f`` = fusion + head and
+``f(U)`` detached, ``r_adv = eps * normalize(grad_r D(r0))``; the penalty
+``loss_extra = vat_weight * D(r_adv)`` (gradient through ``U`` too, so the encoders are
+regularised as well as the fusion). Squared difference is the divergence because the
+output is a regression value, not a distribution.
+
+Formulation choices where the paper (or its summary) is vague:
+
+- Cross-modal interaction: one attention per target over the *concatenation* of the other
+  two modalities (rather than two separate attentions and a sum), one layer, own weights
+  per target; no positional encoding (the sLSTMs encode order for a / v, and the text
+  features come from a positional BERT).
+- Utterance vector = masked mean over time of the interaction output (not the
+  first / last token).
+- The entropy / importance gates, ``W_f`` and the mixing scalar ``alpha`` are exactly
+  SPEC 3.1's (:class:`~msa_fast.nn.DualGateFusion`, ``tau`` configurable).
+- The loss is L1 (MMSA's regression loss); VAT is an optional extra term, off by default;
+  its divergence, perturbation site (utterance vectors) and one power iteration are ours.
+- Dropout (``dropout``) acts on the text features, attention and FFN outputs, inside the
+  FFN, in the dual gate's importance MLP and output, and in the head.
+
+Hyper-parameters (``cfg``; unknown keys ignored): ``d`` 32, ``heads`` 4, ``ffn_dim`` 64
+(0 disables the FFN), ``hidden`` 64 (text encoder width and head width), ``av_hidden`` 32,
+``lstm_layers`` 1, ``dropout`` 0.1, ``tau`` 1.0, ``gate_hidden`` (default ``d``),
+``vat`` False, ``vat_eps`` 1.0, ``vat_xi`` 1e-3, ``vat_weight`` 1.0, ``backend`` None
+(the global default), and the text-encoder options of the baselines (``text_model``,
+``text_trust_remote_code``, ``text_finetune``). Defaults are sized for a CPU run on
+``synthetic:mosi``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from msa_fast import ops
+from msa_fast.models import register_model
+from msa_fast.models.encoders import SLSTMEncoder, build_text_encoder, encode_text, masked_mean
+from msa_fast.nn.dual_gate import DualGateFusion
+
+__all__ = ["AGFN", "CrossModalBlock"]
+
+MODALITIES = ("text", "audio", "vision")
+
+
+def _fail(name: str, expected: str, got: object) -> None:
+    raise ValueError(f"AGFN: {name}: expected {expected}, got {got!r}")
+
+
+def _int(name: str, v: object, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        _fail(name, f"an int >= {minimum}", v)
+    return v
+
+
+def _float(name: str, v: object, low: float, high: float | None = None, *, low_open: bool = False) -> float:
+    ok = not isinstance(v, bool) and isinstance(v, (int, float))
+    if ok:
+        v = float(v)
+        ok = (v > low if low_open else v >= low) and (high is None or v < high)
+    if not ok:
+        rng = f"{'>' if low_open else '>='} {low}" + ("" if high is None else f" and < {high}")
+        _fail(name, f"a float {rng}", v)
+    return float(v)
+
+
+class CrossModalBlock(nn.Module):
+    """One target modality attending to a key set: residual + LN, then an optional FFN.
+
+    ``forward(x (B, Lq, d), kv (B, Lk, d), kv_mask (B, Lk) bool True = padding) ->
+    (B, Lq, d)``. ``kv_mask`` rows that are all True give a zero attention output.
+    """
+
+    def __init__(self, d: int, heads: int, ffn_dim: int, dropout: float, backend: str | None = None,
+                 eps: float = 1e-5) -> None:
+        super().__init__()
+        self.d, self.heads, self.backend, self.eps = d, heads, backend, eps
+        self.q_proj = nn.Linear(d, d)
+        self.kv_proj = nn.Linear(d, 2 * d)
+        self.out_proj = nn.Linear(d, d)
+        self.norm1 = nn.LayerNorm(d, eps=eps)
+        self.ffn = None
+        if ffn_dim > 0:
+            self.ffn = nn.Sequential(nn.Linear(d, ffn_dim), nn.GELU(), nn.Dropout(dropout),
+                                     nn.Linear(ffn_dim, d))
+            self.norm2 = nn.LayerNorm(d, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, L, Dh)
+
+    def _add_norm(self, norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return ops.add_layer_norm(x, residual, norm.weight, norm.bias, self.eps, backend=self.backend)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
+        k, v = self.kv_proj(kv).chunk(2, dim=-1)
+        att = ops.attention(self._heads(self.q_proj(x)), self._heads(k), self._heads(v), kv_mask,
+                            backend=self.backend)
+        y = self._add_norm(self.norm1, self.dropout(self.out_proj(att.transpose(1, 2).flatten(2))), x)
+        if self.ffn is not None:
+            y = self._add_norm(self.norm2, self.dropout(self.ffn(y)), y)
+        return y
+
+
+@register_model("agfn")
+class AGFN(nn.Module):
+    """AGFN for regression; see the module docstring for the architecture and every choice."""
+
+    def __init__(self, dims: dict, d: int = 32, heads: int = 4, ffn_dim: int = 64, hidden: int = 64,
+                 av_hidden: int = 32, lstm_layers: int = 1, dropout: float = 0.1, tau: float = 1.0,
+                 gate_hidden: int | None = None, vat: bool = False, vat_eps: float = 1.0,
+                 vat_xi: float = 1e-3, vat_weight: float = 1.0, backend: str | None = None,
+                 text_model: str | None = None, text_trust_remote_code: bool = False,
+                 text_finetune: bool = True, **_):
+        super().__init__()
+        d, heads = _int("d", d, 1), _int("heads", heads, 1)
+        if d % heads:
+            _fail("heads", f"a divisor of d = {d}", heads)
+        _int("ffn_dim", ffn_dim, 0)
+        _int("hidden", hidden, 1)
+        _int("av_hidden", av_hidden, 1)
+        _int("lstm_layers", lstm_layers, 1)
+        if gate_hidden is not None:
+            _int("gate_hidden", gate_hidden, 1)
+        dropout = _float("dropout", dropout, 0.0, 1.0)
+        tau = _float("tau", tau, 0.0, low_open=True)
+        if not isinstance(vat, bool):
+            _fail("vat", "a bool", vat)
+        self.vat_eps = _float("vat_eps", vat_eps, 0.0, low_open=True)
+        self.vat_xi = _float("vat_xi", vat_xi, 0.0, low_open=True)
+        self.vat_weight = _float("vat_weight", vat_weight, 0.0)
+        self.vat, self.d = vat, d
+
+        self.text = build_text_encoder(dims, hidden, dropout, text_model, text_trust_remote_code,
+                                       text_finetune)
+        self.audio = SLSTMEncoder(dims["audio"], av_hidden, lstm_layers, dropout)
+        self.vision = SLSTMEncoder(dims["vision"], av_hidden, lstm_layers, dropout)
+        self.proj = nn.ModuleList(nn.Linear(enc.out_dim, d) for enc in (self.text, self.audio, self.vision))
+        self.cross = nn.ModuleList(CrossModalBlock(d, heads, ffn_dim, dropout, backend) for _ in MODALITIES)
+        self.fusion = DualGateFusion(d, 3, tau=tau, hidden=gate_hidden, dropout=dropout, backend=backend)
+        self.head = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+
+    # -- pieces -------------------------------------------------------------------------
+
+    def _sequences(self, batch: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Projected unimodal sequences ``X_m (B, L_m, d)`` (padding and dropped modalities 0)
+        and their key masks (True = padding or modality dropped)."""
+        present = batch.get("present")
+        masks = [batch[f"{m}_mask"] for m in MODALITIES]
+        inputs = {}
+        for i, m in enumerate(MODALITIES):
+            key = "text_bert" if m == "text" and "text" not in batch else m
+            x = batch[key]
+            if present is not None and x.is_floating_point():
+                x = x * present[:, i].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+            inputs[key] = x
+        t_seq, _ = encode_text(self.text, dict(batch, **inputs))
+        a_seq, _ = self.audio(inputs["audio"], masks[1])
+        v_seq, _ = self.vision(inputs["vision"], masks[2])
+        seqs = []
+        for i, (proj, s) in enumerate(zip(self.proj, (t_seq, a_seq, v_seq))):
+            x = proj(s).masked_fill(masks[i][..., None], 0.0)
+            seqs.append(x)
+        if present is not None:
+            masks = [mk | ~present[:, i, None] for i, mk in enumerate(masks)]
+        return seqs, masks
+
+    def utterance_vectors(self, batch: dict) -> torch.Tensor:
+        """``U: (B, 3, d)``, one vector per modality after the cross-modal attention."""
+        seqs, key_masks = self._sequences(batch)
+        pad = [batch[f"{m}_mask"] for m in MODALITIES]
+        us = []
+        for i, block in enumerate(self.cross):
+            j, k = [n for n in range(3) if n != i]
+            kv = torch.cat([seqs[j], seqs[k]], dim=1)
+            kv_mask = torch.cat([key_masks[j], key_masks[k]], dim=1)
+            us.append(masked_mean(block(seqs[i], kv, kv_mask), pad[i]))
+        U = torch.stack(us, dim=1)
+        present = batch.get("present")
+        if present is not None:
+            U = U * present.to(U.dtype)[..., None]
+        return U
+
+    def predict_from_utterances(self, U: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fusion(U)).squeeze(-1)
+
+    def _vat_loss(self, U: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        def normalize(r: torch.Tensor) -> torch.Tensor:
+            return r / r.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1)
+
+        target = pred.detach()
+        clean_weights = self.fusion.last_weights
+        r = (self.vat_xi * normalize(torch.randn_like(U))).requires_grad_(True)
+        with torch.enable_grad():
+            dist = (self.predict_from_utterances(U.detach() + r) - target).pow(2).mean()
+            (grad,) = torch.autograd.grad(dist, r)
+        r_adv = self.vat_eps * normalize(grad.detach())
+        loss = (self.predict_from_utterances(U + r_adv) - target).pow(2).mean()
+        self.fusion.last_weights = clean_weights
+        return self.vat_weight * loss
+
+    # -- interface -----------------------------------------------------------------------
+
+    def forward(self, batch: dict) -> dict:
+        U = self.utterance_vectors(batch)
+        pred = self.predict_from_utterances(U)
+        out = {"pred": pred}
+        if self.vat and self.training:
+            out["loss_extra"] = self._vat_loss(U, pred)
+        return out
