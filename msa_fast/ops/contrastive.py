@@ -4,10 +4,25 @@
 (the pair sets P^i, N^i of section 2.3.2 and eq. 12). The math, shapes and numeric
 choices are documented on the functions of :mod:`msa_fast.ops.reference`.
 
-Backends: only ``eager`` exists so far (the reference, autograd by PyTorch, any
-device, traceable by ``torch.compile``). No fused kernel is registered, so an
-explicit ``"triton"`` / ``"cuda"`` / ``"cpp"`` raises ``RuntimeError`` and
-``"auto"`` falls back to eager.
+Backends:
+
+* ``eager`` -- the reference, autograd by PyTorch, any device and dtype, traceable
+  by ``torch.compile``. The CPU always uses it under ``auto`` (no ``cpp`` kernel:
+  the reference is a handful of batched einsums / log-sum-exps, already
+  vectorised; a fused CPU kernel was not measured to win, so none is registered).
+* ``triton`` -- ``msa_fast/kernels/triton/contrastive.py``: one forward kernel and
+  one fused backward kernel per loss (fp32 math, fp16 / bf16 / fp32 inputs),
+  registered as ``torch.ops.msa_fast.{nt_xent,triplet,fd_cmdie_contrastive_loss}_triton``
+  (+ ``_backward``) with fake kernels and autograd, so they trace under
+  ``torch.compile(fullgraph=True)``. The kernels return per-row fp32 losses; the
+  ``reduction`` and the cast to the input dtype are done here, as in the
+  reference. Partner / negative gradients are skipped when those inputs do not
+  require grad (the memory-bank setting). fp64 inputs are not handled by the
+  kernels: ``auto`` uses the eager reference for them, an explicit ``"triton"``
+  raises ``RuntimeError``.
+
+``auto`` on CUDA tensors: triton, else eager; on the CPU: eager (Triton runs there
+only interpreted, with ``TRITON_INTERPRET=1``, for the tests).
 """
 
 from __future__ import annotations
@@ -21,6 +36,169 @@ from msa_fast.ops import _validate as V
 from msa_fast.ops import reference
 
 __all__ = ["fd_cmdie_contrastive_loss", "nt_xent", "triplet"]
+
+_T = torch.Tensor
+for _op in ("nt_xent", "triplet", "fd_cmdie_contrastive_loss"):
+    _backend.register(_op, "triton")
+
+
+def _grad_like(needed: bool, g: _T | None) -> _T | None:
+    return g if needed else None
+
+
+# --------------------------------------------------------------------------- #
+# Registered Triton ops (per-row fp32 losses; the reduction is done by the caller)
+# --------------------------------------------------------------------------- #
+
+
+@torch.library.custom_op("msa_fast::nt_xent_triton", mutates_args=())
+def _nt_xent_triton(anchor: _T, positive: _T, negatives: _T, negatives_mask: _T | None,
+                    tau: float) -> tuple[_T, _T]:
+    from msa_fast.kernels.triton.contrastive import nt_xent_forward
+
+    return nt_xent_forward(anchor, positive, negatives, negatives_mask, tau)
+
+
+@_nt_xent_triton.register_fake
+def _(anchor, positive, negatives, negatives_mask, tau):
+    p = anchor.shape[0]
+    return anchor.new_empty((p,), dtype=torch.float32), anchor.new_empty((p,), dtype=torch.float32)
+
+
+@torch.library.custom_op("msa_fast::nt_xent_triton_backward", mutates_args=())
+def _nt_xent_triton_backward(grad: _T | None, anchor: _T, positive: _T, negatives: _T, negatives_mask: _T | None,
+                             lse: _T, tau: float, need_negatives: bool) -> tuple[_T, _T, _T]:
+    from msa_fast.kernels.triton.contrastive import nt_xent_backward
+
+    return nt_xent_backward(grad, anchor, positive, negatives, negatives_mask, lse, tau, need_negatives)
+
+
+@_nt_xent_triton_backward.register_fake
+def _(grad, anchor, positive, negatives, negatives_mask, lse, tau, need_negatives):
+    dn = negatives.new_empty(negatives.shape) if need_negatives else negatives.new_empty(0)
+    return anchor.new_empty(anchor.shape), positive.new_empty(positive.shape), dn
+
+
+def _nt_xent_setup(ctx, inputs, output):
+    anchor, positive, negatives, negatives_mask, tau = inputs
+    ctx.save_for_backward(anchor, positive, negatives, negatives_mask, output[1])
+    ctx.tau = tau
+    ctx.mark_non_differentiable(output[1])
+
+
+def _nt_xent_backward(ctx, d_loss, _d_lse):
+    anchor, positive, negatives, negatives_mask, lse = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    da, dp, dn = _nt_xent_triton_backward(d_loss, anchor, positive, negatives, negatives_mask, lse, ctx.tau,
+                                          bool(need[2]))
+    return da, dp, _grad_like(need[2], dn), None, None
+
+
+_nt_xent_triton.register_autograd(_nt_xent_backward, setup_context=_nt_xent_setup)
+
+
+@torch.library.custom_op("msa_fast::triplet_triton", mutates_args=())
+def _triplet_triton(anchor: _T, positive: _T, negative: _T, margin: float) -> _T:
+    from msa_fast.kernels.triton.contrastive import triplet_forward
+
+    return triplet_forward(anchor, positive, negative, margin)
+
+
+@_triplet_triton.register_fake
+def _(anchor, positive, negative, margin):
+    return anchor.new_empty((anchor.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("msa_fast::triplet_triton_backward", mutates_args=())
+def _triplet_triton_backward(grad: _T | None, anchor: _T, positive: _T, negative: _T,
+                             margin: float) -> tuple[_T, _T, _T]:
+    from msa_fast.kernels.triton.contrastive import triplet_backward
+
+    return triplet_backward(grad, anchor, positive, negative, margin)
+
+
+@_triplet_triton_backward.register_fake
+def _(grad, anchor, positive, negative, margin):
+    return tuple(x.new_empty(x.shape) for x in (anchor, positive, negative))
+
+
+def _triplet_setup(ctx, inputs, output):
+    anchor, positive, negative, margin = inputs
+    ctx.save_for_backward(anchor, positive, negative)
+    ctx.margin = margin
+
+
+def _triplet_backward(ctx, d_loss):
+    return (*_triplet_triton_backward(d_loss, *ctx.saved_tensors, ctx.margin), None)
+
+
+_triplet_triton.register_autograd(_triplet_backward, setup_context=_triplet_setup)
+
+
+@torch.library.custom_op("msa_fast::fd_cmdie_contrastive_loss_triton", mutates_args=())
+def _fd_cmdie_triton(sim_feats: _T, diff_feats: _T, pos_partner_feats: _T, neg_partner_feats: _T,
+                     pos_partner_mask: _T | None, neg_partner_mask: _T | None, tau: float, margin: float,
+                     lambda_tri: float) -> tuple[_T, _T]:
+    from msa_fast.kernels.triton.contrastive import fd_cmdie_forward
+
+    return fd_cmdie_forward(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, pos_partner_mask,
+                            neg_partner_mask, tau, margin, lambda_tri)
+
+
+@_fd_cmdie_triton.register_fake
+def _(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, pos_partner_mask, neg_partner_mask, tau,
+      margin, lambda_tri):
+    b = sim_feats.shape[0]
+    return sim_feats.new_empty((b,), dtype=torch.float32), sim_feats.new_empty((b, 4), dtype=torch.float32)
+
+
+@torch.library.custom_op("msa_fast::fd_cmdie_contrastive_loss_triton_backward", mutates_args=())
+def _fd_cmdie_triton_backward(grad: _T | None, sim_feats: _T, diff_feats: _T, pos_partner_feats: _T,
+                              neg_partner_feats: _T, pos_partner_mask: _T | None, neg_partner_mask: _T | None,
+                              aux: _T, tau: float, margin: float, lambda_tri: float, need_pos_partners: bool,
+                              need_neg_partners: bool) -> tuple[_T, _T, _T, _T]:
+    from msa_fast.kernels.triton.contrastive import fd_cmdie_backward
+
+    return fd_cmdie_backward(grad, sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, pos_partner_mask,
+                             neg_partner_mask, aux, tau, margin, lambda_tri, need_pos_partners, need_neg_partners)
+
+
+@_fd_cmdie_triton_backward.register_fake
+def _(grad, sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, pos_partner_mask, neg_partner_mask, aux,
+      tau, margin, lambda_tri, need_pos_partners, need_neg_partners):
+    ps, ns = pos_partner_feats, neg_partner_feats
+    return (sim_feats.new_empty(sim_feats.shape), diff_feats.new_empty(diff_feats.shape),
+            ps.new_empty(ps.shape) if need_pos_partners else ps.new_empty(0),
+            ns.new_empty(ns.shape) if need_neg_partners else ns.new_empty(0))
+
+
+def _fd_cmdie_setup(ctx, inputs, output):
+    *feats_masks, tau, margin, lambda_tri = inputs
+    ctx.save_for_backward(*feats_masks, output[1])
+    ctx.hyper = (tau, margin, lambda_tri)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _fd_cmdie_backward(ctx, d_loss, _d_aux):
+    s, d, ps, ns, pm, nm, aux = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    ds, dd, dps, dns = _fd_cmdie_triton_backward(d_loss, s, d, ps, ns, pm, nm, aux, *ctx.hyper, bool(need[2]),
+                                                 bool(need[3]))
+    return ds, dd, _grad_like(need[2], dps), _grad_like(need[3], dns), None, None, None, None, None
+
+
+_fd_cmdie_triton.register_autograd(_fd_cmdie_backward, setup_context=_fd_cmdie_setup)
+
+
+def _resolve(op: str, backend: str | None, x: torch.Tensor) -> str:
+    """The backend to run; fp64 stays on the eager reference (the kernels compute in fp32)."""
+    name = _backend.resolve(op, backend, x.device)
+    if name == "triton" and x.dtype == torch.float64:
+        if _backend.is_explicit(backend):
+            raise RuntimeError(f"{op}: the triton backend computes in fp32 and does not take float64 inputs; "
+                               "use backend='eager'")
+        return "eager"
+    return name
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -64,8 +242,10 @@ def nt_xent(
                "(P, K) bool, True = valid")
     tau = V.positive_float(op, "tau", tau)
     V.choice(op, "reduction", reduction, _REDUCTIONS)
-    _backend.resolve(op, backend, anchor.device)  # only eager exists: resolves or raises
-    return reference.nt_xent(anchor, positive, negatives, negatives_mask, tau, reduction)
+    if _resolve(op, backend, anchor) == "eager":
+        return reference.nt_xent(anchor, positive, negatives, negatives_mask, tau, reduction)
+    rows = _nt_xent_triton(anchor, positive, negatives, negatives_mask, tau)[0]
+    return reference._reduce(rows, reduction).to(anchor.dtype)
 
 
 def triplet(
@@ -89,8 +269,9 @@ def triplet(
     V.tensor(op, "negative", negative, shape=(p, d), like=anchor, layout="(P, D)")
     margin = _finite_float(op, "margin", margin)
     V.choice(op, "reduction", reduction, _REDUCTIONS)
-    _backend.resolve(op, backend, anchor.device)
-    return reference.triplet(anchor, positive, negative, margin, reduction)
+    if _resolve(op, backend, anchor) == "eager":
+        return reference.triplet(anchor, positive, negative, margin, reduction)
+    return reference._reduce(_triplet_triton(anchor, positive, negative, margin), reduction).to(anchor.dtype)
 
 
 def fd_cmdie_contrastive_loss(
@@ -137,7 +318,10 @@ def fd_cmdie_contrastive_loss(
     margin = _finite_float(op, "margin", margin)
     lambda_tri = _finite_float(op, "lambda_tri", lambda_tri, min_value=0.0)
     V.choice(op, "reduction", reduction, _REDUCTIONS)
-    _backend.resolve(op, backend, sim_feats.device)
-    return reference.fd_cmdie_contrastive_loss(
-        sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, tau, margin, lambda_tri,
-        pos_partner_mask, neg_partner_mask, reduction)
+    if _resolve(op, backend, sim_feats) == "eager":
+        return reference.fd_cmdie_contrastive_loss(
+            sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, tau, margin, lambda_tri,
+            pos_partner_mask, neg_partner_mask, reduction)
+    rows = _fd_cmdie_triton(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, pos_partner_mask,
+                            neg_partner_mask, tau, margin, lambda_tri)[0]
+    return reference._reduce(rows, reduction).to(sim_feats.dtype)
