@@ -1,6 +1,7 @@
-// CUDA kernel of msa_fast::mine_pairs (SPEC 3.4, FD-CMDIE eq. 7-8).
+// CUDA kernel of msa_fast::mine_pairs (SPEC 3.4, FD-CMDIE eq. 7-8): a tiled
+// normalised GEMM whose epilogue feeds a per-row running top-k.
 //
-//   sim(i, j) = <q_i / |q_i|, f_j / |f_j|>        (0 when either row is zero)
+//   sim(i, j) = (<q_i, f_j> * inv_q[i]) * inv_f[j],   inv_x[r] = 1 / |x_r|  (0 for a zero row)
 //   pos_i = the k rows j with labels[j] == query_labels[i], j != query_index[i],
 //           of largest sim, sorted descending;
 //   neg_i = the k rows j with labels[j] != query_labels[i] of smallest sim,
@@ -8,31 +9,53 @@
 //   ties go to the lower j; fewer than k candidates: -1 / NaN.
 //
 // Shapes: features (N, D), labels (N,) int64, queries (Q, D), query_labels (Q,)
-// int64, query_index (Q,) int64 in [-1, N), k <= 64. Outputs (Q, k): int64
-// indices and similarities in fp32 (fp64 for fp64 inputs; fp16 / bf16 inputs are
-// promoted to fp32 first, as the reference does).
+// int64, query_index (Q,) int64 in [-1, N), 1 <= k <= 64. Outputs (Q, k): int64
+// indices and similarities in fp32 (fp64 for fp64 inputs), like the reference.
 //
-// Scheme (a simple, exact baseline; a tensor-core tiled version replaces the dot
-// products later):
-//   1. rows are normalised with the same ATen ops as the reference
-//      (msa_fast.ops.reference.normalize_rows): one N x D (+ Q x D) copy;
-//   2. one block of kWarps warps owns kWarps query rows, one warp per row. The
-//      block streams the features in tiles of 32 keys (one key per lane) and
-//      D in chunks of kChunkD through shared memory; lane l accumulates the dot
-//      product of its warp's query with key j0 + l in fp32 (fp64);
-//   3. each warp keeps its row's two sorted lists (pos, neg) in registers, two
-//      slots per lane (slots lane and lane + 32, hence k <= 64). A tile's
-//      candidates that beat the current k-th entry are inserted one at a time in
-//      increasing key order (ballot, then a warp-wide shift by one slot).
-// Memory: O((Q + N) D + Q k); the Q x N matrix never exists.
+// Tiling. One block of 8 warps owns kBQ = 32 query rows and streams the keys in
+// tiles of kBN = 64 rows. Per tile:
+//   1. GEMM: the raw (un-normalised) dot products of the 32 x 64 tile, D staged
+//      through shared memory in chunks of kBK columns (zero padded past Q, N, D):
+//      - fp16 / bf16: WMMA m16n16k16 on tensor cores, fp32 accumulation, one
+//        16 x 16 fragment per warp, kBK = 64;
+//      - fp32 / fp64: SIMT, one IEEE fma per term (no TF32: the result must agree
+//        with the fp32 reference to rounding), a 2 x 4 register tile per thread,
+//        kBK = 32.
+//      The raw tile goes to shared memory (fp32 / fp64, kBQ x kBN).
+//   2. Epilogue and selection: warp w owns the rows 4w .. 4w+3 of the block; lane
+//      l takes keys j0 + l and j0 + 32 + l, scales the dot product by the two
+//      precomputed inverse norms, applies the label and self tests and offers
+//      the candidate to the row's two lists (WarpTopK).
+// Memory: the inputs, N + Q inverse norms and the (Q, k) outputs -- O((Q + N) D
+// + Q k) -- plus 21-42 KiB of shared memory per block; the Q x N matrix never
+// exists.
+//
+// Numeric choices.
+//   - Normalising in the epilogue, rather than the rows beforehand, keeps fp16 /
+//     bf16 products exact: a product of two 11-bit (fp16) or 8-bit (bf16)
+//     significands fits the 24 bits of fp32, so the only difference from the
+//     reference (promote to fp32, normalise, fp32 GEMM) is rounding of the fp32
+//     sums and of the two scalings, ~1e-7 relative -- not bf16's 4e-3. It also
+//     saves the N x D normalised copy. Rows whose squared norm overflows the
+//     accumulation dtype are out of range, as in the reference.
+//   - The inverse norms are ATen's (linalg_vector_norm in fp32 / fp64, the
+//     reference's op), computed once per call: a zero row gets 0, so it has
+//     similarity exactly 0 to everything.
+//   - Every similarity is computed by the same sequence of operations whatever
+//     the position of its key in a tile, so keys with identical rows tie
+//     exactly and the lower-index rule decides them, as in the reference.
+//   - fp64 inputs take the SIMT path in fp64 (the reference computes in fp64).
 #include <ATen/ATen.h>
 
 #include "pair_mining.h"
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 
 #include <cmath>
 #include <cstdint>
@@ -41,12 +64,16 @@
 namespace msa_fast {
 namespace {
 
-constexpr int kWarps = 8;           // query rows per block, one warp each
+constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kTileKeys = 32;       // keys per tile: one per lane
-constexpr int kChunkD = 64;         // feature columns staged in shared memory per step
-constexpr int kMaxK = 64;           // two list slots per lane
+constexpr int kBQ = 32;                      // query rows per block
+constexpr int kRowsPerWarp = kBQ / kWarps;   // lists per warp, kept in registers
+constexpr int kBN = 64;                      // keys per tile: two per lane in the selection
+constexpr int kLdS = kBN + 4;                // +4 words: the WMMA / SIMT stores of a row
+                                             // block fall on different banks
+constexpr int kMaxK = 64;                    // two list slots per lane
 constexpr unsigned kFull = 0xffffffffu;
+static_assert(kBQ % kWarps == 0 && kBN == 64, "the selection takes two keys per lane");
 
 template <typename T>
 __device__ __forceinline__ T quiet_nan();
@@ -57,7 +84,12 @@ __device__ __forceinline__ double quiet_nan<double>() {
   return __longlong_as_double(0x7ff8000000000000LL);
 }
 
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
+
 // "a is output before b": larger (pos) / smaller (neg) similarity, then lower index.
+// A strict total order on (sim, index) pairs with distinct indices, so the k best
+// candidates do not depend on the order in which they are offered.
 template <bool kLargest, typename T>
 __device__ __forceinline__ bool ranks_before(T as, int ai, T bs, int bi) {
   if (as != bs) return kLargest ? as > bs : as < bs;
@@ -67,7 +99,8 @@ __device__ __forceinline__ bool ranks_before(T as, int ai, T bs, int bi) {
 // One query row's sorted top-k list, spread over a warp: lane l holds slots l
 // (s0, i0) and l + 32 (s1, i1). Every member is called by all 32 lanes with
 // warp-uniform arguments unless stated otherwise; `size` and the cached worst
-// entry are warp-uniform.
+// entry are warp-uniform. tests/test_pair_mining_cuda.py emulates this struct
+// lane by lane (_WarpTopKEmu): keep the two in step.
 template <typename T, bool kLargest>
 struct WarpTopK {
   T s0, s1;
@@ -76,7 +109,7 @@ struct WarpTopK {
   T worst_s;  // slot k - 1, valid once size == k
   int worst_i;
 
-  __device__ void init(int k_) {
+  __device__ __forceinline__ void init(int k_) {
     k = k_;
     size = 0;
     s0 = s1 = T(0);
@@ -133,9 +166,9 @@ struct WarpTopK {
     }
   }
 
-  // Lane l offers key `key` with similarity v when `ok` (per lane). Candidates
-  // are inserted in increasing lane = increasing key order, which keeps the
-  // lower-index rule exact: a later key that only ties the k-th entry loses.
+  // Lane l offers key `key` with similarity v when `ok` (per lane). The ballot
+  // filters against the k-th entry in one step; the few survivors are inserted
+  // one at a time, lowest lane first.
   __device__ __forceinline__ void offer(bool ok, T v, int key, int lane) {
     unsigned mask = __ballot_sync(kFull, ok && admits(v, key));
     while (mask) {
@@ -148,7 +181,7 @@ struct WarpTopK {
   }
 
   // Writes slots 0 .. k-1 of one output row, -1 / NaN past `size` (per lane).
-  __device__ void write(int64_t* idx, T* sim, int lane) const {
+  __device__ __forceinline__ void write(int64_t* idx, T* sim, int lane) const {
     const T nan = quiet_nan<T>();
     if (lane < k) {
       idx[lane] = lane < size ? i0 : -1;
@@ -161,63 +194,269 @@ struct WarpTopK {
   }
 };
 
+// Copies rows r0 .. r0 + kRows - 1, columns c0 .. c0 + kBK - 1 of a row-major
+// (rows_total, d) matrix into dst (row stride kLd), zeros outside the matrix:
+// zero columns add exactly nothing to a dot product, zero rows are never selected
+// (their keys / queries are masked). Consecutive threads read consecutive
+// columns (coalesced). kVec: 16-byte loads of kVecElems elements, for d a
+// multiple of kVecElems and 16-byte aligned bases.
+template <int kRows, int kBK, int kLd, bool kVec, typename E>
+__device__ __forceinline__ void stage(E* __restrict__ dst, const E* __restrict__ src, int r0,
+                                      int rows_total, int c0, int d) {
+  if constexpr (kVec) {
+    constexpr int kVecElems = 16 / sizeof(E);
+    constexpr int kPerRow = kBK / kVecElems;
+    static_assert(kBK % kVecElems == 0 && (kLd * sizeof(E)) % 16 == 0, "16-byte rows");
+    for (int e = threadIdx.x; e < kRows * kPerRow; e += kThreads) {
+      const int r = e / kPerRow, c = (e % kPerRow) * kVecElems;
+      const int gr = r0 + r, gc = c0 + c;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      // d % kVecElems == 0 and gc % kVecElems == 0: the vector is all in or all out.
+      if (gr < rows_total && gc < d) {
+        v = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(gr) * d + gc);
+      }
+      *reinterpret_cast<uint4*>(dst + r * kLd + c) = v;
+    }
+  } else {
+    for (int e = threadIdx.x; e < kRows * kBK; e += kThreads) {
+      const int r = e / kBK, c = e % kBK;
+      const int gr = r0 + r, gc = c0 + c;
+      dst[r * kLd + c] = (gr < rows_total && gc < d) ? src[static_cast<int64_t>(gr) * d + gc] : E(0);
+    }
+  }
+}
+
+// fp16 / bf16 tile: tensor cores (WMMA m16n16k16), fp32 accumulation. The inputs
+// travel as raw 16-bit words (unsigned short) and are only reinterpreted as
+// T16 by the WMMA loads: staging needs no half arithmetic or conversion.
+template <typename T16, bool kVec>
+struct MmaTile {
+  using in_t = unsigned short;
+  using acc_t = float;
+  static constexpr int kBK = 64;
+  // +8 elements: 144-byte rows keep the 16-byte (uint4) and 32-byte (WMMA)
+  // alignment, and the 8 rows an ldmatrix phase reads start on 8 different
+  // 4-bank groups (conflict-free).
+  static constexpr int kLd = kBK + 8;
+  static_assert((kBQ / 16) * (kBN / 16) == kWarps, "one 16 x 16 fragment per warp");
+
+  struct Smem {
+    alignas(128) unsigned short a[kBQ * kLd];
+    alignas(128) unsigned short b[kBN * kLd];
+  };
+
+  // s_tile[r][c] = <queries[row0 + r], features[j0 + c]> (raw), then a barrier.
+  static __device__ __forceinline__ void run(Smem& sm, float (*s_tile)[kLdS],
+                                             const in_t* __restrict__ qp,
+                                             const in_t* __restrict__ fp, int row0, int j0,
+                                             int q, int n, int d) {
+    using namespace nvcuda;
+    const int warp = threadIdx.x / 32;
+    const int fr = warp / (kBN / 16);  // fragment row block: queries 16 fr ..
+    const int fc = warp % (kBN / 16);  // fragment column block: keys j0 + 16 fc ..
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    const T16* a_s = reinterpret_cast<const T16*>(sm.a);
+    const T16* b_s = reinterpret_cast<const T16*>(sm.b);
+    for (int c0 = 0; c0 < d; c0 += kBK) {
+      stage<kBQ, kBK, kLd, kVec>(sm.a, qp, row0, q, c0, d);
+      stage<kBN, kBK, kLd, kVec>(sm.b, fp, j0, n, c0, d);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kBK; kk += 16) {
+        // A = 16 query rows x 16 columns (row major); B = K^T, i.e. 16 key rows
+        // read as a column-major 16 x 16 matrix, so no transpose is staged.
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T16, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T16, wmma::col_major> b;
+        wmma::load_matrix_sync(a, a_s + fr * 16 * kLd + kk, kLd);
+        wmma::load_matrix_sync(b, b_s + fc * 16 * kLd + kk, kLd);
+        wmma::mma_sync(acc, a, b, acc);
+      }
+      __syncthreads();  // the next chunk overwrites sm
+    }
+    wmma::store_matrix_sync(&s_tile[fr * 16][fc * 16], acc, kLdS, wmma::mem_row_major);
+    __syncthreads();
+  }
+};
+
+// fp32 / fp64 tile: SIMT with one correctly rounded fma per term, in increasing
+// column order for every output, so the result does not depend on the key's
+// position in the tile.
 template <typename T>
+struct SimtTile {
+  using in_t = T;
+  using acc_t = T;
+  static constexpr int kBK = 32;
+  // +1 element: the 16 key rows a half-warp reads at one column, and the 2 query
+  // rows, fall on different banks.
+  static constexpr int kLd = kBK + 1;
+  static_assert(kThreads == (kBQ / 2) * (kBN / 4), "a 2 x 4 register tile per thread");
+
+  struct Smem {
+    T a[kBQ * kLd];
+    T b[kBN * kLd];
+  };
+
+  static __device__ __forceinline__ void run(Smem& sm, T (*s_tile)[kLdS],
+                                             const in_t* __restrict__ qp,
+                                             const in_t* __restrict__ fp, int row0, int j0,
+                                             int q, int n, int d) {
+    // Thread t computes rows 2 (t / 16) + {0, 1} and columns t % 16 + 16 m,
+    // m = 0 .. 3: 2 + 4 shared loads per 8 fmas.
+    const int tr = threadIdx.x / 16;
+    const int tc = threadIdx.x % 16;
+    T acc[2][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int m = 0; m < 4; ++m) acc[i][m] = T(0);
+    }
+    for (int c0 = 0; c0 < d; c0 += kBK) {
+      stage<kBQ, kBK, kLd, false>(sm.a, qp, row0, q, c0, d);
+      stage<kBN, kBK, kLd, false>(sm.b, fp, j0, n, c0, d);
+      __syncthreads();
+#pragma unroll 8
+      for (int kk = 0; kk < kBK; ++kk) {
+        const T a0 = sm.a[(2 * tr) * kLd + kk];
+        const T a1 = sm.a[(2 * tr + 1) * kLd + kk];
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          const T b = sm.b[(tc + 16 * m) * kLd + kk];
+          acc[0][m] = fma_rn(a0, b, acc[0][m]);
+          acc[1][m] = fma_rn(a1, b, acc[1][m]);
+        }
+      }
+      __syncthreads();  // the next chunk overwrites sm
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int m = 0; m < 4; ++m) s_tile[2 * tr + i][tc + 16 * m] = acc[i][m];
+    }
+    __syncthreads();
+  }
+};
+
+template <typename Tile>
 __global__ void __launch_bounds__(kThreads)
-mine_pairs_kernel(const T* __restrict__ fn, const T* __restrict__ qn,
+mine_pairs_kernel(const typename Tile::in_t* __restrict__ feats,
+                  const typename Tile::in_t* __restrict__ queries,
+                  const typename Tile::acc_t* __restrict__ inv_f,
+                  const typename Tile::acc_t* __restrict__ inv_q,
                   const int64_t* __restrict__ labels, const int64_t* __restrict__ qlabels,
                   const int64_t* __restrict__ qindex, int n, int q, int d, int k,
-                  int64_t* __restrict__ pos_idx, T* __restrict__ pos_sim,
-                  int64_t* __restrict__ neg_idx, T* __restrict__ neg_sim) {
-  __shared__ T q_s[kWarps][kChunkD];
-  // +1 column: lane l reads row l, so a row stride of kChunkD + 1 words puts
-  // the 32 lanes on 32 different banks (fp32).
-  __shared__ T k_s[kTileKeys][kChunkD + 1];
+                  int64_t* __restrict__ pos_idx, typename Tile::acc_t* __restrict__ pos_sim,
+                  int64_t* __restrict__ neg_idx, typename Tile::acc_t* __restrict__ neg_sim) {
+  using T = typename Tile::acc_t;
+  __shared__ typename Tile::Smem sm;
+  __shared__ __align__(128) T s_tile[kBQ][kLdS];
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int row0 = blockIdx.x * kWarps;
-  const int row = row0 + warp;
-  const bool active = row < q;  // warp-uniform; inactive warps still help stage tiles
-  const int64_t ql = active ? qlabels[row] : 0;
-  const int64_t self = active ? qindex[row] : -1;
+  const int row0 = blockIdx.x * kBQ;
 
-  WarpTopK<T, true> pos;
-  WarpTopK<T, false> neg;
-  pos.init(k);
-  neg.init(k);
-
-  for (int j0 = 0; j0 < n; j0 += kTileKeys) {
-    T acc = T(0);
-    for (int c0 = 0; c0 < d; c0 += kChunkD) {
-      // Coalesced staging: consecutive threads read consecutive columns; zero
-      // padding past N, Q or D adds nothing to the dot products.
-      for (int e = threadIdx.x; e < kWarps * kChunkD; e += kThreads) {
-        const int r = e / kChunkD, c = e % kChunkD;
-        const int gr = row0 + r, gc = c0 + c;
-        q_s[r][c] = (gr < q && gc < d) ? qn[static_cast<int64_t>(gr) * d + gc] : T(0);
-      }
-      for (int e = threadIdx.x; e < kTileKeys * kChunkD; e += kThreads) {
-        const int r = e / kChunkD, c = e % kChunkD;
-        const int gr = j0 + r, gc = c0 + c;
-        k_s[r][c] = (gr < n && gc < d) ? fn[static_cast<int64_t>(gr) * d + gc] : T(0);
-      }
-      __syncthreads();
-#pragma unroll 16
-      for (int c = 0; c < kChunkD; ++c) acc += q_s[warp][c] * k_s[lane][c];
-      __syncthreads();
-    }
-    if (active) {
-      const int key = j0 + lane;
-      const bool valid = key < n;
-      const bool same = valid && labels[key] == ql;
-      pos.offer(same && key != self, acc, key, lane);
-      neg.offer(valid && !same, acc, key, lane);
-    }
+  // The warp's rows; out-of-range rows (last block) still take part in the GEMM
+  // and the barriers but never select. Everything here is warp-uniform.
+  bool active[kRowsPerWarp];
+  int64_t ql[kRowsPerWarp];
+  int self[kRowsPerWarp];
+  T iq[kRowsPerWarp];
+  WarpTopK<T, true> pos[kRowsPerWarp];
+  WarpTopK<T, false> neg[kRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int row = row0 + warp * kRowsPerWarp + r;
+    active[r] = row < q;
+    ql[r] = active[r] ? qlabels[row] : 0;
+    self[r] = active[r] ? static_cast<int>(qindex[row]) : -1;
+    iq[r] = active[r] ? inv_q[row] : T(0);
+    pos[r].init(k);
+    neg[r].init(k);
   }
-  if (active) {
-    const int64_t off = static_cast<int64_t>(row) * k;
-    pos.write(pos_idx + off, pos_sim + off, lane);
-    neg.write(neg_idx + off, neg_sim + off, lane);
+
+  for (int j0 = 0; j0 < n; j0 += kBN) {
+    // The lane's two keys, loaded before the GEMM so that the loads overlap it.
+    int key[2];
+    bool valid[2];
+    int64_t lab[2];
+    T inv[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      key[h] = j0 + lane + 32 * h;
+      valid[h] = key[h] < n;
+      lab[h] = valid[h] ? labels[key[h]] : 0;
+      inv[h] = valid[h] ? inv_f[key[h]] : T(0);
+    }
+
+    Tile::run(sm, s_tile, queries, feats, row0, j0, q, n, d);
+
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      if (!active[r]) continue;
+      const int lr = warp * kRowsPerWarp + r;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        // Same association for every (row, key): identical rows tie exactly.
+        const T v = (s_tile[lr][lane + 32 * h] * iq[r]) * inv[h];
+        const bool same = valid[h] && lab[h] == ql[r];
+        pos[r].offer(same && key[h] != self[r], v, key[h], lane);
+        neg[r].offer(valid[h] && !same, v, key[h], lane);
+      }
+    }
+    // s_tile and sm are rewritten by the next tile (also when d == 0, where
+    // Tile::run's chunk loop has no barrier of its own).
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    if (!active[r]) continue;
+    const int64_t off = static_cast<int64_t>(row0 + warp * kRowsPerWarp + r) * k;
+    pos[r].write(pos_idx + off, pos_sim + off, lane);
+    neg[r].write(neg_idx + off, neg_sim + off, lane);
+  }
+}
+
+// 1 / |x_r| per row in `dtype` (0 for a zero row), with the reference's norm op.
+at::Tensor inverse_norms(const at::Tensor& x, at::ScalarType dtype) {
+  const auto norm = at::linalg_vector_norm(x, 2, at::IntArrayRef{1}, /*keepdim=*/false, dtype);
+  return at::where(norm > 0, norm.reciprocal(), at::zeros_like(norm)).contiguous();
+}
+
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+template <typename Tile>
+void launch(const at::Tensor& f, const at::Tensor& qs, const at::Tensor& inv_f,
+            const at::Tensor& inv_q, const at::Tensor& lab, const at::Tensor& qlab,
+            const at::Tensor& qi, int64_t k, at::Tensor& pos_idx, at::Tensor& pos_sim,
+            at::Tensor& neg_idx, at::Tensor& neg_sim) {
+  using in_t = typename Tile::in_t;
+  using acc_t = typename Tile::acc_t;
+  const int64_t q = qs.size(0);
+  const dim3 grid(static_cast<unsigned>((q + kBQ - 1) / kBQ));
+  mine_pairs_kernel<Tile><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      static_cast<const in_t*>(f.const_data_ptr()), static_cast<const in_t*>(qs.const_data_ptr()),
+      inv_f.const_data_ptr<acc_t>(), inv_q.const_data_ptr<acc_t>(), lab.const_data_ptr<int64_t>(),
+      qlab.const_data_ptr<int64_t>(), qi.const_data_ptr<int64_t>(), static_cast<int>(f.size(0)),
+      static_cast<int>(q), static_cast<int>(f.size(1)), static_cast<int>(k),
+      pos_idx.data_ptr<int64_t>(), pos_sim.data_ptr<acc_t>(), neg_idx.data_ptr<int64_t>(),
+      neg_sim.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T16>
+void launch_mma(bool vec, const at::Tensor& f, const at::Tensor& qs, const at::Tensor& inv_f,
+                const at::Tensor& inv_q, const at::Tensor& lab, const at::Tensor& qlab,
+                const at::Tensor& qi, int64_t k, at::Tensor& pos_idx, at::Tensor& pos_sim,
+                at::Tensor& neg_idx, at::Tensor& neg_sim) {
+  if (vec) {
+    launch<MmaTile<T16, true>>(f, qs, inv_f, inv_q, lab, qlab, qi, k, pos_idx, pos_sim, neg_idx,
+                               neg_sim);
+  } else {
+    launch<MmaTile<T16, false>>(f, qs, inv_f, inv_q, lab, qlab, qi, k, pos_idx, pos_sim, neg_idx,
+                                neg_sim);
   }
 }
 
@@ -230,8 +469,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine_pairs_cuda(
   const int64_t q = queries.size(0);
   TORCH_CHECK(k >= 1 && k <= kMaxK, "mine_pairs: k: the cuda kernel supports 1 <= k <= ", kMaxK,
               ", got ", k, " (use backend='eager' or 'triton' for larger k)");
-  TORCH_CHECK(n < std::numeric_limits<int>::max() - kTileKeys &&
-                  q < std::numeric_limits<int>::max() && d < std::numeric_limits<int>::max(),
+  TORCH_CHECK(n < std::numeric_limits<int>::max() - kBN &&
+                  q < std::numeric_limits<int>::max() - kBQ && d < std::numeric_limits<int>::max(),
               "mine_pairs: cuda kernel: N, Q and D must fit in int32, got N=", n, " Q=", q,
               " D=", d);
   for (const at::Tensor* t : {&labels, &queries, &query_labels, &query_index}) {
@@ -241,37 +480,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine_pairs_cuda(
   }
   TORCH_CHECK(features.is_cuda(), "mine_pairs (cuda kernel): expected CUDA tensors, got ",
               features.device());
+  const auto in_dtype = features.scalar_type();
+  TORCH_CHECK(in_dtype == at::kHalf || in_dtype == at::kBFloat16 || in_dtype == at::kFloat ||
+                  in_dtype == at::kDouble,
+              "mine_pairs (cuda kernel): features: expected float16, bfloat16, float32 or "
+              "float64, got ",
+              in_dtype);
 
   const c10::cuda::CUDAGuard guard(features.device());
-  const bool is_f64 = features.scalar_type() == at::kDouble;
-  const auto dtype = is_f64 ? at::kDouble : at::kFloat;
+  const auto acc_dtype = in_dtype == at::kDouble ? at::kDouble : at::kFloat;
   auto pos_idx = at::empty({q, k}, features.options().dtype(at::kLong));
   auto neg_idx = at::empty({q, k}, features.options().dtype(at::kLong));
-  auto pos_sim = at::empty({q, k}, features.options().dtype(dtype));
-  auto neg_sim = at::empty({q, k}, features.options().dtype(dtype));
+  auto pos_sim = at::empty({q, k}, features.options().dtype(acc_dtype));
+  auto neg_sim = at::empty({q, k}, features.options().dtype(acc_dtype));
   if (q == 0) return {pos_idx, pos_sim, neg_idx, neg_sim};
 
   const auto qi = query_index.contiguous();
-  check_query_index_range(qi, n);  // one host sync on the GPU
+  check_query_index_range(qi, n);  // one host sync
 
-  const at::Tensor fn = normalize_rows(features.to(dtype));
+  // The default call passes the features as the queries: one set of norms.
   const bool same_rows = same_storage_rows(queries, features);
-  const at::Tensor qn = same_rows ? fn : normalize_rows(queries.to(dtype));
+  const at::Tensor f = features.contiguous();
+  const at::Tensor qs = same_rows ? f : queries.contiguous();
+  const at::Tensor inv_f = inverse_norms(f, acc_dtype);
+  const at::Tensor inv_q = same_rows ? inv_f : inverse_norms(qs, acc_dtype);
   const auto lab = labels.contiguous();
   const auto qlab = query_labels.contiguous();
 
-  const dim3 grid(static_cast<unsigned>((q + kWarps - 1) / kWarps));
-  const dim3 block(kThreads);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(fn.scalar_type(), "mine_pairs_cuda", [&] {
-    mine_pairs_kernel<scalar_t><<<grid, block, 0, stream>>>(
-        fn.const_data_ptr<scalar_t>(), qn.const_data_ptr<scalar_t>(),
-        lab.const_data_ptr<int64_t>(), qlab.const_data_ptr<int64_t>(),
-        qi.const_data_ptr<int64_t>(), static_cast<int>(n), static_cast<int>(q),
-        static_cast<int>(d), static_cast<int>(k), pos_idx.data_ptr<int64_t>(),
-        pos_sim.data_ptr<scalar_t>(), neg_idx.data_ptr<int64_t>(), neg_sim.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  switch (in_dtype) {
+    case at::kHalf:
+    case at::kBFloat16: {
+      const bool vec = d % 8 == 0 && aligned16(f) && aligned16(qs);
+      if (in_dtype == at::kHalf) {
+        launch_mma<__half>(vec, f, qs, inv_f, inv_q, lab, qlab, qi, k, pos_idx, pos_sim, neg_idx,
+                           neg_sim);
+      } else {
+        launch_mma<__nv_bfloat16>(vec, f, qs, inv_f, inv_q, lab, qlab, qi, k, pos_idx, pos_sim,
+                                  neg_idx, neg_sim);
+      }
+      break;
+    }
+    case at::kFloat:
+      launch<SimtTile<float>>(f, qs, inv_f, inv_q, lab, qlab, qi, k, pos_idx, pos_sim, neg_idx,
+                              neg_sim);
+      break;
+    default:  // kDouble
+      launch<SimtTile<double>>(f, qs, inv_f, inv_q, lab, qlab, qi, k, pos_idx, pos_sim, neg_idx,
+                               neg_sim);
+      break;
+  }
   return {pos_idx, pos_sim, neg_idx, neg_sim};
 }
 
