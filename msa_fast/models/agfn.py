@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from msa_fast import ops
 from msa_fast.models import register_model
