@@ -281,7 +281,7 @@ def test_public_ops_equal_reference_and_backends():
     with msa_fast.use_backend("eager"):
         torch.testing.assert_close(nt_xent(a, p, n), want, rtol=0, atol=0)
     xs = _fd_inputs(2, 2, 2, 5)
-    for backend in ("triton", "cuda", "cpp"):
+    for backend in ("cuda", "cpp"):  # triton: see the Triton section below
         with pytest.raises(RuntimeError, match=f"backend '{backend}' is unavailable"):
             nt_xent(a, p, n, backend=backend)
         with pytest.raises(RuntimeError, match="unavailable"):
@@ -424,3 +424,262 @@ def test_nt_xent_compiles_fullgraph():
     mask = _random_mask(6, 3)
     fn = torch.compile(lambda a, p, n, m: nt_xent(a, p, n, m, tau=0.25, reduction="sum"), fullgraph=True)
     torch.testing.assert_close(fn(a, p, n, mask), R.nt_xent(a, p, n, mask, 0.25, "sum"), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# triton backend (interpreted on the CPU: TRITON_INTERPRET=1 from conftest) vs
+# the reference in fp64 on the same (rounded) inputs, forward and every gradient
+# --------------------------------------------------------------------------- #
+
+F16, F32 = torch.float16, torch.float32
+_FWD_TOL = {F32: dict(rtol=1e-5, atol=1e-5), F16: dict(rtol=2e-3, atol=2e-3)}
+_GRAD_TOL = {F32: dict(rtol=1e-4, atol=1e-5), F16: dict(rtol=1e-2, atol=1e-3)}
+
+
+def _against_reference(triton_fn, ref_fn, inputs, dtype, cotangent=None):
+    """Forward and all input gradients of ``triton_fn`` vs ``ref_fn`` (fp64)."""
+    xs = [x.detach().to(dtype).requires_grad_() for x in inputs]
+    xr = [x.detach().double().requires_grad_() for x in xs]
+    out, ref = triton_fn(*xs), ref_fn(*xr)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, **_FWD_TOL[dtype])
+    cot = torch.randn(ref.shape, dtype=dtype) if cotangent is None else cotangent(out)
+    got = torch.autograd.grad(out, xs, cot)
+    want = torch.autograd.grad(ref, xr, cot.double())
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == dtype and a.shape == b.shape, i
+        assert torch.isfinite(a).all(), i
+        torch.testing.assert_close(a.double(), b, **_GRAD_TOL[dtype], msg=lambda m, i=i: f"input {i}: {m}")
+    return out, got
+
+
+def _mask_with_empty_row(*shape):
+    m = _random_mask(*shape)
+    if shape[0] > 1 and shape[1]:
+        m[0] = False  # every negative / partner of this row is invalid
+        m[1, 0] = True
+    return m
+
+
+@pytest.mark.parametrize("p,k,d,masked,dtype", [
+    (5, 6, 33, True, F32), (3, 1, 7, False, F32), (4, 0, 16, False, F32), (6, 19, 7, True, F32),
+    (5, 6, 33, True, F16), (3, 1, 7, True, F16)])
+def test_triton_nt_xent_matches_reference(p, k, d, masked, dtype):
+    mask = _mask_with_empty_row(p, k) if masked else None
+    _against_reference(lambda a, pos, n: nt_xent(a, pos, n, mask, 0.3, "none", backend="triton"),
+                       lambda a, pos, n: R.nt_xent(a, pos, n, mask, 0.3, "none"),
+                       [torch.randn(p, d), torch.randn(p, d), torch.randn(p, k, d)], dtype)
+
+
+def test_triton_nt_xent_all_negatives_invalid_row_is_zero_with_zero_grad():
+    a, pos, n = _rand(3, 9, dtype=F32, grad=True), _rand(3, 9, dtype=F32, grad=True), _rand(3, 4, 9, dtype=F32, grad=True)
+    mask = _mask_with_empty_row(3, 4)
+    out = nt_xent(a, pos, n, mask, 0.5, "none", backend="triton")
+    out.sum().backward()
+    assert out[0] == 0 and out[1] > 0
+    assert torch.all(a.grad[0] == 0) and torch.all(pos.grad[0] == 0) and torch.all(n.grad[~mask] == 0)
+    assert torch.all(n.grad[mask].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize("p,d,margin,dtype", [(6, 7, 0.3, F32), (5, 33, 0.5, F32), (1, 16, 3.0, F32),
+                                              (7, 33, 0.2, F16)])
+def test_triton_triplet_matches_reference(p, d, margin, dtype):
+    a, pos, n = (torch.randn(p, d) for _ in range(3))
+    # cos(a, p) ~ 1, cos(a, n) ~ -1: the hinge is inactive on even rows (margin < 1)
+    pos[::2] = 0.2 * pos[::2] + a[::2]
+    n[::2] = 0.2 * n[::2] - a[::2]
+    out, _ = _against_reference(lambda a, pos, n: triplet(a, pos, n, margin, "none", backend="triton"),
+                                lambda a, pos, n: R.triplet(a, pos, n, margin, "none"), [a, pos, n], dtype)
+    active = out > 0
+    if margin < 1:
+        assert not active[::2].any() and active[1::2].any()  # both sides of the hinge are exercised
+    else:
+        assert active.all()
+
+
+@pytest.mark.parametrize("b,kp,kn,d,masked,dtype", [
+    (3, 3, 4, 7, True, F32), (2, 1, 1, 33, False, F32), (3, 0, 2, 7, True, F32), (2, 2, 0, 16, True, F32),
+    (2, 3, 5, 33, True, F16)])
+def test_triton_fd_cmdie_matches_reference(b, kp, kn, d, masked, dtype):
+    pm = _mask_with_empty_row(b, kp) if masked else None
+    nm = _mask_with_empty_row(b, kn).flip(0) if masked else None  # a different sample without negatives
+    hyper = (0.4, 0.6, 0.3)
+    _against_reference(
+        lambda *x: fd_cmdie_contrastive_loss(*x, *hyper, pm, nm, "none", backend="triton"),
+        lambda *x: R.fd_cmdie_contrastive_loss(*x, *hyper, pm, nm, "none"),
+        [x.float() for x in _fd_inputs(b, kp, kn, d)], dtype)
+
+
+def test_triton_zero_vectors_match_reference_without_nan():
+    a, pos, n = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 3, 8)
+    a[0] = 0
+    pos[1] = 0
+    n[2, 1] = 0
+    n[3] = 0
+    mask = _random_mask(4, 3)
+    _against_reference(lambda *x: nt_xent(*x, mask, 0.5, "none", backend="triton"),
+                       lambda *x: R.nt_xent(*x, mask, 0.5, "none"), [a, pos, n], F32)
+    _against_reference(lambda *x: triplet(*x, 0.5, "none", backend="triton"),
+                       lambda *x: R.triplet(*x, 0.5, "none"), [a, pos, n[:, 1]], F32)
+    s, df, ps, ns = (x.float() for x in _fd_inputs(3, 2, 2, 8))
+    s[0] = 0  # a whole sample of zero similarity features
+    s[1, 1] = 0
+    df[2, 0] = 0
+    ps[1, 0] = 0
+    ps[2, 1, 1, 2] = 0
+    ns[0, 1] = 0
+    _, grads = _against_reference(lambda *x: fd_cmdie_contrastive_loss(*x, reduction="none", backend="triton"),
+                                  lambda *x: R.fd_cmdie_contrastive_loss(*x, reduction="none"), [s, df, ps, ns], F32)
+    assert torch.all(grads[0][0] == 0) and torch.all(grads[2][1, 0] == 0)
+    zs = [torch.zeros(x.shape) for x in (s, df, ps, ns)]
+    _against_reference(lambda *x: fd_cmdie_contrastive_loss(*x, backend="triton"),
+                       lambda *x: R.fd_cmdie_contrastive_loss(*x), zs, F32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_triton_reductions_and_strided_upstream_gradients(reduction):
+    # mean / sum hand the kernels stride-0 row gradients; "none" gets a strided one.
+    cot = (lambda out: torch.randn(2 * out.numel())[::2]) if reduction == "none" else None
+    mask = _mask_with_empty_row(4, 5)
+    _against_reference(lambda *x: nt_xent(*x, mask, 0.7, reduction, backend="triton"),
+                       lambda *x: R.nt_xent(*x, mask, 0.7, reduction),
+                       [torch.randn(4, 10), torch.randn(4, 10), torch.randn(4, 5, 10)], F32, cot)
+    _against_reference(lambda *x: triplet(*x, 0.4, reduction, backend="triton"),
+                       lambda *x: R.triplet(*x, 0.4, reduction), [torch.randn(6, 10) for _ in range(3)], F32, cot)
+    pm, nm = _mask_with_empty_row(3, 2), _mask_with_empty_row(3, 3)
+    _against_reference(lambda *x: fd_cmdie_contrastive_loss(*x, 0.5, 0.5, 0.1, pm, nm, reduction, backend="triton"),
+                       lambda *x: R.fd_cmdie_contrastive_loss(*x, 0.5, 0.5, 0.1, pm, nm, reduction),
+                       [x.float() for x in _fd_inputs(3, 2, 3, 10)], F32, cot)
+
+
+def test_triton_non_contiguous_inputs():
+    a = torch.randn(9, 5).T  # (5, 9), non-contiguous
+    n = torch.randn(5, 9, 4).transpose(1, 2)  # (5, 4, 9)
+    _against_reference(lambda a, pos, n: nt_xent(a, pos, n, None, 0.5, "none", backend="triton"),
+                       lambda a, pos, n: R.nt_xent(a, pos, n, None, 0.5, "none"), [a, torch.randn(5, 9), n], F32)
+    s = torch.randn(2, 11, 3).transpose(1, 2)
+    ps = torch.randn(2, 2, 3, 2, 11).transpose(2, 3)
+    _against_reference(lambda *x: fd_cmdie_contrastive_loss(*x, reduction="sum", backend="triton"),
+                       lambda *x: R.fd_cmdie_contrastive_loss(*x, reduction="sum"),
+                       [s, torch.randn(2, 3, 11), ps, torch.randn(2, 3, 3, 11)], F32)
+
+
+def test_triton_detached_partners_skip_their_gradients():
+    s, df, ps, ns = (x.float() for x in _fd_inputs(3, 2, 3, 12))
+    pm = _mask_with_empty_row(3, 2)
+    s_t, df_t = s.clone().requires_grad_(), df.clone().requires_grad_()
+    fd_cmdie_contrastive_loss(s_t, df_t, ps, ns, pos_partner_mask=pm, backend="triton").backward()
+    s_r, df_r = s.double().requires_grad_(), df.double().requires_grad_()
+    R.fd_cmdie_contrastive_loss(s_r, df_r, ps.double(), ns.double(), pos_partner_mask=pm).backward()
+    torch.testing.assert_close(s_t.grad.double(), s_r.grad, **_GRAD_TOL[F32])
+    torch.testing.assert_close(df_t.grad.double(), df_r.grad, **_GRAD_TOL[F32])
+    a, pos, n = torch.randn(3, 6, requires_grad=True), torch.randn(3, 6), torch.randn(3, 2, 6)
+    nt_xent(a, pos, n, backend="triton").backward()
+    a_r = a.detach().double().requires_grad_()
+    R.nt_xent(a_r, pos.double(), n.double()).backward()
+    torch.testing.assert_close(a.grad.double(), a_r.grad, **_GRAD_TOL[F32])
+
+
+def test_triton_opcheck():
+    a, pos, n = (torch.randn(*s, requires_grad=True) for s in ((3, 7), (3, 7), (3, 4, 7)))
+    mask = _mask_with_empty_row(3, 4)
+    torch.library.opcheck(torch.ops.msa_fast.nt_xent_triton, (a, pos, n, mask, 0.5))
+    torch.library.opcheck(torch.ops.msa_fast.nt_xent_triton, (a, pos, n, None, 0.5))
+    torch.library.opcheck(torch.ops.msa_fast.triplet_triton, (a, pos, n[:, 0].detach().requires_grad_(), 0.5))
+    xs = [x.float().requires_grad_() for x in _fd_inputs(2, 2, 2, 7)]
+    torch.library.opcheck(torch.ops.msa_fast.fd_cmdie_contrastive_loss_triton,
+                          (*xs, _mask_with_empty_row(2, 2), None, 0.5, 0.5, 0.1))
+
+
+def test_triton_compiles_fullgraph_with_backward():
+    xs = [x.float() for x in _fd_inputs(2, 2, 3, 9)]
+    pm = _mask_with_empty_row(2, 2)
+
+    def loss(s, df, ps, ns):
+        return 2.0 * fd_cmdie_contrastive_loss(s, df, ps, ns, 0.5, 0.5, 0.1, pm, None, backend="triton")
+
+    def ref(s, df, ps, ns):
+        return 2.0 * R.fd_cmdie_contrastive_loss(s, df, ps, ns, 0.5, 0.5, 0.1, pm, None)
+
+    _against_reference(torch.compile(loss, fullgraph=True), ref, xs, F32)
+
+
+def test_triton_backend_selection():
+    a, pos, n = torch.randn(3, 5), torch.randn(3, 5), torch.randn(3, 2, 5)
+    xs = [x.float() for x in _fd_inputs(2, 1, 1, 5)]
+    # fp64: the kernels compute in fp32, so an explicit request raises (auto -> eager).
+    with pytest.raises(RuntimeError, match="nt_xent: the triton backend .* float64"):
+        nt_xent(a.double(), pos.double(), n.double(), backend="triton")
+    with pytest.raises(RuntimeError, match="fd_cmdie_contrastive_loss: the triton backend"):
+        fd_cmdie_contrastive_loss(*(x.double() for x in xs), backend="triton")
+    assert msa_fast.available("triplet", "cpu") == ["eager", "triton"]  # interpreted here
+
+
+def test_triton_unavailable_raises_and_auto_falls_back(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    a, pos, n = torch.randn(3, 5), torch.randn(3, 5), torch.randn(3, 2, 5)
+    xs = [x.float() for x in _fd_inputs(2, 1, 1, 5)]
+    for call in (lambda b: nt_xent(a, pos, n, backend=b), lambda b: triplet(a, pos, n[:, 0], backend=b),
+                 lambda b: fd_cmdie_contrastive_loss(*xs, backend=b)):
+        with pytest.raises(RuntimeError, match="backend 'triton' is unavailable: Triton kernels need CUDA"):
+            call("triton")
+        with msa_fast.use_backend("triton"), pytest.raises(RuntimeError, match="unavailable"):
+            call(None)
+        torch.testing.assert_close(call("auto"), call("eager"), rtol=0, atol=0)
+
+
+def test_fd_cmdie_module_triton_equals_eager():
+    n, d = 10, 12
+    sims, diffs = _dataset(n, d)
+    idx = torch.tensor([3, 0, 7])
+    pos_idx = torch.tensor([[5, 1], [2, -1], [-1, -1]])
+    neg_idx = torch.tensor([[6, 2, 9], [9, -1, 4], [1, 0, 8]])
+    losses = {}
+    for backend in ("eager", "triton"):
+        mod = FDCMDIEContrastiveLoss(n, d, tau=0.4, margin=0.3, lambda_tri=0.2, partner_source="bank",
+                                     backend=backend)
+        mod.update(torch.arange(n), sims, diffs)
+        s = sims[idx].clone().requires_grad_(True)
+        df = diffs[idx].clone().requires_grad_(True)
+        out = mod(s, df, pos_idx=pos_idx, neg_idx=neg_idx, indices=idx)
+        out.backward()
+        losses[backend] = (out, s.grad, df.grad)
+    for a, b in zip(losses["triton"], losses["eager"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# GPU only: compiled kernels, bf16, large shapes
+# --------------------------------------------------------------------------- #
+
+
+def _gpu_check(triton_fn, ref_fn, inputs, dtype):
+    xs = [x.cuda().to(dtype).requires_grad_() for x in inputs]
+    xr = [x.detach().float().requires_grad_() for x in xs]
+    out, ref = triton_fn(*xs), ref_fn(*xr)
+    low = dtype != F32
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2 if low else 1e-5, atol=2e-2 if low else 1e-4)
+    cot = torch.randn_like(ref)
+    got = torch.autograd.grad(out, xs, cot.to(dtype))
+    want = torch.autograd.grad(ref, xr, cot.to(dtype).float())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b, rtol=5e-2 if low else 1e-4, atol=5e-3 if low else 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, F16, F32])
+def test_triton_gpu_large(dtype):
+    torch.manual_seed(0)
+    p, k, d = 4096, 50, 256
+    mask = (torch.rand(p, k) < 0.9).cuda()
+    _against = lambda f, r, x: _gpu_check(f, r, x, dtype)  # noqa: E731
+    _against(lambda *x: nt_xent(*x, mask, 0.5, "none", backend="triton"),
+             lambda *x: R.nt_xent(*x, mask, 0.5, "none"), [torch.randn(p, d), torch.randn(p, d), torch.randn(p, k, d)])
+    _against(lambda *x: triplet(*x, 0.5, "none", backend="triton"), lambda *x: R.triplet(*x, 0.5, "none"),
+             [torch.randn(p, d) for _ in range(3)])
+    b, kp, kn = 512, 50, 50
+    pm, nm = (torch.rand(b, kp) < 0.9).cuda(), (torch.rand(b, kn) < 0.9).cuda()
+    _against(lambda *x: fd_cmdie_contrastive_loss(*x, 0.5, 0.5, 0.1, pm, nm, "none", backend="triton"),
+             lambda *x: R.fd_cmdie_contrastive_loss(*x, 0.5, 0.5, 0.1, pm, nm, "none"),
+             [x.float() for x in _fd_inputs(b, kp, kn, d)])
