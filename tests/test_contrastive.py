@@ -464,6 +464,7 @@ def _mask_with_empty_row(*shape):
 
 @pytest.mark.parametrize("p,k,d,masked,dtype", [
     (5, 6, 33, True, F32), (3, 1, 7, False, F32), (4, 0, 16, False, F32), (6, 19, 7, True, F32),
+    (3, 11, 300, True, F32),  # D_P = 512: several negative blocks per row (online log-sum-exp)
     (5, 6, 33, True, F16), (3, 1, 7, True, F16)])
 def test_triton_nt_xent_matches_reference(p, k, d, masked, dtype):
     mask = _mask_with_empty_row(p, k) if masked else None
@@ -500,6 +501,7 @@ def test_triton_triplet_matches_reference(p, d, margin, dtype):
 
 @pytest.mark.parametrize("b,kp,kn,d,masked,dtype", [
     (3, 3, 4, 7, True, F32), (2, 1, 1, 33, False, F32), (3, 0, 2, 7, True, F32), (2, 2, 0, 16, True, F32),
+    (2, 6, 9, 200, True, F32),  # D_P = 256: several partner blocks per sample, a partial last one
     (2, 3, 5, 33, True, F16)])
 def test_triton_fd_cmdie_matches_reference(b, kp, kn, d, masked, dtype):
     pm = _mask_with_empty_row(b, kp) if masked else None

@@ -157,8 +157,11 @@ def _d_pad(D: int) -> int:
 
 
 def _block(n: int, d_p: int, budget: int) -> int:
-    """Rows per tile: at most ``budget`` fp32 elements per ``(rows, D_P)`` tile, >= 2."""
-    return max(2, min(triton.next_power_of_2(max(n, 1)), max(2, budget // d_p)))
+    """Rows per tile, a power of two >= 2: at most ``budget`` fp32 elements per
+    ``(rows, D_P)`` tile, and no more rows than ``n`` needs."""
+    cap = max(2, budget // d_p)
+    cap = 1 << (cap.bit_length() - 1)  # round down to a power of two (tl.arange needs one)
+    return max(2, min(triton.next_power_of_2(max(n, 1)), cap))
 
 
 def _num_warps(d_p: int) -> int:
