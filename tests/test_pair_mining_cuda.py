@@ -2,11 +2,13 @@
 
 GPU tests (``@pytest.mark.gpu``): random data with duplicated and zero rows, tiny
 classes, k larger than a class, N and D off the tile sizes, fp32 / fp64 / fp16 /
-bf16, sharded and external queries, exact ties decided by the lower-index rule.
+bf16, sharded and external queries, exact ties decided by the lower-index rule,
+bit-identical results for every number of key ranges (MSA_FAST_MINE_PAIRS_SPLITS).
 The reference always runs on the CPU (no TF32 whatever the CUDA matmul settings).
 
 CPU tests: a lane-by-lane NumPy emulation of the kernel's per-row list
-(``WarpTopK``) and of its tile loop / epilogue, checked against a sort and
+(``WarpTopK``), of its tile loop / epilogue and of the key-range merge, checked
+against a sort and
 against the reference, so the selection logic is exercised without a GPU. The
 emulation mirrors the CUDA code statement by statement: change both together.
 """
@@ -229,11 +231,26 @@ def test_warp_topk_emulation_matches_sort(k, largest):
     np.testing.assert_array_equal(got_sim, want_sim)
 
 
-def _emulate_kernel(features, labels, queries, qlabels, qindex, k):
+def _merge_emu(parts, k, largest):
+    """merge_splits_kernel for one row: the partial lists offered 32 slots at a time."""
+    lst = _WarpTopKEmu(k, largest)
+    for idx, sim in parts:  # each of length k, -1 / nan past its size
+        for t in range(0, k, LANES):
+            m = min(LANES, k - t)  # lanes with slot t + lane < k
+            i = np.full(LANES, -1, np.int64)
+            i[:m] = idx[t:t + m]
+            v = np.zeros(LANES, np.float32)
+            v[:m] = np.where(i[:m] >= 0, sim[t:t + m], np.float32(0))
+            lst.offer(i >= 0, v, i)
+    return lst.result()
+
+
+def _emulate_kernel(features, labels, queries, qlabels, qindex, k, splits=1):
     """mine_pairs_kernel's tile loop and epilogue for fp32 inputs, one query row at a
     time (rows are independent in the kernel): raw fp32 dot products, scaled by the
     two inverse norms in the kernel's association, lane l offering keys j0 + l and
-    j0 + 32 + l of each 64-key tile to both lists."""
+    j0 + 32 + l of each 64-key tile to both lists; with ``splits`` > 1, the host's
+    key ranges and merge_splits_kernel."""
     f = features.float()
     q = queries.float()
 
@@ -248,25 +265,35 @@ def _emulate_kernel(features, labels, queries, qlabels, qindex, k):
     out = [np.full((nq, k), -1, np.int64), np.full((nq, k), np.nan, np.float32),
            np.full((nq, k), -1, np.int64), np.full((nq, k), np.nan, np.float32)]
     lane = np.arange(LANES)
+    ntiles = -(-n // TILE_KEYS)
+    per = max(1, -(-ntiles // splits))  # launch(): tiles_per_split, then the used splits
+    ranges = [(a * TILE_KEYS, min(n, (a + per) * TILE_KEYS)) for a in range(0, max(ntiles, 1), per)]
     for r in range(nq):
-        pos, neg = _WarpTopKEmu(k, True), _WarpTopKEmu(k, False)
-        for j0 in range(0, n, TILE_KEYS):
-            for h in range(2):
-                key = j0 + lane + 32 * h
-                valid = key < n
-                safe = np.minimum(key, n - 1)
-                inv = np.where(valid, inv_f[safe], np.float32(0))
-                v = np.where(valid, raw[r, safe], np.float32(0)) * inv_q[r] * inv  # (dot * iq) * if
-                same = valid & (lab[safe] == qlab[r])
-                pos.offer(same & (key != qidx[r]), v.astype(np.float32), key)
-                neg.offer(valid & ~same, v.astype(np.float32), key)
-        out[0][r], out[1][r] = pos.result()
-        out[2][r], out[3][r] = neg.result()
+        pos_parts, neg_parts = [], []
+        for j_begin, j_end in ranges:
+            pos, neg = _WarpTopKEmu(k, True), _WarpTopKEmu(k, False)
+            for j0 in range(j_begin, j_end, TILE_KEYS):
+                for h in range(2):
+                    key = j0 + lane + 32 * h
+                    valid = key < j_end
+                    safe = np.minimum(key, n - 1)
+                    inv = np.where(valid, inv_f[safe], np.float32(0))
+                    v = np.where(valid, raw[r, safe], np.float32(0)) * inv_q[r] * inv  # (dot * iq) * if
+                    same = valid & (lab[safe] == qlab[r])
+                    pos.offer(same & (key != qidx[r]), v.astype(np.float32), key)
+                    neg.offer(valid & ~same, v.astype(np.float32), key)
+            pos_parts.append(pos.result())
+            neg_parts.append(neg.result())
+        if len(ranges) == 1:
+            (out[0][r], out[1][r]), (out[2][r], out[3][r]) = pos_parts[0], neg_parts[0]
+        else:
+            out[0][r], out[1][r] = _merge_emu(pos_parts, k, True)
+            out[2][r], out[3][r] = _merge_emu(neg_parts, k, False)
     return R.MinedPairs(*(torch.from_numpy(o) for o in out))
 
 
-@pytest.mark.parametrize("k", [5, 33, 64])
-def test_kernel_emulation_matches_reference(k):
+@pytest.mark.parametrize("k, splits", [(5, 1), (33, 1), (64, 1), (5, 3), (33, 2)])
+def test_kernel_emulation_matches_reference(k, splits):
     # N = 150: two full tiles and a partial one; classes of ~50 < k = 64; duplicated
     # and zero rows; the default queries plus external ones (-1) and shifted ones.
     f, labels = _data(150, 6, 3, dup=10, zeros=3, seed=k)
@@ -275,7 +302,7 @@ def test_kernel_emulation_matches_reference(k):
     q[-1] = 0  # a zero query: every similarity 0, lowest indices first
     q[-2] = torch.randn(6)
     ql = labels[qi.clamp(min=0)].clone()
-    got = _emulate_kernel(f, labels, q, ql, qi, k)
+    got = _emulate_kernel(f, labels, q, ql, qi, k, splits)
     want = R.mine_pairs(f, labels, k, q, ql, qi)
     assert_mined_close(got, want, f, q, labels, ql, qi, *TOL[torch.float32])
     z = got.pos_idx[-1]
@@ -283,10 +310,11 @@ def test_kernel_emulation_matches_reference(k):
     assert torch.equal(z[:len(cand)], cand) and (z[len(cand):] == -1).all()
 
 
-def test_kernel_emulation_exact_ties():
+@pytest.mark.parametrize("splits", [1, 3])
+def test_kernel_emulation_exact_ties(splits):
     f, labels = _one_hot_data(200, 3, 3, torch.float32)
     qi = torch.arange(0, 200, 3)
-    got = _emulate_kernel(f, labels, f[qi], labels[qi], qi, 40)
+    got = _emulate_kernel(f, labels, f[qi], labels[qi], qi, 40, splits)
     _assert_identical(got, R.mine_pairs(f, labels, 40, f[qi], labels[qi], qi))
 
 
@@ -424,6 +452,28 @@ def test_cuda_large(dtype):
     if dtype == torch.float16:
         f = (f.float() * 300).half()
     _run_case(f, labels, 64, dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_key_splits_identical(dtype, monkeypatch):
+    # Any number of key ranges gives the same bits: each range keeps its exact
+    # top-k and the merge applies the same total order. 1000 forces one tile per
+    # range (clamped to the 33 tiles); Q = 40 and 2100 (one and many query blocks).
+    f, labels = _data(2100, 40, 4, dtype, dup=30, zeros=3)
+    fc, lc = f.cuda(), labels.cuda()
+    for q_rows in (40, 2100):
+        qi = torch.arange(q_rows, device="cuda")
+        results = []
+        for splits in ("1", "2", "7", "1000", "0"):
+            monkeypatch.setenv("MSA_FAST_MINE_PAIRS_SPLITS", splits)
+            results.append(_cpu(mine_pairs(fc, lc, 37, fc[:q_rows], lc[:q_rows], qi, backend="cuda")))
+        for other in results[1:]:
+            _assert_identical(other, results[0])
+        qi = qi.cpu()
+        want = R.mine_pairs(f, labels, 37, f[:q_rows], labels[:q_rows], qi)
+        assert_mined_close(results[0], want, f, f[:q_rows], labels, labels[:q_rows], qi, *TOL[dtype])
 
 
 @pytest.mark.gpu

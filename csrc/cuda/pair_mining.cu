@@ -26,9 +26,18 @@
 //      l takes keys j0 + l and j0 + 32 + l, scales the dot product by the two
 //      precomputed inverse norms, applies the label and self tests and offers
 //      the candidate to the row's two lists (WarpTopK).
+// Key splits. With few queries (a batch mined against a memory bank) Q / 32
+// blocks cannot fill the GPU, so blockIdx.y also splits the keys into S ranges
+// of whole tiles, S ~ 2 x SMs / (Q / 32) (at least 4 tiles per range). Each
+// (query block, range) keeps the exact top-k of its range in an (S, Q, k)
+// buffer, and a second kernel merges the S lists of each row with the same
+// WarpTopK. The k best of a union are among the k best of its parts and the
+// order is a strict total order, so the result is identical for every S.
+// MSA_FAST_MINE_PAIRS_SPLITS=S (> 0) forces S, for tests and benchmarks.
 // Memory: the inputs, N + Q inverse norms and the (Q, k) outputs -- O((Q + N) D
-// + Q k) -- plus 21-42 KiB of shared memory per block; the Q x N matrix never
-// exists.
+// + Q k) -- plus 21-42 KiB of shared memory per block and, when S > 1, the
+// (S, Q, k) partial lists with S Q <= max(Q, 64 x 2 x SMs); the Q x N matrix
+// never exists.
 //
 // Numeric choices.
 //   - Normalising in the epilogue, rather than the rows beforehand, keeps fp16 /
@@ -42,8 +51,10 @@
 //     reference's op), computed once per call: a zero row gets 0, so it has
 //     similarity exactly 0 to everything.
 //   - Every similarity is computed by the same sequence of operations whatever
-//     the position of its key in a tile, so keys with identical rows tie
-//     exactly and the lower-index rule decides them, as in the reference.
+//     the position of its key in a tile or split, so identical rows tie exactly
+//     (given equal norms: ATen may round the norms of identical rows at
+//     different addresses differently, as it does for the reference) and the
+//     lower-index rule decides them.
 //   - fp64 inputs take the SIMT path in fp64 (the reference computes in fp64).
 #include <ATen/ATen.h>
 
@@ -57,8 +68,10 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 
 namespace msa_fast {
@@ -345,8 +358,9 @@ mine_pairs_kernel(const typename Tile::in_t* __restrict__ feats,
                   const typename Tile::acc_t* __restrict__ inv_q,
                   const int64_t* __restrict__ labels, const int64_t* __restrict__ qlabels,
                   const int64_t* __restrict__ qindex, int n, int q, int d, int k,
-                  int64_t* __restrict__ pos_idx, typename Tile::acc_t* __restrict__ pos_sim,
-                  int64_t* __restrict__ neg_idx, typename Tile::acc_t* __restrict__ neg_sim) {
+                  int tiles_per_split, int64_t* __restrict__ pos_idx,
+                  typename Tile::acc_t* __restrict__ pos_sim, int64_t* __restrict__ neg_idx,
+                  typename Tile::acc_t* __restrict__ neg_sim) {
   using T = typename Tile::acc_t;
   __shared__ typename Tile::Smem sm;
   __shared__ __align__(128) T s_tile[kBQ][kLdS];
@@ -354,6 +368,10 @@ mine_pairs_kernel(const typename Tile::in_t* __restrict__ feats,
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int row0 = blockIdx.x * kBQ;
+  // This block's keys [j_begin, j_end): whole tiles, so no tile straddles two ranges.
+  const int64_t span = static_cast<int64_t>(tiles_per_split) * kBN;
+  const int j_begin = static_cast<int>(blockIdx.y * span);
+  const int j_end = static_cast<int>(min(static_cast<int64_t>(n), j_begin + span));
 
   // The warp's rows; out-of-range rows (last block) still take part in the GEMM
   // and the barriers but never select. Everything here is warp-uniform.
@@ -374,7 +392,7 @@ mine_pairs_kernel(const typename Tile::in_t* __restrict__ feats,
     neg[r].init(k);
   }
 
-  for (int j0 = 0; j0 < n; j0 += kBN) {
+  for (int j0 = j_begin; j0 < j_end; j0 += kBN) {
     // The lane's two keys, loaded before the GEMM so that the loads overlap it.
     int key[2];
     bool valid[2];
@@ -383,7 +401,7 @@ mine_pairs_kernel(const typename Tile::in_t* __restrict__ feats,
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       key[h] = j0 + lane + 32 * h;
-      valid[h] = key[h] < n;
+      valid[h] = key[h] < j_end;
       lab[h] = valid[h] ? labels[key[h]] : 0;
       inv[h] = valid[h] ? inv_f[key[h]] : T(0);
     }
@@ -411,10 +429,59 @@ mine_pairs_kernel(const typename Tile::in_t* __restrict__ feats,
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
     if (!active[r]) continue;
-    const int64_t off = static_cast<int64_t>(row0 + warp * kRowsPerWarp + r) * k;
+    // Row `row` of split blockIdx.y in an (S, Q, k) buffer; S = 1: the outputs.
+    const int64_t row = row0 + warp * kRowsPerWarp + r;
+    const int64_t off = (static_cast<int64_t>(blockIdx.y) * q + row) * k;
     pos[r].write(pos_idx + off, pos_sim + off, lane);
     neg[r].write(neg_idx + off, neg_sim + off, lane);
   }
+}
+
+// Merges the S partial lists (S, Q, k) of each row into the (Q, k) output: one
+// warp per row offers the S k entries, 32 at a time, to a fresh WarpTopK.
+template <typename T, bool kLargest>
+__global__ void __launch_bounds__(kThreads)
+merge_splits_kernel(const int64_t* __restrict__ part_idx, const T* __restrict__ part_sim,
+                    int splits, int q, int k, int64_t* __restrict__ out_idx,
+                    T* __restrict__ out_sim) {
+  const int lane = threadIdx.x % 32;
+  const int row = blockIdx.x * kWarps + threadIdx.x / 32;
+  if (row >= q) return;  // a whole warp: no block-wide barrier in this kernel
+  WarpTopK<T, kLargest> list;
+  list.init(k);
+  for (int s = 0; s < splits; ++s) {
+    const int64_t base = (static_cast<int64_t>(s) * q + row) * k;
+    for (int t = 0; t < k; t += 32) {
+      const int slot = t + lane;
+      const int64_t idx = slot < k ? part_idx[base + slot] : -1;
+      const T v = idx >= 0 ? part_sim[base + slot] : T(0);
+      list.offer(idx >= 0, v, static_cast<int>(idx), lane);
+    }
+  }
+  const int64_t off = static_cast<int64_t>(row) * k;
+  list.write(out_idx + off, out_sim + off, lane);
+}
+
+// Number of key ranges (see "Key splits"): enough (query block, range) blocks
+// for two resident blocks per SM, each range at least kMinTilesPerSplit tiles so
+// that the merge stays small next to the mining.
+constexpr int64_t kMinTilesPerSplit = 4;
+
+int64_t choose_splits(int64_t q, int64_t n) {
+  const int64_t ntiles = (n + kBN - 1) / kBN;
+  if (ntiles <= 1) return 1;
+  int64_t want = 0;
+  if (const char* env = std::getenv("MSA_FAST_MINE_PAIRS_SPLITS")) {
+    want = std::max<int64_t>(0, std::atoll(env));
+  }
+  if (want == 0) {
+    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int64_t qblocks = (q + kBQ - 1) / kBQ;
+    want = std::min((2 * sms + qblocks - 1) / qblocks,
+                    std::max<int64_t>(1, ntiles / kMinTilesPerSplit));
+  }
+  // gridDim.y is at most 65535.
+  return std::clamp<int64_t>(want, 1, std::min<int64_t>(ntiles, 65535));
 }
 
 // 1 / |x_r| per row in `dtype` (0 for a zero row), with the reference's norm op.
@@ -434,14 +501,41 @@ void launch(const at::Tensor& f, const at::Tensor& qs, const at::Tensor& inv_f,
             at::Tensor& neg_idx, at::Tensor& neg_sim) {
   using in_t = typename Tile::in_t;
   using acc_t = typename Tile::acc_t;
+  const int64_t n = f.size(0);
   const int64_t q = qs.size(0);
-  const dim3 grid(static_cast<unsigned>((q + kBQ - 1) / kBQ));
-  mine_pairs_kernel<Tile><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  const int64_t ntiles = (n + kBN - 1) / kBN;
+  int64_t splits = choose_splits(q, n);
+  const int64_t tiles_per_split = std::max<int64_t>(1, (ntiles + splits - 1) / splits);
+  // Rounding tiles_per_split up may leave trailing ranges empty: drop them.
+  splits = std::max<int64_t>(1, (ntiles + tiles_per_split - 1) / tiles_per_split);
+  auto stream = at::cuda::getCurrentCUDAStream();
+
+  at::Tensor p_idx = pos_idx, p_sim = pos_sim, n_idx = neg_idx, n_sim = neg_sim;
+  if (splits > 1) {
+    p_idx = at::empty({splits, q, k}, pos_idx.options());
+    n_idx = at::empty({splits, q, k}, neg_idx.options());
+    p_sim = at::empty({splits, q, k}, pos_sim.options());
+    n_sim = at::empty({splits, q, k}, neg_sim.options());
+  }
+  const dim3 grid(static_cast<unsigned>((q + kBQ - 1) / kBQ), static_cast<unsigned>(splits));
+  mine_pairs_kernel<Tile><<<grid, kThreads, 0, stream>>>(
       static_cast<const in_t*>(f.const_data_ptr()), static_cast<const in_t*>(qs.const_data_ptr()),
       inv_f.const_data_ptr<acc_t>(), inv_q.const_data_ptr<acc_t>(), lab.const_data_ptr<int64_t>(),
-      qlab.const_data_ptr<int64_t>(), qi.const_data_ptr<int64_t>(), static_cast<int>(f.size(0)),
+      qlab.const_data_ptr<int64_t>(), qi.const_data_ptr<int64_t>(), static_cast<int>(n),
       static_cast<int>(q), static_cast<int>(f.size(1)), static_cast<int>(k),
-      pos_idx.data_ptr<int64_t>(), pos_sim.data_ptr<acc_t>(), neg_idx.data_ptr<int64_t>(),
+      static_cast<int>(tiles_per_split), p_idx.data_ptr<int64_t>(), p_sim.data_ptr<acc_t>(),
+      n_idx.data_ptr<int64_t>(), n_sim.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits == 1) return;
+  const dim3 mgrid(static_cast<unsigned>((q + kWarps - 1) / kWarps));
+  merge_splits_kernel<acc_t, true><<<mgrid, kThreads, 0, stream>>>(
+      p_idx.const_data_ptr<int64_t>(), p_sim.const_data_ptr<acc_t>(), static_cast<int>(splits),
+      static_cast<int>(q), static_cast<int>(k), pos_idx.data_ptr<int64_t>(),
+      pos_sim.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  merge_splits_kernel<acc_t, false><<<mgrid, kThreads, 0, stream>>>(
+      n_idx.const_data_ptr<int64_t>(), n_sim.const_data_ptr<acc_t>(), static_cast<int>(splits),
+      static_cast<int>(q), static_cast<int>(k), neg_idx.data_ptr<int64_t>(),
       neg_sim.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
