@@ -7,9 +7,9 @@ choices are documented on the functions of :mod:`msa_fast.ops.reference`.
 Backends:
 
 * ``eager`` -- the reference, autograd by PyTorch, any device and dtype, traceable
-  by ``torch.compile``. The CPU always uses it under ``auto`` (no ``cpp`` kernel:
-  the reference is a handful of batched einsums / log-sum-exps, already
-  vectorised; a fused CPU kernel was not measured to win, so none is registered).
+  by ``torch.compile``. The CPU always uses it under ``auto``: no ``cpp`` kernel
+  exists (the reference is a handful of batched einsums / log-sum-exps; a fused
+  CPU kernel was neither written nor measured, so none is registered).
 * ``triton`` -- ``msa_fast/kernels/triton/contrastive.py``: one forward kernel and
   one fused backward kernel per loss (fp32 math, fp16 / bf16 / fp32 inputs),
   registered as ``torch.ops.msa_fast.{nt_xent,triplet,fd_cmdie_contrastive_loss}_triton``
