@@ -15,7 +15,9 @@ of two sources:
   (no gradient into partners, as in any memory bank).
 
 Both are registered buffers: they follow ``.to(device / dtype)`` and are saved in
-the ``state_dict``.
+the ``state_dict`` unless ``persistent=False`` (a model whose checkpoints should not
+carry an ``N``-row bank, and which may be built before ``N`` is known, e.g.
+:class:`msa_fast.models.fd_cmdie.FDCMDIE`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class FDCMDIEContrastiveLoss(nn.Module):
             :func:`msa_fast.ops.reference.fd_cmdie_contrastive_loss`).
         partner_source: ``"forward"`` or ``"bank"`` (module docstring).
         backend: passed to :func:`msa_fast.ops.fd_cmdie_contrastive_loss`.
+        persistent: whether ``bank`` / ``filled`` are part of the ``state_dict``.
 
     ``forward`` with ``partner_source="forward"``::
 
@@ -71,6 +74,7 @@ class FDCMDIEContrastiveLoss(nn.Module):
         lambda_tri: float = 0.1,
         partner_source: str = "forward",
         backend: str | None = None,
+        persistent: bool = True,
     ) -> None:
         super().__init__()
         self.partner_source = V.choice(_NAME, "partner_source", partner_source, _SOURCES)
@@ -87,8 +91,8 @@ class FDCMDIEContrastiveLoss(nn.Module):
                 V.fail(_NAME, "dim", "an int >= 1 with partner_source='bank'", "None")
             V.positive_int(_NAME, "num_samples", num_samples)
             V.positive_int(_NAME, "dim", dim)
-            self.register_buffer("bank", torch.zeros(num_samples, 2, 3, dim))
-            self.register_buffer("filled", torch.zeros(num_samples, dtype=torch.bool))
+            self.register_buffer("bank", torch.zeros(num_samples, 2, 3, dim), persistent=persistent)
+            self.register_buffer("filled", torch.zeros(num_samples, dtype=torch.bool), persistent=persistent)
 
     def extra_repr(self) -> str:
         bank = f", num_samples={self.num_samples}, dim={self.dim}" if self.partner_source == "bank" else ""
