@@ -439,8 +439,10 @@ def test_cuda_external_queries(dtype):
     fc = f.cuda()
     qc = torch.empty(37 * 24 + 1, dtype=dtype, device="cuda")[1:].view(37, 24)
     qc.copy_(queries)
-    out = torch.ops.msa_fast.mine_pairs(fc, labels.cuda(), qc, qlabels.cuda(), qi.cuda(), 8)
-    _assert_identical(_cpu(R.MinedPairs(*out)), got)
+    out = _cpu(R.MinedPairs(*torch.ops.msa_fast.mine_pairs(fc, labels.cuda(), qc, qlabels.cuda(), qi.cuda(), 8)))
+    # Same data, so the same result up to the norms' rounding (ATen may reduce a
+    # misaligned row in another order).
+    assert_mined_close(out, got, f, queries, labels, qlabels, qi, *TOL[dtype])
 
 
 @pytest.mark.gpu

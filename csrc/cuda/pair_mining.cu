@@ -36,7 +36,7 @@
 // MSA_FAST_MINE_PAIRS_SPLITS=S (> 0) forces S, for tests and benchmarks.
 // Memory: the inputs, N + Q inverse norms and the (Q, k) outputs -- O((Q + N) D
 // + Q k) -- plus 21-42 KiB of shared memory per block and, when S > 1, the
-// (S, Q, k) partial lists with S Q <= max(Q, 64 x 2 x SMs); the Q x N matrix
+// (S, Q, k) partial lists, S Q <= Q + 64 x SMs for the automatic S; the Q x N matrix
 // never exists.
 //
 // Numeric choices.
