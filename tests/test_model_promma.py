@@ -182,6 +182,19 @@ def test_a_dropped_modality_is_never_read_and_batch_mates_do_not_matter(data):
         torch.testing.assert_close(model(half)["pred"], pred[:4], rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_autocast_runs_and_stays_close(data):
+    # the trainer autocasts to bf16 on CUDA; the same mixed dtypes arise under CPU autocast
+    batch = _dropped(_batch(data, 8), [(1,), (0, 2), (), (), (2,), (), (), ()])
+    model = _model(data).eval()
+    with torch.no_grad():
+        ref = model(batch)["pred"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    assert torch.isfinite(out["pred"]).all() and torch.isfinite(out["loss_extra"])
+    torch.testing.assert_close(out["pred"].float().detach(), ref, rtol=0, atol=0.05)
+    out["loss_extra"].float().backward()
+
+
 def test_eager_and_triton_backends_agree(data):
     if "triton" not in msa_fast.available("attention", "cpu") and not torch.cuda.is_available():
         pytest.skip("TRITON_INTERPRET is not set")  # conftest sets it on a machine without a GPU

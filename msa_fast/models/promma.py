@@ -170,7 +170,9 @@ class _StackedAddNorm(nn.Module):
         self.backend, self.eps = backend, eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        y = ops.add_layer_norm(x, residual, self.one, self.zero, self.eps, backend=self.backend)
+        # under autocast the two summands may differ in dtype; the op wants one dtype
+        dt = x.dtype
+        y = ops.add_layer_norm(x, residual.to(dt), self.one.to(dt), self.zero.to(dt), self.eps, backend=self.backend)
         return y * self.weight + self.bias
 
 
@@ -179,6 +181,7 @@ def _attend(q, k, v, key_mask, heads: int, backend):
     def split(x):
         return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
+    k, v = k.to(q.dtype), v.to(q.dtype)  # autocast: keys from fp32 prompts, queries from a bf16 GEMM
     return ops.attention(split(q), split(k), split(v), key_mask, backend=backend).transpose(1, 2).flatten(2)
 
 
