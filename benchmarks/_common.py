@@ -17,6 +17,11 @@ from collections.abc import Callable
 
 import torch
 
+# The backward timing replays one saved graph (``retain_graph=True``); torch.compile's
+# donated buffers free the saved activations after the first backward, which makes a
+# replay fail once the graph is recompiled for a new shape. Timing is unaffected.
+torch._functorch.config.donated_buffer = False
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -163,7 +168,8 @@ def plot(payload: dict, path_json: str, metric: str = "fwd_bwd_ms") -> str | Non
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(shapes)), 4))
     width = 0.8 / max(1, len(providers))
     for i, prov in enumerate(providers):
-        vals = [next((r[metric] for r in rows if r["shape"] == s and r["provider"] == prov), 0) or 0
+        # a row that recorded an error has no timing: its bar is left empty
+        vals = [next((r.get(metric) for r in rows if r["shape"] == s and r["provider"] == prov), 0) or 0
                 for s in shapes]
         ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=prov)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, rotation=15, fontsize=8)

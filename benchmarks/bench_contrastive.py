@@ -139,9 +139,6 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    # The "bwd" timing replays one saved graph with retain_graph=True, which a compiled
-    # backward with donated buffers refuses (they are donated after the first call).
-    torch._functorch.config.donated_buffer = False
     if args.quick:
         # CI smoke: torch.compile's first call (about a minute per op on a CPU) would
         # dominate; its correctness is covered by the tests, so --quick skips it.
