@@ -16,11 +16,12 @@ import sys
 from collections.abc import Callable
 
 import torch
+import torch._functorch.config as functorch_config
 
 # The backward timing replays one saved graph (``retain_graph=True``); torch.compile's
 # donated buffers free the saved activations after the first backward, which makes a
 # replay fail once the graph is recompiled for a new shape. Timing is unaffected.
-torch._functorch.config.donated_buffer = False
+functorch_config.donated_buffer = False
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
