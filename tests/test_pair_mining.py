@@ -1,5 +1,6 @@
 """mine_pairs (SPEC 3.4): the eager reference on a hand-computed case, the C++
-(``cpp``) and CUDA (``cuda``) kernels against the reference, validation, opcheck,
+(``cpp``), Triton (``triton``, interpreted on the CPU) and CUDA (``cuda``) kernels
+against the reference, sharding, the chunked helper, validation, opcheck,
 torch.compile, and ``sentiment_classes``."""
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 import msa_fast
-from msa_fast.ops import mine_pairs, sentiment_classes
+from msa_fast import _backend
+from msa_fast.ops import mine_pairs, mine_pairs_chunked, sentiment_classes
 from msa_fast.ops import reference as R
 
 HAS_EXT = msa_fast.build_info()["extension"]
@@ -18,6 +20,12 @@ needs_cpp = pytest.mark.skipif(
     not HAS_EXT or "mine_pairs" not in msa_fast.build_info()["cpu_ops"],
     reason="msa_fast._C is not built (pip install --no-build-isolation -e .)",
 )
+
+needs_triton = pytest.mark.skipif(
+    "triton" not in _backend.available("mine_pairs", "cuda" if torch.cuda.is_available() else "cpu"),
+    reason="triton is not installed, or no GPU and TRITON_INTERPRET is not 1",
+)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 SIM_TOL = 1e-5  # fp32 cosine of unit vectors: the kernels' GEMM tiles round differently
 TIE_TOL = 1e-6  # two similarities this close may legitimately swap order
@@ -284,6 +292,196 @@ def test_torch_compile_fullgraph():
 
 
 # --------------------------------------------------------------------------- #
+# Triton kernel vs reference (interpreted on the CPU: small inputs, few tiles)
+# --------------------------------------------------------------------------- #
+
+
+def assert_triton_equal(got, want, features, queries=None):
+    """``assert_mined_equal`` plus the exact tie rule: two picks may swap only when
+    their similarities are a near tie of *different* rows; copies of one row tie
+    exactly, so the lower index must come first as in the reference."""
+    assert got.pos_sim.dtype == torch.float32
+    assert_mined_equal(got, want, features, queries)
+    for gi, wi in ((got.pos_idx, want.pos_idx), (got.neg_idx, want.neg_idx)):
+        diff = gi != wi
+        if diff.any():
+            a, b = features[gi[diff]], features[wi[diff]]
+            assert not (a == b).all(dim=1).any(), "copies of one row ranked by the higher index"
+
+
+TRITON_CASES = {
+    # id: (N, D, classes, k, dtype, duplicated rows, zero rows, (BLOCK_Q, BLOCK_N) or None)
+    "fp32-dups-zeros": (300, 37, 5, 7, torch.float32, 30, 3, None),  # N not a multiple of 64
+    "fp32-small-tiles": (150, 20, 4, 10, torch.float32, 15, 2, (16, 32)),  # 10 query x 5 key tiles
+    "fp32-k64": (140, 9, 2, 64, torch.float32, 10, 1, None),  # MAX_K; classes of ~70 rows
+    "fp32-k1": (130, 16, 3, 1, torch.float32, 10, 1, None),
+    "fp16": (200, 40, 4, 12, torch.float16, 10, 2, None),
+    "one-class": (100, 8, 1, 4, torch.float32, 0, 0, None),  # no negatives at all
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(TRITON_CASES), ids=list(TRITON_CASES))
+def test_triton_matches_reference(case):
+    from msa_fast.kernels.triton.pair_mining import mine_pairs_forward
+
+    n, d, classes, k, dtype, dup, zeros, blocks = TRITON_CASES[case]
+    f, labels = _data(n, d, classes, dtype, dup=dup, zeros=zeros)
+    f, labels = f.to(DEV), labels.to(DEV)
+    if blocks is None:
+        got = mine_pairs(f, labels, k, backend="triton")
+    else:
+        got = R.MinedPairs(*mine_pairs_forward(f, labels, f, labels, torch.arange(n, device=DEV), k,
+                                               block_q=blocks[0], block_n=blocks[1]))
+    want = R.mine_pairs(f, labels, k)
+    assert_triton_equal(got, want, f)
+    assert_valid(got, labels, labels, torch.arange(n, device=DEV))
+
+
+@needs_triton
+def test_triton_quantised_ties_and_tiny_classes():
+    # Entries in {-1, 0, 1}: many exactly equal dot products; classes of size 1, 2
+    # and 3 (k larger than the class) next to two big ones.
+    g = torch.Generator().manual_seed(4)
+    f = torch.randint(-1, 2, (190, 6), generator=g).float()
+    labels = torch.randint(0, 2, (190,), generator=g)
+    labels[[3, 100, 150, 7, 189, 0]] = torch.tensor([2, 3, 3, 4, 4, 4])
+    f, labels = f.to(DEV), labels.to(DEV)
+    got = mine_pairs(f, labels, 5, backend="triton")
+    assert_triton_equal(got, R.mine_pairs(f, labels, 5), f)
+    assert (got.pos_idx[3] == -1).all() and got.pos_sim[3].isnan().all()
+    assert got.pos_idx[100].tolist() == [150, -1, -1, -1, -1]
+    assert sorted(got.pos_idx[0, :2].tolist()) == [7, 189] and (got.pos_idx[0, 2:] == -1).all()
+
+
+@needs_triton
+def test_triton_exact_ties():
+    # Rows 2^p * e_c (and zero rows): every similarity is exactly 0 or 1, so the
+    # lower-index rule alone decides, across query and key tile boundaries.
+    from msa_fast.kernels.triton.pair_mining import mine_pairs_forward
+
+    g = torch.Generator().manual_seed(1)
+    n, d = 210, 3
+    c = torch.randint(0, d, (n,), generator=g)
+    f = torch.zeros(n, d)
+    f[torch.arange(n), c] = 2.0 ** torch.randint(-3, 4, (n,), generator=g).float()
+    f[::37] = 0
+    labels = torch.randint(0, 3, (n,), generator=g)
+    f, labels = f.to(DEV), labels.to(DEV)
+    want = R.mine_pairs(f, labels, 9)
+    for blocks in ((None, None), (16, 32)):
+        got = mine_pairs_forward(f, labels, f, labels, torch.arange(n, device=DEV), 9,
+                                 block_q=blocks[0], block_n=blocks[1])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_triton
+def test_triton_external_queries_and_shards():
+    f, labels = _data(230, 21, 4, dup=10, zeros=2)
+    g = torch.Generator().manual_seed(3)
+    queries = torch.randn(37, 21, generator=g)
+    queries[5] = f[100]  # an external copy of a row: itself is a candidate
+    queries[6] = 0
+    qlabels = torch.randint(0, 4, (37,), generator=g)
+    qlabels[5] = labels[100]
+    f, labels, queries, qlabels = f.to(DEV), labels.to(DEV), queries.to(DEV), qlabels.to(DEV)
+    got = mine_pairs(f, labels, 8, queries, qlabels, backend="triton")
+    assert_triton_equal(got, R.mine_pairs(f, labels, 8, queries, qlabels), f, queries)
+    assert_valid(got, labels, qlabels, torch.full((37,), -1, device=DEV))
+    assert got.pos_idx[5, 0] == 100 and got.pos_sim[5, 0] == pytest.approx(1.0, abs=1e-6)
+    assert (got.pos_sim[6][got.pos_idx[6] >= 0] == 0).all() and (got.neg_sim[6] == 0).all()
+    # Shards of the data set's own rows (query_index: row i excluded, -1: nothing
+    # excluded) are exactly the rows of the full call.
+    full = mine_pairs(f, labels, 8, backend="triton")
+    for a, b in ((0, 1), (50, 133), (200, 230)):
+        rows = torch.arange(a, b, device=DEV)
+        shard = mine_pairs(f, labels, 8, f[a:b], labels[a:b], rows, backend="triton")
+        for x, y in zip(shard, full):
+            torch.testing.assert_close(x, y[a:b], rtol=0, atol=0, equal_nan=True)
+    qi = torch.arange(60, 90, device=DEV)
+    qi[::2] = -1
+    mixed = mine_pairs(f, labels, 8, f[60:90], labels[60:90], qi, backend="triton")
+    assert_triton_equal(mixed, R.mine_pairs(f, labels, 8, f[60:90], labels[60:90], qi), f, f[60:90])
+
+
+@needs_triton
+def test_triton_empty():
+    f = torch.zeros(0, 4, device=DEV)
+    out = mine_pairs(f, torch.zeros(0, dtype=torch.long, device=DEV), 3, torch.randn(2, 4, device=DEV),
+                     torch.tensor([0, 1], device=DEV), backend="triton")
+    assert out.pos_idx.shape == (2, 3) and (out.pos_idx == -1).all() and out.neg_sim.isnan().all()
+    f, labels = _data(20, 4, 2)
+    out = mine_pairs(f.to(DEV), labels.to(DEV), 3, f[:0].to(DEV), labels[:0].to(DEV), backend="triton")
+    assert out.pos_idx.shape == (0, 3) and out.neg_sim.dtype == torch.float32
+
+
+@needs_triton
+def test_triton_limits(monkeypatch):
+    f, labels = _data(70, 5, 2)
+    f, labels = f.to(DEV), labels.to(DEV)
+    with pytest.raises(RuntimeError, match="k <= 64"):
+        mine_pairs(f, labels, 65, backend="triton")
+    with pytest.raises(RuntimeError, match="float64"):
+        mine_pairs(f.double(), labels, 3, backend="triton")
+    # auto never fails: beyond the limits it falls back to eager.
+    monkeypatch.setitem(_backend.AUTO_ORDER, ("mine_pairs", f.device.type), ("triton", "eager"))
+    for x, k in ((f, 65), (f.double(), 3)):
+        got = mine_pairs(x, labels, k, backend="auto")
+        for a, b in zip(got, R.mine_pairs(x, labels, k)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_triton
+def test_triton_opcheck():
+    f, labels = _data(40, 6, 3, dup=3, zeros=1)
+    q = torch.randn(5, 6)
+    # No missing slots: opcheck compares outputs without equal_nan.
+    for args in ((f, labels, f, labels, torch.arange(40), 4),
+                 (f, labels, q, torch.tensor([0, 1, 2, 0, 1]), torch.tensor([-1, 3, -1, 0, 39]), 3)):
+        args = tuple(a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(torch.ops.msa_fast.mine_pairs_triton, args)
+
+
+# --------------------------------------------------------------------------- #
+# Chunked mining
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("cpp", marks=needs_cpp),
+                                     pytest.param("triton", marks=needs_triton)])
+def test_mine_pairs_chunked_equals_one_call(backend, capsys):
+    n = 150 if backend == "triton" else 1100
+    f, labels = _data(n, 12, 4, dup=10, zeros=2)
+    one = mine_pairs(f, labels, 6, backend=backend)
+    # Blocks that do not divide N; progress=None under pytest (not a terminal): no bar.
+    got = mine_pairs_chunked(f, labels, 6, 64 if backend == "triton" else 300, backend=backend)
+    assert capsys.readouterr().err == ""
+    if backend == "triton":  # one program per query block: a row's result is independent of its block
+        for a, b in zip(got, one):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    else:  # a BLAS may round a similarity of a short block differently in the last bit
+        assert_mined_equal(got, one, f, sim_tol=1e-6)
+    assert_mined_equal(got, R.mine_pairs(f, labels, 6), f)
+
+
+def test_mine_pairs_chunked_progress_and_checks(capsys):
+    pytest.importorskip("tqdm")
+    f, labels = _data(90, 5, 3)
+    got = mine_pairs_chunked(f, labels, 3, 40, backend="eager", progress=True)
+    assert "90/90" in capsys.readouterr().err
+    assert_mined_equal(got, R.mine_pairs(f, labels, 3), f, sim_tol=1e-6)
+    small = mine_pairs_chunked(f, labels, 3, 4096, backend="eager")  # one block
+    assert small.pos_idx.shape == (90, 3)
+    with pytest.raises(ValueError, match="mine_pairs_chunked: chunk_size:"):
+        mine_pairs_chunked(f, labels, 3, 0)
+    with pytest.raises(ValueError, match="mine_pairs: labels:"):
+        mine_pairs_chunked(f, labels[:5], 3)
+    with pytest.raises(ValueError, match="mine_pairs: k:"):
+        mine_pairs_chunked(f, labels, 0)
+
+
+# --------------------------------------------------------------------------- #
 # Validation and backends
 # --------------------------------------------------------------------------- #
 
@@ -344,3 +542,30 @@ def test_cuda_exact_ties_queries_and_half(dtype):
     assert_mined_equal(got, want, f, q)
     with pytest.raises(RuntimeError, match="64"):
         mine_pairs(f, labels, 65, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, d, k", [(20000, 256, 50), (16326, 877, 10), (5000, 64, 64)])
+def test_triton_gpu_large(n, d, k, dtype):
+    f, labels = _data(n, d, 7, dtype, dup=50, zeros=3)
+    f, labels = f.cuda(), labels.cuda()
+    got = mine_pairs(f, labels, k, backend="triton")
+    assert_triton_equal(got, R.mine_pairs(f, labels, k), f)
+
+
+@pytest.mark.gpu
+def test_triton_gpu_queries_chunks_limits():
+    f, labels = _data(9000, 128, 5, torch.float32, dup=30, zeros=2)
+    f, labels = f.cuda(), labels.cuda()
+    q, ql = f[500:2777], labels[500:2777]
+    qi = torch.arange(500, 2777, device="cuda")
+    qi[::3] = -1
+    got = mine_pairs(f, labels, 33, q, ql, qi, backend="triton")
+    assert_triton_equal(got, R.mine_pairs(f, labels, 33, q, ql, qi), f, q)
+    one = mine_pairs(f, labels, 20, backend="triton")
+    for a, b in zip(mine_pairs_chunked(f, labels, 20, 1000, backend="triton"), one):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(RuntimeError, match="64"):
+        mine_pairs(f, labels, 65, backend="triton")
+

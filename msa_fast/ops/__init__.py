@@ -13,7 +13,7 @@ from msa_fast.ops.dipu import dipu
 from msa_fast.ops.dual_gate import dual_gate
 from msa_fast.ops.gap import gated_attention_pool
 from msa_fast.ops.layer_norm import add_layer_norm
-from msa_fast.ops.pair_mining import MinedPairs, mine_pairs, sentiment_classes
+from msa_fast.ops.pair_mining import MinedPairs, mine_pairs, mine_pairs_chunked, sentiment_classes
 
 __all__ = [
     "MinedPairs",
@@ -24,6 +24,7 @@ __all__ = [
     "fd_cmdie_contrastive_loss",
     "gated_attention_pool",
     "mine_pairs",
+    "mine_pairs_chunked",
     "nt_xent",
     "reference",
     "sentiment_classes",

@@ -2,12 +2,27 @@
 
 Backends: ``eager`` (:func:`msa_fast.ops.reference.mine_pairs`, materialises Q x N),
 ``cpp`` (``csrc/cpu/pair_mining.cpp``: blocked similarity + running top-k, OpenMP),
-``cuda`` (``csrc/cuda/pair_mining.cu``). The C++ op is ``torch.ops.msa_fast.mine_pairs``;
-its fake kernel below makes it traceable by ``torch.compile``. Mining is not
-differentiable: it selects pairs, the contrastive loss recomputes the cosines.
+``cuda`` (``csrc/cuda/pair_mining.cu``) and ``triton``
+(``msa_fast/kernels/triton/pair_mining.py``: per block of queries, a loop over key
+tiles with ``tl.dot`` and a running top-k of packed (similarity, index) keys). The
+C++ op is ``torch.ops.msa_fast.mine_pairs``, the Triton one
+``torch.ops.msa_fast.mine_pairs_triton``; their fake kernels make both traceable by
+``torch.compile``. Mining is not differentiable: it selects pairs, the contrastive
+loss recomputes the cosines -- so neither op registers an autograd formula (the
+wrapper detaches the features).
+
+Limits of the fused kernels: ``cuda`` and ``triton`` keep the running lists in
+registers, ``k <= 64``; ``triton`` takes fp32 / fp16 / bf16 (its keys hold fp32
+bits), not fp64. Beyond a limit ``auto`` falls back to ``eager`` and an explicitly
+requested backend raises ``RuntimeError``.
+
+:func:`mine_pairs_chunked` mines a whole data set in blocks of queries (the
+``queries`` / ``query_labels`` / ``query_index`` sharding) with a progress bar.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -16,10 +31,12 @@ from msa_fast.ops import _validate as V
 from msa_fast.ops import reference
 from msa_fast.ops.reference import MinedPairs, sentiment_classes
 
-__all__ = ["MinedPairs", "mine_pairs", "sentiment_classes"]
+__all__ = ["MinedPairs", "mine_pairs", "mine_pairs_chunked", "sentiment_classes"]
 
-_backend.register("mine_pairs", "cpp", "cuda")
+_backend.register("mine_pairs", "cpp", "cuda", "triton")
 CUDA_MAX_K = 64  # csrc/cuda/pair_mining.cu: kMaxK
+TRITON_MAX_K = 64  # msa_fast/kernels/triton/pair_mining.py: MAX_K (not imported: no triton import here)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 if _ext.load()[0] is not None:
     @torch.library.register_fake("msa_fast::mine_pairs")
@@ -29,6 +46,22 @@ if _ext.load()[0] is not None:
         idx = features.new_empty((q, k), dtype=torch.long)
         sim = features.new_empty((q, k), dtype=sim_dtype)
         return idx, sim, torch.empty_like(idx), torch.empty_like(sim)
+
+
+@torch.library.custom_op("msa_fast::mine_pairs_triton", mutates_args=())
+def _mine_pairs_triton(features: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor,
+                       query_labels: torch.Tensor, query_index: torch.Tensor,
+                       k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from msa_fast.kernels.triton.pair_mining import mine_pairs_forward
+
+    return mine_pairs_forward(features, labels, queries, query_labels, query_index, k)
+
+
+@_mine_pairs_triton.register_fake
+def _(features, labels, queries, query_labels, query_index, k):
+    idx = features.new_empty((queries.shape[0], k), dtype=torch.long)
+    sim = features.new_empty((queries.shape[0], k), dtype=torch.float32)
+    return idx, sim, torch.empty_like(idx), torch.empty_like(sim)
 
 
 @torch.compiler.assume_constant_result
@@ -80,10 +113,16 @@ def mine_pairs(
     """
     _check(features, labels, k, queries, query_labels, query_index)
     name = _resolve(backend, features.device)
+    why = None
     if name == "cuda" and k > CUDA_MAX_K:
-        # The CUDA kernel keeps two list slots per lane of a warp.
-        if (backend if backend is not None else _backend.get_backend()) == "cuda":
-            raise RuntimeError(f"mine_pairs: backend 'cuda' supports k <= {CUDA_MAX_K}, got k={k}")
+        why = f"supports k <= {CUDA_MAX_K}, got k={k}"  # two list slots per lane of a warp
+    elif name == "triton" and k > TRITON_MAX_K:
+        why = f"supports k <= {TRITON_MAX_K}, got k={k}"  # the lists are registers
+    elif name == "triton" and features.dtype not in TRITON_DTYPES:
+        why = f"supports fp32 / fp16 / bf16 features, got {features.dtype}"
+    if why is not None:
+        if _backend.is_explicit(backend):
+            raise RuntimeError(f"mine_pairs: backend {name!r} {why}")
         name = "eager"  # auto never fails
     if name == "eager":
         return reference.mine_pairs(features, labels, k, queries, query_labels, query_index)
@@ -94,6 +133,66 @@ def mine_pairs(
             query_index = torch.arange(n, device=features.device)
     elif query_index is None:
         query_index = torch.full((queries.shape[0],), -1, dtype=torch.long, device=features.device)
-    out = torch.ops.msa_fast.mine_pairs(
-        features.detach(), labels, queries.detach(), query_labels, query_index, k)
+    op = _mine_pairs_triton if name == "triton" else torch.ops.msa_fast.mine_pairs
+    out = op(features.detach(), labels, queries.detach(), query_labels, query_index, k)
+    return MinedPairs(*out)
+
+
+def _progress_bar(total: int, show: bool):
+    """A tqdm bar on stderr, or ``None`` (not shown, or tqdm not installed)."""
+    if not show:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: mining runs the same without a bar
+        return None
+    return tqdm(total=total, desc="mine_pairs", unit="query", file=sys.stderr)
+
+
+def mine_pairs_chunked(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    k: int,
+    chunk_size: int = 4096,
+    *,
+    backend: str | None = None,
+    progress: bool | None = None,
+) -> MinedPairs:
+    """:func:`mine_pairs` of every row of ``features``, ``chunk_size`` queries at a time.
+
+    Each block of rows ``a:b`` is mined as ``mine_pairs(features, labels, k,
+    features[a:b], labels[a:b], arange(a, b))`` -- the sharding contract of SPEC
+    3.4, so every row's result is the one of the full call: the same candidates,
+    order and tie rule. With ``triton`` it is bit-identical (one program per
+    block of queries: a row's arithmetic does not depend on its block); with
+    ``eager`` / ``cpp`` a BLAS may round a similarity of a short block (or of
+    ``cpp``'s symmetric half-GEMM in the one call) differently in the last bit,
+    which can only swap two picks whose similarities are that close. Use it to
+    bound the memory of the ``eager`` backend (``chunk_size x N`` similarities
+    instead of ``N x N``) and to see progress on large data sets. ``progress``: ``None`` shows a tqdm bar on stderr
+    only when stderr is a terminal, ``True`` / ``False`` force it (no bar when
+    tqdm is not installed). Returns ``(N, k)`` tensors like :func:`mine_pairs`.
+    """
+    _check(features, labels, k, None, None, None)
+    V.positive_int("mine_pairs_chunked", "chunk_size", chunk_size)
+    n = features.shape[0]
+    if n <= chunk_size:
+        return mine_pairs(features, labels, k, backend=backend)
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    bar = _progress_bar(n, show)
+    out = None
+    try:
+        for a in range(0, n, chunk_size):
+            b = min(a + chunk_size, n)
+            rows = torch.arange(a, b, device=features.device)
+            part = mine_pairs(features, labels, k, features[a:b], labels[a:b], rows, backend=backend)
+            if out is None:  # dtypes are the backend's: allocate after the first block
+                out = [t.new_empty((n, k)) for t in part]
+            for dst, src in zip(out, part):
+                dst[a:b] = src
+            if bar is not None:
+                bar.update(b - a)
+    finally:
+        if bar is not None:
+            bar.close()
     return MinedPairs(*out)
