@@ -26,22 +26,30 @@ exact ties exact: duplicated (or power-of-two-scaled) rows give bit-identical
 similarities. Rows whose raw squared norm overflows fp32 (|x| ~ 1e19) are out
 of scope. fp64 is not supported (the keys below hold fp32 bits).
 
-Exact tie rule with one sort. Each candidate becomes one int64 key
+Exact tie rule through packed keys. Each candidate becomes one int64 key
 ``(order-preserving int32 image of its fp32 similarity) << 32 | (2^32 - 1 - j)``:
 int64 order is similarity order first and, among equal similarities, the lower
-row first -- the SPEC's tie rule -- so ``tl.topk`` (a bitonic network) on keys
-gives the exact list. Negatives use the bitwise complement of the similarity
-image (order reversing, ties stay ties). ``-0.0`` is canonicalised to ``+0.0``
-first: the two are equal similarities but have different bit images.
+row first -- the SPEC's tie rule -- so plain integer max / min on keys select
+the exact list, and every key is unique. Negatives use the bitwise complement
+of the similarity image (order reversing, ties stay ties). ``-0.0`` is
+canonicalised to ``+0.0`` first: equal similarities, different bit images.
 Non-candidates (other label / own row / padding) get ``INT64_MIN``, below every
-real key, and decode to ``-1`` / NaN. Merging a tile: skipped when no key of the
-tile beats any query's current k-th key (the common case after warm-up);
-otherwise the tile's top ``K_P`` are joined with the running list and reduced
-by a second ``tl.topk``. The similarity of a kept entry is decoded back from its
-key, so the written value is exactly the one that was ranked.
+real key; the lists start as the distinct placeholders ``INT64_MIN + slot``;
+both decode to ``-1`` / NaN. The similarity written is decoded back from the
+key, so it is exactly the value that was ranked.
 
-Limits: ``k <= MAX_K`` (64): the running lists are registers; ``k`` up to 64 keeps
-two ``(BLOCK_Q, 64)`` int64 lists per program.
+Merging a tile (selection, not a sorting network): each list is an unsorted
+set with its minimum cached; a row needs at most ``min(#keys of the tile above
+its minimum, K_P)`` steps, each replacing its minimum by its largest remaining
+candidate when larger. The tile runs the block's maximum of that count -- zero
+for nearly every tile once the lists are warm -- so the steady state costs
+two reductions per tile and list. The lists are sorted once at the end by
+``k`` max-extractions. (``tl.topk`` / ``tl.sort`` bitonic merges were tried:
+exact too, but every tile paid for them, and under ``TRITON_INTERPRET`` they
+were ~10x slower.)
+
+Limits: ``k <= MAX_K`` (64): the lists are registers -- two ``(BLOCK_Q, K_P)``
+int64 tensors per program.
 """
 
 from __future__ import annotations
