@@ -13,6 +13,13 @@ For each drop rate (default 0, 0.1, 0.3, 0.5, 0.7) trains and evaluates, at that
     python benchmarks/fidelity_promma_drop.py --seeds 1111 1112 1113
     python benchmarks/fidelity_promma_drop.py --quick         # CI smoke: tiny data, 1 epoch, 2 rates
 
+Reading the result on synthetic data: the generator draws the three latent contents
+``z_t, z_a, z_v`` independently (``msa_fast/data/synthetic.py``), so a dropped modality
+carries information that no present modality holds; imputation has nothing to recover
+there, and the backbone can also tell a dropped modality by its zeroed features. A gain
+from the prompts is therefore not expected on this data; real MOSI/MOSEI, whose
+modalities are correlated, is the test that matters.
+
 Writes ``benchmarks/results/promma_drop.json`` (per rate and model: mean / std / per-seed
 test metrics, wall time; the environment) and ``promma_drop.png`` (test MAE and
 Non0_acc_2 against the drop rate, one line per model, error bars = std over seeds when
