@@ -49,3 +49,37 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     assert reason is not None and "TRITON_INTERPRET" in reason
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _backend.unavailable_reason("_probe_op", "triton", torch.device("cpu")) is None
+
+
+def _autocast_cases():
+    from msa_fast import ops
+    from msa_fast.nn import DualGateFusion, GatedAttentionPooling
+
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)
+    gap = GatedAttentionPooling(8, num_modalities=3)
+    fuse = DualGateFusion(8)
+    x = r(2, 5, 8)
+    q, k, v = r(2, 2, 4, 4), r(2, 2, 6, 4), r(2, 2, 6, 4)
+    return {
+        "add_layer_norm": (lambda: ops.add_layer_norm(x.bfloat16(), x, torch.ones(8), torch.zeros(8)),
+                           torch.bfloat16),
+        "attention": (lambda: ops.attention(q.bfloat16(), k, v), torch.bfloat16),
+        "dual_gate (module: fp32 weights, bf16 h)": (lambda: fuse(r(2, 3, 8).bfloat16()), torch.bfloat16),
+        "gated_attention_pool (module)": (lambda: gap(torch.stack([x, x, x]).bfloat16()), torch.bfloat16),
+        "nt_xent": (lambda: ops.nt_xent(r(3, 8).bfloat16(), r(3, 8), r(3, 2, 8)), torch.float32),
+        "triplet": (lambda: ops.triplet(r(3, 8).bfloat16(), r(3, 8), r(3, 8)), torch.float32),
+    }
+
+
+@pytest.mark.parametrize("name", list(_autocast_cases()))
+def test_ops_accept_mixed_dtypes_under_autocast_only(name):
+    """Under autocast a module meets bf16 activations and fp32 parameters: every op casts to
+    one dtype (the autocast dtype; fp32 for losses). Outside autocast a mix is a ValueError."""
+    fn, want = _autocast_cases()[name]
+    with msa_fast.use_backend("eager"), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn()
+    assert out.dtype == want and torch.isfinite(out.float()).all()
+    if "module" not in name:
+        with msa_fast.use_backend("eager"), pytest.raises(ValueError, match="dtype"):
+            fn()

@@ -89,6 +89,7 @@ def attention(
     masked outputs zeros (zero gradient, never NaN); elsewhere equal to
     ``torch.nn.functional.scaled_dot_product_attention``.
     """
+    q, k, v = V.autocast_inputs(q, k, v)
     _check(q, k, v, key_padding_mask, scale)
     name = _backend.resolve("attention", backend, q.device)
     if name == "eager":

@@ -233,6 +233,7 @@ def nt_xent(
     ``"mean" | "sum" | "none"``. See :func:`msa_fast.ops.reference.nt_xent`.
     """
     op = "nt_xent"
+    anchor, positive, negatives = V.autocast_inputs(anchor, positive, negatives, dtype=torch.float32)
     V.tensor(op, "anchor", anchor, ndim=2, layout="(P, D)")
     p, d = anchor.shape
     V.tensor(op, "positive", positive, shape=(p, d), like=anchor, layout="(P, D)")
@@ -263,6 +264,7 @@ def triplet(
     in ``"mean" | "sum" | "none"``. See :func:`msa_fast.ops.reference.triplet`.
     """
     op = "triplet"
+    anchor, positive, negative = V.autocast_inputs(anchor, positive, negative, dtype=torch.float32)
     V.tensor(op, "anchor", anchor, ndim=2, layout="(P, D)")
     p, d = anchor.shape
     V.tensor(op, "positive", positive, shape=(p, d), like=anchor, layout="(P, D)")
@@ -300,6 +302,8 @@ def fd_cmdie_contrastive_loss(
     triplets are documented on :func:`msa_fast.ops.reference.fd_cmdie_contrastive_loss`.
     """
     op = "fd_cmdie_contrastive_loss"
+    sim_feats, diff_feats, pos_partner_feats, neg_partner_feats = V.autocast_inputs(
+        sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, dtype=torch.float32)
     V.tensor(op, "sim_feats", sim_feats, ndim=3, layout="(B, 3, D)")
     V.tensor(op, "sim_feats", sim_feats, shape=(None, 3, None), layout="(B, 3, D) [T_s, A_s, V_s]")
     b, _, d = sim_feats.shape

@@ -90,6 +90,7 @@ def dual_gate(
     Returns ``(h_ent (..., D), h_imp_in (..., M*D), e (..., M), g (..., M))``; see
     :func:`msa_fast.ops.reference.dual_gate` for the exact formulas.
     """
+    h, w_z, b_z, g_logits = V.autocast_inputs(h, w_z, b_z, g_logits)
     _check(h, w_z, b_z, g_logits, tau)
     name = _backend.resolve("dual_gate", backend, h.device)
     if name == "eager":

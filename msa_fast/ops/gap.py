@@ -107,6 +107,8 @@ def gated_attention_pool(
     (``mask: (B, L)`` True) are 0 in all three. Parameter shapes and formulas: see
     :func:`msa_fast.ops.reference.gated_attention_pool`.
     """
+    x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a = V.autocast_inputs(
+        x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a)
     _check(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps)
     name = _backend.resolve("gated_attention_pool", backend, x.device)
     if name == "eager":

@@ -83,6 +83,7 @@ def add_layer_norm(
     backend: str | None = None,
 ) -> torch.Tensor:
     """``LayerNorm(x + residual)`` over the last dim: ``x, residual: (..., d)``, ``weight, bias: (d,)``."""
+    x, residual, weight, bias = V.autocast_inputs(x, residual, weight, bias)
     _check(x, residual, weight, bias, eps)
     name = _backend.resolve("add_layer_norm", backend, x.device)
     if name == "eager":
