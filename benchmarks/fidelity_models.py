@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--quick", action="store_true", help="tiny data, 1 epoch, 1 seed (smoke)")
     p.add_argument("--out", default=RESULTS, help="directory of the JSON / PNG / MD outputs")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other models' rows of an existing JSON (same data and seeds)")
     args = p.parse_args(argv)
     extra = {}
     if args.quick:
@@ -85,7 +87,13 @@ def main(argv=None) -> int:
     import msa_fast
 
     msa_fast.set_backend(args.backend)
+    stem = os.path.join(args.out, "fidelity_models")
     rows: dict[str, dict] = {}
+    if args.merge and os.path.exists(stem + ".json"):
+        old = json.load(open(stem + ".json"))
+        if (old["data"], old["seeds"]) != (args.data, args.seeds):
+            p.error(f"--merge: {stem}.json holds {old['data']} seeds {old['seeds']}")
+        rows = {n: r for n, r in old["models"].items() if n not in args.models}
     for name in args.models:
         t0 = time.perf_counter()
         try:
@@ -104,7 +112,7 @@ def main(argv=None) -> int:
     command = "python benchmarks/fidelity_models.py" + (" --quick" if args.quick else "")
     payload = {"data": args.data, "seeds": args.seeds, "backend": args.backend,
                "environment": environment(torch.device("cpu")), "models": rows}
-    stem = os.path.join(args.out, "fidelity_models")
+    rows = {n: rows[n] for n in MODELS if n in rows} | {n: r for n, r in rows.items() if n not in MODELS}
     with open(stem + ".json", "w") as f:
         json.dump(payload, f, indent=2)
     with open(stem + ".md", "w") as f:
