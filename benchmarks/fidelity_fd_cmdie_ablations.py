@@ -17,6 +17,7 @@ the paper's MOSI / MOSEI numbers.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -102,7 +103,11 @@ def main(argv=None) -> int:
 
     command = "python benchmarks/fidelity_fd_cmdie_ablations.py " + " ".join(argv if argv is not None
                                                                              else sys.argv[1:])
-    payload = {"data": args.data, "seeds": args.seeds, "backend": args.backend, "command": command.strip(),
+    from msa_fast.models.fd_cmdie import FDCMDIE
+
+    defaults = {k: v.default for k, v in inspect.signature(FDCMDIE.__init__).parameters.items()
+                if v.default is not inspect.Parameter.empty}
+    payload = {"data": args.data, "model_defaults": defaults, "seeds": args.seeds, "backend": args.backend, "command": command.strip(),
                "train_config": {k: v for k, v in TrainConfig(**extra).to_dict().items()
                                 if k in ("epochs", "patience", "batch_size", "lr", "weight_decay", "threads")},
                "environment": environment(torch.device("cpu")), "variants": rows}
