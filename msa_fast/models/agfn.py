@@ -66,6 +66,8 @@ Hyper-parameters (``cfg``; unknown keys ignored): ``d`` 32, ``heads`` 4, ``ffn_d
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -73,31 +75,20 @@ from msa_fast import ops
 from msa_fast.models import register_model
 from msa_fast.models.encoders import SLSTMEncoder, build_text_encoder, encode_text, masked_mean
 from msa_fast.nn.dual_gate import DualGateFusion
+from msa_fast.ops import _validate as V
 
 __all__ = ["AGFN", "CrossModalBlock"]
 
 MODALITIES = ("text", "audio", "vision")
+_OP = "AGFN"
 
 
 def _fail(name: str, expected: str, got: object) -> None:
-    raise ValueError(f"AGFN: {name}: expected {expected}, got {got!r}")
+    V.fail(_OP, name, expected, repr(got))
 
 
-def _int(name: str, v: object, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        _fail(name, f"an int >= {minimum}", v)
-    return v
-
-
-def _float(name: str, v: object, low: float, high: float | None = None, *, low_open: bool = False) -> float:
-    ok = not isinstance(v, bool) and isinstance(v, (int, float))
-    if ok:
-        v = float(v)
-        ok = (v > low if low_open else v >= low) and (high is None or v < high)
-    if not ok:
-        rng = f"{'>' if low_open else '>='} {low}" + ("" if high is None else f" and < {high}")
-        _fail(name, f"a float {rng}", v)
-    return float(v)
+_int = functools.partial(V.config_int, _OP)
+_float = functools.partial(V.config_float, _OP)
 
 
 class CrossModalBlock(nn.Module):

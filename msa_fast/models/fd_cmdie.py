@@ -91,6 +91,8 @@ trainer's optimizer) with all ``k_cl`` partners per step (MOSI, forward) or the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -100,34 +102,23 @@ from msa_fast.models import register_model
 from msa_fast.models.encoders import SLSTMEncoder, build_text_encoder, encode_text, masked_mean
 from msa_fast.nn.contrastive import FDCMDIEContrastiveLoss
 from msa_fast.nn.dipu import CMDIE
+from msa_fast.ops import _validate as V
 
 __all__ = ["FDCMDIE", "Decoupler"]
 
 MODALITIES = ("text", "audio", "vision")
+_OP = "FDCMDIE"
 _SOURCES = ("forward", "bank")
 _SCHEMES = ("7", "3", "2")
 _GLOBAL = ("auto", "concat", "mean")
 
 
 def _fail(name: str, expected: str, got: object) -> None:
-    raise ValueError(f"FDCMDIE: {name}: expected {expected}, got {got!r}")
+    V.fail(_OP, name, expected, repr(got))
 
 
-def _int(name: str, v: object, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        _fail(name, f"an int >= {minimum}", v)
-    return v
-
-
-def _float(name: str, v: object, low: float, high: float | None = None, *, low_open: bool = False) -> float:
-    ok = not isinstance(v, bool) and isinstance(v, (int, float))
-    if ok:
-        v = float(v)
-        ok = (v > low if low_open else v >= low) and (high is None or v < high)
-    if not ok:
-        rng = f"{'>' if low_open else '>='} {low}" + ("" if high is None else f" and < {high}")
-        _fail(name, f"a float {rng}", v)
-    return float(v)
+_int = functools.partial(V.config_int, _OP)
+_float = functools.partial(V.config_float, _OP)
 
 
 def _bool(name: str, v: object) -> bool:

@@ -111,3 +111,22 @@ def autocast_inputs(*ts, dtype: torch.dtype | None = None):
     dt = dtype or torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FROM else t
                  for t in ts)
+
+
+def config_int(op: str, name: str, v: object, minimum: int) -> int:
+    """A model / module hyper-parameter that must be an int >= ``minimum`` (bools refused)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        fail(op, name, f"an int >= {minimum}", repr(v))
+    return v
+
+
+def config_float(op: str, name: str, v: object, low: float, high: float | None = None, *,
+                 low_open: bool = False) -> float:
+    """A hyper-parameter float in ``[low, high)`` (``(low, high)`` with ``low_open``)."""
+    ok = not isinstance(v, bool) and isinstance(v, (int, float))
+    if ok:
+        ok = (v > low if low_open else v >= low) and (high is None or v < high)
+    if not ok:
+        rng = f"{'>' if low_open else '>='} {low}" + ("" if high is None else f" and < {high}")
+        fail(op, name, f"a float {rng}", repr(v))
+    return float(v)
