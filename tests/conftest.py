@@ -34,3 +34,13 @@ def has_ext():
     import msa_fast
 
     return msa_fast.build_info()["extension"]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny models: on a shared 2-core machine the OpenMP
+    synchronisation of two threads costs far more than it saves."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

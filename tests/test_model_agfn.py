@@ -32,13 +32,7 @@ def _random_batch(B=3, lengths=((5, 2, 4), (4, 4, 1), (6, 3, 6)), dims=DIMS) -> 
     return batch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these models are tiny: intra-op threads only add synchronisation on a shared CPU
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

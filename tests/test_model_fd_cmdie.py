@@ -22,13 +22,7 @@ DATA = "synthetic:tiny:limit=48"
 SMALL = {"d": 8, "heads": 2, "hidden": 8, "k_cl": 3, "partners_per_sample": 2, "dropout": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two OpenMP threads on a shared 2-core machine are many times slower than one
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ DATA = "synthetic:tiny:limit=32"
 SMALL = dict(hidden=16, av_hidden=8, heads=2, layers=2, prompt_len=3, gen_len=2, stride=5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # small ops: OpenMP synchronisation of 2 threads costs far more than it saves
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
