@@ -371,6 +371,47 @@ def _own_features(s_ptr, d_ptr, i, D, offs_d, d_ok):
 
 
 @triton.jit
+def _own_cosines(uT, uA, uV, eT, eA, eV):
+    """Sample i's fixed cosines: ``cos(T_s, V_s)``, ``cos(T_s, A_s)`` (intra positives) and
+    ``cos(T_s, T_d / A_d / V_d)`` (intra negatives)."""
+    return (tl.sum(uT * uV, axis=0), tl.sum(uT * uA, axis=0), tl.sum(uT * eT, axis=0),
+            tl.sum(uT * eA, axis=0), tl.sum(uT * eV, axis=0))
+
+
+@triton.jit
+def _partner_block(ps_ptr, pm_ptr, i, j0, Kp, D, offs_d, d_ok,
+                   BLOCK_J: tl.constexpr, HAS_PM: tl.constexpr):
+    """A block of sample i's positive partners: bounds, validity, row offsets, and the unit
+    rows with inverse norms of their ``[T_s, A_s, V_s]`` (P*) and ``[T_d, A_d, V_d]`` (Q*)."""
+    offs_j = j0 + tl.arange(0, BLOCK_J)
+    j_ok = offs_j < Kp
+    valid = _valid(pm_ptr, i * Kp + offs_j, j_ok, HAS_PM)
+    row = (i * Kp + offs_j) * 6 * D
+    PT, iPT = _unit_rows(_load_rows(ps_ptr, row, j_ok, offs_d, d_ok))
+    PA, iPA = _unit_rows(_load_rows(ps_ptr, row + D, j_ok, offs_d, d_ok))
+    PV, iPV = _unit_rows(_load_rows(ps_ptr, row + 2 * D, j_ok, offs_d, d_ok))
+    QT, iQT = _unit_rows(_load_rows(ps_ptr, row + 3 * D, j_ok, offs_d, d_ok))
+    QA, iQA = _unit_rows(_load_rows(ps_ptr, row + 4 * D, j_ok, offs_d, d_ok))
+    QV, iQV = _unit_rows(_load_rows(ps_ptr, row + 5 * D, j_ok, offs_d, d_ok))
+    return j_ok, valid, row, PT, iPT, PA, iPA, PV, iPV, QT, iQT, QA, iQA, QV, iQV
+
+
+@triton.jit
+def _negative_block(ns_ptr, nm_ptr, i, k0, Kn, D, offs_d, d_ok,
+                    BLOCK_K: tl.constexpr, HAS_NM: tl.constexpr):
+    """A block of sample i's negative partners: bounds, validity, row offsets, and the unit
+    rows with inverse norms of their ``[T_s, A_s, V_s]``."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < Kn
+    valid = _valid(nm_ptr, i * Kn + offs_k, k_ok, HAS_NM)
+    row = (i * Kn + offs_k) * 3 * D
+    NT, iNT = _unit_rows(_load_rows(ns_ptr, row, k_ok, offs_d, d_ok))
+    NA, iNA = _unit_rows(_load_rows(ns_ptr, row + D, k_ok, offs_d, d_ok))
+    NV, iNV = _unit_rows(_load_rows(ns_ptr, row + 2 * D, k_ok, offs_d, d_ok))
+    return k_ok, valid, row, NT, iNT, NA, iNA, NV, iNV
+
+
+@triton.jit
 def _partner_group(PT, PA, PV, QT, QA, QV, tau):
     """G4j: logits of each partner's ``T_s^j`` against its five candidates and their lse."""
     zV = tl.sum(PT * PV, axis=1) / tau
@@ -393,11 +434,7 @@ def fd_cmdie_fwd_kernel(s_ptr, d_ptr, ps_ptr, ns_ptr, pm_ptr, nm_ptr, loss_ptr, 
     offs_d = tl.arange(0, D_P)
     d_ok = offs_d < D
     uT, _, uA, _, uV, _, eT, _, eA, _, eV, _ = _own_features(s_ptr, d_ptr, i, D, offs_d, d_ok)
-    cV = tl.sum(uT * uV, axis=0)
-    cA = tl.sum(uT * uA, axis=0)
-    cdT = tl.sum(uT * eT, axis=0)
-    cdA = tl.sum(uT * eA, axis=0)
-    cdV = tl.sum(uT * eV, axis=0)
+    cV, cA, cdT, cdA, cdV = _own_cosines(uT, uA, uV, eT, eA, eV)
     # G1 starts with its five always-present candidates.
     m1 = tl.maximum(tl.maximum(tl.maximum(cV, cA), tl.maximum(cdT, cdA)), cdV) / tau
     s1 = (tl.exp(cV / tau - m1) + tl.exp(cA / tau - m1) + tl.exp(cdT / tau - m1) + tl.exp(cdA / tau - m1)
@@ -412,16 +449,8 @@ def fd_cmdie_fwd_kernel(s_ptr, d_ptr, ps_ptr, ns_ptr, pm_ptr, nm_ptr, loss_ptr, 
     npp = tl.zeros((), tl.float32)
     l4 = tl.zeros((), tl.float32)
     for j0 in range(0, Kp, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = offs_j < Kp
-        valid = _valid(pm_ptr, i * Kp + offs_j, j_ok, HAS_PM)
-        row = (i * Kp + offs_j) * 6 * D
-        PT, _ = _unit_rows(_load_rows(ps_ptr, row, j_ok, offs_d, d_ok))
-        PA, _ = _unit_rows(_load_rows(ps_ptr, row + D, j_ok, offs_d, d_ok))
-        PV, _ = _unit_rows(_load_rows(ps_ptr, row + 2 * D, j_ok, offs_d, d_ok))
-        QT, _ = _unit_rows(_load_rows(ps_ptr, row + 3 * D, j_ok, offs_d, d_ok))
-        QA, _ = _unit_rows(_load_rows(ps_ptr, row + 4 * D, j_ok, offs_d, d_ok))
-        QV, _ = _unit_rows(_load_rows(ps_ptr, row + 5 * D, j_ok, offs_d, d_ok))
+        _, valid, _, PT, _, PA, _, PV, _, QT, _, QA, _, QV, _ = _partner_block(
+            ps_ptr, pm_ptr, i, j0, Kp, D, offs_d, d_ok, BLOCK_J, HAS_PM)
         z = _rowdot(uT, PT) / tau
         m1, s1 = _lse_update(m1, s1, z, valid)
         pos1 += tl.sum(tl.where(valid, z, 0.0), axis=0)
@@ -435,13 +464,8 @@ def fd_cmdie_fwd_kernel(s_ptr, d_ptr, ps_ptr, ns_ptr, pm_ptr, nm_ptr, loss_ptr, 
         zV, zA, _, _, _, lse4 = _partner_group(PT, PA, PV, QT, QA, QV, tau)
         l4 += tl.sum(tl.where(valid, 2.0 * lse4 - zV - zA, 0.0), axis=0)
     for k0 in range(0, Kn, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < Kn
-        valid = _valid(nm_ptr, i * Kn + offs_k, k_ok, HAS_NM)
-        row = (i * Kn + offs_k) * 3 * D
-        NT, _ = _unit_rows(_load_rows(ns_ptr, row, k_ok, offs_d, d_ok))
-        NA, _ = _unit_rows(_load_rows(ns_ptr, row + D, k_ok, offs_d, d_ok))
-        NV, _ = _unit_rows(_load_rows(ns_ptr, row + 2 * D, k_ok, offs_d, d_ok))
+        _, valid, _, NT, _, NA, _, NV, _ = _negative_block(
+            ns_ptr, nm_ptr, i, k0, Kn, D, offs_d, d_ok, BLOCK_K, HAS_NM)
         m1, s1 = _lse_update(m1, s1, _rowdot(uT, NT) / tau, valid)
         m2, s2 = _lse_update(m2, s2, _rowdot(uA, NA) / tau, valid)
         m3, s3 = _lse_update(m3, s3, _rowdot(uV, NV) / tau, valid)
@@ -482,11 +506,7 @@ def fd_cmdie_bwd_kernel(g_ptr, g_stride, s_ptr, d_ptr, ps_ptr, ns_ptr, pm_ptr, n
     npp = tl.load(aux_ptr + i * 4 + 3)
     n1 = 2.0 + npp
     uT, iT, uA, iA, uV, iV, eT, jT, eA, jA, eV, jV = _own_features(s_ptr, d_ptr, i, D, offs_d, d_ok)
-    cV = tl.sum(uT * uV, axis=0)
-    cA = tl.sum(uT * uA, axis=0)
-    cdT = tl.sum(uT * eT, axis=0)
-    cdA = tl.sum(uT * eA, axis=0)
-    cdV = tl.sum(uT * eV, axis=0)
+    cV, cA, cdT, cdA, cdV = _own_cosines(uT, uA, uV, eT, eA, eV)
     # G1's fixed candidates (NT-Xent), then the six triplets.
     dV = gt * (n1 * tl.exp(cV / tau - lse1) - 1.0)
     dA = gt * (n1 * tl.exp(cA / tau - lse1) - 1.0)
@@ -508,16 +528,8 @@ def fd_cmdie_bwd_kernel(g_ptr, g_stride, s_ptr, d_ptr, ps_ptr, ns_ptr, pm_ptr, n
     GA = dA * uT
     GV = dV * uT
     for j0 in range(0, Kp, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = offs_j < Kp
-        valid = _valid(pm_ptr, i * Kp + offs_j, j_ok, HAS_PM)
-        row = (i * Kp + offs_j) * 6 * D
-        PT, iPT = _unit_rows(_load_rows(ps_ptr, row, j_ok, offs_d, d_ok))
-        PA, iPA = _unit_rows(_load_rows(ps_ptr, row + D, j_ok, offs_d, d_ok))
-        PV, iPV = _unit_rows(_load_rows(ps_ptr, row + 2 * D, j_ok, offs_d, d_ok))
-        QT, iQT = _unit_rows(_load_rows(ps_ptr, row + 3 * D, j_ok, offs_d, d_ok))
-        QA, iQA = _unit_rows(_load_rows(ps_ptr, row + 4 * D, j_ok, offs_d, d_ok))
-        QV, iQV = _unit_rows(_load_rows(ps_ptr, row + 5 * D, j_ok, offs_d, d_ok))
+        j_ok, valid, row, PT, iPT, PA, iPA, PV, iPV, QT, iQT, QA, iQA, QV, iQV = _partner_block(
+            ps_ptr, pm_ptr, i, j0, Kp, D, offs_d, d_ok, BLOCK_J, HAS_PM)
         # G1, G2, G3: the sample's anchors against the partner's same-modality features.
         dc1 = tl.where(valid, gt * (n1 * tl.exp(_rowdot(uT, PT) / tau - lse1) - 1.0), 0.0)[:, None]
         dc2 = tl.where(valid, gt * (npp * tl.exp(_rowdot(uA, PA) / tau - lse2) - 1.0), 0.0)[:, None]
@@ -543,13 +555,8 @@ def fd_cmdie_bwd_kernel(g_ptr, g_stride, s_ptr, d_ptr, ps_ptr, ns_ptr, pm_ptr, n
             _store_rows(dps_ptr, row + 4 * D, j_ok, offs_d, d_ok, _unit_grad_rows(QA, iQA, d4A_ * PT))
             _store_rows(dps_ptr, row + 5 * D, j_ok, offs_d, d_ok, _unit_grad_rows(QV, iQV, d4V_ * PT))
     for k0 in range(0, Kn, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < Kn
-        valid = _valid(nm_ptr, i * Kn + offs_k, k_ok, HAS_NM)
-        row = (i * Kn + offs_k) * 3 * D
-        NT, iNT = _unit_rows(_load_rows(ns_ptr, row, k_ok, offs_d, d_ok))
-        NA, iNA = _unit_rows(_load_rows(ns_ptr, row + D, k_ok, offs_d, d_ok))
-        NV, iNV = _unit_rows(_load_rows(ns_ptr, row + 2 * D, k_ok, offs_d, d_ok))
+        k_ok, valid, row, NT, iNT, NA, iNA, NV, iNV = _negative_block(
+            ns_ptr, nm_ptr, i, k0, Kn, D, offs_d, d_ok, BLOCK_K, HAS_NM)
         dc1 = tl.where(valid, gt * n1 * tl.exp(_rowdot(uT, NT) / tau - lse1), 0.0)[:, None]
         dc2 = tl.where(valid, gt * npp * tl.exp(_rowdot(uA, NA) / tau - lse2), 0.0)[:, None]
         dc3 = tl.where(valid, gt * npp * tl.exp(_rowdot(uV, NV) / tau - lse3), 0.0)[:, None]
