@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from mining_data import random_mining_data as _data  # tests/mining_data.py
 
 import msa_fast
 from msa_fast import _backend
@@ -93,19 +94,6 @@ def assert_valid(res, labels, query_labels, query_index):
         d = sim[:, 1:] - sim[:, :-1]
         both = ok[:, 1:] & ok[:, :-1]
         assert ((d <= 0) if same else (d >= 0))[both].all(), f"{name} not sorted"
-
-
-def _data(n, d, classes, dtype=torch.float32, dup=0, zeros=0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    f = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
-    labels = torch.randint(0, classes, (n,), generator=g)
-    if dup:  # exact duplicates of earlier rows -> exact similarity ties
-        src = torch.randint(0, n, (dup,), generator=g)
-        dst = torch.randint(0, n, (dup,), generator=g)
-        f[dst] = f[src]
-    if zeros:
-        f[torch.randint(0, n, (zeros,), generator=g)] = 0
-    return f, labels
 
 
 # --------------------------------------------------------------------------- #

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from mining_data import random_mining_data as _data  # tests/mining_data.py
 
 import msa_fast
 from msa_fast.ops import mine_pairs
@@ -51,19 +52,6 @@ TOL = {
 # --------------------------------------------------------------------------- #
 # Data and comparison helpers
 # --------------------------------------------------------------------------- #
-
-
-def _data(n, d, classes, dtype=torch.float32, dup=0, zeros=0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    f = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
-    labels = torch.randint(0, classes, (n,), generator=g)
-    if dup:  # exact copies of other rows: similarity ties up to the norm's rounding
-        src = torch.randint(0, n, (dup,), generator=g)
-        dst = torch.randint(0, n, (dup,), generator=g)
-        f[dst] = f[src]
-    if zeros:
-        f[torch.randint(0, n, (zeros,), generator=g)] = 0
-    return f, labels
 
 
 def _one_hot_data(n, d, classes, dtype, seed=1):
