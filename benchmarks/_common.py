@@ -197,7 +197,7 @@ def cli(description: str):
 
 def run_op(op: str, shapes: dict[str, tuple], build: Callable, args, *,
            traffic: Callable | None = None, flops: Callable | None = None,
-           extra_providers: dict[str, Callable] | None = None) -> dict:
+           extra_providers: dict[str, Callable] | None = None, skip: tuple[str, ...] = ()) -> dict:
     """Benchmark one op over ``shapes`` for every runnable provider and write JSON + PNG.
 
     ``build(shape, device, dtype) -> (inputs, call)`` where ``call(backend)`` returns a
@@ -205,10 +205,14 @@ def run_op(op: str, shapes: dict[str, tuple], build: Callable, args, *,
     ``traffic(shape, dtype) -> (fwd_bytes, bwd_bytes)`` adds GB/s and the fraction of
     the measured copy bandwidth; ``flops(shape) -> (fwd, bwd)`` adds TFLOP/s.
     ``extra_providers`` maps a name to ``(inputs, call) -> fn`` (e.g. SDPA).
+    ``skip`` names providers not to run (said in the JSON's note).
     """
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     providers, note = providers_for(device)
+    if skip:
+        providers = [p for p in providers if p not in skip]
+        note = "; ".join(filter(None, [note, f"not run on request: {', '.join(skip)}"]))
     copy_bw = copy_bandwidth_gbs(device)
     env = environment(device)
     results = []
