@@ -20,6 +20,9 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The archs of the CUDA sources when TORCH_CUDA_ARCH_LIST is not set (what nvcc 13.0
+# offers for current cards); benchmarks/compile_gate.py checks the sources for each.
+DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0;12.0+PTX"
 
 
 def _cuda_reason_missing(torch, cuda_home) -> str | None:
@@ -76,8 +79,11 @@ def _extensions():
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) if with_cuda else []
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
     if with_cuda and not archs:
-        # Without a GPU torch cannot detect the arch; default to the GPUs we target.
-        archs = "8.0;9.0"
+        # torch would detect the arch of a visible GPU and build for it alone, or fail
+        # without one: build for every current card instead (Ampere, Hopper, Blackwell
+        # datacenter and consumer -- the FD-CMDIE paper's RTX 5090 is sm_120) plus PTX of
+        # the newest for forward compatibility (the driver JIT-compiles it on later GPUs).
+        archs = DEFAULT_CUDA_ARCHS
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     define_macros = [
         ("MSA_FAST_WITH_CUDA", "1" if with_cuda else "0"),

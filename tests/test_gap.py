@@ -232,8 +232,8 @@ def test_triton_gap_opcheck_and_compile():
 
 
 def test_triton_gap_rejects_wide_hidden_layers():
-    inputs = _triton_gap_inputs(3, 1, 2, 16, 130, 8, torch.float32)
-    with pytest.raises(RuntimeError, match="hidden sizes <= 128"):
+    inputs = _triton_gap_inputs(3, 1, 2, 16, 2049, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="d, h, ha <= 2048"):
         msa_fast.ops.gated_attention_pool(*inputs, backend="triton")
     # auto never fails: it falls back to the reference
     out = msa_fast.ops.gated_attention_pool(*inputs, backend="auto")

@@ -1,10 +1,10 @@
 """``gated_attention_pool``: GAP, FD-CMDIE eq. 25-29 (SPEC 3.2), validated and dispatched.
 
 Backends: ``eager`` (:func:`msa_fast.ops.reference.gated_attention_pool`) and
-``triton`` (``msa_fast/kernels/triton/gap.py``: one forward kernel, a two-kernel
-fused backward with weight-gradient partials), registered as
+``triton`` (``msa_fast/kernels/triton/gap.py``: row-local Triton kernels around
+the hidden-layer GEMMs, forward and a recomputing backward), registered as
 ``torch.ops.msa_fast.gated_attention_pool_triton`` with a fake kernel and autograd.
-The Triton path needs ``h, ha <= 128`` (one ``tl.dot`` tile per hidden layer).
+The Triton path takes ``d, h, ha <= 2048``.
 """
 
 from __future__ import annotations
@@ -113,8 +113,9 @@ def gated_attention_pool(
     name = _backend.resolve("gated_attention_pool", backend, x.device)
     if name == "eager":
         return reference.gated_attention_pool(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps)
-    if max(W1g.shape[1], W1a.shape[0]) > 128:
-        why = f"the triton backend needs hidden sizes <= 128, got h={W1g.shape[1]}, ha={W1a.shape[0]}"
+    widest = max(x.shape[-1], W1g.shape[1], W1a.shape[0])
+    if widest > 2048:
+        why = f"the triton backend needs d, h, ha <= 2048, got d={x.shape[-1]}, h={W1g.shape[1]}, ha={W1a.shape[0]}"
         if _backend.is_explicit(backend):
             raise RuntimeError(f"gated_attention_pool: {why}; use backend='eager'")
         return reference.gated_attention_pool(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps)

@@ -180,8 +180,10 @@ def nt_xent_fwd_kernel(a_ptr, p_ptr, n_ptr, m_ptr, loss_ptr, lse_ptr, K, D, tau,
     r = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, D_P)
     d_ok = offs_d < D
-    ua, _ = _unit(_load_vec(a_ptr, r * D, offs_d, d_ok))
-    up, _ = _unit(_load_vec(p_ptr, r * D, offs_d, d_ok))
+    # no `_` before the loop: a name assigned before a loop and again inside it is
+    # loop-carried, and its type (scalar here, a block there) must not change
+    ua, _a_inv = _unit(_load_vec(a_ptr, r * D, offs_d, d_ok))
+    up, _p_inv = _unit(_load_vec(p_ptr, r * D, offs_d, d_ok))
     zp = tl.sum(ua * up, axis=0) / tau
     m = zp
     s = tl.full((), 1.0, tl.float32)
@@ -433,7 +435,8 @@ def fd_cmdie_fwd_kernel(s_ptr, d_ptr, ps_ptr, ns_ptr, pm_ptr, nm_ptr, loss_ptr, 
     i = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, D_P)
     d_ok = offs_d < D
-    uT, _, uA, _, uV, _, eT, _, eA, _, eV, _ = _own_features(s_ptr, d_ptr, i, D, offs_d, d_ok)
+    # distinct names, not `_`: the loop below reassigns `_` to blocks (loop-carried type)
+    uT, _i0, uA, _i1, uV, _i2, eT, _i3, eA, _i4, eV, _i5 = _own_features(s_ptr, d_ptr, i, D, offs_d, d_ok)
     cV, cA, cdT, cdA, cdV = _own_cosines(uT, uA, uV, eT, eA, eV)
     # G1 starts with its five always-present candidates.
     m1 = tl.maximum(tl.maximum(tl.maximum(cV, cA), tl.maximum(cdT, cdA)), cdV) / tau
