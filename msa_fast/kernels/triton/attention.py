@@ -57,8 +57,8 @@ def attention_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -123,8 +123,8 @@ def attention_bwd_dkdv_kernel(
     BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -159,8 +159,8 @@ def attention_bwd_dq_kernel(
     BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -184,11 +184,15 @@ def attention_bwd_dq_kernel(
 
 
 def _config(Dh: int, dtype: torch.dtype) -> tuple[int, int, int, str]:
+    """``(BM, BN, DP, precision)``. fp16 / bf16 take tensor-core tiles. fp32 is IEEE
+    (FMA, no TF32): each thread then holds whole rows of both ``tl.dot`` operands, so
+    its tiles shrink with the head dim until ptxas spills nothing (compile gate)."""
     dp = max(16, triton.next_power_of_2(Dh))
-    precision = "ieee" if dtype == torch.float32 else "tf32"
+    if dtype == torch.float32:
+        return (32, 32, dp, "ieee") if dp <= 32 else (16, 32, dp, "ieee") if dp <= 64 else (16, 16, dp, "ieee")
     if dp <= 64:
-        return 64, 64, dp, precision
-    return 64, 32, dp, precision
+        return 64, 64, dp, "tf32"
+    return 64, 32, dp, "tf32"
 
 
 def _mask_arg(q: torch.Tensor, key_padding_mask: torch.Tensor | None):
@@ -209,7 +213,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out, lse.fill_(float("inf"))
     bm, bn, dp, precision = _config(Dh, q.dtype)
     kpm, s_kpm, has_mask = _mask_arg(q, key_padding_mask)
-    grid = (triton.cdiv(Lq, bm), B * H)
+    grid = (B * H, triton.cdiv(Lq, bm))  # B*H on x: y and z stop at 65,535
     attention_fwd_kernel[grid](
         q, k, v, out, lse, kpm, *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_kpm,
         H, Lq, Lk, Dh, float(scale) * LOG2E,
@@ -234,10 +238,10 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     kpm, s_kpm, has_mask = _mask_arg(q, key_padding_mask)
     args = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), s_kpm, H, Lq, Lk, Dh,
             float(scale) * LOG2E, float(scale))
-    attention_bwd_dkdv_kernel[(triton.cdiv(Lk, bn), B * H)](
+    attention_bwd_dkdv_kernel[(B * H, triton.cdiv(Lk, bn))](
         q, k, v, do, lse, delta, kpm, dk, dv, *args,
         BM=bm, BN=bn, DP=dp, HAS_MASK=has_mask, PRECISION=precision)
-    attention_bwd_dq_kernel[(triton.cdiv(Lq, bm), B * H)](
+    attention_bwd_dq_kernel[(B * H, triton.cdiv(Lq, bm))](
         q, k, v, do, lse, delta, kpm, dq, *args,
         BM=bm, BN=bn, DP=dp, HAS_MASK=has_mask, PRECISION=precision)
     return dq, dk, dv

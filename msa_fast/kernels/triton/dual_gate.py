@@ -132,6 +132,12 @@ def dual_gate_bwd_kernel(
     tl.store(dbz_part_ptr + pid * M + offs_m, db_acc, mask=m_ok)
 
 
+def _num_warps(m_p: int, d_p: int) -> int:
+    # 8 warps once a row's (M_P, D_P) tile passes 2048 elements: at D = 768 the
+    # 16-bit backward spills with 4 (compile gate)
+    return 8 if m_p * d_p > 2048 else 4
+
+
 def _launch_shape(R: int, M: int, D: int) -> tuple[int, int, int, int]:
     m_p = triton.next_power_of_2(M)
     d_p = triton.next_power_of_2(D)
@@ -155,7 +161,7 @@ def dual_gate_forward(h: torch.Tensor, w_z: torch.Tensor, b_z: torch.Tensor, g_l
         rows, m_p, d_p, grid = _launch_shape(R, M, D)
         dual_gate_fwd_kernel[(grid,)](
             h2, w_z.contiguous(), b_z.contiguous(), g_logits.reshape(R, M).contiguous(),
-            h_ent, h_imp, e, g, R, M, D, float(tau), ROWS=rows, M_P=m_p, D_P=d_p)
+            h_ent, h_imp, e, g, R, M, D, float(tau), ROWS=rows, M_P=m_p, D_P=d_p, num_warps=_num_warps(m_p, d_p))
     return (h_ent.view(*lead, D), h_imp.view(*lead, M * D), e.view(*lead, M), g.view(*lead, M))
 
 
@@ -186,6 +192,6 @@ def dual_gate_backward(h, w_z, b_z, g_logits, tau, d_hent, d_himp, d_e, d_g):
             dhimp, dhimp.stride(0), dhimp.stride(1),
             de, de.stride(0), de.stride(1),
             dg, dg.stride(0), dg.stride(1),
-            dh, dgl, dw_part, db_part, R, M, D, float(tau), ROWS=rows, M_P=m_p, D_P=d_p)
+            dh, dgl, dw_part, db_part, R, M, D, float(tau), ROWS=rows, M_P=m_p, D_P=d_p, num_warps=_num_warps(m_p, d_p))
     return (dh.view(h.shape), dw_part.sum(0).to(w_z.dtype), db_part.sum(0).to(b_z.dtype),
             dgl.view(g_logits.shape))
