@@ -1,18 +1,30 @@
-"""Backend selection shared by every op (SPEC section 2).
+"""Backend selection and the one dispatch every op uses (SPEC section 2).
 
 Backends: ``eager`` (``ops/reference.py``, any device, the ground truth),
 ``triton`` (CUDA GPUs; CPU tensors too when ``TRITON_INTERPRET=1``), ``cuda``
-(C++/CUDA extension) and ``cpp`` (C++ CPU extension). ``"auto"`` picks, per op and
-device, the first available backend of :data:`AUTO_ORDER` -- an order measured by
-the benchmarks and tabulated in the README. An explicitly requested backend that
-cannot run raises ``RuntimeError`` with the reason; ``auto`` falls back to eager.
+(C++/CUDA extension) and ``cpp`` (C++ CPU extension).
+
+Each op declares itself once, as an :class:`OpSpec`: its reference, its argument
+checks, its dtype policy under autocast, and each fused backend (:class:`Fused`)
+with the dtypes and shapes it takes and where ``auto`` may pick it. :func:`dispatch`
+then does for every op: autocast -> checks -> backend choice -> run. ``"auto"`` takes,
+per device type, the first fused backend of :data:`AUTO_ORDER` (filled from the
+specs) that is available and accepts the input's dtype and shape, else the
+reference -- it never fails, and it never hands fp64 (or any dtype a kernel does
+not declare) to a kernel. An explicitly requested backend that cannot run raises
+``RuntimeError`` with the reason; one that does not take the dtype raises
+``ValueError`` naming it; one whose shape limit is exceeded raises ``RuntimeError``
+naming the limit. :func:`backend_table` renders the README's backend table.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -94,7 +106,7 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
             return f"the cuda backend needs CUDA tensors, got {device.type}"
         if not _ext.has_kernel(op, "CUDA"):
             return f"msa_fast._C was built without CUDA (no CUDA kernel for {op})"
-        return None
+        return _ext.arch_reason(device)
     return f"unknown backend {backend!r}"
 
 
@@ -126,3 +138,139 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
     if reason is not None:
         raise RuntimeError(f"{op}: backend {name!r} is unavailable: {reason}")
     return name
+
+
+# --------------------------------------------------------------------------- #
+# One descriptor per op, one dispatch for all
+# --------------------------------------------------------------------------- #
+
+FP_16_32 = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fused:
+    """One fused implementation of an op.
+
+    ``run`` takes the op's (checked) positional arguments, like the reference.
+    ``dtypes``: the floating dtypes of the first argument it takes. ``limit(*args)``
+    says why these arguments are beyond the kernel (``None``: within), and
+    ``limit_doc`` says the limit for the README. ``auto``: the device types on which
+    ``auto`` may pick it; ``rank`` orders fused backends there (lower first).
+    """
+
+    backend: str
+    run: Callable[..., Any]
+    dtypes: tuple[torch.dtype, ...] = FP_16_32
+    limit: Callable[..., str | None] | None = None
+    limit_doc: str = ""
+    auto: tuple[str, ...] = ("cuda",)
+    rank: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """An op: its reference (the ground truth), its checks, its dtype policy, its fused backends.
+
+    ``autocast``: under ``torch.autocast`` the floating inputs are cast to one dtype --
+    ``"autocast"`` (the autocast dtype), a fixed dtype (fp32 for the losses) or ``None``
+    (no cast). ``check(*args)`` raises ``ValueError`` on bad input (SPEC 10).
+    """
+
+    name: str
+    reference: Callable[..., Any]
+    check: Callable[..., None]
+    fused: tuple[Fused, ...] = ()
+    autocast: str | torch.dtype | None = "autocast"
+
+    def implementation(self, backend: str) -> Fused | None:
+        return next((f for f in self.fused if f.backend == backend), None)
+
+
+SPECS: dict[str, OpSpec] = {}
+
+
+def declare(spec: OpSpec) -> OpSpec:
+    """Register an op's descriptor: its fused backends and its ``auto`` order per device."""
+    SPECS[spec.name] = spec
+    register(spec.name, *(f.backend for f in spec.fused))
+    for device_type in ("cpu", "cuda"):
+        picks = sorted((f for f in spec.fused if device_type in f.auto), key=lambda f: f.rank)
+        AUTO_ORDER[(spec.name, device_type)] = (*(f.backend for f in picks), "eager")
+    return spec
+
+
+@torch.compiler.assume_constant_result
+def _reason(op: str, backend: str, device: torch.device) -> str | None:
+    # asks the dispatcher and the environment, which Dynamo cannot trace; fixed for a process
+    return unavailable_reason(op, backend, device)
+
+
+def _first_tensor(args) -> torch.Tensor:
+    return next(a for a in args if isinstance(a, torch.Tensor))
+
+
+def _autocast(spec: OpSpec, args: tuple) -> tuple:
+    from msa_fast.ops import _validate as V
+
+    if spec.autocast is None:
+        return args
+    return V.autocast_inputs(*args, dtype=None if spec.autocast == "autocast" else spec.autocast)
+
+
+def choose(spec: OpSpec, args: tuple, backend: str | None) -> Fused | None:
+    """The fused implementation to run on (checked) ``args``, or ``None`` for the reference."""
+    name = _check_name(backend if backend is not None else _default)
+    x = _first_tensor(args)
+    if name == "eager":
+        return None
+    if name == "auto":
+        for candidate in AUTO_ORDER.get((spec.name, x.device.type), ("eager",)):
+            f = spec.implementation(candidate)
+            if f is None or x.dtype not in f.dtypes or _reason(spec.name, candidate, x.device) is not None:
+                continue
+            if f.limit is None or f.limit(*args) is None:
+                return f
+        return None
+    f = spec.implementation(name)
+    if f is None:
+        raise RuntimeError(f"{spec.name}: backend {name!r} is unavailable: msa_fast has no {name} "
+                           f"implementation of {spec.name}")
+    reason = _reason(spec.name, name, x.device)
+    if reason is not None:
+        raise RuntimeError(f"{spec.name}: backend {name!r} is unavailable: {reason}")
+    if x.dtype not in f.dtypes:
+        raise ValueError(f"{spec.name}: backend {name!r} takes dtypes {[str(d) for d in f.dtypes]}, got "
+                         f"{x.dtype}; use backend='eager' or 'auto' (which runs {x.dtype} on the reference)")
+    why = f.limit(*args) if f.limit is not None else None
+    if why is not None:
+        raise RuntimeError(f"{spec.name}: backend {name!r} {why}; use backend='eager'")
+    return f
+
+
+def dispatch(spec: OpSpec, args: tuple, backend: str | None):
+    """Run op ``spec`` on positional ``args``: autocast, check, choose the backend, run."""
+    args = _autocast(spec, tuple(args))
+    spec.check(*args)
+    f = choose(spec, args, backend)
+    return spec.reference(*args) if f is None else f.run(*args)
+
+
+def backend_table() -> str:
+    """The README's backend table, from the descriptors."""
+    import msa_fast.ops  # noqa: F401  (every op declares itself on import)
+
+    def cell(spec: OpSpec, backend: str) -> str:
+        f = spec.implementation(backend)
+        if f is None:
+            return "-"
+        dts = "/".join({torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                        torch.float64: "fp64"}[d] for d in f.dtypes)
+        return f"{dts}" + (f"; {f.limit_doc}" if f.limit_doc else "")
+
+    rows = ["| op | eager | cpp | cuda | triton | `auto` on CPU | `auto` on GPU |",
+            "|---|---|---|---|---|---|---|"]
+    for name, spec in SPECS.items():
+        order = {dev: next((b for b in AUTO_ORDER[(name, dev)] if b != "eager"), "eager") for dev in ("cpu", "cuda")}
+        rows.append(f"| `{name}` | any dtype | {cell(spec, 'cpp')} | {cell(spec, 'cuda')} | {cell(spec, 'triton')} "
+                    f"| {order['cpu']} | {order['cuda']} |")
+    return "\n".join(rows)

@@ -28,6 +28,44 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"msa_fast::{op}", dispatch_key)
 
 
+def _archs() -> list[str]:
+    mod = load()[0]
+    return [a for a in getattr(mod, "cuda_archs", "").replace(",", ";").split(";") if a]
+
+
+def arch_runs(archs: list[str], capability: tuple[int, int]) -> bool:
+    """Whether code built for ``archs`` (``TORCH_CUDA_ARCH_LIST`` entries such as
+    ``"9.0"``, ``"9.0a"``, ``"12.0+PTX"``) runs on a GPU of ``capability``.
+
+    A cubin for ``X.Y`` runs on ``X.Z`` with ``Z >= Y`` (an ``a`` variant only on
+    ``X.Y`` itself); PTX for ``X.Y`` is JIT-compiled by the driver on any GPU of at
+    least ``X.Y``.
+    """
+    major, minor = capability
+    for arch in archs:
+        ptx = arch.endswith("+PTX")
+        base = arch.removesuffix("+PTX")
+        specific = base.endswith("a")
+        a_major, a_minor = (int(p) for p in base.rstrip("a").split("."))
+        if ptx and (major, minor) >= (a_major, a_minor):
+            return True
+        if specific and (major, minor) == (a_major, a_minor):
+            return True
+        if not specific and major == a_major and minor >= a_minor:
+            return True
+    return False
+
+
+def arch_reason(device: torch.device) -> str | None:
+    """Why the CUDA kernels of this build cannot run on ``device``; ``None`` when they can."""
+    cap = torch.cuda.get_device_capability(device)
+    archs = _archs()
+    if archs and not arch_runs(archs, cap):
+        return (f"msa_fast._C was built for archs {';'.join(archs)}, which cannot run on this "
+                f"sm_{cap[0]}{cap[1]} GPU; rebuild with TORCH_CUDA_ARCH_LIST=\"{cap[0]}.{cap[1]}\"")
+    return None
+
+
 def build_info() -> dict:
     """What was compiled: the extension, its CPU and CUDA ops, the CUDA archs, Triton."""
     mod, why = load()
@@ -53,6 +91,6 @@ def build_info() -> dict:
     info["cpu_ops"] = [op for op in ops if has_kernel(op, "CPU")]
     info["cuda_ops"] = [op for op in ops if has_kernel(op, "CUDA")]
     info["with_cuda"] = bool(mod.with_cuda)
-    info["cuda_archs"] = [a for a in mod.cuda_archs.replace(",", ";").split(";") if a]
+    info["cuda_archs"] = _archs()
     info["openmp"] = bool(mod.with_openmp)
     return info

@@ -4,7 +4,12 @@ without a GPU: on a GPU machine the kernels compile for real (``pytest -m gpu``)
 
 import os
 
-import torch
+# Under the interpreter tl.dot is numpy's matmul; with several OpenBLAS threads the
+# rounding of a tile element depends on how the tile was split across threads, so
+# copies of one row could get similarities an ulp apart. One thread: one split.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -610,11 +610,14 @@ def test_triton_compiles_fullgraph_with_backward():
 def test_triton_backend_selection():
     a, pos, n = torch.randn(3, 5), torch.randn(3, 5), torch.randn(3, 2, 5)
     xs = [x.float() for x in _fd_inputs(2, 1, 1, 5)]
-    # fp64: the kernels compute in fp32, so an explicit request raises (auto -> eager).
-    with pytest.raises(RuntimeError, match="nt_xent: the triton backend .* float64"):
+    # fp64: the kernels compute in fp32, so an explicit request raises naming the dtype
+    # and auto runs the reference.
+    with pytest.raises(ValueError, match="nt_xent: backend 'triton' takes dtypes .* got torch.float64"):
         nt_xent(a.double(), pos.double(), n.double(), backend="triton")
-    with pytest.raises(RuntimeError, match="fd_cmdie_contrastive_loss: the triton backend"):
+    with pytest.raises(ValueError, match="fd_cmdie_contrastive_loss: backend 'triton' .* torch.float64"):
         fd_cmdie_contrastive_loss(*(x.double() for x in xs), backend="triton")
+    torch.testing.assert_close(nt_xent(a.double(), pos.double(), n.double(), backend="auto"),
+                               R.nt_xent(a.double(), pos.double(), n.double()))
     assert msa_fast.available("triplet", "cpu") == ["eager", "triton"]  # interpreted here
 
 

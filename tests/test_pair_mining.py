@@ -285,16 +285,25 @@ def test_torch_compile_fullgraph():
 
 
 def assert_triton_equal(got, want, features, queries=None):
-    """``assert_mined_equal`` plus the exact tie rule: two picks may swap only when
-    their similarities are a near tie of *different* rows; copies of one row tie
-    exactly, so the lower index must come first as in the reference."""
+    """``assert_mined_equal`` plus the tie rule the fused kernels keep (SPEC 3.4 as
+    documented on ``kernels/triton/pair_mining.py``): equal *computed* similarities are
+    ranked by the lower index. Copies of one row have bit-equal norms (``_inv_norm``)
+    and, on a GPU, bit-equal dot products; under the interpreter numpy's matmul may
+    round two positions of a tile differently, so copies may come in either order
+    only when the kernel's own similarities of the two differ (by rounding)."""
     assert got.pos_sim.dtype == torch.float32
     assert_mined_equal(got, want, features, queries)
-    for gi, wi in ((got.pos_idx, want.pos_idx), (got.neg_idx, want.neg_idx)):
-        diff = gi != wi
-        if diff.any():
-            a, b = features[gi[diff]], features[wi[diff]]
-            assert not (a == b).all(dim=1).any(), "copies of one row ranked by the higher index"
+    for gi, wi, gs in ((got.pos_idx, want.pos_idx, got.pos_sim), (got.neg_idx, want.neg_idx, got.neg_sim)):
+        for r, c in (gi != wi).nonzero().tolist():
+            a, b = gi[r, c].item(), wi[r, c].item()
+            if a < 0 or b < 0 or not (features[a] == features[b]).all():
+                continue  # a near tie of different rows: assert_mined_equal bounds it
+            where = (gi[r] == b).nonzero()
+            if len(where):
+                c2 = where[0, 0]
+                assert (gs[r, c] - gs[r, c2]).abs() <= 1e-6, "copies of one row far apart"
+                if a > b and c2 > c:  # the higher index first: only for a different computed value
+                    assert gs[r, c] != gs[r, c2], "copies with equal similarity ranked by the higher index"
 
 
 TRITON_CASES = {
@@ -385,8 +394,11 @@ def test_triton_external_queries_and_shards():
     for a, b in ((0, 1), (50, 133), (200, 230)):
         rows = torch.arange(a, b, device=DEV)
         shard = mine_pairs(f, labels, 8, f[a:b], labels[a:b], rows, backend="triton")
-        for x, y in zip(shard, full):
-            torch.testing.assert_close(x, y[a:b], rtol=0, atol=0, equal_nan=True)
+        if DEV == "cuda":  # a row's arithmetic does not depend on its position in a tile
+            for x, y in zip(shard, full):
+                torch.testing.assert_close(x, y[a:b], rtol=0, atol=0, equal_nan=True)
+        else:  # the interpreter's numpy matmul may round a row by its position in the tile
+            assert_triton_equal(shard, R.MinedPairs(*(y[a:b] for y in full)), f, f[a:b])
     qi = torch.arange(60, 90, device=DEV)
     qi[::2] = -1
     mixed = mine_pairs(f, labels, 8, f[60:90], labels[60:90], qi, backend="triton")
@@ -410,7 +422,7 @@ def test_triton_limits(monkeypatch):
     f, labels = f.to(DEV), labels.to(DEV)
     with pytest.raises(RuntimeError, match="k <= 64"):
         mine_pairs(f, labels, 65, backend="triton")
-    with pytest.raises(RuntimeError, match="float64"):
+    with pytest.raises(ValueError, match="backend 'triton' takes dtypes .* got torch.float64"):
         mine_pairs(f.double(), labels, 3, backend="triton")
     # auto never fails: beyond the limits it falls back to eager.
     monkeypatch.setitem(_backend.AUTO_ORDER, ("mine_pairs", f.device.type), ("triton", "eager"))

@@ -14,8 +14,6 @@ from msa_fast import _backend
 from msa_fast.ops import _validate as V
 from msa_fast.ops import reference
 
-_backend.register("attention", "triton")
-
 
 @torch.library.custom_op("msa_fast::attention_triton", mutates_args=())
 def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -73,6 +71,23 @@ def _check(q, k, v, key_padding_mask, scale) -> None:
         V.positive_float(op, "scale", scale)
 
 
+def _head_limit(q, *_args) -> str | None:
+    if q.shape[-1] > 128:  # one (block, Dh) tile per operand
+        return f"supports head dims up to 128, got Dh={q.shape[-1]}"
+    return None
+
+
+def _run_triton(q, k, v, key_padding_mask, scale):
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _attention_triton(q, k, v, key_padding_mask, scale)[0]
+
+
+_SPEC = _backend.declare(_backend.OpSpec(
+    "attention", reference.attention, _check,
+    fused=(_backend.Fused("triton", _run_triton, limit=_head_limit, limit_doc="Dh <= 128"),),
+))
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -89,16 +104,4 @@ def attention(
     masked outputs zeros (zero gradient, never NaN); elsewhere equal to
     ``torch.nn.functional.scaled_dot_product_attention``.
     """
-    q, k, v = V.autocast_inputs(q, k, v)
-    _check(q, k, v, key_padding_mask, scale)
-    name = _backend.resolve("attention", backend, q.device)
-    if name == "eager":
-        return reference.attention(q, k, v, key_padding_mask, scale)
-    if q.shape[-1] > 128:
-        why = f"the triton backend supports head dims up to 128, got Dh={q.shape[-1]}"
-        if _backend.is_explicit(backend):
-            raise RuntimeError(f"attention: {why}; use backend='eager'")
-        return reference.attention(q, k, v, key_padding_mask, scale)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    return _attention_triton(q, k, v, key_padding_mask, float(scale))[0]
+    return _backend.dispatch(_SPEC, (q, k, v, key_padding_mask, scale), backend)

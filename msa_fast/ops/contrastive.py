@@ -38,8 +38,6 @@ from msa_fast.ops import reference
 __all__ = ["fd_cmdie_contrastive_loss", "nt_xent", "triplet"]
 
 _T = torch.Tensor
-for _op in ("nt_xent", "triplet", "fd_cmdie_contrastive_loss"):
-    _backend.register(_op, "triton")
 
 
 def _grad_like(needed: bool, g: _T | None) -> _T | None:
@@ -190,16 +188,6 @@ def _fd_cmdie_backward(ctx, d_loss, _d_aux):
 _fd_cmdie_triton.register_autograd(_fd_cmdie_backward, setup_context=_fd_cmdie_setup)
 
 
-def _resolve(op: str, backend: str | None, x: torch.Tensor) -> str:
-    """The backend to run; fp64 stays on the eager reference (the kernels compute in fp32)."""
-    name = _backend.resolve(op, backend, x.device)
-    if name == "triton" and x.dtype == torch.float64:
-        if _backend.is_explicit(backend):
-            raise RuntimeError(f"{op}: the triton backend computes in fp32 and does not take float64 inputs; "
-                               "use backend='eager'")
-        return "eager"
-    return name
-
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -214,6 +202,84 @@ def _finite_float(op: str, name: str, v: object, *, min_value: float | None = No
 def _bool_mask(op: str, name: str, m: object, shape: tuple[int, ...], like: torch.Tensor, layout: str):
     if m is not None:
         V.tensor(op, name, m, shape=shape, dtypes=(torch.bool,), like=like, layout=layout)
+
+
+def _check_nt_xent(anchor, positive, negatives, negatives_mask, tau, reduction) -> None:
+    op = "nt_xent"
+    V.tensor(op, "anchor", anchor, ndim=2, layout="(P, D)")
+    p, d = anchor.shape
+    V.tensor(op, "positive", positive, shape=(p, d), like=anchor, layout="(P, D)")
+    V.tensor(op, "negatives", negatives, ndim=3, layout="(P, K, D)")
+    V.tensor(op, "negatives", negatives, shape=(p, None, d), like=anchor, layout="(P, K, D)")
+    _bool_mask(op, "negatives_mask", negatives_mask, (p, negatives.shape[1]), anchor,
+               "(P, K) bool, True = valid")
+    V.positive_float(op, "tau", tau)
+    V.choice(op, "reduction", reduction, _REDUCTIONS)
+
+
+def _nt_xent_run(anchor, positive, negatives, negatives_mask, tau, reduction):
+    rows = _nt_xent_triton(anchor, positive, negatives, negatives_mask, float(tau))[0]
+    return reference._reduce(rows, reduction).to(anchor.dtype)
+
+
+# The kernels compute in fp32 from fp32 / fp16 / bf16 inputs; fp64 stays on the reference.
+_NT_XENT = _backend.declare(_backend.OpSpec(
+    "nt_xent", reference.nt_xent, _check_nt_xent, autocast=torch.float32,
+    fused=(_backend.Fused("triton", _nt_xent_run),)))
+
+
+def _check_triplet(anchor, positive, negative, margin, reduction) -> None:
+    op = "triplet"
+    V.tensor(op, "anchor", anchor, ndim=2, layout="(P, D)")
+    p, d = anchor.shape
+    V.tensor(op, "positive", positive, shape=(p, d), like=anchor, layout="(P, D)")
+    V.tensor(op, "negative", negative, shape=(p, d), like=anchor, layout="(P, D)")
+    _finite_float(op, "margin", margin)
+    V.choice(op, "reduction", reduction, _REDUCTIONS)
+
+
+def _triplet_run(anchor, positive, negative, margin, reduction):
+    return reference._reduce(_triplet_triton(anchor, positive, negative, float(margin)), reduction).to(anchor.dtype)
+
+
+_TRIPLET = _backend.declare(_backend.OpSpec(
+    "triplet", reference.triplet, _check_triplet, autocast=torch.float32,
+    fused=(_backend.Fused("triton", _triplet_run),)))
+
+
+def _check_fd_cmdie(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, tau, margin, lambda_tri,
+                    pos_partner_mask, neg_partner_mask, reduction) -> None:
+    op = "fd_cmdie_contrastive_loss"
+    V.tensor(op, "sim_feats", sim_feats, ndim=3, layout="(B, 3, D)")
+    V.tensor(op, "sim_feats", sim_feats, shape=(None, 3, None), layout="(B, 3, D) [T_s, A_s, V_s]")
+    b, _, d = sim_feats.shape
+    V.tensor(op, "diff_feats", diff_feats, shape=(b, 3, d), like=sim_feats, layout="(B, 3, D) [T_d, A_d, V_d]")
+    V.tensor(op, "pos_partner_feats", pos_partner_feats, ndim=5, layout="(B, Kp, 2, 3, D)")
+    V.tensor(op, "pos_partner_feats", pos_partner_feats, shape=(b, None, 2, 3, d), like=sim_feats,
+             layout="(B, Kp, 2, 3, D)")
+    V.tensor(op, "neg_partner_feats", neg_partner_feats, ndim=4, layout="(B, Kn, 3, D)")
+    V.tensor(op, "neg_partner_feats", neg_partner_feats, shape=(b, None, 3, d), like=sim_feats,
+             layout="(B, Kn, 3, D)")
+    _bool_mask(op, "pos_partner_mask", pos_partner_mask, (b, pos_partner_feats.shape[1]), sim_feats,
+               "(B, Kp) bool, True = partner exists")
+    _bool_mask(op, "neg_partner_mask", neg_partner_mask, (b, neg_partner_feats.shape[1]), sim_feats,
+               "(B, Kn) bool, True = partner exists")
+    V.positive_float(op, "tau", tau)
+    _finite_float(op, "margin", margin)
+    _finite_float(op, "lambda_tri", lambda_tri, min_value=0.0)
+    V.choice(op, "reduction", reduction, _REDUCTIONS)
+
+
+def _fd_cmdie_run(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, tau, margin, lambda_tri,
+                  pos_partner_mask, neg_partner_mask, reduction):
+    rows = _fd_cmdie_triton(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, pos_partner_mask,
+                            neg_partner_mask, float(tau), float(margin), float(lambda_tri))[0]
+    return reference._reduce(rows, reduction).to(sim_feats.dtype)
+
+
+_FD_CMDIE = _backend.declare(_backend.OpSpec(
+    "fd_cmdie_contrastive_loss", reference.fd_cmdie_contrastive_loss, _check_fd_cmdie, autocast=torch.float32,
+    fused=(_backend.Fused("triton", _fd_cmdie_run),)))
 
 
 def nt_xent(
@@ -232,21 +298,7 @@ def nt_xent(
     ``negatives_mask (P, K)`` bool (True = valid), ``tau > 0``, ``reduction`` in
     ``"mean" | "sum" | "none"``. See :func:`msa_fast.ops.reference.nt_xent`.
     """
-    op = "nt_xent"
-    anchor, positive, negatives = V.autocast_inputs(anchor, positive, negatives, dtype=torch.float32)
-    V.tensor(op, "anchor", anchor, ndim=2, layout="(P, D)")
-    p, d = anchor.shape
-    V.tensor(op, "positive", positive, shape=(p, d), like=anchor, layout="(P, D)")
-    V.tensor(op, "negatives", negatives, ndim=3, layout="(P, K, D)")
-    V.tensor(op, "negatives", negatives, shape=(p, None, d), like=anchor, layout="(P, K, D)")
-    _bool_mask(op, "negatives_mask", negatives_mask, (p, negatives.shape[1]), anchor,
-               "(P, K) bool, True = valid")
-    tau = V.positive_float(op, "tau", tau)
-    V.choice(op, "reduction", reduction, _REDUCTIONS)
-    if _resolve(op, backend, anchor) == "eager":
-        return reference.nt_xent(anchor, positive, negatives, negatives_mask, tau, reduction)
-    rows = _nt_xent_triton(anchor, positive, negatives, negatives_mask, tau)[0]
-    return reference._reduce(rows, reduction).to(anchor.dtype)
+    return _backend.dispatch(_NT_XENT, (anchor, positive, negatives, negatives_mask, tau, reduction), backend)
 
 
 def triplet(
@@ -263,17 +315,7 @@ def triplet(
     ``anchor, positive, negative (P, D)``; ``margin`` a finite float; ``reduction``
     in ``"mean" | "sum" | "none"``. See :func:`msa_fast.ops.reference.triplet`.
     """
-    op = "triplet"
-    anchor, positive, negative = V.autocast_inputs(anchor, positive, negative, dtype=torch.float32)
-    V.tensor(op, "anchor", anchor, ndim=2, layout="(P, D)")
-    p, d = anchor.shape
-    V.tensor(op, "positive", positive, shape=(p, d), like=anchor, layout="(P, D)")
-    V.tensor(op, "negative", negative, shape=(p, d), like=anchor, layout="(P, D)")
-    margin = _finite_float(op, "margin", margin)
-    V.choice(op, "reduction", reduction, _REDUCTIONS)
-    if _resolve(op, backend, anchor) == "eager":
-        return reference.triplet(anchor, positive, negative, margin, reduction)
-    return reference._reduce(_triplet_triton(anchor, positive, negative, margin), reduction).to(anchor.dtype)
+    return _backend.dispatch(_TRIPLET, (anchor, positive, negative, margin, reduction), backend)
 
 
 def fd_cmdie_contrastive_loss(
@@ -301,31 +343,5 @@ def fd_cmdie_contrastive_loss(
     finite, ``lambda_tri >= 0``. The pair sets, the reading of eq. 9 and of the
     triplets are documented on :func:`msa_fast.ops.reference.fd_cmdie_contrastive_loss`.
     """
-    op = "fd_cmdie_contrastive_loss"
-    sim_feats, diff_feats, pos_partner_feats, neg_partner_feats = V.autocast_inputs(
-        sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, dtype=torch.float32)
-    V.tensor(op, "sim_feats", sim_feats, ndim=3, layout="(B, 3, D)")
-    V.tensor(op, "sim_feats", sim_feats, shape=(None, 3, None), layout="(B, 3, D) [T_s, A_s, V_s]")
-    b, _, d = sim_feats.shape
-    V.tensor(op, "diff_feats", diff_feats, shape=(b, 3, d), like=sim_feats, layout="(B, 3, D) [T_d, A_d, V_d]")
-    V.tensor(op, "pos_partner_feats", pos_partner_feats, ndim=5, layout="(B, Kp, 2, 3, D)")
-    V.tensor(op, "pos_partner_feats", pos_partner_feats, shape=(b, None, 2, 3, d), like=sim_feats,
-             layout="(B, Kp, 2, 3, D)")
-    V.tensor(op, "neg_partner_feats", neg_partner_feats, ndim=4, layout="(B, Kn, 3, D)")
-    V.tensor(op, "neg_partner_feats", neg_partner_feats, shape=(b, None, 3, d), like=sim_feats,
-             layout="(B, Kn, 3, D)")
-    _bool_mask(op, "pos_partner_mask", pos_partner_mask, (b, pos_partner_feats.shape[1]), sim_feats,
-               "(B, Kp) bool, True = partner exists")
-    _bool_mask(op, "neg_partner_mask", neg_partner_mask, (b, neg_partner_feats.shape[1]), sim_feats,
-               "(B, Kn) bool, True = partner exists")
-    tau = V.positive_float(op, "tau", tau)
-    margin = _finite_float(op, "margin", margin)
-    lambda_tri = _finite_float(op, "lambda_tri", lambda_tri, min_value=0.0)
-    V.choice(op, "reduction", reduction, _REDUCTIONS)
-    if _resolve(op, backend, sim_feats) == "eager":
-        return reference.fd_cmdie_contrastive_loss(
-            sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, tau, margin, lambda_tri,
-            pos_partner_mask, neg_partner_mask, reduction)
-    rows = _fd_cmdie_triton(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, pos_partner_mask,
-                            neg_partner_mask, tau, margin, lambda_tri)[0]
-    return reference._reduce(rows, reduction).to(sim_feats.dtype)
+    return _backend.dispatch(_FD_CMDIE, (sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, tau, margin,
+                                         lambda_tri, pos_partner_mask, neg_partner_mask, reduction), backend)

@@ -40,7 +40,7 @@ def dipu_param_shapes(d: int, ffn_dim: int, cross2: bool = True) -> dict[str, tu
     return shapes
 
 
-def _check(G, X, params, heads, g_mask, x_mask, eps) -> None:
+def _check(G, X, params, heads, g_mask, x_mask, eps, cross2) -> None:
     op = "dipu"
     V.tensor(op, "G", G, ndim=3, layout="(B, Lg, d)")
     b, lg, d = G.shape
@@ -56,6 +56,7 @@ def _check(G, X, params, heads, g_mask, x_mask, eps) -> None:
     fc1 = params.get("ffn_g.fc1.weight")
     if not isinstance(fc1, torch.Tensor) or fc1.dim() != 2:
         V.fail(op, "params['ffn_g.fc1.weight']", "a tensor of shape (ffn_dim, d)", fc1)
+    _check_params(params, G.shape[-1], bool(cross2), G)
 
 
 def _check_params(params, d: int, cross2: bool, G: torch.Tensor) -> None:
@@ -70,6 +71,10 @@ def _check_params(params, d: int, cross2: bool, G: torch.Tensor) -> None:
         if key not in params:
             V.fail(op, "params", f"a tensor under key {key!r} of shape {shape}", "no such key")
         V.tensor(op, f"params[{key!r}]", params[key], shape=shape, like=G, layout=str(shape))
+
+
+# No fused DIPU: the module msa_fast.nn.DIPU runs on the fused attention, add+LN and GAP.
+_SPEC = _backend.declare(_backend.OpSpec("dipu", reference.dipu, _check, autocast=None))
 
 
 def dipu(
@@ -90,9 +95,4 @@ def dipu(
     (shapes: :func:`dipu_param_shapes`). Formulas, weight sharing and mask rules:
     :func:`msa_fast.ops.reference.dipu`.
     """
-    _check(G, X, params, heads, g_mask, x_mask, eps)
-    _check_params(params, G.shape[-1], bool(cross2), G)
-    name = _backend.resolve("dipu", backend, G.device)
-    if name == "eager":
-        return reference.dipu(G, X, params, heads, g_mask, x_mask, eps, bool(cross2))
-    raise RuntimeError(f"dipu: backend {name!r} has no implementation wired in")
+    return _backend.dispatch(_SPEC, (G, X, params, heads, g_mask, x_mask, eps, bool(cross2)), backend)

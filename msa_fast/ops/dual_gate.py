@@ -16,9 +16,6 @@ from msa_fast.ops import reference
 
 __all__ = ["dual_gate"]
 
-_backend.register("dual_gate", "triton")
-
-
 @torch.library.custom_op("msa_fast::dual_gate_triton", mutates_args=())
 def _dual_gate_triton(h: torch.Tensor, w_z: torch.Tensor, b_z: torch.Tensor, g_logits: torch.Tensor,
                       tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,6 +72,13 @@ def _check(h, w_z, b_z, g_logits, tau) -> None:
     V.positive_float(op, "tau", tau)
 
 
+_SPEC = _backend.declare(_backend.OpSpec(
+    "dual_gate", reference.dual_gate, _check,
+    fused=(_backend.Fused("triton", lambda h, w_z, b_z, g_logits, tau: _dual_gate_triton(
+        h, w_z, b_z, g_logits, float(tau))),),
+))
+
+
 def dual_gate(
     h: torch.Tensor,
     w_z: torch.Tensor,
@@ -90,9 +94,4 @@ def dual_gate(
     Returns ``(h_ent (..., D), h_imp_in (..., M*D), e (..., M), g (..., M))``; see
     :func:`msa_fast.ops.reference.dual_gate` for the exact formulas.
     """
-    h, w_z, b_z, g_logits = V.autocast_inputs(h, w_z, b_z, g_logits)
-    _check(h, w_z, b_z, g_logits, tau)
-    name = _backend.resolve("dual_gate", backend, h.device)
-    if name == "eager":
-        return reference.dual_gate(h, w_z, b_z, g_logits, tau)
-    return _dual_gate_triton(h, w_z, b_z, g_logits, float(tau))
+    return _backend.dispatch(_SPEC, (h, w_z, b_z, g_logits, tau), backend)

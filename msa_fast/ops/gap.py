@@ -15,8 +15,6 @@ from msa_fast import _backend
 from msa_fast.ops import _validate as V
 from msa_fast.ops import reference
 
-_backend.register("gated_attention_pool", "triton")
-
 _W = torch.Tensor
 
 
@@ -84,6 +82,20 @@ def _check(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps) -> 
     V.positive_float(op, "eps", eps)
 
 
+def _width_limit(x, ln_w, ln_b, W1g, *rest) -> str | None:
+    widest = max(x.shape[-1], W1g.shape[1], rest[3].shape[0])
+    if widest > 2048:  # kernels/triton/gap.py: MAX_WIDTH (a tile of one row)
+        return f"takes d, h, ha <= 2048, got d={x.shape[-1]}, h={W1g.shape[1]}, ha={rest[3].shape[0]}"
+    return None
+
+
+_SPEC = _backend.declare(_backend.OpSpec(
+    "gated_attention_pool", reference.gated_attention_pool, _check,
+    fused=(_backend.Fused("triton", lambda *a: _gap_triton(*a[:-1], float(a[-1])), limit=_width_limit,
+                          limit_doc="d, h, ha <= 2048"),),
+))
+
+
 def gated_attention_pool(
     x: torch.Tensor,
     ln_w: torch.Tensor,
@@ -107,16 +119,4 @@ def gated_attention_pool(
     (``mask: (B, L)`` True) are 0 in all three. Parameter shapes and formulas: see
     :func:`msa_fast.ops.reference.gated_attention_pool`.
     """
-    x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a = V.autocast_inputs(
-        x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a)
-    _check(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps)
-    name = _backend.resolve("gated_attention_pool", backend, x.device)
-    if name == "eager":
-        return reference.gated_attention_pool(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps)
-    widest = max(x.shape[-1], W1g.shape[1], W1a.shape[0])
-    if widest > 2048:
-        why = f"the triton backend needs d, h, ha <= 2048, got d={x.shape[-1]}, h={W1g.shape[1]}, ha={W1a.shape[0]}"
-        if _backend.is_explicit(backend):
-            raise RuntimeError(f"gated_attention_pool: {why}; use backend='eager'")
-        return reference.gated_attention_pool(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps)
-    return _gap_triton(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, float(eps))
+    return _backend.dispatch(_SPEC, (x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps), backend)

@@ -13,8 +13,6 @@ from msa_fast import _backend
 from msa_fast.ops import _validate as V
 from msa_fast.ops import reference
 
-_backend.register("add_layer_norm", "triton")
-
 
 @torch.library.custom_op("msa_fast::add_layer_norm_triton", mutates_args=())
 def _add_layer_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -73,6 +71,13 @@ def _check(x, residual, weight, bias, eps) -> None:
     V.positive_float(op, "eps", eps)
 
 
+_SPEC = _backend.declare(_backend.OpSpec(
+    "add_layer_norm", reference.add_layer_norm, _check,
+    fused=(_backend.Fused("triton", lambda x, residual, weight, bias, eps: _add_layer_norm_triton(
+        x, residual, weight, bias, float(eps))[0]),),
+))
+
+
 def add_layer_norm(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -83,9 +88,4 @@ def add_layer_norm(
     backend: str | None = None,
 ) -> torch.Tensor:
     """``LayerNorm(x + residual)`` over the last dim: ``x, residual: (..., d)``, ``weight, bias: (d,)``."""
-    x, residual, weight, bias = V.autocast_inputs(x, residual, weight, bias)
-    _check(x, residual, weight, bias, eps)
-    name = _backend.resolve("add_layer_norm", backend, x.device)
-    if name == "eager":
-        return reference.add_layer_norm(x, residual, weight, bias, eps)
-    return _add_layer_norm_triton(x, residual, weight, bias, float(eps))[0]
+    return _backend.dispatch(_SPEC, (x, residual, weight, bias, eps), backend)

@@ -33,11 +33,6 @@ from msa_fast.ops.reference import MinedPairs, sentiment_classes
 
 __all__ = ["MinedPairs", "mine_pairs", "mine_pairs_chunked", "sentiment_classes"]
 
-_backend.register("mine_pairs", "cpp", "cuda", "triton")
-CUDA_MAX_K = 64  # csrc/cuda/pair_mining.cu: kMaxK
-TRITON_MAX_K = 64  # msa_fast/kernels/triton/pair_mining.py: MAX_K (not imported: no triton import here)
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 if _ext.load()[0] is not None:
     @torch.library.register_fake("msa_fast::mine_pairs")
     def _mine_pairs_fake(features, labels, queries, query_labels, query_index, k):
@@ -64,13 +59,6 @@ def _(features, labels, queries, query_labels, query_index, k):
     return idx, sim, torch.empty_like(idx), torch.empty_like(sim)
 
 
-@torch.compiler.assume_constant_result
-def _resolve(backend: str | None, device: torch.device) -> str:
-    # Backend resolution asks the dispatcher which kernels exist, which Dynamo
-    # cannot trace; its answer is fixed for a process, so fold it into the graph.
-    return _backend.resolve("mine_pairs", backend, device)
-
-
 def _check(features, labels, k, queries, query_labels, query_index):
     op = "mine_pairs"
     V.tensor(op, "features", features, ndim=2, layout="(N, D)")
@@ -95,6 +83,45 @@ def _check(features, labels, k, queries, query_labels, query_index):
                    f"range [{int(query_index.min())}, {int(query_index.max())}]")
 
 
+def _k_limit(features, labels, k, *_queries) -> str | None:
+    # the running lists live in registers: csrc/cuda/pair_mining.cu kMaxK (two slots per
+    # lane of a warp), kernels/triton/pair_mining.py MAX_K
+    return f"supports k <= 64, got k={k}" if k > 64 else None
+
+
+def _fused_runner(op_of_backend):
+    def run(features, labels, k, queries, query_labels, query_index):
+        n = features.shape[0]
+        if queries is None:
+            queries, query_labels = features, labels
+            if query_index is None:
+                query_index = torch.arange(n, device=features.device)
+        elif query_index is None:
+            query_index = torch.full((queries.shape[0],), -1, dtype=torch.long, device=features.device)
+        out = op_of_backend()(features.detach(), labels, queries.detach(), query_labels, query_index, k)
+        return MinedPairs(*out)
+
+    return run
+
+
+def _reference(*args) -> MinedPairs:
+    return reference.mine_pairs(*args)
+
+
+_SPEC = _backend.declare(_backend.OpSpec(
+    "mine_pairs", _reference, _check, autocast=None,
+    fused=(
+        _backend.Fused("cpp", _fused_runner(lambda: torch.ops.msa_fast.mine_pairs),
+                       dtypes=(*_backend.FP_16_32, torch.float64), auto=("cpu",)),
+        _backend.Fused("cuda", _fused_runner(lambda: torch.ops.msa_fast.mine_pairs),
+                       dtypes=(*_backend.FP_16_32, torch.float64), limit=_k_limit, limit_doc="k <= 64",
+                       rank=0),
+        _backend.Fused("triton", _fused_runner(lambda: _mine_pairs_triton), limit=_k_limit,
+                       limit_doc="k <= 64", rank=1),
+    ),
+))
+
+
 def mine_pairs(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -111,31 +138,7 @@ def mine_pairs(
     block of ``queries`` (with ``query_labels`` and ``query_index``) returns exactly
     those rows of the full result, so mining shards across processes.
     """
-    _check(features, labels, k, queries, query_labels, query_index)
-    name = _resolve(backend, features.device)
-    why = None
-    if name == "cuda" and k > CUDA_MAX_K:
-        why = f"supports k <= {CUDA_MAX_K}, got k={k}"  # two list slots per lane of a warp
-    elif name == "triton" and k > TRITON_MAX_K:
-        why = f"supports k <= {TRITON_MAX_K}, got k={k}"  # the lists are registers
-    elif name == "triton" and features.dtype not in TRITON_DTYPES:
-        why = f"supports fp32 / fp16 / bf16 features, got {features.dtype}"
-    if why is not None:
-        if _backend.is_explicit(backend):
-            raise RuntimeError(f"mine_pairs: backend {name!r} {why}")
-        name = "eager"  # auto never fails
-    if name == "eager":
-        return reference.mine_pairs(features, labels, k, queries, query_labels, query_index)
-    n = features.shape[0]
-    if queries is None:
-        queries, query_labels = features, labels
-        if query_index is None:
-            query_index = torch.arange(n, device=features.device)
-    elif query_index is None:
-        query_index = torch.full((queries.shape[0],), -1, dtype=torch.long, device=features.device)
-    op = _mine_pairs_triton if name == "triton" else torch.ops.msa_fast.mine_pairs
-    out = op(features.detach(), labels, queries.detach(), query_labels, query_index, k)
-    return MinedPairs(*out)
+    return _backend.dispatch(_SPEC, (features, labels, k, queries, query_labels, query_index), backend)
 
 
 def _progress_bar(total: int, show: bool):

@@ -183,8 +183,18 @@ def mine_pairs_kernel(
 
 
 def _inv_norm(x: torch.Tensor) -> torch.Tensor:
-    # The reference's normalize_rows, as one fp32 factor per row.
-    norm = x.float().norm(dim=-1)
+    """The reference's normalize_rows, as one fp32 factor per row.
+
+    Copies of one row must get bit-equal factors (SPEC 3.4 ranks exact ties by index),
+    but a vectorised reduction's order depends on where a row starts in memory: with
+    ``D = 877`` consecutive rows start at different alignments and their norms differ
+    in the last bit (seen on the CPU; the same holds on a GPU). Padding each row with
+    zeros to a multiple of 64 bytes gives every row the same alignment, so the same
+    arithmetic; the zeros do not change the sum.
+    """
+    xf = x.float()
+    pad = -xf.shape[-1] % 16
+    norm = (torch.nn.functional.pad(xf, (0, pad)) if pad else xf).norm(dim=-1)
     return torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm)).contiguous()
 
 
