@@ -100,7 +100,9 @@ def _extensions():
                 p = os.path.join(site, sub)
                 if os.path.isdir(p):
                     include_dirs.append(p)
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
+        # -Xptxas=-v: registers, spills and shared memory of every kernel for every arch
+        # in the build log, which benchmarks/compile_gate.py --cuda-log checks
+        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas=-v"]
         ext_cls = cpp_extension.CUDAExtension
     else:
         ext_cls = cpp_extension.CppExtension

@@ -16,8 +16,10 @@ cannot show register spills or shared memory. This script closes that gap with n
    the ``ptxas`` inside the Triton wheel with ``-v`` for registers, spills and shared
    memory; ``wgmma`` and TF32 MMA instructions are looked up in the PTX.
 3. **CUDA sources**: ``csrc/cuda/*.cu`` with ``nvcc -Xptxas -v`` for every arch of
-   ``setup.py``'s ``DEFAULT_CUDA_ARCHS`` (skipped with a note when nvcc or a CUDA
-   build of torch is missing; ``--no-cuda`` skips it).
+   ``setup.py``'s ``DEFAULT_CUDA_ARCHS`` -- read from the extension's build log
+   (``--cuda-log build.log``: setup.py passes ``-Xptxas=-v``, so CI compiles once), or
+   compiled here (skipped with a note when nvcc or a CUDA build of torch is missing;
+   ``--no-cuda`` skips it).
 
 It fails (exit 1) on a compile error, a spill in a 16-bit kernel, more than 1 KiB of
 spill per thread in an fp32 kernel, shared memory over the arch's limit, an fp32
@@ -25,7 +27,7 @@ kernel using TF32, or a grid axis over its hardware limit (y and z: 65,535), and
 writes ``benchmarks/results/compile_gate.{json,md}``: one row per kernel x dtype x
 shape x arch with registers, spills, shared memory and wgmma.
 
-    python benchmarks/compile_gate.py [--quick] [--archs 90,80] [--jobs 2] [--out DIR] [--no-cuda]
+    python benchmarks/compile_gate.py [--quick] [--archs 90,80] [--jobs 2] [--out DIR] [--no-cuda | --cuda-log LOG]
 
 ``--quick``: the first shape of each op and sm_90a only (the test suite's smoke).
 """
@@ -297,44 +299,79 @@ def _default_cuda_archs() -> list[str]:
     return m.group(1).split(";")
 
 
-def cuda_sources_check() -> tuple[list[dict], str | None]:
-    """``nvcc -Xptxas -v`` of every ``csrc/cuda/*.cu`` for every default arch."""
-    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    if not os.path.exists(nvcc):
-        return [], "nvcc not found: CUDA sources not checked"
-    import torch
-    from torch.utils import cpp_extension
+def parse_ptxas_log(text: str) -> list[dict]:
+    """``ptxas -v`` output (nvcc ``-Xptxas -v``, e.g. the extension's build log) -> one row
+    per (source, arch): kernels, max registers, max spill bytes."""
+    rows: dict[tuple[str, str], dict] = {}
+    source, cur = "csrc/cuda/?.cu", None
+    for line in text.splitlines():
+        m = re.search(r"(csrc/cuda/[A-Za-z0-9_]+\.cu)", line)
+        if m and not line.lstrip().startswith("ptxas"):  # the nvcc command line names the source
+            source = m.group(1)
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\w+)'", line)
+        if m:
+            cur = rows.setdefault((source, m.group(2)), {"source": source, "arch": m.group(2), "functions": 0,
+                                                         "max_registers": 0, "max_spill": 0, "error": None})
+            cur["functions"] += 1
+            continue
+        if cur is None:
+            continue
+        for rx in (r"(\d+) bytes spill stores", r"(\d+) bytes spill loads"):
+            m = re.search(rx, line)
+            if m:
+                cur["max_spill"] = max(cur["max_spill"], int(m.group(1)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            cur["max_registers"] = max(cur["max_registers"], int(m.group(1)))
+    for row in rows.values():
+        if row["max_spill"]:
+            row["error"] = f"{row['max_spill']} B register spill"
+    return list(rows.values())
 
-    if torch.version.cuda is None:
-        return [], f"torch {torch.__version__} is not a CUDA build: CUDA sources not checked"
-    includes = [f"-I{p}" for p in cpp_extension.include_paths(device_type="cuda")]
-    includes.append(f"-I{os.path.join(ROOT, 'csrc')}")
-    for site in sys.path:
-        p = os.path.join(site, "nvidia", "cu13", "include")
-        if os.path.isdir(p):
-            includes.append(f"-I{p}")
-    rows = []
-    for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
-        for arch in _default_cuda_archs():
-            num = arch.replace("+PTX", "").replace(".", "")
-            cmd = [nvcc, "-c", src, "-o", os.devnull, "-O3", "--use_fast_math", "-std=c++20",
-                   f"-gencode=arch=compute_{num},code=sm_{num}", "-Xptxas", "-v",
-                   "-DMSA_FAST_WITH_CUDA=1", "-D__CUDA_NO_HALF_OPERATORS__", *includes]
+
+def cuda_sources_check(log: str | None = None) -> tuple[list[dict], str | None]:
+    """Registers and spills of every ``csrc/cuda/*.cu`` kernel for every default arch:
+    read from ``log`` (a build log of ``setup.py``, whose nvcc flags include
+    ``-Xptxas=-v``), else from one ``nvcc -Xptxas -v`` run per source."""
+    archs = [f"sm_{a.replace('+PTX', '').replace('.', '')}" for a in _default_cuda_archs()]
+    sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    if log is not None:
+        with open(log, errors="replace") as fh:
+            rows = parse_ptxas_log(fh.read())
+    else:
+        nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+        if not os.path.exists(nvcc):
+            return [], "nvcc not found: CUDA sources not checked"
+        import torch
+        from torch.utils import cpp_extension
+
+        if torch.version.cuda is None:
+            return [], f"torch {torch.__version__} is not a CUDA build: CUDA sources not checked"
+        includes = [f"-I{p}" for p in cpp_extension.include_paths(device_type="cuda")]
+        includes.append(f"-I{os.path.join(ROOT, 'csrc')}")
+        for site in sys.path:
+            p = os.path.join(site, "nvidia", "cu13", "include")
+            if os.path.isdir(p):
+                includes.append(f"-I{p}")
+        gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
+        rows = []
+        for src in sources:
+            cmd = [nvcc, "-c", os.path.join(ROOT, src), "-o", os.devnull, "-O3", "--use_fast_math", "-std=c++20",
+                   *gencode, "-Xptxas", "-v", "-DMSA_FAST_WITH_CUDA=1", *includes]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            log = proc.stdout + proc.stderr
-            spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
-            regs = [int(x) for x in re.findall(r"Used (\d+) registers", log)]
-            row = {"source": os.path.relpath(src, ROOT), "arch": f"sm_{num}",
-                   "functions": len(regs), "max_registers": max(regs, default=0),
-                   "max_spill": max(spills, default=0), "error": None}
+            got = parse_ptxas_log(f"{src}\n" + proc.stdout + proc.stderr)
             if proc.returncode:
-                row["error"] = log[-1500:]
-            elif row["max_spill"]:
-                row["error"] = f"{row['max_spill']} B register spill"
-            rows.append(row)
-            print(f"  {row['source']} {row['arch']}: {row['functions']} functions, "
-                  f"<= {row['max_registers']} registers, spill {row['max_spill']} B"
-                  + (f"  FAIL {row['error'][:200]}" if row["error"] else ""), flush=True)
+                got.append({"source": src, "arch": "all", "functions": 0, "max_registers": 0, "max_spill": 0,
+                            "error": (proc.stdout + proc.stderr)[-1500:]})
+            rows += got
+    for src in sources:  # every source, every default arch, must have been compiled
+        for arch in archs:
+            if not any(r["source"] == src and r["arch"] == arch for r in rows):
+                rows.append({"source": src, "arch": arch, "functions": 0, "max_registers": 0, "max_spill": 0,
+                             "error": "not compiled for this arch (missing from the ptxas output)"})
+    for row in rows:
+        print(f"  {row['source']} {row['arch']}: {row['functions']} kernels, <= {row['max_registers']} registers, "
+              f"spill {row['max_spill']} B" + (f"  FAIL {row['error'][:200]}" if row["error"] else ""), flush=True)
     return rows, None
 
 
@@ -375,7 +412,9 @@ def main(argv=None) -> int:
     parser.add_argument("--archs", default=None, help="compute capabilities, default 90,80 (quick: 90)")
     parser.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     parser.add_argument("--out", default=RESULTS, help="folder of compile_gate.{json,md}")
-    parser.add_argument("--no-cuda", action="store_true", help="skip the nvcc check of csrc/cuda")
+    parser.add_argument("--no-cuda", action="store_true", help="skip the check of csrc/cuda")
+    parser.add_argument("--cuda-log", default=None,
+                        help="read the CUDA kernels' ptxas -v output from this build log instead of running nvcc")
     parser.add_argument("--ops", default=None, help="comma-separated public ops (default: all)")
     parser.add_argument("--capture", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -422,7 +461,7 @@ def main(argv=None) -> int:
         dedup.setdefault((r["op"], r["case"], r["dtype"], r["pass"], r["kernel"], r["arch"],
                           json.dumps(r["grid"])), r)
     rows = list(dedup.values())
-    cuda_rows, cuda_note = ([], "skipped (--no-cuda)") if args.no_cuda else cuda_sources_check()
+    cuda_rows, cuda_note = ([], "skipped (--no-cuda)") if args.no_cuda else cuda_sources_check(args.cuda_log)
     import triton
 
     env = {"triton": triton.__version__, "when": time.strftime("%Y-%m-%d"), "archs": [f"sm_{c}" for c in caps],

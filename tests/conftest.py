@@ -1,6 +1,17 @@
 """Test setup. TRITON_INTERPRET must be set before any @triton.jit is decorated,
 so it is set here, before msa_fast (and its kernel modules) are imported -- only
-without a GPU: on a GPU machine the kernels compile for real (``pytest -m gpu``)."""
+without a GPU: on a GPU machine the kernels compile for real (``pytest -m gpu``).
+
+Two worlds, one suite:
+
+* ``@pytest.mark.interpret``: runs Triton kernels on CPU tensors, which only the
+  interpreter can; skipped (with the reason) whenever ``TRITON_INTERPRET`` is not 1,
+  i.e. on a GPU machine, where the ``gpu`` tests run the same kernels compiled.
+  ``TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= pytest`` runs them there too.
+* ``@pytest.mark.gpu``: needs a CUDA GPU; skipped without one.
+
+Everything else passes in both.
+"""
 
 import os
 
@@ -20,12 +31,15 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_interpreter = pytest.mark.skip(
+        reason="runs Triton on CPU tensors, which needs TRITON_INTERPRET=1 (the gpu tests cover the compiled kernels)")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "interpret" in item.keywords and not interpreted:
+            item.add_marker(no_interpreter)
 
 
 @pytest.fixture(autouse=True)

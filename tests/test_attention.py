@@ -214,6 +214,7 @@ def test_add_layer_norm_backend_and_compile():
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("shape", [(1, 1), (3, 37, 24), (2, 5, 130)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_add_layer_norm_matches_reference(shape, dtype):
@@ -236,6 +237,7 @@ def test_triton_add_layer_norm_matches_reference(shape, dtype):
             torch.testing.assert_close(a.double(), c, **gtol)
 
 
+@pytest.mark.interpret
 def test_triton_add_layer_norm_opcheck_and_compile():
     x, r = torch.randn(2, 7, 24, requires_grad=True), torch.randn(2, 7, 24, requires_grad=True)
     w, b = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
@@ -249,6 +251,7 @@ def test_triton_add_layer_norm_opcheck_and_compile():
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("B,H,Lq,Lk,Dh", [(1, 1, 1, 1, 16), (2, 2, 37, 5, 24), (1, 2, 3, 70, 64), (2, 1, 40, 37, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_attention_matches_reference(B, H, Lq, Lk, Dh, dtype):
@@ -273,6 +276,7 @@ def test_triton_attention_matches_reference(B, H, Lq, Lk, Dh, dtype):
     assert torch.equal(got[0][0], torch.zeros_like(got[0][0]))
 
 
+@pytest.mark.interpret
 def test_triton_attention_non_contiguous_inputs_and_gradient():
     q = torch.randn(2, 9, 3, 16).transpose(1, 2).requires_grad_()  # (B, H, L, Dh) strided
     k = torch.randn(2, 3, 11, 16, requires_grad=True)
@@ -285,6 +289,7 @@ def test_triton_attention_non_contiguous_inputs_and_gradient():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.interpret
 def test_triton_attention_opcheck_and_compile():
     q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for n in (5, 7, 7))
     mask = torch.tensor([[False, False, True, False, True, True, False]])
@@ -293,6 +298,7 @@ def test_triton_attention_opcheck_and_compile():
     torch.testing.assert_close(fn(q, k, v, mask), R.attention(q, k, v, mask), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.interpret
 def test_triton_attention_head_dim_limit():
     q = k = v = torch.randn(1, 1, 3, 136)
     with pytest.raises(RuntimeError, match="head dims up to 128"):

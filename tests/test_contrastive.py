@@ -466,6 +466,7 @@ def _mask_with_empty_row(*shape):
     (5, 6, 33, True, F32), (3, 1, 7, False, F32), (4, 0, 16, False, F32), (6, 19, 7, True, F32),
     (3, 11, 300, True, F32),  # D_P = 512: several negative blocks per row (online log-sum-exp)
     (5, 6, 33, True, F16), (3, 1, 7, True, F16)])
+@pytest.mark.interpret
 def test_triton_nt_xent_matches_reference(p, k, d, masked, dtype):
     mask = _mask_with_empty_row(p, k) if masked else None
     _against_reference(lambda a, pos, n: nt_xent(a, pos, n, mask, 0.3, "none", backend="triton"),
@@ -473,6 +474,7 @@ def test_triton_nt_xent_matches_reference(p, k, d, masked, dtype):
                        [torch.randn(p, d), torch.randn(p, d), torch.randn(p, k, d)], dtype)
 
 
+@pytest.mark.interpret
 def test_triton_nt_xent_all_negatives_invalid_row_is_zero_with_zero_grad():
     a, pos, n = _rand(3, 9, dtype=F32, grad=True), _rand(3, 9, dtype=F32, grad=True), _rand(3, 4, 9, dtype=F32, grad=True)
     mask = _mask_with_empty_row(3, 4)
@@ -485,6 +487,7 @@ def test_triton_nt_xent_all_negatives_invalid_row_is_zero_with_zero_grad():
 
 @pytest.mark.parametrize("p,d,margin,dtype", [(6, 7, 0.3, F32), (5, 33, 0.5, F32), (1, 16, 3.0, F32),
                                               (7, 33, 0.2, F16)])
+@pytest.mark.interpret
 def test_triton_triplet_matches_reference(p, d, margin, dtype):
     a, pos, n = (torch.randn(p, d) for _ in range(3))
     # cos(a, p) ~ 1, cos(a, n) ~ -1: the hinge is inactive on even rows (margin < 1)
@@ -503,6 +506,7 @@ def test_triton_triplet_matches_reference(p, d, margin, dtype):
     (3, 3, 4, 7, True, F32), (2, 1, 1, 33, False, F32), (3, 0, 2, 7, True, F32), (2, 2, 0, 16, True, F32),
     (2, 6, 9, 200, True, F32),  # D_P = 256: several partner blocks per sample, a partial last one
     (2, 3, 5, 33, True, F16)])
+@pytest.mark.interpret
 def test_triton_fd_cmdie_matches_reference(b, kp, kn, d, masked, dtype):
     pm = _mask_with_empty_row(b, kp) if masked else None
     nm = _mask_with_empty_row(b, kn).flip(0) if masked else None  # a different sample without negatives
@@ -513,6 +517,7 @@ def test_triton_fd_cmdie_matches_reference(b, kp, kn, d, masked, dtype):
         [x.float() for x in _fd_inputs(b, kp, kn, d)], dtype)
 
 
+@pytest.mark.interpret
 def test_triton_zero_vectors_match_reference_without_nan():
     a, pos, n = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 3, 8)
     a[0] = 0
@@ -539,6 +544,7 @@ def test_triton_zero_vectors_match_reference_without_nan():
                        lambda *x: R.fd_cmdie_contrastive_loss(*x), zs, F32)
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_triton_reductions_and_strided_upstream_gradients(reduction):
     # mean / sum hand the kernels stride-0 row gradients; "none" gets a strided one.
@@ -555,6 +561,7 @@ def test_triton_reductions_and_strided_upstream_gradients(reduction):
                        [x.float() for x in _fd_inputs(3, 2, 3, 10)], F32, cot)
 
 
+@pytest.mark.interpret
 def test_triton_non_contiguous_inputs():
     a = torch.randn(9, 5).T  # (5, 9), non-contiguous
     n = torch.randn(5, 9, 4).transpose(1, 2)  # (5, 4, 9)
@@ -567,6 +574,7 @@ def test_triton_non_contiguous_inputs():
                        [s, torch.randn(2, 3, 11), ps, torch.randn(2, 3, 3, 11)], F32)
 
 
+@pytest.mark.interpret
 def test_triton_detached_partners_skip_their_gradients():
     s, df, ps, ns = (x.float() for x in _fd_inputs(3, 2, 3, 12))
     pm = _mask_with_empty_row(3, 2)
@@ -583,6 +591,7 @@ def test_triton_detached_partners_skip_their_gradients():
     torch.testing.assert_close(a.grad.double(), a_r.grad, **_GRAD_TOL[F32])
 
 
+@pytest.mark.interpret
 def test_triton_opcheck():
     a, pos, n = (torch.randn(*s, requires_grad=True) for s in ((3, 7), (3, 7), (3, 4, 7)))
     mask = _mask_with_empty_row(3, 4)
@@ -594,6 +603,7 @@ def test_triton_opcheck():
                           (*xs, _mask_with_empty_row(2, 2), None, 0.5, 0.5, 0.1))
 
 
+@pytest.mark.interpret
 def test_triton_compiles_fullgraph_with_backward():
     xs = [x.float() for x in _fd_inputs(2, 2, 3, 9)]
     pm = _mask_with_empty_row(2, 2)
@@ -607,6 +617,7 @@ def test_triton_compiles_fullgraph_with_backward():
     _against_reference(torch.compile(loss, fullgraph=True), ref, xs, F32)
 
 
+@pytest.mark.interpret
 def test_triton_backend_selection():
     a, pos, n = torch.randn(3, 5), torch.randn(3, 5), torch.randn(3, 2, 5)
     xs = [x.float() for x in _fd_inputs(2, 1, 1, 5)]
@@ -634,6 +645,7 @@ def test_triton_unavailable_raises_and_auto_falls_back(monkeypatch):
         torch.testing.assert_close(call("auto"), call("eager"), rtol=0, atol=0)
 
 
+@pytest.mark.interpret
 def test_fd_cmdie_module_triton_equals_eager():
     n, d = 10, 12
     sims, diffs = _dataset(n, d)

@@ -326,6 +326,7 @@ def test_cmdie_global_feature_concatenates_in_time():
 # ----------------------------------------------------------------------------- triton fast path
 
 
+@pytest.mark.interpret
 def test_dipu_and_cmdie_triton_equal_eager_forward_and_backward():
     """backend="triton" swaps in the fused attention, add+LayerNorm and GAP kernels
     (interpreted here); outputs and every gradient must match the eager module."""

@@ -185,6 +185,7 @@ def _triton_dual_gate_inputs(shape, dtype):
     return [t.requires_grad_() for t in (h, w_z, b_z, g_logits)]
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("shape", [(1, 3, 1), (5, 3, 7), (2, 4, 3, 37), (3, 2, 130)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_dual_gate_matches_reference(shape, dtype):
@@ -206,6 +207,7 @@ def test_triton_dual_gate_matches_reference(shape, dtype):
         torch.testing.assert_close(a.double(), b, **gtol)
 
 
+@pytest.mark.interpret
 def test_triton_dual_gate_non_contiguous_gradient_and_unused_outputs():
     h, w_z, b_z, g_logits = _triton_dual_gate_inputs((6, 3, 11), torch.float32)
     h_ent, h_imp, e, g = msa_fast.ops.dual_gate(h, w_z, b_z, g_logits, 1.3, backend="triton")
@@ -219,6 +221,7 @@ def test_triton_dual_gate_non_contiguous_gradient_and_unused_outputs():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.interpret
 def test_triton_dual_gate_opcheck_and_compile():
     inputs = _triton_dual_gate_inputs((4, 3, 19), torch.float32)
     torch.library.opcheck(torch.ops.msa_fast.dual_gate_triton, (*inputs, 0.5))
@@ -226,6 +229,7 @@ def test_triton_dual_gate_opcheck_and_compile():
     torch.testing.assert_close(fn(*inputs)[0], R.dual_gate(*inputs, 0.5)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.interpret
 def test_dual_gate_fusion_triton_equals_eager():
     torch.manual_seed(1)
     mod = msa_fast.nn.DualGateFusion(24, num_modalities=3)

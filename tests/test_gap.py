@@ -198,6 +198,7 @@ def _triton_gap_inputs(M, B, L, d, h, ha, dtype):
     return [t.to(dtype).requires_grad_() for t in (x, *ws)]
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("M,B,L,d,h,ha", [(3, 2, 37, 24, 12, 20), (3, 1, 1, 16, 8, 8), (2, 2, 5, 33, 40, 17)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("masked", [False, True])
@@ -222,6 +223,7 @@ def test_triton_gap_matches_reference(M, B, L, d, h, ha, dtype, masked):
         torch.testing.assert_close(a.double(), b, **gtol)
 
 
+@pytest.mark.interpret
 def test_triton_gap_opcheck_and_compile():
     inputs = _triton_gap_inputs(3, 2, 5, 16, 8, 8, torch.float32)
     mask = torch.rand(2, 5) < 0.3
@@ -231,6 +233,7 @@ def test_triton_gap_opcheck_and_compile():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.interpret
 def test_triton_gap_rejects_wide_hidden_layers():
     inputs = _triton_gap_inputs(3, 1, 2, 16, 2049, 8, torch.float32)
     with pytest.raises(RuntimeError, match="d, h, ha <= 2048"):

@@ -175,6 +175,7 @@ def test_dropped_modality_keys_are_masked():
         assert not torch.allclose(model.utterance_vectors(batch)[0, 0], model.utterance_vectors(shorter)[0, 0])
 
 
+@pytest.mark.interpret
 def test_eager_and_triton_backends_agree():
     torch.manual_seed(6)
     model = AGFN(DIMS, **SMALL).eval()

@@ -292,6 +292,7 @@ def _random_batch(B=2, L=(4, 3, 5)):
     return batch
 
 
+@pytest.mark.interpret
 def test_eager_and_triton_backends_agree(data):
     """Under msa_fast.use_backend the CMDIE ops (attention, add+LayerNorm, GAP) switch
     kernels; predictions and gradients stay equal (triton interpreted on the CPU)."""
@@ -359,6 +360,7 @@ def test_preset_mosi_applies_table_2():
     assert cfg.lr == 0.001 and cfg.model_cfg["k_cl"] == 4 and cfg.model_cfg["layers"] == 3
 
 
+@pytest.mark.interpret
 def test_training_step_with_contrastive_loss_is_equal_on_eager_and_triton(data):
     """Training mode: the contrastive term (Triton fused loss) and every gradient match eager;
     the partner subsampling draws the same partners for both (same seed)."""

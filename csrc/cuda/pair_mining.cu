@@ -12,6 +12,7 @@
 // int64, query_index (Q,) int64 in [-1, N), 1 <= k <= 64. Outputs (Q, k): int64
 // indices and similarities in fp32 (fp64 for fp64 inputs), like the reference.
 //
+// D is padded to a multiple of 8 by the wrapper (see mine_pairs_cuda).
 // Tiling. One block of 8 warps owns kBQ = 32 query rows and streams the keys in
 // tiles of kBN = 64 rows. Per tile:
 //   1. GEMM: the raw (un-normalised) dot products of the 32 x 64 tile, D staged
@@ -85,6 +86,9 @@ constexpr int kBN = 64;                      // keys per tile: two per lane in t
 constexpr int kLdS = kBN + 4;                // +4 words: the WMMA / SIMT stores of a row
                                              // block fall on different banks
 constexpr int kMaxK = 64;                    // two list slots per lane
+// __launch_bounds__(kThreads, 1): at least one block per SM, so ptxas may give a
+// thread up to 255 registers. Without the minimum it capped sm_120 at 128 and the
+// fp64 lists spilled (the compile gate requires no spill).
 constexpr unsigned kFull = 0xffffffffu;
 static_assert(kBQ % kWarps == 0 && kBN == 64, "the selection takes two keys per lane");
 
@@ -351,7 +355,7 @@ struct SimtTile {
 };
 
 template <typename Tile>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 mine_pairs_kernel(const typename Tile::in_t* __restrict__ feats,
                   const typename Tile::in_t* __restrict__ queries,
                   const typename Tile::acc_t* __restrict__ inv_f,
@@ -440,7 +444,7 @@ mine_pairs_kernel(const typename Tile::in_t* __restrict__ feats,
 // Merges the S partial lists (S, Q, k) of each row into the (Q, k) output: one
 // warp per row offers the S k entries, 32 at a time, to a fresh WarpTopK.
 template <typename T, bool kLargest>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 merge_splits_kernel(const int64_t* __restrict__ part_idx, const T* __restrict__ part_sim,
                     int splits, int q, int k, int64_t* __restrict__ out_idx,
                     T* __restrict__ out_sim) {
@@ -594,8 +598,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine_pairs_cuda(
 
   // The default call passes the features as the queries: one set of norms.
   const bool same_rows = same_storage_rows(queries, features);
-  const at::Tensor f = features.contiguous();
-  const at::Tensor qs = same_rows ? f : queries.contiguous();
+  // D is padded with zero columns to a multiple of 8 (zeros add exactly nothing to a
+  // dot product or a norm): every row is then 16-byte aligned, so the fp16 / bf16
+  // staging always takes the vector path (D = 877 would force the scalar one), and
+  // copies of a row start at the same alignment, so ATen's norm reduction -- whose
+  // order follows a row's alignment -- gives them bit-equal norms and the lower-index
+  // tie rule holds.
+  const int64_t pad = (8 - d % 8) % 8;
+  const auto padded = [pad](const at::Tensor& x) {
+    return pad ? at::constant_pad_nd(x, {0, pad}) : x.contiguous();
+  };
+  const at::Tensor f = padded(features);
+  const at::Tensor qs = same_rows ? f : padded(queries);
   const at::Tensor inv_f = inverse_norms(f, acc_dtype);
   const at::Tensor inv_q = same_rows ? inv_f : inverse_norms(qs, acc_dtype);
   const auto lab = labels.contiguous();
@@ -604,7 +618,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine_pairs_cuda(
   switch (in_dtype) {
     case at::kHalf:
     case at::kBFloat16: {
-      const bool vec = d % 8 == 0 && aligned16(f) && aligned16(qs);
+      const bool vec = f.size(1) % 8 == 0 && aligned16(f) && aligned16(qs);
       if (in_dtype == at::kHalf) {
         launch_mma<__half>(vec, f, qs, inv_f, inv_q, lab, qlab, qi, k, pos_idx, pos_sim, neg_idx,
                            neg_sim);
