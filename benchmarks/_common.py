@@ -191,6 +191,7 @@ def cli(description: str):
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--quick", action="store_true", help="smallest shape only (CI smoke)")
+    parser.add_argument("--shapes", default=None, help="comma-separated shape labels to run (default: all)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<op>_<device>.json)")
     return parser
 
@@ -217,6 +218,13 @@ def run_op(op: str, shapes: dict[str, tuple], build: Callable, args, *,
     env = environment(device)
     results = []
     items = list(shapes.items())[:1] if args.quick else list(shapes.items())
+    if getattr(args, "shapes", None):
+        wanted = args.shapes.split(",")
+        unknown = [w for w in wanted if w not in shapes]
+        if unknown:
+            raise SystemExit(f"--shapes: unknown labels {unknown}; known: {list(shapes)}")
+        items = [(label, shape) for label, shape in items if label in wanted]
+    payload = {"op": op, "env": env, "copy_bandwidth_gbs": copy_bw, "note": note, "results": results}
     for label, shape in items:
         inputs, call = build(shape, device, dtype)
         runners = {}
@@ -249,13 +257,13 @@ def run_op(op: str, shapes: dict[str, tuple], build: Callable, args, *,
                 row["bwd_tflops"] = bf / (row["bwd_ms"] * 1e-3) / 1e12
             results.append(row)
             print(f"{op:>22} {label:>14} {prov:>14}: fwd {row['fwd_ms']:.3f} ms  bwd {row['bwd_ms']:.3f} ms"
-                  f"  fwd+bwd {row['fwd_bwd_ms']:.3f} ms")
+                  f"  fwd+bwd {row['fwd_bwd_ms']:.3f} ms", flush=True)
+        write(op, payload, args.out)  # after every shape: an interrupted run keeps what it measured
     for label, _ in items:
         base = next((r for r in results if r["shape"] == label and r["provider"] == "eager" and "error" not in r), None)
         for r in results:
             if base and r["shape"] == label and "error" not in r:
                 r["speedup_vs_eager_fwd_bwd"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-    payload = {"op": op, "env": env, "copy_bandwidth_gbs": copy_bw, "note": note, "results": results}
     if note:
         print(note)
     path = write(op, payload, args.out)

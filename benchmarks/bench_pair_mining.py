@@ -66,13 +66,13 @@ KS = (10, 50)
 PROVIDERS = ("eager", "eager-chunked", "torch.compile", "cpp", "triton", "cuda")
 
 
-def make_inputs(n: int, d: int, device: str = "cpu", seed: int = SEED):
+def make_inputs(n: int, d: int, device: str = "cpu", seed: int = SEED, dtype: str = "float32"):
     from msa_fast.ops import sentiment_classes
 
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(n, d, generator=g)
     y = torch.rand(n, generator=g) * 6 - 3
-    return features.to(device), sentiment_classes(y, "7").to(device)
+    return features.to(device=device, dtype=getattr(torch, dtype)), sentiment_classes(y, "7").to(device)
 
 
 def check_rows(n: int) -> torch.Tensor:
@@ -176,7 +176,7 @@ def make_call(provider: str, features, labels, k: int, chunk: int):
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
     device = args.device
-    features, labels = make_inputs(args.n, args.d, device)
+    features, labels = make_inputs(args.n, args.d, device, dtype=args.dtype)
     call = make_call(args.provider, features, labels, args.k, args.chunk)
     gpu = device == "cuda"
 
@@ -228,7 +228,7 @@ def run_worker(provider: str, n: int, d: int, k: int, args, save: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--provider", provider,
            "--n", str(n), "--d", str(d), "--k", str(k), "--repeats", str(args.repeats),
            "--chunk", str(args.chunk), "--threads", str(args.threads), "--device", args.device,
-           "--save", save]
+           "--save", save, "--dtype", args.dtype]
     env = dict(os.environ)
     if args.device == "cpu":
         # A fixed mmap threshold: glibc then maps every buffer >= 64 KiB afresh and
@@ -332,6 +332,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="one small shape, no torch.compile (CI smoke)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/pair_mining_<device>.json)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"),
+                   help="feature dtype (default float32)")
     p.add_argument("--n", type=int, nargs="+", default=None, help=f"data set sizes (default {NS})")
     p.add_argument("--d", type=int, nargs="+", default=None, help=f"feature widths (default {DS})")
     p.add_argument("--k", type=int, nargs="+", default=None, help=f"k values (default {KS})")
@@ -383,7 +385,7 @@ def main(argv=None) -> int:
                        "tflops": 2 * n * n * d / med / 1e12, "peak_extra_mb": r["peak_extra_mb"],
                        "peak_extra_mb_per_call": r["peak_extra_mb_per_call"], "warmup_s": r["warmup_s"]}
                 if features is None:
-                    features, labels = make_inputs(n, d, args.device)
+                    features, labels = make_inputs(n, d, args.device, dtype=args.dtype)
                     rows = check_rows(n).to(args.device)
                     want = tuple(t.cpu() for t in reference.mine_pairs(
                         features, labels, k, features[rows], labels[rows], rows))
@@ -402,6 +404,7 @@ def main(argv=None) -> int:
     dev = torch.device(args.device)
     payload = {
         "op": "mine_pairs",
+        "dtype": args.dtype,
         "env": environment(dev) | {"threads": args.threads},
         "build": {k: info.get(k) for k in ("extension", "openmp", "cpu_ops", "cuda_ops")},
         "method": ("median wall time (time.perf_counter, synchronised on a GPU) of --repeats calls after a "

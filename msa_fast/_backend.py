@@ -116,17 +116,9 @@ def available(op: str, device: torch.device | str = "cpu") -> list[str]:
     return [b for b in BACKENDS if unavailable_reason(op, b, device) is None]
 
 
-def is_explicit(backend: str | None) -> bool:
-    """True when the caller (or the global default) named a backend rather than ``auto``.
-
-    Ops whose fused kernel has a shape limit use it to decide between raising
-    (explicit request) and falling back to eager (``auto`` never fails).
-    """
-    return (backend if backend is not None else _default) != "auto"
-
-
 def resolve(op: str, backend: str | None, device: torch.device) -> str:
-    """The concrete backend to run ``op`` with (``None`` means the global default)."""
+    """The backend ``op`` would run with on ``device`` (``None``: the global default),
+    before the input's dtype and shape are known; :func:`dispatch` also applies those."""
     name = _check_name(backend if backend is not None else _default)
     if name == "auto":
         order = AUTO_ORDER.get((op, device.type), _DEFAULT_ORDER.get(device.type, ("eager",)))
@@ -270,7 +262,7 @@ def backend_table() -> str:
     rows = ["| op | eager | cpp | cuda | triton | `auto` on CPU | `auto` on GPU |",
             "|---|---|---|---|---|---|---|"]
     for name, spec in SPECS.items():
-        order = {dev: next((b for b in AUTO_ORDER[(name, dev)] if b != "eager"), "eager") for dev in ("cpu", "cuda")}
+        order = {dev: " > ".join(AUTO_ORDER[(name, dev)]) for dev in ("cpu", "cuda")}
         rows.append(f"| `{name}` | any dtype | {cell(spec, 'cpp')} | {cell(spec, 'cuda')} | {cell(spec, 'triton')} "
                     f"| {order['cpu']} | {order['cuda']} |")
     return "\n".join(rows)

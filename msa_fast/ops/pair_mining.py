@@ -91,13 +91,8 @@ def _k_limit(features, labels, k, *_queries) -> str | None:
 
 def _fused_runner(op_of_backend):
     def run(features, labels, k, queries, query_labels, query_index):
-        n = features.shape[0]
-        if queries is None:
-            queries, query_labels = features, labels
-            if query_index is None:
-                query_index = torch.arange(n, device=features.device)
-        elif query_index is None:
-            query_index = torch.full((queries.shape[0],), -1, dtype=torch.long, device=features.device)
+        queries, query_labels, query_index = reference.mining_queries(features, labels, queries, query_labels,
+                                                                      query_index)
         out = op_of_backend()(features.detach(), labels, queries.detach(), query_labels, query_index, k)
         return MinedPairs(*out)
 

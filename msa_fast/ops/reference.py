@@ -75,6 +75,19 @@ def _pad_k(idx: torch.Tensor, val: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     return idx, val
 
 
+def mining_queries(features, labels, queries=None, query_labels=None, query_index=None):
+    """The explicit ``(queries, query_labels, query_index)`` of a ``mine_pairs`` call:
+    no queries means every row of ``features`` (row i excludes itself); queries without
+    an index exclude nothing (-1)."""
+    if queries is None:
+        queries, query_labels = features, labels
+        if query_index is None:
+            query_index = torch.arange(features.shape[0], device=features.device)
+    elif query_index is None:
+        query_index = torch.full((queries.shape[0],), -1, dtype=torch.long, device=features.device)
+    return queries, query_labels, query_index
+
+
 def mine_pairs(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -100,12 +113,7 @@ def mine_pairs(
     ``cuda`` and ``triton`` kernels never do.
     """
     n = features.shape[0]
-    if queries is None:
-        queries, query_labels = features, labels
-        if query_index is None:
-            query_index = torch.arange(n, device=features.device)
-    elif query_index is None:
-        query_index = torch.full((queries.shape[0],), -1, dtype=torch.long, device=features.device)
+    queries, query_labels, query_index = mining_queries(features, labels, queries, query_labels, query_index)
     with torch.no_grad():
         sim = normalize_rows(queries) @ normalize_rows(features).T  # (Q, N)
         same = query_labels[:, None] == labels[None, :]

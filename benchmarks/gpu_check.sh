@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# GPU validation in one call (SPEC 8): build, tests, sanitizers, benchmarks, JSON out.
+#
+#   bash benchmarks/gpu_check.sh            # on a GPU machine: under 8 minutes on an H200
+#   bash benchmarks/gpu_check.sh --quick    # anywhere (CI, no GPU): the CPU-side parts
+#
+# Made for the lent H200 machine (Python 3.12, torch 2.11, triton 3.6, nvcc 13.0,
+# compute-sanitizer, no network): nothing is installed, the package runs from this
+# tree (PYTHONPATH), and every result lands in one folder, packed into one file:
+#
+#   1. versions (python, torch, triton, nvcc, the GPU) and the extension built in place
+#      against the torch there (TORCH_CUDA_ARCH_LIST defaults to the GPU's own arch),
+#      then msa_fast.build_info();
+#   2. pytest -m gpu -x (every GPU test: the Triton kernels compiled for real, the CUDA
+#      mining kernel, against the reference);
+#   3. compute-sanitizer memcheck and racecheck on one small mine_pairs call per dtype
+#      (fp32 / fp16 / bf16 / fp64, with key splits so that the merge kernel runs too);
+#   4. every op benchmark at the MOSEI and large-batch shapes in bf16 and fp32
+#      (--device cuda), pair mining at N = 16,326, D = 877, k = 10 and 50.
+#
+# Output: the folder $GPU_CHECK_OUT (default benchmarks/results/gpu_check), packed
+# into gpu_check.tgz beside it; with $OUT set (the device tool's folder, which brings
+# back at most 8 files) the folder is a scratch one and $OUT gets the .tgz plus
+# summary.json. summary.json says what each step returned. Steps run on when one fails
+# and the script exits 1 if any failed. The benchmarks share a time budget
+# (BENCH_BUDGET, default 240 s; bf16 first): a script that would start past it is
+# skipped and says so. --quick (no GPU needed):
+# a CPU-only build of the extension into a scratch folder, pytest -m gpu (which
+# skips without a GPU), and the CPU benchmarks' --quick smoke.
+set -uo pipefail
+QUICK=0
+[ "${1:-}" = "--quick" ] && QUICK=1
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+if [ -n "${GPU_CHECK_OUT:-}" ]; then DIR=$GPU_CHECK_OUT
+elif [ -n "${OUT:-}" ]; then DIR=$(mktemp -d)/gpu_check
+else DIR=$ROOT/benchmarks/results/gpu_check; fi
+PACK=${OUT:+$OUT/gpu_check.tgz}
+PACK=${PACK:-$DIR.tgz}
+mkdir -p "$DIR"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+start=$(date +%s)
+declare -A RC
+step() { printf '\n=== [%4ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
+record() { RC[$1]=$2; [ "$2" = 0 ] || echo "--- step $1 returned $2"; }
+
+step "versions"
+{
+  $PY - <<'PY'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton not installed")
+print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+      torch.cuda.get_device_capability(0) if torch.cuda.is_available() else "")
+PY
+  command -v nvcc >/dev/null && nvcc --version | tail -2
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+} 2>&1 | tee "$DIR/versions.txt"
+HAS_GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
+if [ "$QUICK" = 0 ] && [ "$HAS_GPU" != 1 ]; then
+  echo "no CUDA GPU here: run with --quick for the CPU-side parts"; exit 2
+fi
+
+step "build the extension"
+if [ "$QUICK" = 1 ]; then
+  # CPU-only, into a scratch folder: the installed extension of this tree stays as it is
+  scratch=$(mktemp -d)
+  MSA_FAST_BUILD_CUDA=0 $PY setup.py -q build_ext --build-lib "$scratch/lib" --build-temp "$scratch/tmp" \
+    > "$DIR/build.log" 2>&1
+  rc=$?
+  [ $rc = 0 ] && ls "$scratch"/lib/msa_fast/_C*.so
+  rm -rf "$scratch"
+else
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
+    export TORCH_CUDA_ARCH_LIST
+  fi
+  MSA_FAST_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace > "$DIR/build.log" 2>&1
+  rc=$?
+fi
+record build $rc
+[ $rc = 0 ] || tail -40 "$DIR/build.log"
+$PY -c "import json, msa_fast; print(json.dumps(msa_fast.build_info()))" 2>&1 | tee "$DIR/build_info.json"
+
+step "pytest -m gpu -x"
+$PY -m pytest -m gpu -x -q -p no:cacheprovider --junitxml="$DIR/pytest_gpu.xml" 2>&1 | tee "$DIR/pytest_gpu.log"
+record pytest_gpu "${PIPESTATUS[0]}"
+
+step "compute-sanitizer on mine_pairs"
+if [ "$QUICK" = 0 ] && command -v compute-sanitizer >/dev/null; then
+  cat > "$DIR/sanitize_mine_pairs.py" <<'PY'
+import sys, torch, msa_fast
+for name in sys.argv[1:]:
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(300, 37, generator=g).to("cuda", getattr(torch, name))  # D odd: the padded path
+    f[10] = f[3]
+    labels = torch.randint(0, 4, (300,), generator=g).cuda()
+    out = msa_fast.ops.mine_pairs(f, labels, 10, backend="cuda")
+    q = msa_fast.ops.mine_pairs(f, labels, 5, f[:40], labels[:40], torch.arange(40, device="cuda"), backend="cuda")
+    torch.cuda.synchronize()
+    print(name, "ok", tuple(out.pos_idx.shape), tuple(q.pos_idx.shape))
+PY
+  san_rc=0
+  for tool in memcheck racecheck; do  # one process per tool, one call per dtype in it
+    MSA_FAST_MINE_PAIRS_SPLITS=2 compute-sanitizer --tool "$tool" --error-exitcode 1 \
+      $PY "$DIR/sanitize_mine_pairs.py" float32 float16 bfloat16 float64 > "$DIR/sanitizer_$tool.log" 2>&1
+    rc=$?
+    echo "$tool: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|ok' "$DIR/sanitizer_$tool.log" | tr '\n' ' ')"
+    [ $rc = 0 ] || san_rc=$rc
+  done
+  record sanitizer $san_rc
+else
+  echo "skipped: $([ "$QUICK" = 1 ] && echo '--quick' || echo 'compute-sanitizer not found')"
+fi
+
+step "benchmarks"
+bench_start=$(date +%s)
+BUDGET=${BENCH_BUDGET:-240}
+bench() {  # name, then the command; the scripts share the time budget
+  local name=$1; shift
+  local left=$(( BUDGET - ($(date +%s) - bench_start) ))
+  if [ "$left" -lt 20 ]; then
+    echo "$name: skipped (the ${BUDGET} s benchmark budget is spent)" | tee "$DIR/bench_$name.log"
+    return
+  fi
+  timeout "$left" "$@" > "$DIR/bench_$name.log" 2>&1
+  local rc=$?
+  echo "$name: rc=$rc ($(grep -c . "$DIR/bench_$name.log") lines; JSON is written after every shape)"
+  record "bench_$name" $rc
+}
+if [ "$QUICK" = 1 ]; then
+  bench pair_mining $PY benchmarks/bench_pair_mining.py --quick --device cpu --out "$DIR/pair_mining_cpu.json"
+  for op in dual_gate gap layer_norm attention; do
+    bench "$op" $PY "benchmarks/bench_$op.py" --quick --device cpu --out "$DIR/${op}_cpu.json"
+  done
+  bench contrastive $PY benchmarks/bench_contrastive.py --quick --device cpu --out "$DIR/contrastive_cpu.json"
+else
+  for dt in bfloat16 float32; do
+    bench "dual_gate_$dt" $PY benchmarks/bench_dual_gate.py --device cuda --dtype $dt \
+      --shapes mosei_b1024,train_b16384 --out "$DIR/dual_gate_$dt.json"
+    bench "gap_$dt" $PY benchmarks/bench_gap.py --device cuda --dtype $dt \
+      --shapes mosei_unaligned,train_large --out "$DIR/gap_$dt.json"
+    bench "layer_norm_$dt" $PY benchmarks/bench_layer_norm.py --device cuda --dtype $dt \
+      --shapes mosei_unaligned,train_large --out "$DIR/layer_norm_$dt.json"
+    bench "attention_$dt" $PY benchmarks/bench_attention.py --device cuda --dtype $dt \
+      --shapes mosei_self_unaligned,train_large,mosei_self_dh128 --out "$DIR/attention_$dt.json"
+    bench "contrastive_$dt" $PY benchmarks/bench_contrastive.py --device cuda --dtype $dt \
+      --shapes mosei_b64_k50_d256,large_b1024_k50_d256 --out "$DIR/contrastive_$dt.json"
+    bench "pair_mining_$dt" $PY benchmarks/bench_pair_mining.py --device cuda --dtype $dt --n 16326 --d 877 \
+      --k 10 50 --providers eager-chunked torch.compile triton cuda --out "$DIR/pair_mining_$dt.json"
+  done
+fi
+
+step "summary"
+{
+  printf '{"quick": %s, "seconds": %s, "steps": {' "$([ $QUICK = 1 ] && echo true || echo false)" \
+    "$(( $(date +%s) - start ))"
+  sep=""
+  for k in "${!RC[@]}"; do printf '%s"%s": %s' "$sep" "$k" "${RC[$k]}"; sep=", "; done
+  printf '}}\n'
+} | tee "$DIR/summary.json"
+tar czf "$PACK" -C "$(dirname "$DIR")" "$(basename "$DIR")" && echo "packed $PACK"
+[ -n "${OUT:-}" ] && cp "$DIR/summary.json" "$OUT/summary.json"
+for k in "${!RC[@]}"; do [ "${RC[$k]}" = 0 ] || exit 1; done
+exit 0
