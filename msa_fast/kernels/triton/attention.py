@@ -238,9 +238,12 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     kpm, s_kpm, has_mask = _mask_arg(q, key_padding_mask)
     args = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), s_kpm, H, Lq, Lk, Dh,
             float(scale) * LOG2E, float(scale))
-    attention_bwd_dkdv_kernel[(B * H, triton.cdiv(Lk, bn))](
+    # dK, dV accumulators and the K, V tiles of 64 keys x 64 dims spill on sm_80 in
+    # 16-bit (Triton 3.6): 32 keys per program there
+    bn_kv = 32 if q.dtype != torch.float32 and dp >= 64 else bn
+    attention_bwd_dkdv_kernel[(B * H, triton.cdiv(Lk, bn_kv))](
         q, k, v, do, lse, delta, kpm, dk, dv, *args,
-        BM=bm, BN=bn, DP=dp, HAS_MASK=has_mask, PRECISION=precision)
+        BM=bm, BN=bn_kv, DP=dp, HAS_MASK=has_mask, PRECISION=precision)
     attention_bwd_dq_kernel[(B * H, triton.cdiv(Lq, bm))](
         q, k, v, do, lse, delta, kpm, dq, *args,
         BM=bm, BN=bn, DP=dp, HAS_MASK=has_mask, PRECISION=precision)

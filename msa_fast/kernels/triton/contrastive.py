@@ -609,7 +609,7 @@ def fd_cmdie_forward(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats
     if B:
         fd_cmdie_fwd_kernel[(B,)](s, d, ps, ns, pm, nm, loss, aux, Kp, Kn, D, float(tau), float(margin),
                                   float(lambda_tri), HAS_PM=has_pm, HAS_NM=has_nm,
-                                  **_fd_launch(Kp, Kn, D, 8192))
+                                  **_fd_launch(Kp, Kn, D, 4096))  # 8192 spills in 16-bit (Triton 3.6)
     return loss, aux
 
 

@@ -331,7 +331,8 @@ def gap_backward(dout, dalpha, dg, x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, 
     gap_pool_bwd_kernel[(nprog,)](
         n, pre_g, na, pad, ws[3], ws[4], ws[5], ws[7], ws[8], ws[9],
         dout2, dout2.stride(0), dout2.stride(1), dal2, dal2.stride(0), dal2.stride(1),
-        dg2, dg2.stride(0), dg2.stride(1), dpre_g, dpre_a, du, ds, c, gate, p_w2g, p_w2a, R, D, HG, HA, **meta)
+        dg2, dg2.stride(0), dg2.stride(1), dpre_g, dpre_a, du, ds, c, gate, p_w2g, p_w2a, R, D, HG, HA, **meta,
+        num_warps=8)  # the two passes over M keep several tiles live: 4 warps spill (Triton 3.6, bf16)
     # W1a y_m = g_m (W1a n_m): the gradient reaching the attention GEMM's output na is g dpre_a
     dna = dpre_a * gate[..., None]
     dn = c[..., None] * dout2.float()[None] + torch.bmm(dpre_g, W1g.float()) + torch.matmul(dna, W1a.float())
