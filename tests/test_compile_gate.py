@@ -130,6 +130,14 @@ def test_committed_table_passes_and_covers_every_auto_reachable_kernel():
         assert {"sm_80", "sm_90", "sm_100", "sm_120"} <= {r["arch"] for r in cuda_rows}
 
 
+def test_committed_table_of_the_gpu_machines_triton_passes():
+    # the lent H200 runs Triton 3.6: the same launches compiled with it (no CUDA part)
+    with open(os.path.join(ROOT, "benchmarks", "results", "compile_gate_triton36.json")) as fh:
+        table = json.load(fh)
+    assert table["env"]["triton"].startswith("3.6") and not table["env"]["quick"]
+    assert table["failures"] == 0 and len(table["triton_kernels"]) == len(_committed_table()["triton_kernels"])
+
+
 def test_no_descriptor_sends_fp64_or_an_undeclared_dtype_to_a_kernel():
     for spec in _backend.SPECS.values():
         for f in spec.fused:
