@@ -164,6 +164,35 @@ def test_explicit_backend_with_an_undeclared_dtype_raises_value_error():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_descriptor_limits_are_the_kernels_limits():
+    """The ops declare the kernels' limits without importing triton (optional): check
+    that the declared numbers are the kernels' own."""
+    import re
+
+    pytest.importorskip("triton")
+    from msa_fast.kernels.triton import attention, gap, pair_mining
+
+    mine = _backend.SPECS["mine_pairs"]
+    f, lab = torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
+    with open(os.path.join(ROOT, "csrc", "cuda", "pair_mining.cu")) as fh:
+        cuda_max_k = int(re.search(r"constexpr int kMaxK = (\d+);", fh.read()).group(1))
+    for backend, max_k in (("triton", pair_mining.MAX_K), ("cuda", cuda_max_k)):
+        limit = mine.implementation(backend).limit
+        assert limit(f, lab, max_k, None, None, None) is None and limit(f, lab, max_k + 1, None, None, None)
+    head = _backend.SPECS["attention"].implementation("triton").limit
+    q = torch.empty(1, 1, 1, attention.MAX_HEAD_DIM)
+    assert head(q) is None and head(torch.empty(1, 1, 1, attention.MAX_HEAD_DIM + 1))
+    width = _backend.SPECS["gated_attention_pool"].implementation("triton").limit
+    w = gap.MAX_WIDTH
+
+    def gap_args(d, h, ha):
+        return (torch.empty(3, 1, 1, d), None, None, torch.empty(3, h, d), None, None, None, torch.empty(ha, d))
+
+    assert width(*gap_args(w, w, w)) is None
+    for d, h, ha in ((w + 1, 8, 8), (8, w + 1, 8), (8, 8, w + 1)):
+        assert width(*gap_args(d, h, ha)), (d, h, ha)
+
+
 def test_auto_order_comes_from_the_descriptors():
     assert _backend.AUTO_ORDER[("mine_pairs", "cpu")] == ("cpp", "eager")
     assert _backend.AUTO_ORDER[("mine_pairs", "cuda")] == ("cuda", "triton", "eager")

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 128  # one (block, Dh) tile per operand; msa_fast/ops/attention.py declares it
 
 
 @triton.jit

@@ -31,8 +31,8 @@ otherwise cost several passes:
 
 A tile of a kernel is at most ``TILE`` fp32 elements, so that nothing spills
 (``benchmarks/compile_gate.py``): rows per program shrink as ``d`` or ``h`` grow,
-and any ``d, h, ha <= MAX_WIDTH`` is taken. Every ``tl.dot``-free: the widths are
-free of tensor-core shape rules. fp16 / bf16 inputs compute in fp32 (as the
+and any ``d, h, ha <= MAX_WIDTH`` is taken. No ``tl.dot``: the widths need not be
+multiples of 16. fp16 / bf16 inputs compute in fp32 (as the
 reference does) and return their own dtype.
 """
 
