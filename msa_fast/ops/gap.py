@@ -82,10 +82,10 @@ def _check(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps) -> 
     V.positive_float(op, "eps", eps)
 
 
-def _width_limit(x, ln_w, ln_b, W1g, *rest) -> str | None:
-    widest = max(x.shape[-1], W1g.shape[1], rest[3].shape[0])
-    if widest > 2048:  # kernels/triton/gap.py: MAX_WIDTH (a tile of one row)
-        return f"takes d, h, ha <= 2048, got d={x.shape[-1]}, h={W1g.shape[1]}, ha={rest[3].shape[0]}"
+def _width_limit(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, *_rest) -> str | None:
+    d, h, ha = x.shape[-1], W1g.shape[1], W1a.shape[0]
+    if max(d, h, ha) > 2048:  # kernels/triton/gap.py: MAX_WIDTH (a tile of one row)
+        return f"takes d, h, ha <= 2048, got d={d}, h={h}, ha={ha}"
     return None
 
 
