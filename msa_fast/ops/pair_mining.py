@@ -99,12 +99,8 @@ def _fused_runner(op_of_backend):
     return run
 
 
-def _reference(*args) -> MinedPairs:
-    return reference.mine_pairs(*args)
-
-
 _SPEC = _backend.declare(_backend.OpSpec(
-    "mine_pairs", _reference, _check, autocast=None,
+    "mine_pairs", reference.mine_pairs, _check, autocast=None,
     fused=(
         _backend.Fused("cpp", _fused_runner(lambda: torch.ops.msa_fast.mine_pairs),
                        dtypes=(*_backend.FP_16_32, torch.float64), auto=("cpu",)),
