@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from msa_fast.data import safe_pickle
 from msa_fast.data.schema import SPLITS, SchemaError, check_pickle
 
 log = logging.getLogger("msa_fast.data")
@@ -95,7 +96,27 @@ def _text_lengths(split: dict, text: np.ndarray | None) -> np.ndarray:
     return np.where(nonzero.any(axis=1), last, text.shape[1]).astype(np.int64)
 
 
+def _numeric(name: str, key: str, value, dtype=np.float32) -> np.ndarray:
+    """``value`` as a numeric array, or a :class:`SchemaError` naming the split and key
+    (a pickle whose labels or features are strings or objects)."""
+    try:
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"dtype {arr.dtype}")
+        return arr.astype(dtype, copy=False)
+    except (TypeError, ValueError) as e:
+        kind = type(value).__name__ if not hasattr(value, "dtype") else f"array of {value.dtype}"
+        raise SchemaError(f"split {name!r}: {key!r} expected numbers, got {kind} "
+                          f"({str(e).splitlines()[0]})") from None
+
+
 def split_from_dict(name: str, split: dict, aligned: bool) -> tuple[SplitData, dict]:
+    split = dict(split)
+    for key in ("text", "text_bert", "audio", "vision", "regression_labels",
+                "audio_lengths", "vision_lengths"):
+        if key in split:
+            dtype = np.int64 if key.endswith("_lengths") else np.float32
+            split[key] = _numeric(name, key, split[key], dtype)
     report = {}
     text = None
     if "text" in split:
@@ -171,8 +192,12 @@ def load_pickle(path: str, limit: int | None = None) -> MMSAData:
         raise SchemaError(f"data path is a directory, expected a pickle file: {path}")
     try:
         with open(path, "rb") as f:
-            pkl = pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as e:
+            pkl = safe_pickle.load(f)
+    except safe_pickle.UnsafePickleError as e:
+        raise safe_pickle.UnsafePickleError(f"{path}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError,
+            TypeError, IndexError, KeyError, MemoryError, OverflowError) as e:
+        # a truncated or corrupt file fails in any of these, depending on where it ends
         raise SchemaError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
     try:
         return from_pickle_dict(pkl, source=path, limit=limit)

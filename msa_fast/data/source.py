@@ -29,8 +29,9 @@ def parse_synthetic(spec: str) -> dict:
             out["aligned"] = opt == "aligned"
         elif opt.startswith(("seed=", "limit=")):
             key, _, val = opt.partition("=")
-            if not val.isdigit():
-                raise ValueError(f"data: {key} must be a non-negative integer in {spec!r}")
+            if not val.isdigit() or (key == "limit" and int(val) < 1):
+                want = "a positive" if key == "limit" else "a non-negative"
+                raise ValueError(f"data: {key} must be {want} integer in {spec!r}, got {val!r}")
             out[key] = int(val)
         else:
             raise ValueError(f"data: unknown synthetic option {opt!r} in {spec!r}")
@@ -39,6 +40,10 @@ def parse_synthetic(spec: str) -> dict:
 
 def load_data(spec: str, limit: int | None = None) -> MMSAData:
     """Load ``spec`` (path or synthetic spec); ``limit`` keeps the first rows of each split."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit: expected a positive integer (samples kept per split), got {limit!r}")
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"data: expected a pickle path or synthetic:<preset>, got {spec!r}")
     key = (spec, limit)
     if key in _MEMO:
         return _MEMO[key]

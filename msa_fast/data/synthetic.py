@@ -34,7 +34,7 @@ import tempfile
 
 import numpy as np
 
-from msa_fast.data.schema import PRESET_DIMS, SPLITS
+from msa_fast.data.schema import PRESET_DIMS, SPLITS, check_pickle
 
 VERSION = 1
 SHARES = {"text": 0.45, "audio": 0.30, "vision": 0.25}
@@ -128,6 +128,8 @@ def generate(preset: str = "mosi", seed: int = 0, aligned: bool = True,
     ``workdir`` when given (pickle them before deleting it), else in memory."""
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit: expected a positive integer (samples per split), got {limit}")
     p = PRESETS[preset]
     tab = _Tables(seed, p)
     pkl = {}
@@ -164,6 +166,7 @@ def write(path: str, preset: str = "mosi", seed: int = 0, aligned: bool = True,
     big = PRESETS[preset]["sizes"][0] > 4000 and limit is None
     with tempfile.TemporaryDirectory(dir=directory) as work:
         pkl = generate(preset, seed, aligned, limit, workdir=work if big else None)
+        check_pickle(pkl)  # never leave a file in place that the loader would reject
         tmp = os.path.join(work, "out.pkl")
         with open(tmp, "wb") as f:
             pickle.dump(pkl, f, protocol=5)
