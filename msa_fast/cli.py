@@ -7,9 +7,11 @@
 - ``msa-fast data synth --preset mosi|mosei|tiny --out PATH [--unaligned] [--seed N]``.
 - ``msa-fast data inspect PATH|synthetic:...``: splits, shapes, label histogram, NaN/-inf.
 
-Errors the user can fix (bad path, wrong schema, unknown model, bad config, non-finite
-loss) print one line ``msa-fast: error: ...`` on stderr and exit with status 2 (3 for a
-non-finite loss); no traceback.
+Errors the user can fix (bad path, wrong schema, an unsafe pickle, unknown model or
+hyper-parameter, bad config, a run directory that holds another run or is locked, a
+truncated checkpoint) print one line ``msa-fast: error: ...`` on stderr and exit with status
+2; a non-finite training loss or a non-finite / diverged valid loss exits with 3, the last
+good checkpoint intact; no traceback.
 """
 
 from __future__ import annotations
@@ -25,16 +27,24 @@ from msa_fast.data.schema import SPLITS, SchemaError
 
 _FLAG_KEYS = ("model", "data", "limit", "seeds", "epochs", "patience", "batch_size", "lr",
               "weight_decay", "grad_clip", "device", "backend", "out", "resume", "missing_rate",
-              "drop_rate", "num_workers", "threads", "stop_after_epoch")
+              "drop_rate", "num_workers", "threads", "stop_after_epoch", "overwrite")
 
 
 class UserError(Exception):
     """A problem with the user's input; reported in one line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in the one-line form of every other error (``--help`` and
+    ``msa-fast train -h`` still print the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"msa-fast: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="msa-fast", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="msa-fast", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model over one or more seeds")
     t.add_argument("--model", help="registered model name (text_only, lf_dnn, ...)")
@@ -51,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-clip", type=float)
     t.add_argument("--out", help="run directory: checkpoints and results.json")
     t.add_argument("--resume", action="store_true", default=None,
-                   help="continue from the checkpoints in --out")
+                   help="continue the run in --out (its configuration must match)")
+    t.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run already in --out")
     t.add_argument("--config", help="YAML or JSON file whose keys mirror these flags")
     t.add_argument("--missing-rate", type=float, nargs="+",
                    help="MMSA token/frame missing rate: one value or three (t a v)")
@@ -75,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", choices=("best", "last"), default="best")
 
     d = sub.add_parser("data", help="synthetic data and pickle inspection")
-    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    dsub = d.add_subparsers(dest="data_cmd", required=True, parser_class=_Parser)
     s = dsub.add_parser("synth", help="write a synthetic MMSA pickle")
     s.add_argument("--preset", default="mosi")
     s.add_argument("--out", required=True)
@@ -147,12 +159,19 @@ def _set_backend(name: str) -> None:
 
 def cmd_train(args) -> int:
     from msa_fast.data.source import load_data
+    from msa_fast.models import build_model, check_model_cfg
     from msa_fast.train.experiment import run_experiment
+    from msa_fast.train.trainer import check_splits
 
     cfg = _config_from_args(args)
     _check_model(cfg.model)
+    check_model_cfg(cfg.model, cfg.model_cfg)
     _set_backend(cfg.backend)
-    load_data(cfg.data, limit=cfg.limit)  # fail early on a bad path / schema
+    if cfg.out and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UserError(f"--out: {cfg.out} is a file, expected a run directory")
+    data = load_data(cfg.data, limit=cfg.limit)  # fail early on a bad path / schema
+    check_splits(data)
+    build_model(cfg.model, data.dims, **cfg.model_cfg)  # the model's own checks, before training
     results = run_experiment(cfg)
     if cfg.out:
         print(f"results: {os.path.join(cfg.out, 'results.json')}")
@@ -165,14 +184,14 @@ def cmd_eval(args) -> int:
     from msa_fast.data.source import load_data
     from msa_fast.metrics import format_metrics
     from msa_fast.models import build_model
-    from msa_fast.train.checkpoint import load_json, load_weights
+    from msa_fast.train.checkpoint import load_weights, read_state
     from msa_fast.train.config import TrainConfig
     from msa_fast.train.trainer import evaluate, resolve_device
 
     state_path = os.path.join(args.checkpoint, "state.json")
     if not os.path.isfile(state_path):
         raise UserError(f"no checkpoint in {args.checkpoint} (state.json not found)")
-    state = load_json(state_path)
+    state = read_state(args.checkpoint)
     weights = os.path.join(args.checkpoint,
                            "best.safetensors" if args.weights == "best" else state["weights"])
     if not os.path.isfile(weights):
@@ -184,15 +203,13 @@ def cmd_eval(args) -> int:
             setattr(cfg, key, getattr(args, key))
     if args.missing_rate:
         cfg.missing_rate = args.missing_rate[0] if len(args.missing_rate) == 1 else args.missing_rate
+    cfg.validate()
     data = load_data(cfg.data, limit=cfg.limit if not args.data else None)
     if data.dims != state["dims"]:
         raise UserError(f"data widths {data.dims} differ from the checkpoint's {state['dims']}")
     device = resolve_device(cfg.device)
     model = build_model(state["model"], state["dims"], **state["model_cfg"]).to(device)
-    try:
-        load_weights(weights, model)
-    except (RuntimeError, OSError) as e:
-        raise UserError(f"cannot load {weights}: {str(e).splitlines()[0]}") from None
+    load_weights(weights, model)  # a CheckpointError names the file
     with torch.no_grad():
         m = evaluate(model, data, args.split, cfg, device, state["seed"])
     print(f"{state['model']} on {cfg.data} [{args.split}]: {format_metrics(m)}")
@@ -254,8 +271,7 @@ def main(argv=None) -> int:
     except NonFiniteLossError as e:
         print(f"msa-fast: error: {e}", file=sys.stderr)
         return 3
-    except (UserError, SchemaError, UnknownModelError, FileNotFoundError, IsADirectoryError,
-            PermissionError, ValueError, RuntimeError) as e:
+    except (UserError, SchemaError, UnknownModelError, OSError, ValueError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"msa-fast: error: {msg}", file=sys.stderr)
         return 2

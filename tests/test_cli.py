@@ -32,7 +32,7 @@ def test_train_config_file_missing_protocols_and_resume(tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("model: text_only\nseeds: [3]\nmissing-rate: 0.2\ndrop_rate: 0.3\nlr: 0.002\n")
     out = tmp_path / "run"
-    args = ["train", "--config", str(cfg), *TINY, "--out", str(out)]
+    args = ["train", "--config", str(cfg), *TINY, "--model-cfg", '{"hidden": 16}', "--out", str(out)]
     assert main([*args, "--stop-after-epoch", "1"]) == 0
     assert json.load(open(out / "seed_3" / "state.json"))["epoch"] == 1
     assert main([*args, "--resume"]) == 0
@@ -41,7 +41,7 @@ def test_train_config_file_missing_protocols_and_resume(tmp_path, capsys):
     assert res["config"]["drop_rate"] == 0.3 and res["per_seed"][0]["epochs_run"] == 2
     jcfg = tmp_path / "cfg.json"
     jcfg.write_text(json.dumps({"model": "text_only", "seeds": 4}))
-    assert main(["train", "--config", str(jcfg), *TINY, "--epochs", "1"]) == 0
+    assert main(["train", "--config", str(jcfg), *TINY, "--model-cfg", "{}", "--epochs", "1"]) == 0
 
 
 def test_data_synth_and_inspect(tmp_path, capsys):

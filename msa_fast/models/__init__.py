@@ -5,7 +5,9 @@ per-model code):
 
 - constructor ``Model(dims, **cfg)``; ``dims = {"text": 768, "audio": da, "vision": dv,
   "text_input": "features" | "bert"}`` (``MMSAData.dims``); unknown ``cfg`` keys are ignored
-  (take ``**_``) so that one config file can serve several models;
+  (take ``**_``) so that one config file can serve several models in Python, while the
+  command line checks ``--model-cfg`` with :func:`check_model_cfg` (names and annotated
+  types of the constructor's keywords);
 - ``forward(batch) -> dict`` with ``"pred"`` ``(B,)`` float (the regression output) and,
   optionally, ``"loss_extra"`` (a scalar added to the L1 loss, e.g. a contrastive term) and
   anything else for logging. ``batch`` is the dict of :mod:`msa_fast.data.loader`
@@ -19,7 +21,10 @@ is looked up by importing ``msa_fast.models.<name>`` (which registers itself), s
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
+import os
 from collections.abc import Callable
 
 from torch import nn
@@ -56,7 +61,69 @@ def build_model(name: str, dims: dict, **cfg) -> nn.Module:
     return _lookup(name)(dims, **cfg)
 
 
+BUILTIN_MODULES = ("baselines", "agfn", "fd_cmdie", "promma")
+
+
+def _import_builtin() -> None:
+    for mod in BUILTIN_MODULES:
+        importlib.import_module(f"msa_fast.models.{mod}")
+
+
+def model_params(name: str) -> dict[str, inspect.Parameter]:
+    """The hyper-parameters model ``name`` takes (its constructor's keywords after ``dims``)."""
+    sig = inspect.signature(_lookup(name).__init__)
+    return {k: p for i, (k, p) in enumerate(sig.parameters.items())
+            if i > 1 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _type_ok(kind: str, value) -> bool:
+    kind = kind.strip()
+    if kind == "None":
+        return value is None
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind.startswith("list[") and kind.endswith("]"):
+        return isinstance(value, list) and all(_type_ok(kind[5:-1], v) for v in value)
+    return True  # an annotation this check does not know: the model checks it
+
+
+def check_model_cfg(name: str, cfg: dict) -> None:
+    """Check ``cfg`` against model ``name``'s constructor before anything is built: every key
+    must be one of its hyper-parameters (the error names the nearest one and lists them all),
+    every value of the annotated type (``int`` is not ``16.5`` nor ``"2"``; a ``float``
+    takes an int), and a ``text_model`` must be a local directory (nothing is downloaded).
+    Raises ``ValueError`` naming the key, the expected and the received value."""
+    params = model_params(name)
+    for key, value in cfg.items():
+        if key not in params:
+            near = difflib.get_close_matches(key, params, n=1, cutoff=0.5)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ValueError(f"model_cfg: model {name!r} has no hyper-parameter {key!r} ({hint}"
+                             f"it takes: {', '.join(params)})")
+        ann = params[key].annotation
+        if ann is inspect.Parameter.empty:
+            default = params[key].default
+            ann = "" if default is None or default is inspect.Parameter.empty else type(default).__name__
+        ann = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
+        if ann and not any(_type_ok(k, value) for k in ann.split("|")):
+            raise ValueError(f"model_cfg: {name} {key} expected {ann}, got {value!r} "
+                             f"({type(value).__name__})")
+    text_model = cfg.get("text_model")
+    if text_model and not os.path.isdir(os.path.expanduser(text_model)):
+        raise ValueError(f"model_cfg: text_model {text_model!r} is not a directory (a local "
+                         f"Hugging Face model directory is expected; nothing is downloaded)")
+
+
 def available_models() -> list[str]:
+    """Every registered model: the built-in ones (imported on the first call) and any
+    registered by user code."""
+    _import_builtin()
     return sorted(_REGISTRY)
 
 
@@ -69,4 +136,5 @@ def _register_builtin() -> None:
 
 _register_builtin()
 
-__all__ = ["UnknownModelError", "available_models", "build_model", "register_model"]
+__all__ = ["UnknownModelError", "available_models", "build_model", "check_model_cfg",
+           "model_params", "register_model"]

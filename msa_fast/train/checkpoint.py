@@ -8,6 +8,10 @@ A checkpoint of epoch k in a run directory is three files:
 order: ``state.json`` is the commit record, so it never points at files not yet complete.
 Older epoch files are removed only after the new ``state.json`` is in place.
 ``best.safetensors`` holds the weights of the best epoch (lowest valid loss).
+
+Reading a checkpoint that is truncated, corrupt or missing raises :class:`CheckpointError`
+naming the file. JSON is written strictly (``allow_nan=False``): a non-finite float is
+stored as ``null``, so ``results.json`` and ``state.json`` are valid JSON for any reader.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import tempfile
 
@@ -39,13 +44,51 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read; the message names it."""
+
+
+def _reading(path: str, what: str):
+    """Context: any error while reading ``path`` becomes a one-line :class:`CheckpointError`."""
+    @contextlib.contextmanager
+    def ctx():
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{what} not found: {path}")
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors, torch.load and json fail in many types
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise CheckpointError(f"{path}: cannot read the {what} ({type(e).__name__}: "
+                                  f"{msg[:200]}); the file is truncated or corrupt") from None
+    return ctx()
+
+
+def json_safe(obj):
+    """``obj`` with every non-finite float replaced by ``None`` (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def save_weights(path: str, module: torch.nn.Module) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     atomic_write_bytes(path, st_save(state))
 
 
 def load_weights(path: str, module: torch.nn.Module) -> None:
-    module.load_state_dict(load_file(path))
+    with _reading(path, "checkpoint weights"):
+        tensors = load_file(path)
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model "
+                              f"({str(e).splitlines()[0]})") from None
 
 
 def save_torch(path: str, obj) -> None:
@@ -55,12 +98,23 @@ def save_torch(path: str, obj) -> None:
 
 
 def save_json(path: str, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+    atomic_write_bytes(path, json.dumps(json_safe(obj), indent=1, allow_nan=False).encode())
 
 
-def load_json(path: str):
-    with open(path) as f:
+def load_json(path: str, what: str = "JSON file"):
+    with _reading(path, what), open(path) as f:
         return json.load(f)
+
+
+def read_state(run_dir: str) -> dict:
+    """``run_dir/state.json``, checked to be a checkpoint's commit record."""
+    path = os.path.join(run_dir, "state.json")
+    state = load_json(path, "checkpoint state")
+    missing = [k for k in ("epoch", "weights", "optimizer", "config", "history")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint state (missing {missing})")
+    return state
 
 
 def save_checkpoint(run_dir: str, epoch: int, model, optimizer, state: dict) -> None:
@@ -76,9 +130,10 @@ def save_checkpoint(run_dir: str, epoch: int, model, optimizer, state: dict) -> 
 
 
 def load_checkpoint(run_dir: str, model, optimizer) -> dict:
-    state = load_json(os.path.join(run_dir, "state.json"))
+    state = read_state(run_dir)
     load_weights(os.path.join(run_dir, state["weights"]), model)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(os.path.join(run_dir, state["optimizer"]),
-                                             map_location="cpu", weights_only=True))
+        path = os.path.join(run_dir, state["optimizer"])
+        with _reading(path, "optimizer state"):
+            optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return state

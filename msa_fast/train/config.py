@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -40,6 +41,28 @@ class TrainConfig:
     # synthetic:mosi, 2-core VM). 0 keeps torch's setting.
     threads: int = 1
     stop_after_epoch: int | None = None  # stop (as if interrupted) after this epoch
+    overwrite: bool = False  # replace the run already in ``out`` (else: refuse, or --resume)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Types and ranges of every key, before any data is read or any epoch runs (SPEC 10):
+        a ``ValueError`` naming the key (and its flag), the expected and the received value."""
+        for f in dataclasses.fields(self):
+            kind, check = _RULES[f.name]
+            value = getattr(self, f.name)
+            if not _is(kind, value) or (check is not None and not check[0](value)):
+                expected = kind + (f" {check[1]}" if check else "")
+                raise ValueError(f"{f.name} (--{f.name.replace('_', '-')}): expected {expected}, "
+                                 f"got {value!r} ({type(value).__name__}){_hint(kind, value)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            dup = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+            raise ValueError(f"seeds (--seeds): expected distinct seeds, got {self.seeds} "
+                             f"({dup} repeated: a seed's run directory would be trained twice)")
+        if isinstance(self.missing_rate, list) and len(self.missing_rate) not in (1, 3):
+            raise ValueError(f"missing_rate (--missing-rate): expected one rate or three (text audio "
+                             f"vision), got {len(self.missing_rate)}: {self.missing_rate}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -53,6 +76,73 @@ class TrainConfig:
         return cls(**d)
 
 
+def _is(kind: str, value) -> bool:
+    if value is None:
+        return "None" in kind
+    if isinstance(value, bool):
+        return "bool" in kind
+    if "number" in kind and isinstance(value, (int, float)):
+        return True
+    if "integer" in kind and isinstance(value, int):
+        return True
+    if "list of integers" in kind and isinstance(value, list):
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if "list of numbers" in kind and isinstance(value, list):
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    return ("string" in kind and isinstance(value, str)) or ("mapping" in kind and isinstance(value, dict))
+
+
+def _hint(kind: str, value) -> str:
+    if isinstance(value, str) and "number" in kind:
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return ("; YAML 1.1 reads an exponent without a dot (1e-3) as a string: write 1.0e-3, "
+                "or give a number in JSON")
+    return ""
+
+
+def _finite(lo: float, lo_open: bool = False):
+    def ok(v):
+        vals = v if isinstance(v, list) else [v]
+        return all(math.isfinite(x) and (x > lo if lo_open else x >= lo) for x in vals)
+    return ok
+
+
+def _rate(v) -> bool:
+    vals = v if isinstance(v, list) else [v]
+    return all(math.isfinite(x) and 0.0 <= x <= 1.0 for x in vals)
+
+
+BACKENDS = ("auto", "eager", "triton", "cuda", "cpp")
+
+# key -> (accepted kinds, (extra check, its wording) or None)
+_RULES = {
+    "model": ("a string", None),
+    "data": ("a string", (bool, "(a pickle path or synthetic:<preset>)")),
+    "limit": ("an integer or None", (lambda v: v is None or v >= 1, ">= 1")),
+    "seeds": ("a list of integers", (bool, "(at least one)")),
+    "epochs": ("an integer", (lambda v: v >= 1, ">= 1")),
+    "patience": ("an integer", (lambda v: v >= 0, ">= 0")),
+    "batch_size": ("an integer", (lambda v: v >= 1, ">= 1")),
+    "lr": ("a number", (_finite(0.0, lo_open=True), "> 0 and finite")),
+    "weight_decay": ("a number", (_finite(0.0), ">= 0 and finite")),
+    "grad_clip": ("a number", (_finite(0.0), ">= 0 and finite (0 disables clipping)")),
+    "device": ("a string", None),
+    "backend": ("a string", (lambda v: v in BACKENDS, f"in {BACKENDS}")),
+    "amp": ("a bool", None),
+    "out": ("a string or None", (lambda v: v is None or bool(v), "(a directory path)")),
+    "resume": ("a bool", None),
+    "missing_rate": ("a number or a list of numbers", (_rate, "in [0, 1]")),
+    "drop_rate": ("a number", (_rate, "in [0, 1]")),
+    "model_cfg": ("a mapping", None),
+    "progress": ("a bool", None),
+    "num_workers": ("an integer", (lambda v: v >= 0, ">= 0")),
+    "threads": ("an integer", (lambda v: v >= 0, ">= 0")),
+    "stop_after_epoch": ("an integer or None", (lambda v: v is None or v >= 1, ">= 1")),
+    "overwrite": ("a bool", None),
+}
 def read_config_file(path: str) -> dict:
     """A YAML (``.yaml``/``.yml``) or JSON file of config keys; dashes in keys become underscores."""
     if not os.path.isfile(path):

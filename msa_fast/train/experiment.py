@@ -3,7 +3,8 @@
 ``results.json`` (in ``out``): ``model``, ``data``, ``config``, ``seeds``, ``per_seed`` (test
 and valid metrics with MMSA's keys, best epoch, per-epoch history, throughput),
 ``mean`` / ``std`` of the test metrics over seeds (population std, ``ddof=0``, as MMSA's
-``np.std``), ``wall_s``. Each seed checkpoints into ``out/seed_<seed>/``.
+``np.std``), ``wall_s``. Each seed checkpoints into ``out/seed_<seed>/``. A metric that is
+undefined (Pearson's r of constant predictions) is ``null``: the file never holds NaN.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from msa_fast.data.source import load_data
 from msa_fast.metrics import METRIC_KEYS
 from msa_fast.train.checkpoint import save_json
 from msa_fast.train.config import TrainConfig
-from msa_fast.train.trainer import train_seed
+from msa_fast.train.run_dir import claim
+from msa_fast.train.trainer import check_splits, train_seed
 
 
 def summarize(per_seed: list[dict]) -> tuple[dict, dict]:
@@ -35,14 +37,25 @@ def format_table(model: str, mean: dict, std: dict, n: int) -> str:
     lines = [f"{model}: test metrics over {n} seed(s)"]
     for k in METRIC_KEYS:
         v = mean[k]
-        cell = "nan" if math.isnan(v) else f"{v:.4f}"
-        lines.append(f"  {k:<14} {cell}" + (f" ± {std[k]:.4f}" if n > 1 else ""))
+        cell = "nan" if v is None or math.isnan(v) else f"{v:.4f}"
+        sd = "nan" if std[k] is None or math.isnan(std[k]) else f"{std[k]:.4f}"
+        lines.append(f"  {k:<14} {cell}" + (f" ± {sd}" if n > 1 else ""))
     return "\n".join(lines)
 
 
 def run_experiment(cfg: TrainConfig, log=print) -> dict:
+    """Train every seed of ``cfg``; with ``cfg.out``, in a run directory claimed for this run
+    (:func:`msa_fast.train.run_dir.claim`: refused if it holds another run, locked)."""
+    if not cfg.out:
+        return _run(cfg, log)
+    with claim(cfg, log):
+        return _run(cfg, log)
+
+
+def _run(cfg: TrainConfig, log) -> dict:
     t0 = time.perf_counter()
     data = load_data(cfg.data, limit=cfg.limit)
+    check_splits(data)
     per_seed = []
     for seed in cfg.seeds:
         run_dir = os.path.join(cfg.out, f"seed_{seed}") if cfg.out else None

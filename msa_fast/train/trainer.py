@@ -14,12 +14,23 @@ that a model can do dataset-level work such as FD-CMDIE's pair mining (eq. 7-8).
 with the model in whatever mode it sets; the trainer puts the model back in train mode.
 
 A non-finite loss raises :class:`NonFiniteLossError` before any optimizer step or checkpoint
-write of that epoch, so the last checkpoint on disk is the last good one. On CUDA the
+write of that epoch, so the last checkpoint on disk is the last good one. A valid loss that
+is non-finite or diverged (above ``DIVERGENCE_FACTOR`` = 100 x the smaller of the first
+epoch's valid L1 and ``mean |y_valid|``, the L1 of predicting 0) raises
+:class:`DivergedError` (a ``NonFiniteLossError``) before that epoch's checkpoint is written.
+
+Resume (``cfg.resume``): a seed whose ``state.json`` exists continues from it if its stored
+configuration equals this one in every result key (else :class:`RunDirError` names the
+keys). A larger ``epochs`` continues a seed stopped by the epoch cap, not one stopped by
+early stopping (said in the log); a smaller one than already trained is refused. Checkpoint
+files without a ``state.json`` are refused, never silently restarted over. On CUDA the
 forward runs under ``torch.autocast(dtype=torch.bfloat16)`` when ``amp`` is set.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -35,11 +46,22 @@ from msa_fast.metrics import mosi_regression_metrics
 from msa_fast.models import build_model
 from msa_fast.train import checkpoint as ckpt
 from msa_fast.train.config import TrainConfig
+from msa_fast.train.run_dir import RESULT_KEYS, RunDirError, config_diff
 from msa_fast.train.seed import rng_state, set_rng_state, set_seed
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """A non-finite training loss; the last checkpoint on disk is the last good one."""
+
+
+class DivergedError(NonFiniteLossError):
+    """A valid loss that is non-finite or diverged (see :func:`_check_valid_loss`); the
+    epoch's checkpoint is not written, the previous one is intact."""
+
+
+# A valid L1 this many times the first epoch's (or the constant-0 predictor's) is divergence.
+DIVERGENCE_FACTOR = 100.0
+log = logging.getLogger("msa_fast.train")
 
 
 @dataclass
@@ -116,7 +138,72 @@ def train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None)
         torch.set_num_threads(previous)
 
 
+def check_splits(data: MMSAData) -> None:
+    """Every split must hold samples: no metric of an untrained or unvalidated model."""
+    for name in ("train", "valid", "test"):
+        if len(data[name]) == 0:
+            raise ValueError(f"data: the {name} split of {data.source or 'the data'} is empty "
+                             f"(0 samples); training needs samples in train, valid and test")
+
+
+def _last_good(run_dir: str | None, state: dict) -> str:
+    if run_dir and os.path.exists(os.path.join(run_dir, "state.json")):
+        return f"{run_dir} (epoch {state.get('epoch', 0)})"
+    return "none written"
+
+
+def _check_valid_loss(loss: float, state: dict, labels: torch.Tensor, run_dir, seed, epoch):
+    """Stop like a non-finite training loss when the valid L1 is non-finite or has diverged:
+    above ``DIVERGENCE_FACTOR`` x the smaller of the first epoch's valid L1 and the L1 of
+    predicting 0 everywhere (``mean |y|``, at least 0.1) -- a model can always do as well
+    as the constant 0, so a hundred times worse is divergence, not learning."""
+    zero_l1 = max(float(labels.abs().mean()), 0.1)
+    bound = DIVERGENCE_FACTOR * min(state["first_valid"], zero_l1) if math.isfinite(
+        state["first_valid"]) else DIVERGENCE_FACTOR * zero_l1
+    if not math.isfinite(loss) or loss > bound:
+        what = "non-finite" if not math.isfinite(loss) else f"diverged (above {bound:.4g})"
+        raise DivergedError(
+            f"valid loss {what}: {loss:.6g} at seed {seed} epoch {epoch}; "
+            f"last good checkpoint: {_last_good(run_dir, state)}")
+
+
+def _resume_state(cfg: TrainConfig, seed: int, run_dir: str) -> dict | None:
+    """The state to continue from (None: start this seed afresh), after checking that the
+    checkpoint belongs to this configuration and what a changed ``epochs`` means."""
+    state_path = os.path.join(run_dir, "state.json")
+    if not cfg.resume:
+        return None
+    if not os.path.exists(state_path):
+        left = sorted(f for f in os.listdir(run_dir) if f.endswith((".safetensors", ".pt"))) \
+            if os.path.isdir(run_dir) else []
+        if left:
+            raise ckpt.CheckpointError(
+                f"{state_path} is missing but {run_dir} holds checkpoint files ({', '.join(left)}); "
+                f"refusing to restart the seed and delete them (restore state.json, or --overwrite)")
+        return None
+    state = ckpt.read_state(run_dir)
+    diff = config_diff(state["config"], cfg, keys=tuple(k for k in RESULT_KEYS if k != "seeds"))
+    if diff:
+        raise RunDirError(f"--resume: the configuration differs from the checkpoint in {run_dir} "
+                          f"in {len(diff)} key(s) that change the result: {'; '.join(diff)}")
+    done = state["epoch"]
+    if cfg.epochs < done:
+        raise RunDirError(f"epochs (--epochs): {cfg.epochs} is below the {done} epochs seed {seed} "
+                          f"already trained in {run_dir}")
+    if state.get("finished") and cfg.epochs > done:
+        reason = state.get("stop_reason") or (
+            "patience" if done - state["best_epoch"] >= cfg.patience else "epochs")
+        if reason == "epochs":
+            log.info("seed %s: continuing from epoch %s to --epochs %s", seed, done, cfg.epochs)
+            state["finished"] = False
+        else:
+            log.info("seed %s: stopped early at epoch %s (best epoch %s, patience %s); a larger "
+                     "--epochs does not continue it", seed, done, state["best_epoch"], cfg.patience)
+    return state
+
+
 def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None) -> dict:
+    check_splits(data)
     device = resolve_device(cfg.device)
     set_seed(seed)
     model = build_model(cfg.model, data.dims, **cfg.model_cfg).to(device)
@@ -128,10 +215,12 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
 
     state = {"best_valid": float("inf"), "best_epoch": 0, "history": [], "finished": False}
     start_epoch = 1
-    if run_dir and cfg.resume and os.path.exists(os.path.join(run_dir, "state.json")):
-        state = ckpt.load_checkpoint(run_dir, model, optimizer)
-        set_rng_state(state["rng"])
-        start_epoch = state["epoch"] + 1
+    if run_dir:
+        state = _resume_state(cfg, seed, run_dir) or state
+        if "rng" in state:
+            ckpt.load_checkpoint(run_dir, model, optimizer)
+            set_rng_state(state["rng"])
+            start_epoch = state["epoch"] + 1
     meta = {"model": cfg.model, "model_cfg": cfg.model_cfg, "dims": data.dims, "data": cfg.data,
             "aligned": data.aligned, "seed": seed, "config": cfg.to_dict()}
 
@@ -161,12 +250,9 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
                 if "loss_extra" in out:
                     loss = loss + out["loss_extra"].float()
             if not torch.isfinite(loss):
-                last = (f"{run_dir} (epoch {state.get('epoch', 0)})"
-                        if run_dir and os.path.exists(os.path.join(run_dir, "state.json"))
-                        else "none written")
                 raise NonFiniteLossError(
                     f"non-finite loss ({loss.item()}) at seed {seed} epoch {epoch} step {step}; "
-                    f"last good checkpoint: {last}")
+                    f"last good checkpoint: {_last_good(run_dir, state)}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -181,6 +267,9 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
         vp, vy = predict(model, valid_loader, device, cfg.amp, protocol,
                          protocol.generator(seed, "valid"))
         valid_loss = float((vp - vy).abs().mean())
+        if epoch == 1 or "first_valid" not in state:
+            state["first_valid"] = valid_loss
+        _check_valid_loss(valid_loss, state, vy, run_dir, seed, epoch)
         better = valid_loss <= state["best_valid"] - 1e-6
         if better:
             state["best_valid"], state["best_epoch"] = valid_loss, epoch
@@ -192,6 +281,8 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
             tqdm.write(f"seed {seed} epoch {epoch}: train L1 {total / max(n_seen, 1):.4f}  "
                        f"valid L1 {valid_loss:.4f}{'  *' if better else ''}")
         stop = epoch - state["best_epoch"] >= cfg.patience or epoch == cfg.epochs
+        state["stop_reason"] = (None if not stop else "patience"
+                                if epoch - state["best_epoch"] >= cfg.patience else "epochs")
         if run_dir:
             if better:
                 ckpt.save_weights(os.path.join(run_dir, "best.safetensors"), model)
