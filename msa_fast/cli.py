@@ -236,6 +236,9 @@ def inspect_text(data) -> str:
         y = s.labels.numpy()
         hist, _ = np.histogram(np.clip(np.round(y), -3, 3), bins=7, range=(-3.5, 3.5))
         lines.append(f"{name}: N={len(s)}  " + "  ".join(f"{k} {v}" for k, v in shapes.items()))
+        if len(s) == 0:
+            lines.append("  empty split")
+            continue
         lines.append(f"  lengths text {int(s.text_lengths.min())}-{int(s.text_lengths.max())}, "
                      f"audio {int(s.audio_lengths.min())}-{int(s.audio_lengths.max())}, "
                      f"vision {int(s.vision_lengths.min())}-{int(s.vision_lengths.max())}")
@@ -256,7 +259,10 @@ def cmd_data_inspect(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a flag error already printed in one line
+        return e.code if isinstance(e.code, int) else 2
     from msa_fast.models import UnknownModelError
     from msa_fast.train.trainer import NonFiniteLossError
 

@@ -110,3 +110,108 @@ def test_unknown_preset_is_one_line(capsys):
     assert main(["train", "--model", "lf_dnn", "--preset", "mosei", *TINY]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--preset" in err and "no preset 'mosei'" in err
+
+
+def _one_line(capsys) -> str:
+    err = [e for e in capsys.readouterr().err.strip().splitlines()
+           if "non-finite feature values" not in e]
+    assert len(err) == 1 and err[0].startswith("msa-fast: error:") and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--epochs", "0"], "epochs (--epochs): expected an integer >= 1, got 0"),
+        (["--epochs", "-3"], "epochs (--epochs): expected an integer >= 1, got -3"),
+        (["--batch-size", "0"], "batch_size (--batch-size): expected an integer >= 1"),
+        (["--batch-size", "-16"], "batch_size (--batch-size): expected an integer >= 1"),
+        (["--limit", "-1"], "limit (--limit): expected an integer or None >= 1"),
+        (["--patience", "-1"], "patience (--patience): expected an integer >= 0"),
+        (["--grad-clip", "nan"], "grad_clip (--grad-clip): expected a number >= 0 and finite"),
+        (["--lr", "inf"], "lr (--lr): expected a number > 0 and finite"),
+        (["--seeds", "1", "1"], "expected distinct seeds"),
+        (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    ],
+)
+def test_bad_flag_values_are_one_line_before_training(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "lf_dnn", *TINY, "--out", str(out), *flags]) == 2
+    assert message in _one_line(capsys)
+    assert not out.exists()  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('epochs: "two"\n', "epochs (--epochs): expected an integer >= 1, got 'two' (str)"),
+        ("lr: 1e-3\n", "YAML 1.1 reads an exponent without a dot"),
+        ('lr: "1e-3"\n', "lr (--lr): expected a number > 0 and finite, got '1e-3'"),
+        ("batch_size: 16.5\n", "batch_size (--batch-size): expected an integer >= 1, got 16.5"),
+        ("model_cfg: [1, 2]\n", "model_cfg (--model-cfg): expected a mapping"),
+        ("seeds: [1, x]\n", "seeds (--seeds): expected a list of integers"),
+        ("resume: 3\nout: somewhere\n", "resume (--resume): expected a bool"),
+        ("amp: 1\n", "amp (config key): expected a bool"),
+    ],
+)
+def test_config_file_with_wrong_types_is_one_line(tmp_path, capsys, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: lf_dnn\n" + text)
+    assert main(["train", "--config", str(cfg), "--data", "synthetic:tiny:limit=48"]) == 2
+    assert message in _one_line(capsys)
+
+
+def test_model_cfg_types_and_keys_are_checked_for_every_model(capsys):
+    from msa_fast.models import available_models
+
+    base = ["train", "--data", "synthetic:tiny:limit=48", "--epochs", "1", "--no-progress"]
+    for name in [m for m in available_models() if not m.startswith("_")]:  # not the tests' own
+        assert main([*base, "--model", name, "--model-cfg", '{"hidden": "big"}']) == 2
+        err = _one_line(capsys)
+        assert f"{name} hidden expected int" in err and "'big'" in err, err
+        assert main([*base, "--model", name, "--model-cfg", '{"hidden": 16.5}']) == 2
+        assert "16.5" in _one_line(capsys)
+        assert main([*base, "--model", name, "--model-cfg", '{"dropuot": 0.1}']) == 2
+        err = _one_line(capsys)
+        assert "no hyper-parameter 'dropuot'" in err and "did you mean 'dropout'" in err, err
+        assert main([*base, "--model", name, "--model-cfg", '{"text_model": "/no/such/bert"}']) == 2
+        assert "text_model '/no/such/bert' is not a directory" in _one_line(capsys)
+
+
+def test_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    f = tmp_path / "taken"
+    f.write_text("x")
+    assert main(["train", "--model", "lf_dnn", *TINY, "--out", str(f)]) == 2
+    assert f"--out: {f} is a file" in _one_line(capsys)
+    assert f.read_text() == "x"
+
+
+def _pickle_with(tmp_path, **edits):
+    from msa_fast.data import synthetic
+
+    pkl = synthetic.generate("tiny", limit=12)
+    for split, fn in edits.items():
+        pkl[split] = fn(pkl[split])
+    p = tmp_path / "edited.pkl"
+    p.write_bytes(pickle.dumps(pkl))
+    return str(p)
+
+
+def test_empty_valid_split_and_label_strings_are_one_line(tmp_path, capsys):
+    empty = _pickle_with(tmp_path, valid=lambda s: {k: v[:0] for k, v in s.items()})
+    assert main(["train", "--model", "lf_dnn", *TINY[2:], "--data", empty, "--out",
+                 str(tmp_path / "r")]) == 2
+    assert "the valid split" in _one_line(capsys) and not (tmp_path / "r").exists()
+    strings = _pickle_with(tmp_path, train=lambda s: dict(
+        s, regression_labels=[f"{v:.1f}" for v in s["regression_labels"]]))
+    assert main(["data", "inspect", strings]) == 2
+    err = _one_line(capsys)
+    assert "'regression_labels' expected numbers" in err and "split 'train'" in err
+
+
+def test_synthetic_limit_zero_is_one_line_and_leaves_no_cache(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MSA_FAST_CACHE", str(tmp_path / "cache"))
+    assert main(["data", "inspect", "synthetic:tiny:limit=0"]) == 2
+    assert "limit must be a positive integer" in _one_line(capsys)
+    assert not (tmp_path / "cache").exists() or not any(
+        f for _, _, files in os.walk(tmp_path / "cache") for f in files)

@@ -1,8 +1,10 @@
 """MMSA pickle loader, synthetic generator, batches and missing-modality protocols."""
 
+import io
 import os
 import pickle
 import tempfile
+import types
 
 import numpy as np
 import pytest
@@ -241,3 +243,88 @@ def test_modality_drop_mplmm():
     assert none["present"].all()
     with pytest.raises(ValueError, match="drop_rate"):
         MissingProtocol(0.0, 1.5)
+
+
+# --- untrusted pickles (SPEC 5, last bullet) -------------------------------------------------
+
+class _Payload:
+    """Unpickling this calls ``func(*args)``: what a malicious pickle does."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+class _Numpy1Pickler(pickle._Pickler):
+    """Pickles as numpy 1 (which wrote MMSA's files) did: its reconstructors under
+    ``numpy.core.*`` rather than numpy 2's ``numpy._core.*``."""
+
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", "") or ""
+        if not module.startswith("numpy._core."):
+            return super().save_global(obj, name)
+        module, name = module.replace("numpy._core.", "numpy.core."), name or obj.__name__
+        if self.proto >= 4:
+            self.save(module)
+            self.save(name)
+            self.write(pickle.STACK_GLOBAL)
+        else:
+            self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+        self.memoize(obj)
+
+    dispatch = dict(pickle._Pickler.dispatch)  # the table holds the base class's function
+    dispatch[types.FunctionType] = save_global
+
+
+def _numpy1_dumps(obj, protocol: int) -> bytes:
+    buf = io.BytesIO()
+    _Numpy1Pickler(buf, protocol=protocol).dump(obj)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_mmsa_format_pickles_still_load(tmp_path, protocol):
+    pkl = _pickle(aligned=False)
+    pkl["train"]["extra_scalar"] = np.float32(0.5)  # numpy scalars and dtypes go through too
+    pkl["train"]["extra_dtype"] = np.dtype("int16")
+    for name, data in (("ours", pickle.dumps(pkl, protocol=protocol)),
+                       ("numpy1", _numpy1_dumps(pkl, protocol))):
+        if name == "numpy1":
+            assert b"numpy.core.multiarray" in data and b"numpy._core" not in data
+        path = tmp_path / f"{name}_{protocol}.pkl"
+        path.write_bytes(data)
+        got = load_pickle(str(path))
+        np.testing.assert_array_equal(got["train"].audio.numpy(), pkl["train"]["audio"])
+        np.testing.assert_array_equal(got["test"].labels.numpy(), pkl["test"]["regression_labels"])
+        assert got["valid"].ids == [str(i) for i in pkl["valid"]["id"]]
+
+
+def test_synthetic_pickle_written_by_us_loads_safely(tmp_path):
+    path = synthetic.write(str(tmp_path / "s.pkl"), "tiny", limit=10, aligned=False)
+    assert len(load_pickle(path)["train"]) == 10
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+@pytest.mark.parametrize("how", ["system", "exec", "nested", "numpy_subclass"])
+def test_code_running_pickle_is_refused_and_does_not_run(tmp_path, capsys, protocol, how):
+    from msa_fast.cli import main
+
+    marker = tmp_path / "pwned"
+    if how == "system":
+        payload = _Payload(os.system, f"touch {marker}")
+    elif how == "exec":
+        payload = _Payload(exec, f"open({str(marker)!r}, 'w').close()")
+    elif how == "nested":  # hidden deep inside an otherwise valid split
+        payload = _pickle()
+        payload["train"]["id"] = [_Payload(os.system, f"touch {marker}")] * 5
+    else:  # a numpy reconstructor handed a non-numpy class
+        payload = _Payload(np._core.multiarray._reconstruct, _Payload, (0,), b"b")
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(payload, protocol=protocol))
+    assert main(["data", "inspect", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"msa-fast: error: {path}: refusing to unpickle ") and "\n" not in err
+    assert "pickles can run code" in err
+    assert not marker.exists()

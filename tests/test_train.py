@@ -180,3 +180,87 @@ def test_real_minilm_encoder_offline():
     assert torch.isfinite(out["pred"]).all() and out["pred"].shape == (2,)
     assert model.text.model.embeddings.word_embeddings.weight.grad is None
     assert model.text.proj.weight.grad.abs().sum() > 0
+
+
+@register_model("_valid_explodes_after_epoch_two")
+class _ExplodingModel(nn.Module):
+    """Trains normally; from the third validation on, predicts ``scale`` times too much
+    (``inf`` or ``nan`` too): the valid loss diverges while the training loss stays finite."""
+
+    def __init__(self, dims, scale: float = 1e6, **_):
+        super().__init__()
+        self.lin = nn.Linear(dims["audio"], 1)
+        self.scale, self.evals = scale, 0
+        self.was_training = True
+
+    def forward(self, batch):
+        pred = self.lin(batch["audio"].mean(1)).squeeze(-1)
+        if not self.training:
+            if self.was_training:
+                self.evals += 1
+            if self.evals > 2:
+                pred = pred * 0 + self.scale
+        self.was_training = self.training
+        return {"pred": pred}
+
+
+@pytest.mark.parametrize("scale", [1e6, float("inf"), float("nan")])
+def test_diverged_or_non_finite_valid_loss_stops_with_the_last_good_checkpoint(tmp_path, scale):
+    from msa_fast.train.trainer import DivergedError
+
+    cfg = _cfg(tmp_path, model="_valid_explodes_after_epoch_two", epochs=5, patience=8,
+               model_cfg={"scale": scale})
+    with pytest.raises(DivergedError, match=r"valid loss .* at seed 5 epoch 3; last good checkpoint: .*epoch 2\)"):
+        train_seed(cfg, load_data(DATA), 5, str(tmp_path))
+    state = json.load(open(tmp_path / "state.json"))
+    assert state["epoch"] == 2 and os.path.exists(tmp_path / "epoch2.safetensors")
+    assert not os.path.exists(tmp_path / "epoch3.safetensors")
+
+
+def test_diverged_run_exits_3_and_writes_no_results(tmp_path, capsys):
+    from msa_fast.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "_valid_explodes_after_epoch_two", "--data", DATA, "--seeds", "5",
+            "--epochs", "4", "--no-progress", "--out", str(out)]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert "msa-fast: error: valid loss diverged" in err and "Traceback" not in err
+    assert not (out / "results.json").exists()
+
+
+@register_model("_constant")
+class _ConstantModel(nn.Module):
+    """Predicts one learnable constant: Pearson's r of its predictions is undefined (NaN)."""
+
+    def __init__(self, dims, **_):
+        super().__init__()
+        self.c = nn.Parameter(torch.zeros(()))
+
+    def forward(self, batch):
+        return {"pred": self.c.expand(batch["labels"].shape[0])}
+
+
+def test_results_json_never_holds_nan(tmp_path):
+    res = run_experiment(_cfg(tmp_path, model="_constant", epochs=1, seeds=[5, 6]), log=lambda s: None)
+    assert res["per_seed"][0]["test"]["Corr"] != res["per_seed"][0]["test"]["Corr"]  # NaN in memory
+
+    def refuse(token):
+        raise AssertionError(f"results.json holds {token}")
+
+    saved = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert saved["per_seed"][0]["test"]["Corr"] is None and saved["mean"]["Corr"] is None
+    assert isinstance(saved["mean"]["MAE"], float)
+
+
+def test_registry_lists_every_model_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = ("from msa_fast.models import available_models, build_model\n"
+            "print(','.join(available_models()))\n"
+            "try:\n    build_model('nope', {})\nexcept ValueError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    listed, error = out.stdout.strip().splitlines()
+    assert listed.split(",") == ["agfn", "fd_cmdie", "lf_dnn", "promma", "text_only"]
+    assert "agfn, fd_cmdie, lf_dnn, promma, text_only" in error

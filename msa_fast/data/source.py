@@ -9,6 +9,8 @@ kept in-process (the tensors are never modified in place), so repeated calls are
 
 from __future__ import annotations
 
+import os
+
 from msa_fast.data import synthetic
 from msa_fast.data.mmsa import MMSAData, load_pickle
 
@@ -45,6 +47,9 @@ def load_data(spec: str, limit: int | None = None) -> MMSAData:
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"data: expected a pickle path or synthetic:<preset>, got {spec!r}")
     key = (spec, limit)
+    if not spec.startswith("synthetic:") and os.path.isfile(spec):
+        st = os.stat(spec)  # a file rewritten in place is not the memoised one
+        key = (os.path.abspath(spec), limit, st.st_mtime_ns, st.st_size)
     if key in _MEMO:
         return _MEMO[key]
     if spec.startswith("synthetic:"):

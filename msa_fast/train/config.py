@@ -54,7 +54,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if not _is(kind, value) or (check is not None and not check[0](value)):
                 expected = kind + (f" {check[1]}" if check else "")
-                raise ValueError(f"{f.name} (--{f.name.replace('_', '-')}): expected {expected}, "
+                flag = _FLAGS.get(f.name, f"--{f.name.replace('_', '-')}")
+                raise ValueError(f"{f.name} ({flag}): expected {expected}, "
                                  f"got {value!r} ({type(value).__name__}){_hint(kind, value)}")
         if len(set(self.seeds)) != len(self.seeds):
             dup = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
@@ -116,6 +117,7 @@ def _rate(v) -> bool:
 
 
 BACKENDS = ("auto", "eager", "triton", "cuda", "cpp")
+_FLAGS = {"progress": "--no-progress", "amp": "config key"}
 
 # key -> (accepted kinds, (extra check, its wording) or None)
 _RULES = {

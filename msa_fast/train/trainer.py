@@ -194,10 +194,10 @@ def _resume_state(cfg: TrainConfig, seed: int, run_dir: str) -> dict | None:
         reason = state.get("stop_reason") or (
             "patience" if done - state["best_epoch"] >= cfg.patience else "epochs")
         if reason == "epochs":
-            log.info("seed %s: continuing from epoch %s to --epochs %s", seed, done, cfg.epochs)
+            log.warning("seed %s: continuing from epoch %s to --epochs %s", seed, done, cfg.epochs)
             state["finished"] = False
         else:
-            log.info("seed %s: stopped early at epoch %s (best epoch %s, patience %s); a larger "
+            log.warning("seed %s: stopped early at epoch %s (best epoch %s, patience %s); a larger "
                      "--epochs does not continue it", seed, done, state["best_epoch"], cfg.patience)
     return state
 

@@ -1,0 +1,185 @@
+"""A run directory belongs to one run (SPEC 7): refuse / --overwrite / --resume with the same
+configuration, epochs extension, missing state.json, the lock file, kill -9 + resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+os.environ.setdefault("MSA_FAST_CACHE", os.path.join(tempfile.gettempdir(), "msa_fast_test_cache"))
+
+from msa_fast.cli import main  # noqa: E402
+from msa_fast.train.run_dir import RunDirError, RunLock  # noqa: E402
+
+TINY = ["--model", "lf_dnn", "--data", "synthetic:tiny:limit=48", "--batch-size", "16",
+        "--no-progress", "--seeds", "1", "--model-cfg", '{"hidden": 16, "av_hidden": 8}']
+
+
+def _err(capsys) -> str:
+    lines = [e for e in capsys.readouterr().err.strip().splitlines()
+             if "non-finite feature values" not in e]
+    assert len(lines) == 1 and lines[0].startswith("msa-fast: error:"), lines
+    return lines[0]
+
+
+def _history(out):
+    return json.load(open(os.path.join(out, "results.json")))["per_seed"][0]["history"]
+
+
+def test_second_run_refuses_and_overwrite_replaces(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", *TINY, "--epochs", "1", "--out", out]) == 0
+    before = open(os.path.join(out, "results.json")).read()
+    capsys.readouterr()
+    assert main(["train", *TINY, "--epochs", "2", "--out", out]) == 2
+    err = _err(capsys)
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert open(os.path.join(out, "results.json")).read() == before  # untouched
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    assert main(["train", *TINY, "--epochs", "2", "--out", out, "--overwrite"]) == 0
+    assert len(_history(out)) == 2 and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    capsys.readouterr()
+    assert main(["train", *TINY, "--epochs", "2", "--out", out, "--overwrite", "--resume"]) == 2
+    assert "exclude each other" in _err(capsys)
+
+
+def test_resume_with_a_different_configuration_names_the_keys(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", *TINY, "--epochs", "2", "--out", out, "--stop-after-epoch", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", *TINY, "--epochs", "2", "--out", out, "--resume", "--lr", "0.01"]) == 2
+    err = _err(capsys)
+    assert "lr: stored 0.001, now 0.01" in err and "batch_size" not in err
+    assert main(["train", *TINY, "--epochs", "2", "--out", out, "--resume", "--batch-size", "8",
+                 "--model-cfg", '{"hidden": 8, "av_hidden": 8}']) == 2
+    err = _err(capsys)
+    assert "batch_size" in err and "model_cfg" in err
+    # what does not change the result may change: the device, the progress bar, threads
+    assert main(["train", *TINY, "--epochs", "2", "--out", out, "--resume", "--threads", "2"]) == 0
+    assert len(_history(out)) == 2
+
+
+def test_extending_epochs_continues_a_capped_run_not_an_early_stopped_one(tmp_path, capsys, caplog):
+    out = str(tmp_path / "capped")
+    assert main(["train", *TINY, "--epochs", "1", "--out", out]) == 0
+    assert main(["train", *TINY, "--epochs", "3", "--out", out, "--resume"]) == 0
+    assert [h["epoch"] for h in _history(out)] == [1, 2, 3]
+    ref = str(tmp_path / "straight")
+    assert main(["train", *TINY, "--epochs", "3", "--out", ref]) == 0
+    assert ([h["valid_loss"] for h in _history(out)] == [h["valid_loss"] for h in _history(ref)])
+    capsys.readouterr()
+    assert main(["train", *TINY, "--epochs", "2", "--out", out, "--resume"]) == 2
+    assert "below the 3 epochs" in _err(capsys)
+
+    early = str(tmp_path / "early")
+    assert main(["train", *TINY, "--epochs", "2", "--patience", "0", "--out", early]) == 0
+    assert len(_history(early)) == 1  # patience 0: stops after the first epoch
+    with caplog.at_level("WARNING", logger="msa_fast.train"):
+        assert main(["train", *TINY, "--epochs", "4", "--patience", "0", "--out", early,
+                     "--resume"]) == 0
+    assert len(_history(early)) == 1 and "does not continue it" in caplog.text
+
+
+def test_resume_without_state_json_does_not_restart_over_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(out), "--stop-after-epoch", "1"]) == 0
+    (out / "seed_1" / "state.json").unlink()
+    left = sorted(os.listdir(out / "seed_1"))
+    capsys.readouterr()
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(out), "--resume"]) == 2
+    err = _err(capsys)
+    assert "state.json is missing" in err and "epoch1.safetensors" in err
+    assert sorted(os.listdir(out / "seed_1")) == left  # nothing deleted
+
+
+@pytest.mark.parametrize("damage", ["state", "weights", "optim"])
+def test_truncated_checkpoint_names_the_file(tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(out), "--stop-after-epoch", "1"]) == 0
+    name = {"state": "state.json", "weights": "epoch1.safetensors", "optim": "epoch1.optim.pt"}[damage]
+    path = out / "seed_1" / name
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    capsys.readouterr()
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(out), "--resume"]) == 2
+    err = _err(capsys)
+    assert name in err and "Traceback" not in err
+    if damage != "optim":  # eval reads state.json and the weights
+        weights = "--weights" if damage == "weights" else None
+        argv = ["eval", "--checkpoint", str(out / "seed_1")] + ([weights, "last"] if weights else [])
+        assert main(argv) == 2
+        assert name in _err(capsys)
+
+
+def test_eval_names_a_truncated_best_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    best = out / "seed_1" / "best.safetensors"
+    best.write_bytes(best.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "seed_1")]) == 2
+    assert "best.safetensors" in _err(capsys)
+
+
+_HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, f"pid {os.getpid()} on here".encode())
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_lock_file_stops_a_second_writer_and_a_stale_one_does_not(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 2
+        err = _err(capsys)
+        assert f"pid {holder.pid}" in err and "in use by another msa-fast process" in err
+        with pytest.raises(RunDirError, match=str(holder.pid)):
+            RunLock(str(out)).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed: its pid is still in the file, but the lock went with it
+    assert str(holder.pid) in (out / ".lock").read_text()
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+
+
+def _train_cmd(out, *extra):
+    return [sys.executable, "-m", "msa_fast", "train", *TINY, "--epochs", "4", "--out", str(out),
+            *extra]
+
+
+def test_kill_9_and_resume_is_bit_identical(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    subprocess.run(_train_cmd(ref), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(run), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = run / "seed_1" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 1:
+            break
+        time.sleep(0.02)
+    killed_at = json.loads(state.read_text())["epoch"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed_at < 4, "the run ended before it could be killed"
+    subprocess.run(_train_cmd(run, "--resume"), check=True, env=env, capture_output=True)
+    a, b = load_file(str(ref / "seed_1" / "epoch4.safetensors")), load_file(
+        str(run / "seed_1" / "epoch4.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    ra, rb = (json.load(open(d / "results.json"))["per_seed"][0] for d in (ref, run))
+    assert ra["test"]["MAE"] == rb["test"]["MAE"] and ra["best_epoch"] == rb["best_epoch"]
