@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 os.environ.setdefault("MSA_FAST_CACHE", os.path.join(tempfile.gettempdir(), "msa_fast_test_cache"))
 
 from msa_fast.cli import main  # noqa: E402
-from msa_fast.train.run_dir import RunDirError, RunLock  # noqa: E402
 
 TINY = ["--model", "lf_dnn", "--data", "synthetic:tiny:limit=48", "--batch-size", "16",
         "--no-progress", "--seeds", "1", "--model-cfg", '{"hidden": 16, "av_hidden": 8}']
@@ -137,6 +136,8 @@ time.sleep(60)
 
 
 def test_lock_file_stops_a_second_writer_and_a_stale_one_does_not(tmp_path, capsys):
+    from msa_fast.train.run_dir import RunDirError, RunLock
+
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out / ".lock")],
