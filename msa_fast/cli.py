@@ -222,7 +222,10 @@ def cmd_data_synth(args) -> int:
 
     if args.preset not in synthetic.PRESETS:
         raise UserError(f"unknown preset {args.preset!r} (choose from {sorted(synthetic.PRESETS)})")
-    synthetic.write(args.out, args.preset, args.seed, not args.unaligned, args.limit)
+    try:
+        synthetic.write(args.out, args.preset, args.seed, not args.unaligned, args.limit)
+    except OSError as e:
+        raise UserError(f"--out: cannot write {args.out} ({e.strerror or type(e).__name__})") from None
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB)")
     return 0
 
@@ -279,6 +282,8 @@ def main(argv=None) -> int:
         return 3
     except (UserError, SchemaError, UnknownModelError, OSError, ValueError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, OSError) and e.filename and e.strerror:
+            msg = f"{e.filename}: {e.strerror}"
         print(f"msa-fast: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -127,7 +127,11 @@ def claim(cfg: TrainConfig, log=print):
     if cfg.resume and cfg.overwrite:
         raise RunDirError("--resume and --overwrite exclude each other (continue the run in "
                           f"{out}, or replace it)")
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"out (--out): cannot create the run directory {out} "
+                          f"({e.strerror or type(e).__name__})") from None
     lock = RunLock(out).acquire()
     try:
         if holds_run(out):
