@@ -151,12 +151,6 @@ def _check_model(name: str) -> None:
     _lookup(name)
 
 
-def _set_backend(name: str) -> None:
-    import msa_fast
-
-    msa_fast.set_backend(name)
-
-
 def cmd_train(args) -> int:
     from msa_fast.data.source import load_data
     from msa_fast.models import build_model, check_model_cfg
@@ -166,13 +160,12 @@ def cmd_train(args) -> int:
     cfg = _config_from_args(args)
     _check_model(cfg.model)
     check_model_cfg(cfg.model, cfg.model_cfg)
-    _set_backend(cfg.backend)
     if cfg.out and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UserError(f"--out: {cfg.out} is a file, expected a run directory")
     data = load_data(cfg.data, limit=cfg.limit)  # fail early on a bad path / schema
     check_splits(data)
     build_model(cfg.model, data.dims, **cfg.model_cfg)  # the model's own checks, before training
-    results = run_experiment(cfg)
+    results = run_experiment(cfg, data=data)
     if cfg.out:
         print(f"results: {os.path.join(cfg.out, 'results.json')}")
     return 0 if results["per_seed"] or cfg.stop_after_epoch else 1

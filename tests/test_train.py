@@ -264,3 +264,28 @@ def test_registry_lists_every_model_in_a_fresh_process():
     listed, error = out.stdout.strip().splitlines()
     assert listed.split(",") == ["agfn", "fd_cmdie", "lf_dnn", "promma", "text_only"]
     assert "agfn, fd_cmdie, lf_dnn, promma, text_only" in error
+
+
+@register_model("_records_backend")
+class _BackendRecorder(nn.Module):
+    seen: set = set()
+
+    def __init__(self, dims, **_):
+        super().__init__()
+        self.lin = nn.Linear(dims["audio"], 1)
+
+    def forward(self, batch):
+        import msa_fast
+
+        _BackendRecorder.seen.add(msa_fast.get_backend())
+        return {"pred": self.lin(batch["audio"].mean(1)).squeeze(-1)}
+
+
+def test_train_seed_runs_under_the_configured_backend_and_restores_it(tmp_path):
+    import msa_fast
+
+    before = msa_fast.get_backend()
+    _BackendRecorder.seen.clear()
+    train_seed(_cfg(tmp_path, model="_records_backend", epochs=1, backend="eager"), load_data(DATA), 5,
+               None)
+    assert _BackendRecorder.seen == {"eager"} and msa_fast.get_backend() == before

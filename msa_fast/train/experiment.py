@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from msa_fast.data.mmsa import MMSAData
 from msa_fast.data.source import load_data
 from msa_fast.metrics import METRIC_KEYS
 from msa_fast.train.checkpoint import save_json
@@ -43,18 +44,20 @@ def format_table(model: str, mean: dict, std: dict, n: int) -> str:
     return "\n".join(lines)
 
 
-def run_experiment(cfg: TrainConfig, log=print) -> dict:
+def run_experiment(cfg: TrainConfig, log=print, data: MMSAData | None = None) -> dict:
     """Train every seed of ``cfg``; with ``cfg.out``, in a run directory claimed for this run
-    (:func:`msa_fast.train.run_dir.claim`: refused if it holds another run, locked)."""
+    (:func:`msa_fast.train.run_dir.claim`: refused if it holds another run, locked).
+    ``data``: ``cfg.data`` already loaded (with ``cfg.limit``), else it is loaded here."""
     if not cfg.out:
-        return _run(cfg, log)
+        return _run(cfg, log, data)
     with claim(cfg, log):
-        return _run(cfg, log)
+        return _run(cfg, log, data)
 
 
-def _run(cfg: TrainConfig, log) -> dict:
+def _run(cfg: TrainConfig, log, data: MMSAData | None) -> dict:
     t0 = time.perf_counter()
-    data = load_data(cfg.data, limit=cfg.limit)
+    if data is None:
+        data = load_data(cfg.data, limit=cfg.limit)
     check_splits(data)
     per_seed = []
     for seed in cfg.seeds:

@@ -129,11 +129,14 @@ def evaluate(model, data: MMSAData, split: str, cfg: TrainConfig, device, seed: 
 def train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None) -> dict:
     """Train one seed; returns ``{"seed", "test", "valid", "best_epoch", "history", ...}``.
     ``run_dir`` (or None: no checkpoints) receives the checkpoints of this seed."""
+    from msa_fast import use_backend
+
     previous = torch.get_num_threads()
     if cfg.threads > 0 and resolve_device(cfg.device).type == "cpu":
         torch.set_num_threads(cfg.threads)
     try:
-        return _train_seed(cfg, data, seed, run_dir)
+        with use_backend(cfg.backend):  # the run's backend, restored afterwards
+            return _train_seed(cfg, data, seed, run_dir)
     finally:
         torch.set_num_threads(previous)
 
