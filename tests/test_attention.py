@@ -134,6 +134,50 @@ def test_attention_bad_input(case, arg):
         ops.attention(q, k, v, **kw)
 
 
+_TRITON = pytest.param("triton", marks=pytest.mark.interpret)
+
+
+@pytest.mark.parametrize("backend", ["eager", _TRITON])
+@pytest.mark.parametrize("case,arg,what", [
+    ("Lk0", "k", r"Lk >= 1 in \(B, H, Lk, Dh\), got shape \(2, 3, 0, 8\)"),
+    ("Lk0_masked", "k", r"Lk >= 1"),
+    ("Dh0", "q", r"Dh >= 1 in \(B, H, Lq, Dh\), got shape \(2, 3, 4, 0\)"),
+    ("Dh0_scaled", "q", r"Dh >= 1"),
+    ("scale_inf", "scale", r"a finite float > 0, got inf"),
+    ("scale_nan", "scale", r"a finite float > 0, got nan"),
+    ("scale_zero", "scale", r"a finite float > 0, got 0.0"),
+    ("scale_bool", "scale", r"a finite float > 0, got True"),
+])
+def test_attention_empty_keys_heads_and_bad_scale(backend, case, arg, what):
+    """SPEC 10: no key at all, an empty head and a non-finite scale are ValueErrors (not
+    IndexError / ZeroDivisionError / NaN), on every backend."""
+    q, k, v = _rand(2, 3, 4, 8), _rand(2, 3, 5, 8), _rand(2, 3, 5, 8)
+    kw = {"key_padding_mask": None, "scale": None}
+    if case.startswith("Lk0"):
+        k, v = _rand(2, 3, 0, 8), _rand(2, 3, 0, 8)
+        if case == "Lk0_masked":
+            kw["key_padding_mask"] = torch.zeros(2, 0, dtype=torch.bool)
+    elif case.startswith("Dh0"):
+        q, k, v = _rand(2, 3, 4, 0), _rand(2, 3, 5, 0), _rand(2, 3, 5, 0)
+        if case == "Dh0_scaled":
+            kw["scale"] = 1.0
+    else:
+        kw["scale"] = {"scale_inf": math.inf, "scale_nan": math.nan, "scale_zero": 0.0, "scale_bool": True}[case]
+    with pytest.raises(ValueError, match=f"attention: {arg}: expected {what}"):
+        ops.attention(q, k, v, **kw, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["eager", _TRITON])
+@pytest.mark.parametrize("shape", [(0, 2, 3, 5, 8), (2, 0, 3, 5, 8), (2, 3, 0, 5, 8)])
+def test_attention_empty_batch_heads_queries_are_fine(backend, shape):
+    b, h, lq, lk, dh = shape
+    q, k, v = (_rand(b, h, n, dh, requires_grad=True) for n in (lq, lk, lk))
+    out = ops.attention(q, k, v, backend=backend)
+    assert out.shape == (b, h, lq, dh)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and not k.grad.any()
+
+
 def test_attention_explicit_unavailable_backend_raises():
     q = _rand(1, 1, 2, 4)
     with pytest.raises(RuntimeError, match="attention: backend 'cuda' is unavailable"):

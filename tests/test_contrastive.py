@@ -334,6 +334,57 @@ def test_bad_input_raises_value_error_naming_argument(case):
         call()
 
 
+_BACKENDS = ["eager", pytest.param("triton", marks=pytest.mark.interpret)]
+
+
+def _zero_row_cases(dtype):
+    g = lambda *shape: torch.randn(*shape, dtype=dtype, requires_grad=True)  # noqa: E731
+    return {
+        "nt_xent": (nt_xent, (g(0, 4), g(0, 4), g(0, 3, 4))),
+        "nt_xent_masked": (nt_xent, (g(0, 4), g(0, 4), g(0, 3, 4), torch.zeros(0, 3, dtype=torch.bool))),
+        "triplet": (triplet, (g(0, 4), g(0, 4), g(0, 4))),
+        "fd_cmdie": (fd_cmdie_contrastive_loss, (g(0, 3, 4), g(0, 3, 4), g(0, 2, 2, 3, 4), g(0, 1, 3, 4))),
+    }
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize("case", ["nt_xent", "nt_xent_masked", "triplet", "fd_cmdie"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_zero_rows_mean_is_zero_with_zero_grads(backend, case, reduction):
+    """SPEC 10 policy: the mean over zero rows (a batch without pairs) is 0, not NaN,
+    and its backward runs, giving (empty) zero gradients."""
+    dtype = torch.float32
+    fn, args = _zero_row_cases(dtype)[case]
+    loss = fn(*args, reduction=reduction, backend=backend)
+    if reduction == "none":
+        assert loss.shape == (0,)
+        loss = loss.sum()
+    assert loss.shape == () and loss.dtype == dtype and loss.item() == 0.0
+    loss.backward()
+    for a in args:
+        if a.requires_grad:
+            assert a.grad is not None and a.grad.shape == a.shape and not a.grad.any()
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_non_finite_tau_and_margin_raise(backend, value):
+    a, p, n = _rand(4, 5, dtype=torch.float32), _rand(4, 5, dtype=torch.float32), _rand(4, 3, 5, dtype=torch.float32)
+    s, df, ps, ns = _fd_inputs(2, 1, 1, 5, dtype=torch.float32)
+    for name, call in [
+        ("nt_xent: tau", lambda: nt_xent(a, p, n, tau=value, backend=backend)),
+        ("triplet: margin", lambda: triplet(a, p, p, margin=value, backend=backend)),
+        ("fd_cmdie_contrastive_loss: tau", lambda: fd_cmdie_contrastive_loss(s, df, ps, ns, tau=value,
+                                                                               backend=backend)),
+        ("fd_cmdie_contrastive_loss: margin", lambda: fd_cmdie_contrastive_loss(s, df, ps, ns, margin=value,
+                                                                                  backend=backend)),
+        ("fd_cmdie_contrastive_loss: lambda_tri", lambda: fd_cmdie_contrastive_loss(
+            s, df, ps, ns, lambda_tri=value, backend=backend)),
+    ]:
+        with pytest.raises(ValueError, match=rf"{name}: expected a (finite )?float.*, got {value}"):
+            call()
+
+
 # --------------------------------------------------------------------------- #
 # FDCMDIEContrastiveLoss: forward partners vs memory bank
 # --------------------------------------------------------------------------- #

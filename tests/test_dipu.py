@@ -239,6 +239,42 @@ def test_dipu_bad_input(case, arg):
         ops.dipu(G, X, params, heads, g_mask, x_mask)
 
 
+@pytest.mark.parametrize("case,arg,what", [
+    ("Lx0", "X", r"Lx >= 1 in \(B, Lx, d\), got shape \(2, 0, 8\)"),
+    ("Lg0", "G", r"Lg >= 1 in \(B, Lg, d\), got shape \(2, 0, 8\)"),
+    ("Lx0_masked", "X", r"Lx >= 1"),
+    ("eps_inf", "eps", r"a finite float > 0, got inf"),
+])
+def test_dipu_empty_sequences_raise(case, arg, what):
+    """SPEC 10: an empty sequence leaves the other's cross-attention without keys: a
+    ValueError naming it (not an IndexError from the softmax)."""
+    mod = _unit(d=8, heads=2, ffn=5, dtype=torch.float32)
+    params = dict(mod.named_parameters())
+    G, X = _rand(2, 4, 8), _rand(2, 5, 8)
+    kw = {}
+    if case.startswith("Lx0"):
+        X = _rand(2, 0, 8)
+        if case == "Lx0_masked":
+            kw["x_mask"] = torch.zeros(2, 0, dtype=torch.bool)
+    elif case == "Lg0":
+        G = _rand(2, 0, 8)
+    else:
+        kw["eps"] = math.inf
+    with pytest.raises(ValueError, match=f"dipu: {arg}: expected {what}"):
+        ops.dipu(G, X, params, 2, **kw)
+
+
+def test_dipu_fully_padded_and_empty_batch_are_fine():
+    mod = _unit(d=8, heads=2, ffn=5, dtype=torch.float32)
+    params = dict(mod.named_parameters())
+    G, X = _rand(2, 4, 8), _rand(2, 5, 8)
+    x_mask = torch.ones(2, 5, dtype=torch.bool)  # a missing modality: every position padded
+    g_next, x_next = ops.dipu(G, X, params, 2, x_mask=x_mask)
+    assert torch.isfinite(g_next).all() and not x_next.any()
+    g0, x0 = ops.dipu(G[:0], X[:0], params, 2)
+    assert g0.shape == (0, 4, 8) and x0.shape == (0, 5, 8)
+
+
 def test_dipu_backend_and_compile():
     mod = _unit(d=8, heads=2, ffn=5, dtype=torch.float32)
     params = {k: v.detach() for k, v in mod.named_parameters()}

@@ -506,6 +506,95 @@ def test_bad_inputs(kwargs, arg):
         mine_pairs(**args, backend="eager")
 
 
+_ALL_BACKENDS = ["eager", pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton),
+                 pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _on(backend, *ts):
+    dev = "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+    return [t.to(dev) for t in ts]
+
+
+@pytest.mark.parametrize("backend", _ALL_BACKENDS)
+@pytest.mark.parametrize("query_index", [[0, 1, 10], [0, -2, 1], [10, 11, 12]])
+def test_query_index_out_of_range_every_backend(backend, query_index):
+    f, labels = _on(backend, torch.randn(10, 4), torch.tensor([0, 1] * 5))
+    qi = torch.tensor(query_index, device=f.device)
+    with pytest.raises(ValueError, match=r"mine_pairs: query_index: expected values in \[-1, 9\].*got range"):
+        mine_pairs(f, labels, 2, f[:3], labels[:3], qi, backend=backend)
+    # without queries too: query_index then names the rows of features themselves
+    full = torch.arange(10, device=f.device)
+    full[-1] = 10 if query_index[0] != 10 else -3
+    with pytest.raises(ValueError, match=r"mine_pairs: query_index: expected values in \[-1, 9\]"):
+        mine_pairs(f, labels, 2, query_index=full, backend=backend)
+
+
+@pytest.mark.parametrize("backend", _ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_rows_never_mined_nor_mining(backend, dtype, bad):
+    """SPEC 10 policy: a row with a NaN / inf entry has no valid similarity."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("triton takes no fp64")
+    f, labels = _data(23, 6, 3, dtype=torch.float64)
+    f = f.to(dtype)
+    f[4, 2] = bad
+    f[11] = bad
+    f, labels = _on(backend, f, labels)
+    bad_rows = {4, 11}
+    k = 9  # more than some classes hold: missing slots mix with the excluded rows
+    got = mine_pairs(f, labels, k, backend=backend)
+    # the reference on the finite rows alone, mapped back, is the answer
+    keep = torch.tensor([i for i in range(23) if i not in bad_rows], device=f.device)
+    sub = R.mine_pairs(f[keep], labels[keep], k)
+    for name, want_sub in zip(got._fields, sub):
+        g = getattr(got, name)
+        assert g.shape == (23, k)
+        rows = g[torch.tensor(sorted(bad_rows), device=f.device)]
+        if name.endswith("idx"):
+            assert (rows == -1).all(), name  # a bad query mines nothing
+            mapped = torch.where(want_sub >= 0, keep[want_sub.clamp(min=0)], want_sub)
+            assert not torch.isin(g, torch.tensor(sorted(bad_rows), device=f.device)).any(), name
+            assert torch.equal(g[keep], mapped), name
+        else:
+            assert torch.isnan(rows).all(), name
+            torch.testing.assert_close(g[keep], want_sub.to(g.dtype), equal_nan=True, rtol=1e-5, atol=1e-5)
+    # as external queries, and with the bad rows queried by index
+    q = f[[4, 0, 11]]
+    got_q = mine_pairs(f, labels, k, q, labels[[4, 0, 11]], torch.tensor([4, 0, 11], device=f.device),
+                       backend=backend)
+    assert (got_q.pos_idx[[0, 2]] == -1).all() and (got_q.neg_idx[[0, 2]] == -1).all()
+    assert torch.equal(got_q.pos_idx[1], got.pos_idx[0]) and torch.equal(got_q.neg_idx[1], got.neg_idx[0])
+
+
+@pytest.mark.parametrize("backend", _ALL_BACKENDS)
+def test_all_rows_non_finite(backend):
+    f, labels = _on(backend, torch.full((5, 3), float("nan")), torch.tensor([0, 0, 1, 1, 2]))
+    got = mine_pairs(f, labels, 2, backend=backend)
+    assert (got.pos_idx == -1).all() and (got.neg_idx == -1).all()
+    assert torch.isnan(got.pos_sim).all() and torch.isnan(got.neg_sim).all()
+
+
+def test_sentiment_classes_bad_and_converted_inputs():
+    import numpy as np
+
+    with pytest.raises(ValueError, match=r"sentiment_classes: y: expected labels without NaN.*got 1 NaN of 3"):
+        sentiment_classes(torch.tensor([0.5, float("nan"), 1.0]))
+    for scheme in ("7", "3", "2"):
+        with pytest.raises(ValueError, match="sentiment_classes: y:"):
+            sentiment_classes(np.array([float("nan")]), scheme)
+    want = sentiment_classes(torch.tensor([-2.6, 0.4, 1.5, 3.5]))
+    assert torch.equal(sentiment_classes([-2.6, 0.4, 1.5, 3.5]), want)
+    assert torch.equal(sentiment_classes(np.array([-2.6, 0.4, 1.5, 3.5])), want)
+    assert torch.equal(sentiment_classes(np.array([-2.6, 0.4, 1.5, 3.5], dtype=np.float32)), want)
+    assert sentiment_classes([-3, 0, 2]).tolist() == [0, 3, 5]  # integer labels
+    assert sentiment_classes(torch.tensor([float("-inf"), float("inf")])).tolist() == [0, 6]
+    with pytest.raises(ValueError, match="sentiment_classes: y:"):
+        sentiment_classes(["a", "b"])
+    with pytest.raises(ValueError, match="sentiment_classes: scheme:"):
+        sentiment_classes([0.0], "5")
+
+
 def test_cuda_backend_on_cpu_tensors():
     f, labels = _data(10, 4, 2)
     with pytest.raises(RuntimeError, match="cuda"):

@@ -5,7 +5,9 @@
 //           of largest sim, sorted descending;
 //   neg_i = the k rows j with labels[j] != query_labels[i] of smallest sim,
 //           sorted ascending;
-//   ties go to the lower j; fewer than k candidates: -1 / NaN.
+//   ties go to the lower j; fewer than k candidates: -1 / NaN. A row with a NaN /
+//   inf entry normalises to NaNs, so its similarities are NaN, which the strict
+//   admission tests below never admit: it is neither mined nor mining.
 //
 // Shapes: features (N, D), labels (N,) int64, queries (Q, D), query_labels (Q,)
 // int64, query_index (Q,) int64 in [-1, N). Outputs (Q, k): int64 indices and

@@ -6,7 +6,8 @@
 //           of largest sim, sorted descending;
 //   neg_i = the k rows j with labels[j] != query_labels[i] of smallest sim,
 //           sorted ascending;
-//   ties go to the lower j; fewer than k candidates: -1 / NaN.
+//   ties go to the lower j; fewer than k candidates: -1 / NaN; a NaN similarity (a
+//   query or key row with a NaN / inf entry) is never a candidate.
 //
 // Shapes: features (N, D), labels (N,) int64, queries (Q, D), query_labels (Q,)
 // int64, query_index (Q,) int64 in [-1, N), 1 <= k <= 64. Outputs (Q, k): int64
@@ -420,9 +421,11 @@ mine_pairs_kernel(const typename Tile::in_t* __restrict__ feats,
       for (int h = 0; h < 2; ++h) {
         // Same association for every (row, key): identical rows tie exactly.
         const T v = (s_tile[lr][lane + 32 * h] * iq[r]) * inv[h];
-        const bool same = valid[h] && lab[h] == ql[r];
+        // NaN: the query or the key row has a NaN / inf entry, so no valid similarity
+        // (never mined, never mining). Not filtered, it would fill a list that is not full.
+        const bool same = valid[h] && lab[h] == ql[r] && !isnan(v);
         pos[r].offer(same && key[h] != self[r], v, key[h], lane);
-        neg[r].offer(valid[h] && !same, v, key[h], lane);
+        neg[r].offer(valid[h] && lab[h] != ql[r] && !isnan(v), v, key[h], lane);
       }
     }
     // s_tile and sm are rewritten by the next tile (also when d == 0, where

@@ -7,6 +7,7 @@ what was received, e.g. ``dual_gate: h: expected a floating tensor of rank >= 2
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -79,9 +80,16 @@ def positive_int(op: str, name: str, v: object) -> int:
 
 
 def positive_float(op: str, name: str, v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-        fail(op, name, "a float > 0", repr(v))
+    """A finite float > 0 (a scale, temperature or epsilon): NaN, inf and bools are refused."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+        fail(op, name, "a finite float > 0", repr(v))
     return float(v)
+
+
+def min_size(op: str, name: str, t: torch.Tensor, dim: int, what: str, layout: str, minimum: int = 1) -> None:
+    """``t.shape[dim] >= minimum``: ``what`` names the dimension (``"Lk"``)."""
+    if t.shape[dim] < minimum:
+        fail(op, name, f"{what} >= {minimum} in {layout}", t)
 
 
 def choice(op: str, name: str, v: object, options: Sequence[str]) -> str:

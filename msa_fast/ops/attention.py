@@ -67,6 +67,10 @@ def _check(q, k, v, key_padding_mask, scale) -> None:
     V.tensor(op, "k", k, shape=(b, h, None, dh), like=q, layout="(B, H, Lk, Dh)")
     V.tensor(op, "v", v, shape=k.shape, like=q, layout="(B, H, Lk, Dh) like k")
     V.mask(op, "key_padding_mask", key_padding_mask, (b, k.shape[2]), q.device)
+    # No key at all (Lk = 0) has no softmax, and Dh = 0 no default scale Dh ** -0.5: both
+    # are errors, not an all-masked row (which has keys, all ignored, and outputs 0).
+    V.min_size(op, "k", k, 2, "Lk", "(B, H, Lk, Dh)")
+    V.min_size(op, "q", q, 3, "Dh", "(B, H, Lq, Dh)")
     if scale is not None:
         V.positive_float(op, "scale", scale)
 
@@ -100,7 +104,8 @@ def attention(
     """``softmax(q k^T * scale) v`` over unmasked keys -> ``(B, H, Lq, Dh)``.
 
     ``q: (B, H, Lq, Dh)``, ``k, v: (B, H, Lk, Dh)``, ``key_padding_mask: (B, Lk)`` bool
-    (True = ignore), ``scale`` defaults to ``Dh ** -0.5``. A query with every key
+    (True = ignore), ``scale`` (a finite float > 0) defaults to ``Dh ** -0.5``;
+    ``Lk >= 1`` and ``Dh >= 1`` (``ValueError`` otherwise; ``B``, ``H``, ``Lq`` may be 0). A query with every key
     masked outputs zeros (zero gradient, never NaN); elsewhere equal to
     ``torch.nn.functional.scaled_dot_product_attention``.
     """

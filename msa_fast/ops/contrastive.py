@@ -21,6 +21,10 @@ Backends:
   kernels: ``auto`` uses the eager reference for them, an explicit ``"triton"``
   raises ``RuntimeError``.
 
+Zero rows: every ``reduction="mean"`` of zero rows (``P = 0`` / ``B = 0``: a batch
+without pairs) is 0, not the NaN of ``0 / 0``, and its backward gives zero gradients
+(SPEC 10; ``reference._reduce``), on every backend.
+
 ``auto`` on CUDA tensors: triton, else eager; on the CPU: eager (Triton runs there
 only interpreted, with ``TRITON_INTERPRET=1``, for the tests).
 """
@@ -295,8 +299,9 @@ def nt_xent(
     """NT-Xent with explicit negatives (eq. 9): ``logsumexp([c_p, c_k]/tau) - c_p/tau``.
 
     ``anchor (P, D)``, ``positive (P, D)``, ``negatives (P, K, D)``,
-    ``negatives_mask (P, K)`` bool (True = valid), ``tau > 0``, ``reduction`` in
-    ``"mean" | "sum" | "none"``. See :func:`msa_fast.ops.reference.nt_xent`.
+    ``negatives_mask (P, K)`` bool (True = valid), ``tau`` a finite float > 0, ``reduction``
+    in ``"mean" | "sum" | "none"``; the mean of ``P = 0`` rows is 0 (not NaN) and its
+    gradients are zero. See :func:`msa_fast.ops.reference.nt_xent`.
     """
     return _backend.dispatch(_NT_XENT, (anchor, positive, negatives, negatives_mask, tau, reduction), backend)
 
@@ -313,7 +318,8 @@ def triplet(
     """Cosine triplet loss (eq. 10-11): ``max(0, d(a, p) - d(a, n) + margin)``, ``d = 1 - cos``.
 
     ``anchor, positive, negative (P, D)``; ``margin`` a finite float; ``reduction``
-    in ``"mean" | "sum" | "none"``. See :func:`msa_fast.ops.reference.triplet`.
+    in ``"mean" | "sum" | "none"`` (the mean of ``P = 0`` rows is 0, not NaN). See
+    :func:`msa_fast.ops.reference.triplet`.
     """
     return _backend.dispatch(_TRIPLET, (anchor, positive, negative, margin, reduction), backend)
 
@@ -339,8 +345,9 @@ def fd_cmdie_contrastive_loss(
     ``similar^i``: ``[:, :, 0]`` similarity, ``[:, :, 1]`` dissimilarity features);
     ``neg_partner_feats (B, Kn, 3, D)`` (similarity features of partners from
     ``different^i``); optional bool masks ``pos_partner_mask (B, Kp)`` /
-    ``neg_partner_mask (B, Kn)``, True = partner exists. ``tau > 0``, ``margin``
-    finite, ``lambda_tri >= 0``. The pair sets, the reading of eq. 9 and of the
+    ``neg_partner_mask (B, Kn)``, True = partner exists. ``tau`` a finite float > 0,
+    ``margin`` finite, ``lambda_tri >= 0`` finite. The mean over ``B = 0`` samples is 0
+    (not NaN), with zero gradients. The pair sets, the reading of eq. 9 and of the
     triplets are documented on :func:`msa_fast.ops.reference.fd_cmdie_contrastive_loss`.
     """
     return _backend.dispatch(_FD_CMDIE, (sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, tau, margin,

@@ -45,6 +45,10 @@ def _check(G, X, params, heads, g_mask, x_mask, eps, cross2) -> None:
     V.tensor(op, "G", G, ndim=3, layout="(B, Lg, d)")
     b, lg, d = G.shape
     V.tensor(op, "X", X, shape=(b, None, d), like=G, layout="(B, Lx, d)")
+    # each sequence is the other's keys: an empty one leaves the cross-attention without keys
+    V.min_size(op, "G", G, 1, "Lg", "(B, Lg, d)")
+    V.min_size(op, "X", X, 1, "Lx", "(B, Lx, d)")
+    V.min_size(op, "G", G, 2, "d", "(B, Lg, d)")
     V.positive_int(op, "heads", heads)
     if d % heads:
         V.fail(op, "heads", f"a divisor of d = {d}", heads)
@@ -92,7 +96,9 @@ def dipu(
     """One DIPU, dropout-free: ``(G (B, Lg, d), X (B, Lx, d)) -> (G_next, X_next)``.
 
     ``params`` = ``dict(msa_fast.nn.DIPU(d, heads, ffn_dim, cross2=cross2).named_parameters())``
-    (shapes: :func:`dipu_param_shapes`). Formulas, weight sharing and mask rules:
+    (shapes: :func:`dipu_param_shapes`). ``Lg, Lx, d >= 1`` (each sequence is the
+    other's keys; an empty one is a ``ValueError``; ``B`` may be 0; a fully padded
+    sequence is fine). Formulas, weight sharing and mask rules:
     :func:`msa_fast.ops.reference.dipu`.
     """
     return _backend.dispatch(_SPEC, (G, X, params, heads, g_mask, x_mask, eps, bool(cross2)), backend)

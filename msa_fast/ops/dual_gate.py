@@ -66,6 +66,8 @@ def _check(h, w_z, b_z, g_logits, tau) -> None:
     op = "dual_gate"
     V.tensor(op, "h", h, min_ndim=2, layout="(..., M, D)")
     m, d = h.shape[-2:]
+    V.min_size(op, "h", h, -2, "M", "(..., M, D)")  # no modality: nothing to fuse
+    V.min_size(op, "h", h, -1, "D", "(..., M, D)")  # no feature: no entropy
     V.tensor(op, "w_z", w_z, shape=(m, d), like=h, layout="(M, D)")
     V.tensor(op, "b_z", b_z, shape=(m,), like=h, layout="(M,)")
     V.tensor(op, "g_logits", g_logits, shape=(*h.shape[:-2], m), like=h, layout="(..., M)")
@@ -90,7 +92,8 @@ def dual_gate(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entropy-gated sum and importance-gated concatenation of M modality vectors.
 
-    ``h: (..., M, D)``, ``w_z: (M, D)``, ``b_z: (M,)``, ``g_logits: (..., M)``, ``tau > 0``.
+    ``h: (..., M, D)`` (``M, D >= 1``), ``w_z: (M, D)``, ``b_z: (M,)``, ``g_logits: (..., M)``,
+    ``tau`` a finite float > 0.
     Returns ``(h_ent (..., D), h_imp_in (..., M*D), e (..., M), g (..., M))``; see
     :func:`msa_fast.ops.reference.dual_gate` for the exact formulas.
     """

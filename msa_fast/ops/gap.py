@@ -66,6 +66,8 @@ def _check(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps) -> 
     op = "gated_attention_pool"
     V.tensor(op, "x", x, ndim=4, layout="(M, B, L, d)")
     m, b, seq, d = x.shape
+    V.min_size(op, "x", x, 0, "M", "(M, B, L, d)")  # no sequence to pool
+    V.min_size(op, "x", x, 3, "d", "(M, B, L, d)")  # a LayerNorm over no feature has no mean
     V.tensor(op, "ln_w", ln_w, shape=(m, d), like=x, layout="(M, d)")
     V.tensor(op, "ln_b", ln_b, shape=(m, d), like=x, layout="(M, d)")
     V.tensor(op, "W1g", W1g, shape=(m, None, d), like=x, layout="(M, h, d)")
@@ -115,7 +117,8 @@ def gated_attention_pool(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pool M sequences ``x: (M, B, L, d)`` into one ``(B, L, d)`` by gate and attention.
 
-    Returns ``(out (B, L, d), alpha (M, B, L), g (M, B, L))``; padded positions
+    ``M, d >= 1`` (``B``, ``L`` and the hidden widths may be 0). Returns
+    ``(out (B, L, d), alpha (M, B, L), g (M, B, L))``; padded positions
     (``mask: (B, L)`` True) are 0 in all three. Parameter shapes and formulas: see
     :func:`msa_fast.ops.reference.gated_attention_pool`.
     """

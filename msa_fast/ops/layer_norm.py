@@ -64,6 +64,7 @@ __all__ = ["add_layer_norm"]
 def _check(x, residual, weight, bias, eps) -> None:
     op = "add_layer_norm"
     V.tensor(op, "x", x, min_ndim=1, layout="(..., d)")
+    V.min_size(op, "x", x, -1, "d", "(..., d)")  # a LayerNorm over no feature has no mean
     d = x.shape[-1]
     V.tensor(op, "residual", residual, shape=x.shape, like=x, layout="(..., d) like x")
     V.tensor(op, "weight", weight, shape=(d,), like=x, layout="(d,)")
@@ -87,5 +88,8 @@ def add_layer_norm(
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """``LayerNorm(x + residual)`` over the last dim: ``x, residual: (..., d)``, ``weight, bias: (d,)``."""
+    """``LayerNorm(x + residual)`` over the last dim: ``x, residual: (..., d)``, ``weight, bias: (d,)``.
+
+    ``d >= 1`` and ``eps`` a finite float > 0 (``ValueError`` otherwise); leading dims may be 0.
+    """
     return _backend.dispatch(_SPEC, (x, residual, weight, bias, eps), backend)

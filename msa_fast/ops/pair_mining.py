@@ -29,7 +29,7 @@ import torch
 from msa_fast import _backend, _ext
 from msa_fast.ops import _validate as V
 from msa_fast.ops import reference
-from msa_fast.ops.reference import MinedPairs, sentiment_classes
+from msa_fast.ops.reference import MinedPairs
 
 __all__ = ["MinedPairs", "mine_pairs", "mine_pairs_chunked", "sentiment_classes"]
 
@@ -69,7 +69,9 @@ def _check(features, labels, k, queries, query_labels, query_index):
         if query_labels is not None:
             V.fail(op, "query_labels", "None when queries is None", "a tensor")
         if query_index is not None:
-            V.tensor(op, "query_index", query_index, shape=(n,), dtypes=(torch.int64,), like=features)
+            V.tensor(op, "query_index", query_index, shape=(n,), dtypes=(torch.int64,), like=features,
+                     layout="(N,) int64")
+            _check_query_index(query_index, n)
         return
     V.tensor(op, "queries", queries, ndim=2, shape=(None, d), like=features, layout="(Q, D)")
     q = queries.shape[0]
@@ -78,9 +80,41 @@ def _check(features, labels, k, queries, query_labels, query_index):
     V.tensor(op, "query_labels", query_labels, shape=(q,), dtypes=(torch.int64,), like=features, layout="(Q,) int64")
     if query_index is not None:
         V.tensor(op, "query_index", query_index, shape=(q,), dtypes=(torch.int64,), like=features, layout="(Q,) int64")
-        if q and (int(query_index.min()) < -1 or int(query_index.max()) >= n):
-            V.fail(op, "query_index", f"values in [-1, {n - 1}] (-1: not a row of features)",
-                   f"range [{int(query_index.min())}, {int(query_index.max())}]")
+        _check_query_index(query_index, n)
+
+
+def _check_query_index(query_index: torch.Tensor, n: int) -> None:
+    """Values in ``[-1, n)`` (one host sync on a GPU), with or without ``queries``."""
+    if query_index.numel():
+        lo, hi = (int(v) for v in torch.aminmax(query_index))
+        if lo < -1 or hi >= n:
+            V.fail("mine_pairs", "query_index", f"values in [-1, {n - 1}] (-1: not a row of features)",
+                   f"range [{lo}, {hi}]")
+
+
+def sentiment_classes(y, scheme: str = "7") -> torch.Tensor:
+    """Regression labels to int64 class ids (SPEC 3.4): see
+    :func:`msa_fast.ops.reference.sentiment_classes` for the schemes.
+
+    ``y``: a tensor, a numpy array, a Python list or a number (converted with
+    ``torch.as_tensor``; integer and bool labels are read as floats). NaN labels
+    have no class: ``ValueError`` naming ``y``; +-inf clip to the end classes.
+    """
+    op = "sentiment_classes"
+    V.choice(op, "scheme", scheme, ("7", "3", "2"))
+    if not isinstance(y, torch.Tensor):
+        try:
+            y = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            V.fail(op, "y", "a tensor, numpy array or list of real numbers", f"{type(y).__name__} ({exc})")
+    if y.is_complex():
+        V.fail(op, "y", "real-valued labels", y)
+    if not y.is_floating_point():
+        y = y.to(torch.float64)
+    if bool(torch.isnan(y).any()):
+        V.fail(op, "y", "labels without NaN (a NaN label has no class)",
+               f"{int(torch.isnan(y).sum())} NaN of {y.numel()} in shape {tuple(y.shape)}")
+    return reference.sentiment_classes(y, scheme)
 
 
 def _k_limit(features, labels, k, *_queries) -> str | None:
@@ -125,7 +159,12 @@ def mine_pairs(
 ) -> MinedPairs:
     """Mine the ``k`` most similar same-label and ``k`` least similar other-label rows.
 
-    See :func:`msa_fast.ops.reference.mine_pairs` for the exact contract. Passing a
+    See :func:`msa_fast.ops.reference.mine_pairs` for the exact contract. Non-finite
+    rows (SPEC 10), on every backend: a row of ``features`` or ``queries`` with a NaN
+    or +-inf entry has no valid similarity -- it is never mined for any query, and as
+    a query it mines nothing (all ``-1`` / ``nan``); no error is raised (checking would
+    cost a host sync and a graph break). ``query_index`` values outside ``[-1, N)``
+    are a ``ValueError`` on every backend, with or without ``queries``. Passing a
     block of ``queries`` (with ``query_labels`` and ``query_index``) returns exactly
     those rows of the full result, so mining shards across processes.
     """

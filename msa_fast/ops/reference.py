@@ -105,7 +105,10 @@ def mine_pairs(
     For each query, ``pos`` = the ``k`` most similar rows with the same label,
     excluding the query's own row, sorted descending; ``neg`` = the ``k`` least
     similar rows with a different label, sorted ascending; ties go to the lower
-    row index; missing slots are ``-1`` / ``nan``. Similarities are computed in
+    row index; missing slots are ``-1`` / ``nan``. A row with a non-finite entry
+    (NaN or +-inf, in ``features`` or ``queries``) has no valid similarity: it is
+    never mined for any query, and as a query it mines nothing (all ``-1`` /
+    ``nan``) -- every backend does the same. Similarities are computed in
     fp32 (fp64 for fp64 inputs) and are not differentiable (mining selects pairs;
     the loss recomputes the cosines it trains on).
 
@@ -118,13 +121,16 @@ def mine_pairs(
         sim = normalize_rows(queries) @ normalize_rows(features).T  # (Q, N)
         same = query_labels[:, None] == labels[None, :]
         is_self = query_index[:, None] == torch.arange(n, device=features.device)[None, :]
-        pos_ok = same & ~is_self
+        # a non-finite row has no valid similarity (NaN): neither mined nor mining
+        finite = torch.isfinite(queries).all(dim=1)[:, None] & torch.isfinite(features).all(dim=1)[None, :]
+        pos_ok = same & ~is_self & finite
+        neg_ok = ~same & finite
         pos_idx, pos_sim = _topk_ties_low(sim.masked_fill(~pos_ok, float("-inf")), k)
         # Least similar = largest of -sim; negating keeps "ties to the lower index".
-        neg_idx, neg_sim = _topk_ties_low((-sim).masked_fill(same, float("-inf")), k)
+        neg_idx, neg_sim = _topk_ties_low((-sim).masked_fill(~neg_ok, float("-inf")), k)
         neg_sim = -neg_sim
         pos_bad = pos_ok.gather(1, pos_idx).logical_not_()
-        neg_bad = same.gather(1, neg_idx)
+        neg_bad = neg_ok.gather(1, neg_idx).logical_not_()
         pos_idx, pos_sim = pos_idx.masked_fill(pos_bad, -1), pos_sim.masked_fill(pos_bad, float("nan"))
         neg_idx, neg_sim = neg_idx.masked_fill(neg_bad, -1), neg_sim.masked_fill(neg_bad, float("nan"))
         pos_idx, pos_sim = _pad_k(pos_idx, pos_sim, k)
@@ -458,8 +464,14 @@ def unit_vectors(x: torch.Tensor) -> torch.Tensor:
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``"mean"`` / ``"sum"`` over rows, or the rows (``"none"``).
+
+    The mean of zero rows is 0, not NaN (``0 / 0``): a batch without a single pair
+    contributes nothing to the loss, and its backward gives zero (empty) gradients.
+    """
     if reduction == "mean":
-        return loss.mean()
+        # sum() of no rows is 0 and keeps the graph; the shape test is static under compile
+        return loss.mean() if loss.numel() else loss.sum()
     if reduction == "sum":
         return loss.sum()
     return loss
@@ -486,7 +498,8 @@ def nt_xent(
     sharing the anchor, the positive included, so ``l_p >= 0`` and a row with no
     valid negative has loss 0. Log-sum-exp keeps it stable for any ``tau > 0``;
     masked negatives get ``-inf`` logits (exactly zero weight and gradient).
-    ``reduction``: ``"mean"`` / ``"sum"`` over rows, or ``"none"`` -> ``(P,)``.
+    ``reduction``: ``"mean"`` / ``"sum"`` over rows, or ``"none"`` -> ``(P,)``; the
+    mean of ``P = 0`` rows is 0 (not NaN), with zero gradients.
     Computed in fp32 for half inputs (fp64 for fp64), returned in the input dtype.
     """
     ct = _loss_dtype(anchor.dtype)
@@ -511,7 +524,7 @@ def triplet(
     Shapes: ``anchor, positive, negative (P, D)``. Row loss
     ``max(0, d(a, p) - d(a, n) + margin)`` with ``d(x, y) = 1 - cos(x, y)`` (eq. 11;
     cos 0 for zero vectors, see :func:`unit_vectors`). ``reduction`` as in
-    :func:`nt_xent`; fp32 math for half inputs, returned in the input dtype.
+    :func:`nt_xent` (the mean of zero rows is 0); fp32 math for half inputs, returned in the input dtype.
     """
     ct = _loss_dtype(anchor.dtype)
     a = unit_vectors(anchor.to(ct))
@@ -592,7 +605,8 @@ def fd_cmdie_contrastive_loss(
 
     Eq. 12: ``L_cl = mean_i l_NT^i + lambda_tri * mean_i l_Tri^i``. ``reduction``:
     ``"mean"`` (eq. 12), ``"sum"`` or ``"none"`` -> ``(B,)`` per-sample
-    ``l_NT^i + lambda_tri * l_Tri^i``. Cosines are zero-safe
+    ``l_NT^i + lambda_tri * l_Tri^i``. The mean over ``B = 0`` samples is 0 (not NaN).
+    Cosines are zero-safe
     (:func:`unit_vectors`); fp32 math for half inputs, returned in the input dtype.
     Cost: O(B (Kp + Kn) D), no pair is materialised twice.
     """

@@ -8,7 +8,8 @@ Shapes: ``features: (N, D)``, ``labels: (N,)`` int64, ``queries: (Q, D)``,
     pos_i = the k rows j, labels[j] == query_labels[i], j != query_index[i], of
             largest sim, descending;
     neg_i = the k rows j, labels[j] != query_labels[i], of smallest sim, ascending;
-    ties to the lower j; fewer than k candidates: -1 / NaN.
+    ties to the lower j; fewer than k candidates: -1 / NaN; a query or feature row
+    with a NaN / inf entry has NaN similarities, which never rank (no candidate).
 
 Algorithm: one program per ``BLOCK_Q`` queries streams the feature rows in
 ``BLOCK_N`` tiles; each ``(BLOCK_Q, BLOCK_N)`` similarity tile lives in registers
@@ -138,8 +139,10 @@ def mine_pairs_kernel(
         hi = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # order-preserving int32 image
         low = (4294967295 - cols64)[None, :]  # inverted index: the lower row ranks first
         same = qlab[:, None] == lab[None, :]
-        pos_ok = same & col_ok[None, :] & (cols64[None, :] != qidx[:, None])
-        neg_ok = (qlab[:, None] != lab[None, :]) & col_ok[None, :]
+        # NaN: a non-finite query or feature row (its inverse norm is NaN): no candidate
+        sim_ok = (sim == sim) & col_ok[None, :]
+        pos_ok = same & sim_ok & (cols64[None, :] != qidx[:, None])
+        neg_ok = (qlab[:, None] != lab[None, :]) & sim_ok
         cand = tl.where(pos_ok, (hi.to(tl.int64) << 32) | low, NONE)
         # Selection merge. A row needs at most min(#cand > its minimum, K_P)
         # steps, each moving its largest remaining candidate over its smallest
@@ -195,7 +198,10 @@ def _inv_norm(x: torch.Tensor) -> torch.Tensor:
     xf = x.float()
     pad = -xf.shape[-1] % 16
     norm = (torch.nn.functional.pad(xf, (0, pad)) if pad else xf).norm(dim=-1)
-    return torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm)).contiguous()
+    inv = torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm))
+    # A row with a NaN / inf entry gets a NaN factor, so each of its similarities is NaN,
+    # which the kernel never ranks (SPEC: such a row is neither mined nor mining).
+    return torch.where(torch.isfinite(xf).all(dim=-1), inv, torch.full_like(inv, float("nan"))).contiguous()
 
 
 def launch_shape(k: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
