@@ -6,6 +6,8 @@
   best weights of a run directory.
 - ``msa-fast data synth --preset mosi|mosei|tiny --out PATH [--unaligned] [--seed N]``.
 - ``msa-fast data inspect PATH|synthetic:...``: splits, shapes, label histogram, NaN/-inf.
+- ``torchrun --nproc_per_node=N -m msa_fast train ...``: data-parallel training
+  (:mod:`msa_fast.train.distributed`); ``--batch-size`` is the global batch.
 
 Errors the user can fix (bad path, wrong schema, an unsafe pickle, unknown model or
 hyper-parameter, bad config, a run directory that holds another run or is locked, a
@@ -152,12 +154,22 @@ def _check_model(name: str) -> None:
 
 
 def cmd_train(args) -> int:
+    from msa_fast.train import distributed
+
+    cfg = _config_from_args(args)
+    dist = distributed.init(cfg.device)  # torchrun: join the group (one process: nothing)
+    try:
+        return _train(cfg, dist)
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg, dist) -> int:
     from msa_fast.data.source import load_data
     from msa_fast.models import build_model, check_model_cfg
     from msa_fast.train.experiment import run_experiment
     from msa_fast.train.trainer import check_splits
 
-    cfg = _config_from_args(args)
     _check_model(cfg.model)
     check_model_cfg(cfg.model, cfg.model_cfg)
     if cfg.out and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
@@ -166,7 +178,7 @@ def cmd_train(args) -> int:
     check_splits(data)
     build_model(cfg.model, data.dims, **cfg.model_cfg)  # the model's own checks, before training
     results = run_experiment(cfg, data=data)
-    if cfg.out:
+    if cfg.out and dist.is_main:
         print(f"results: {os.path.join(cfg.out, 'results.json')}")
     return 0 if results["per_seed"] or cfg.stop_after_epoch else 1
 

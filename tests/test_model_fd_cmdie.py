@@ -159,14 +159,14 @@ def test_partners_are_subsampled(data):
     model = _model(data, k_cl=5, partners_per_sample=2)
     model.on_epoch_start(_ctx(data))
     idx = model.mined.pos_idx[:6]
-    picked = model._sample_partners(idx)
+    picked = model._sample_partners(idx, {})
     assert picked.shape == (6, 2)
     for r in range(6):
         valid = set(idx[r][idx[r] >= 0].tolist())
         got = picked[r][picked[r] >= 0].tolist()
         assert set(got) <= valid and len(got) == min(2, len(valid)) and len(set(got)) == len(got)
     model.partners_per_sample = None
-    assert torch.equal(model._sample_partners(idx), idx)
+    assert torch.equal(model._sample_partners(idx, {}), idx)
 
 
 def test_bank_partner_source(data):

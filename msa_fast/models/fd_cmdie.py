@@ -241,19 +241,25 @@ class FDCMDIE(nn.Module):
 
     @torch.no_grad()
     def mining_features(self, split, device: torch.device | str = "cpu", batch_size: int | None = None,
-                        amp: bool = False) -> torch.Tensor:
+                        amp: bool = False, dist=None) -> torch.Tensor:
         """Eq. 8's ``[F_t; F_a; F_v]`` of every row of ``split`` in order, pooled over time: ``(N, 3d)``
-        float32. Runs in the module's current mode (``on_epoch_start`` sets eval)."""
+        float32. Runs in the module's current mode (``on_epoch_start`` sets eval). Under a
+        data-parallel ``dist`` (:class:`msa_fast.train.distributed.Dist`) block ``j`` runs on
+        rank ``j % world`` and the blocks are all-gathered: the same blocks as one process."""
         device = torch.device(device)
         bs = batch_size or self.mine_batch_size
-        out = []
-        for s in range(0, len(split), bs):
-            batch = gather_batch(split, torch.arange(s, min(s + bs, len(split))))
+
+        def run(rows):
+            batch = gather_batch(split, rows)
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
                 feats, masks = self.encode(batch)
-            out.append(self._pool(feats, masks).flatten(1).float())
-        return torch.cat(out)
+            return self._pool(feats, masks).flatten(1).float()
+
+        blocks = [torch.arange(s, min(s + bs, len(split))) for s in range(0, len(split), bs)]
+        if dist is None or not dist.active:
+            return torch.cat([run(rows) for rows in blocks])
+        return torch.cat(dist.gather_batches(blocks, run)).to(device)
 
     def on_epoch_start(self, ctx) -> None:
         """Dataset-level pair mining (eq. 7-8) over ``ctx.train``; see the module docstring."""
@@ -263,29 +269,42 @@ class FDCMDIE(nn.Module):
         self.eval()
         try:
             feats = self.mining_features(ctx.train, ctx.device, max(ctx.batch_size, self.mine_batch_size),
-                                         ctx.amp)
+                                         ctx.amp, dist=ctx.dist)
         finally:
             self.train(was_training)
         labels = ops.sentiment_classes(ctx.train.labels.to(feats.device), self.label_scheme)
-        self.mined = ops.mine_pairs(feats, labels, self.k_cl)
+        if ctx.dist.active:  # each rank mines its queries against every key; lists all-gathered
+            q = ctx.dist.shard(len(feats)).to(feats.device)
+            part = ops.mine_pairs(feats, labels, self.k_cl, feats[q], labels[q], q)
+            parts = ctx.dist.all_gather_object(tuple(t.cpu() for t in part))
+            self.mined = type(part)(*(torch.cat(ts).to(feats.device) for ts in zip(*parts)))
+        else:
+            self.mined = ops.mine_pairs(feats, labels, self.k_cl)
         self._train_split = ctx.train
         n = len(ctx.train)
         if self.partner_source == "bank" and (self.cl_loss is None or self.cl_loss.num_samples != n):
             self.cl_loss = FDCMDIEContrastiveLoss(n, self.d, partner_source="bank", persistent=False,
                                                   **self._loss_args).to(ctx.device)
 
-    def _sample_partners(self, idx: torch.Tensor) -> torch.Tensor:
-        """``partners_per_sample`` random columns of ``idx (B, k)``, valid (``>= 0``) entries first."""
+    def _sample_partners(self, idx: torch.Tensor, batch: dict) -> torch.Tensor:
+        """``partners_per_sample`` random columns of ``idx (B, k)``, valid (``>= 0``) entries first.
+        A data-parallel shard (``global_rows`` / ``global_size`` in ``batch``) draws the scores of
+        the whole global batch and keeps its rows, so N ranks pick what one process picks."""
         p = self.partners_per_sample
         if p is None or p >= idx.shape[1]:
             return idx
-        score = torch.rand(idx.shape, device=idx.device).masked_fill(idx < 0, -1.0)
+        if "global_size" in batch:
+            score = torch.rand((batch["global_size"], idx.shape[1]), device=idx.device)
+            score = score[batch["global_rows"].to(idx.device)]
+        else:
+            score = torch.rand(idx.shape, device=idx.device)
+        score = score.masked_fill(idx < 0, -1.0)
         return idx.gather(1, score.topk(p, dim=1).indices)
 
     def _contrastive(self, batch: dict, sim: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
         rows = batch["index"].to(self.mined.pos_idx.device)
-        pos_idx = self._sample_partners(self.mined.pos_idx[rows]).to(sim.device)
-        neg_idx = self._sample_partners(self.mined.neg_idx[rows]).to(sim.device)
+        pos_idx = self._sample_partners(self.mined.pos_idx[rows], batch).to(sim.device)
+        neg_idx = self._sample_partners(self.mined.neg_idx[rows], batch).to(sim.device)
         if self.partner_source == "bank":
             return self.cl_loss(sim, diff, pos_idx=pos_idx, neg_idx=neg_idx, indices=batch["index"].to(sim.device))
         pos_mask, neg_mask = pos_idx >= 0, neg_idx >= 0

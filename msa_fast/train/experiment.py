@@ -3,12 +3,14 @@
 ``results.json`` (in ``out``): ``model``, ``data``, ``config``, ``seeds``, ``per_seed`` (test
 and valid metrics with MMSA's keys, best epoch, per-epoch history, throughput),
 ``mean`` / ``std`` of the test metrics over seeds (population std, ``ddof=0``, as MMSA's
-``np.std``), ``wall_s``. Each seed checkpoints into ``out/seed_<seed>/``. A metric that is
+``np.std``), ``wall_s``. Each seed checkpoints into ``out/seed_<seed>/``. Under ``torchrun``
+(:mod:`msa_fast.train.distributed`) rank 0 claims ``out``, logs and writes; every rank trains. A metric that is
 undefined (Pearson's r of constant predictions) is ``null``: the file never holds NaN.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -20,7 +22,8 @@ from msa_fast.data.source import load_data
 from msa_fast.metrics import METRIC_KEYS
 from msa_fast.train.checkpoint import save_json
 from msa_fast.train.config import TrainConfig
-from msa_fast.train.run_dir import claim
+from msa_fast.train.distributed import current
+from msa_fast.train.run_dir import RunDirError, claim
 from msa_fast.train.trainer import check_splits, train_seed
 
 
@@ -48,10 +51,30 @@ def run_experiment(cfg: TrainConfig, log=print, data: MMSAData | None = None) ->
     """Train every seed of ``cfg``; with ``cfg.out``, in a run directory claimed for this run
     (:func:`msa_fast.train.run_dir.claim`: refused if it holds another run, locked).
     ``data``: ``cfg.data`` already loaded (with ``cfg.limit``), else it is loaded here."""
+    dist = current()
+    if not dist.is_main:
+        log = _quiet
     if not cfg.out:
         return _run(cfg, log, data)
-    with claim(cfg, log):
+    if not dist.active:
+        with claim(cfg, log):
+            return _run(cfg, log, data)
+    # data-parallel: rank 0 claims the directory and every rank learns how that went
+    with contextlib.ExitStack() as stack:
+        error = None
+        if dist.is_main:
+            try:
+                stack.enter_context(claim(cfg, log))
+            except RunDirError as e:
+                error = str(e)
+        error = dist.broadcast_object(error)
+        if error:
+            raise RunDirError(error)
         return _run(cfg, log, data)
+
+
+def _quiet(*_):
+    pass
 
 
 def _run(cfg: TrainConfig, log, data: MMSAData | None) -> dict:
@@ -74,6 +97,6 @@ def _run(cfg: TrainConfig, log, data: MMSAData | None) -> dict:
     if per_seed:
         results["mean"], results["std"] = summarize(per_seed)
         log(format_table(cfg.model, results["mean"], results["std"], len(per_seed)))
-    if cfg.out:
+    if cfg.out and current().is_main:
         save_json(os.path.join(cfg.out, "results.json"), results)
     return results

@@ -33,7 +33,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ from msa_fast.metrics import mosi_regression_metrics
 from msa_fast.models import build_model
 from msa_fast.train import checkpoint as ckpt
 from msa_fast.train.config import TrainConfig
+from msa_fast.train.distributed import Dist, current, shard_batch
 from msa_fast.train.run_dir import RESULT_KEYS, RunDirError, config_diff
 from msa_fast.train.seed import rng_state, set_rng_state, set_seed
 
@@ -77,6 +78,7 @@ class EpochContext:
     device: torch.device
     amp: bool
     progress: bool
+    dist: Dist = field(default_factory=Dist)  # the data-parallel group (one process: trivial)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,26 +101,30 @@ def _autocast(device: torch.device, amp: bool):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, device, amp: bool = True, protocol=None, generator=None):
-    """(preds, labels) over a loader, float32 on the CPU, in the loader's order."""
+def predict(model: nn.Module, loader, device, amp: bool = True, protocol=None, generator=None,
+            dist: Dist | None = None):
+    """(preds, labels) over a loader, float32 on the CPU, in the loader's order. Under a
+    data-parallel ``dist`` each rank runs every ``world``-th batch and all get every row."""
     model.eval()
-    preds, labels = [], []
-    for batch in loader:
-        if protocol is not None and protocol.active:
-            batch = protocol(batch, generator)
+
+    def prepare(batch):
+        return protocol(batch, generator) if protocol is not None and protocol.active else batch
+
+    def run(batch):
         batch = to_device(batch, device)
         with _autocast(device, amp):
             out = model(batch)
-        preds.append(out["pred"].float().cpu())
-        labels.append(batch["labels"].float().cpu())
-    return torch.cat(preds), torch.cat(labels)
+        return out["pred"].float().cpu(), batch["labels"].float().cpu()
+
+    parts = (dist or Dist()).gather_batches(loader, run, prepare)
+    return torch.cat([p for p, _ in parts]), torch.cat([y for _, y in parts])
 
 
 def evaluate(model, data: MMSAData, split: str, cfg: TrainConfig, device, seed: int) -> dict:
     loader = make_loader(data[split], cfg.batch_size, shuffle=False, aligned=data.aligned)
     protocol = MissingProtocol(cfg.missing_rate, cfg.drop_rate)
     t0 = time.perf_counter()
-    p, y = predict(model, loader, device, cfg.amp, protocol, protocol.generator(seed, split))
+    p, y = predict(model, loader, device, cfg.amp, protocol, protocol.generator(seed, split), current())
     dt = time.perf_counter() - t0
     metrics = mosi_regression_metrics(p, y)
     metrics["Loss"] = round(float((p - y).abs().mean()), 4)
@@ -207,9 +213,21 @@ def _resume_state(cfg: TrainConfig, seed: int, run_dir: str) -> dict | None:
 
 def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None) -> dict:
     check_splits(data)
+    dist = current()
     device = resolve_device(cfg.device)
+    if dist.active and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)  # one process per GPU
+    main = dist.is_main
     set_seed(seed)
     model = build_model(cfg.model, data.dims, **cfg.model_cfg).to(device)
+    net = model
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # unused parameters: a model may skip a branch in a step (e.g. before pairs are mined);
+        # buffers are not broadcast, every rank computes the same ones
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True, broadcast_buffers=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     protocol = MissingProtocol(cfg.missing_rate, cfg.drop_rate)
     train_loader = make_loader(data["train"], cfg.batch_size, shuffle=True, seed=seed,
@@ -222,7 +240,8 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
         state = _resume_state(cfg, seed, run_dir) or state
         if "rng" in state:
             ckpt.load_checkpoint(run_dir, model, optimizer)
-            set_rng_state(state["rng"])
+            ranks = state.get("rng_ranks") or []
+            set_rng_state(ranks[dist.rank] if dist.active and len(ranks) == dist.world else state["rng"])
             start_epoch = state["epoch"] + 1
     meta = {"model": cfg.model, "model_cfg": cfg.model_cfg, "dims": data.dims, "data": cfg.data,
             "aligned": data.aligned, "seed": seed, "config": cfg.to_dict()}
@@ -235,40 +254,53 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
         on_epoch_start = getattr(model, "on_epoch_start", None)
         if callable(on_epoch_start):
             on_epoch_start(EpochContext(epoch, seed, data["train"], data.aligned, cfg.batch_size,
-                                        device, cfg.amp, bool(cfg.progress)))
+                                        device, cfg.amp, bool(cfg.progress) and main, dist))
         model.train()
         train_loader.batch_sampler.set_epoch(epoch)
         gen = protocol.generator(seed, "train", epoch)
         total, n_seen, t0 = 0.0, 0, time.perf_counter()
         bar = tqdm(train_loader, desc=f"seed {seed} epoch {epoch}/{cfg.epochs}", leave=False,
-                   disable=None if cfg.progress else True,  # None: off when not a TTY
+                   disable=None if cfg.progress and main else True,  # None: off when not a TTY
                    unit="batch", dynamic_ncols=True)
         for step, batch in enumerate(bar):
             if protocol.active:
                 batch = protocol(batch, gen)
+            bs = batch["labels"].shape[0]  # the global batch
+            if dist.active:
+                rows = dist.shard(bs)
+                batch = shard_batch(batch, rows)
             batch = to_device(batch, device)
             with _autocast(device, cfg.amp):
-                out = model(batch)
+                out = net(batch)
                 loss = nn.functional.l1_loss(out["pred"].float(), batch["labels"])
                 if "loss_extra" in out:
                     loss = loss + out["loss_extra"].float()
-            if not torch.isfinite(loss):
+            if dist.active:  # the global mean loss, and whether any rank's is non-finite
+                n_mine = len(rows)
+                mine = float(loss.detach()) * n_mine if n_mine else 0.0
+                stats = dist.all_reduce_sum(torch.tensor(
+                    [mine if math.isfinite(mine) else 0.0, float(not math.isfinite(mine))],
+                    dtype=torch.float64))
+                global_loss = float(stats[0]) / bs if not stats[1] else float("nan")
+                weight = dist.world * n_mine / bs  # DDP averages: this makes it the global mean
+            else:
+                global_loss, weight = loss.item(), 1.0
+            if not math.isfinite(global_loss):
                 raise NonFiniteLossError(
-                    f"non-finite loss ({loss.item()}) at seed {seed} epoch {epoch} step {step}; "
+                    f"non-finite loss ({global_loss}) at seed {seed} epoch {epoch} step {step}; "
                     f"last good checkpoint: {_last_good(run_dir, state)}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight if dist.active else loss).backward()
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            bs = batch["labels"].shape[0]
-            total += loss.item() * bs
+            total += global_loss * bs
             n_seen += bs
             bar.set_postfix(loss=f"{total / n_seen:.4f}",
                             sps=f"{n_seen / (time.perf_counter() - t0):.0f}")
         train_time = time.perf_counter() - t0
         vp, vy = predict(model, valid_loader, device, cfg.amp, protocol,
-                         protocol.generator(seed, "valid"))
+                         protocol.generator(seed, "valid"), dist)
         valid_loss = float((vp - vy).abs().mean())
         if epoch == 1 or "first_valid" not in state:
             state["first_valid"] = valid_loss
@@ -280,27 +312,34 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
             "epoch": epoch, "train_loss": round(total / max(n_seen, 1), 6),
             "valid_loss": round(valid_loss, 6), "train_s": round(train_time, 3),
             "train_samples_per_s": round(n_seen / max(train_time, 1e-9), 1), "best": better})
-        if cfg.progress:
+        if cfg.progress and main:
             tqdm.write(f"seed {seed} epoch {epoch}: train L1 {total / max(n_seen, 1):.4f}  "
                        f"valid L1 {valid_loss:.4f}{'  *' if better else ''}")
         stop = epoch - state["best_epoch"] >= cfg.patience or epoch == cfg.epochs
+        stop = dist.broadcast_object(stop)  # equal on every rank; decided once all the same
         state["stop_reason"] = (None if not stop else "patience"
                                 if epoch - state["best_epoch"] >= cfg.patience else "epochs")
         if run_dir:
-            if better:
-                ckpt.save_weights(os.path.join(run_dir, "best.safetensors"), model)
-            ckpt.save_checkpoint(run_dir, epoch, model, optimizer,
-                                 dict(state, **meta, rng=rng_state(), finished=stop))
+            rng = rng_state()
+            ranks = dist.all_gather_object(rng) if dist.active else None
+            if main:
+                if better:
+                    ckpt.save_weights(os.path.join(run_dir, "best.safetensors"), model)
+                extra = {"rng_ranks": ranks} if ranks else {}
+                kept = {k: v for k, v in state.items() if k != "best_weights"}
+                ckpt.save_checkpoint(run_dir, epoch, model, optimizer,
+                                     dict(kept, **meta, **extra, rng=rng, finished=stop))
             state["epoch"] = epoch  # the last checkpoint on disk
-        elif better:
+        if better and (not run_dir or dist.active):  # DDP: no rank waits for rank 0's file
             state["best_weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch and not stop:
             return {"seed": seed, "interrupted": True, "epoch": epoch, "history": state["history"]}
 
-    if run_dir and os.path.exists(os.path.join(run_dir, "best.safetensors")):
-        ckpt.load_weights(os.path.join(run_dir, "best.safetensors"), model)
-    elif "best_weights" in state:
+    if "best_weights" in state:
         model.load_state_dict(state.pop("best_weights"))
+    elif run_dir and os.path.exists(os.path.join(run_dir, "best.safetensors")):
+        dist.barrier()
+        ckpt.load_weights(os.path.join(run_dir, "best.safetensors"), model)
     result = {
         "seed": seed,
         "best_epoch": state["best_epoch"],
