@@ -25,9 +25,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no
 DATA = "synthetic:tiny:limit=48"
 
 
-def _args(model, out, epochs=2, *extra):
+def _args(model, out, epochs=2, *extra, data=DATA):
     # dropout 0: dropout masks are per rank, so only a dropout-free model can match one process
-    return ["train", "--model", model, "--data", DATA, "--batch-size", "16", "--epochs", str(epochs),
+    return ["train", "--model", model, "--data", data, "--batch-size", "16", "--epochs", str(epochs),
             "--seeds", "1", "--no-progress", "--model-cfg", '{"dropout": 0.0}', "--out", str(out),
             *extra]
 
@@ -52,11 +52,16 @@ def _finish(proc, timeout=240):
 # every element within 1e-5 but such noise elements (at most 1 in 500 of all elements, and
 # not one of a weight matrix's rows of signal), which stay within Adam's 2 x lr x steps.
 ADAM_BOUND = 2 * 1e-3 * 6  # lr 1e-3, 3 batches x 2 epochs
-@pytest.mark.parametrize("model", ["lf_dnn", "agfn", "fd_cmdie"])
-def test_two_ranks_reproduce_one_process(tmp_path, model):
+@pytest.mark.parametrize("model, data, extra", [
+    # unaligned: the length-bucketed sampler; with both missing-modality protocols
+    ("lf_dnn", DATA + ":unaligned", ["--missing-rate", "0.2", "--drop-rate", "0.3"]),
+    ("agfn", DATA, []),
+    ("fd_cmdie", DATA, []),
+])
+def test_two_ranks_reproduce_one_process(tmp_path, model, data, extra):
     one, two = tmp_path / "one", tmp_path / "two"
-    proc = _torchrun(_args(model, two))
-    assert main(_args(model, one)) == 0
+    proc = _torchrun(_args(model, two, 2, *extra, data=data))
+    assert main(_args(model, one, 2, *extra, data=data)) == 0
     printed = _finish(proc)
     a, b = load_file(str(one / "seed_1" / "epoch2.safetensors")), load_file(str(two / "seed_1" / "epoch2.safetensors"))
     assert a.keys() == b.keys()

@@ -116,10 +116,42 @@ class EpochBatchSampler(Sampler[list[int]]):
         return -(-self.n // self.batch_size)
 
 
+class EpochLoader:
+    """Batches of one split for one epoch at a time: ``set_epoch(e)`` reseeds the sampler and
+    the missing-modality protocol (``MissingProtocol.generator(seed, name, e)``), which is
+    applied here, in the main process and in batch order, whatever ``num_workers`` is; so a
+    resumed or data-parallel run (every rank iterates the same global batches) draws the same
+    masks. Evaluation loaders stay at epoch 0: the same masks every time."""
+
+    def __init__(self, loader: DataLoader, protocol=None, seed: int = 0, name: str = "train"):
+        self.loader, self.protocol, self.seed, self.name, self.epoch = loader, protocol, seed, name, 0
+
+    @property
+    def batch_sampler(self):
+        return self.loader.batch_sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.loader.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.protocol is None or not self.protocol.active:
+            yield from self.loader
+            return
+        gen = self.protocol.generator(self.seed, self.name, self.epoch)
+        for batch in self.loader:
+            yield self.protocol(batch, gen)
+
+
 def make_loader(split: SplitData, batch_size: int = 32, shuffle: bool = False, seed: int = 0,
-                bucket: bool | None = None, aligned: bool = True, num_workers: int = 0) -> DataLoader:
-    """A DataLoader of batch dicts. ``bucket`` defaults to ``not aligned`` (length bucketing for
-    unaligned data); the sampler exposes ``set_epoch``."""
+                bucket: bool | None = None, aligned: bool = True, num_workers: int = 0,
+                protocol=None, name: str = "train") -> EpochLoader:
+    """An :class:`EpochLoader` of batch dicts. ``bucket`` defaults to ``not aligned`` (length
+    bucketing for unaligned data). ``protocol`` (a :class:`~msa_fast.data.missing.MissingProtocol`)
+    is applied to every batch with the generator of ``(seed, name, epoch)``."""
     if bucket is None:
         bucket = not aligned
     if bucket:
@@ -127,5 +159,6 @@ def make_loader(split: SplitData, batch_size: int = 32, shuffle: bool = False, s
         sampler = BucketBatchSampler(lengths, batch_size, seed=seed, shuffle=shuffle)
     else:
         sampler = EpochBatchSampler(len(split), batch_size, seed=seed, shuffle=shuffle)
-    return DataLoader(SplitDataset(split), batch_sampler=sampler, collate_fn=_identity,
-                      num_workers=num_workers)
+    loader = DataLoader(SplitDataset(split), batch_sampler=sampler, collate_fn=_identity,
+                        num_workers=num_workers)
+    return EpochLoader(loader, protocol, seed, name)

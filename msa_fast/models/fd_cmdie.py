@@ -240,26 +240,22 @@ class FDCMDIE(nn.Module):
         return self._pool(sims, masks), self._pool(diffs, masks)
 
     @torch.no_grad()
-    def mining_features(self, split, device: torch.device | str = "cpu", batch_size: int | None = None,
-                        amp: bool = False, dist=None) -> torch.Tensor:
-        """Eq. 8's ``[F_t; F_a; F_v]`` of every row of ``split`` in order, pooled over time: ``(N, 3d)``
-        float32. Runs in the module's current mode (``on_epoch_start`` sets eval). Under a
-        data-parallel ``dist`` (:class:`msa_fast.train.distributed.Dist`) block ``j`` runs on
-        rank ``j % world`` and the blocks are all-gathered: the same blocks as one process."""
-        device = torch.device(device)
+    def mining_features(self, ctx, batch_size: int | None = None) -> torch.Tensor:
+        """Eq. 8's ``[F_t; F_a; F_v]`` of every row of ``ctx.train`` (an
+        :class:`~msa_fast.train.trainer.EpochContext`) in order, pooled over time: ``(N, 3d)``
+        float32, in the run's autocast. Runs in the module's current mode (``on_epoch_start``
+        sets eval). Under data parallelism (``ctx.dist``) block ``j`` runs on rank
+        ``j % world`` and the blocks are all-gathered: the same blocks as one process."""
         bs = batch_size or self.mine_batch_size
+        n = len(ctx.train)
 
         def run(rows):
-            batch = gather_batch(split, rows)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                feats, masks = self.encode(batch)
+            with ctx.autocast():
+                feats, masks = self.encode(ctx.batch(rows))
             return self._pool(feats, masks).flatten(1).float()
 
-        blocks = [torch.arange(s, min(s + bs, len(split))) for s in range(0, len(split), bs)]
-        if dist is None or not dist.active:
-            return torch.cat([run(rows) for rows in blocks])
-        return torch.cat(dist.gather_batches(blocks, run)).to(device)
+        blocks = [torch.arange(s, min(s + bs, n)) for s in range(0, n, bs)]
+        return torch.cat(ctx.dist.gather_batches(blocks, run)).to(ctx.device)
 
     def on_epoch_start(self, ctx) -> None:
         """Dataset-level pair mining (eq. 7-8) over ``ctx.train``; see the module docstring."""
@@ -268,8 +264,7 @@ class FDCMDIE(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            feats = self.mining_features(ctx.train, ctx.device, max(ctx.batch_size, self.mine_batch_size),
-                                         ctx.amp, dist=ctx.dist)
+            feats = self.mining_features(ctx, max(ctx.batch_size, self.mine_batch_size))
         finally:
             self.train(was_training)
         labels = ops.sentiment_classes(ctx.train.labels.to(feats.device), self.label_scheme)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from msa_fast.data.loader import make_loader
+from msa_fast.data.loader import gather_batch, make_loader
 from msa_fast.data.missing import MissingProtocol
 from msa_fast.data.mmsa import MMSAData, SplitData
 from msa_fast.metrics import mosi_regression_metrics
@@ -80,6 +80,14 @@ class EpochContext:
     progress: bool
     dist: Dist = field(default_factory=Dist)  # the data-parallel group (one process: trivial)
 
+    def batch(self, rows: torch.Tensor) -> dict:
+        """Rows ``rows`` of the train split as a loader batch on :attr:`device`."""
+        return to_device(gather_batch(self.train, rows), self.device)
+
+    def autocast(self):
+        """The run's autocast (bf16 on CUDA when ``amp``; off on the CPU)."""
+        return _autocast(self.device, self.amp)
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -101,14 +109,11 @@ def _autocast(device: torch.device, amp: bool):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, device, amp: bool = True, protocol=None, generator=None,
-            dist: Dist | None = None):
-    """(preds, labels) over a loader, float32 on the CPU, in the loader's order. Under a
-    data-parallel ``dist`` each rank runs every ``world``-th batch and all get every row."""
+def predict(model: nn.Module, loader, device, amp: bool = True, dist: Dist | None = None):
+    """(preds, labels) over a loader (which applies the missing-modality protocol), float32 on
+    the CPU, in the loader's order. Under a data-parallel ``dist`` each rank runs every
+    ``world``-th batch and all get every row."""
     model.eval()
-
-    def prepare(batch):
-        return protocol(batch, generator) if protocol is not None and protocol.active else batch
 
     def run(batch):
         batch = to_device(batch, device)
@@ -116,15 +121,15 @@ def predict(model: nn.Module, loader, device, amp: bool = True, protocol=None, g
             out = model(batch)
         return out["pred"].float().cpu(), batch["labels"].float().cpu()
 
-    parts = (dist or Dist()).gather_batches(loader, run, prepare)
+    parts = (dist or Dist()).gather_batches(loader, run)
     return torch.cat([p for p, _ in parts]), torch.cat([y for _, y in parts])
 
 
 def evaluate(model, data: MMSAData, split: str, cfg: TrainConfig, device, seed: int) -> dict:
-    loader = make_loader(data[split], cfg.batch_size, shuffle=False, aligned=data.aligned)
-    protocol = MissingProtocol(cfg.missing_rate, cfg.drop_rate)
+    loader = make_loader(data[split], cfg.batch_size, shuffle=False, seed=seed, aligned=data.aligned,
+                         protocol=MissingProtocol(cfg.missing_rate, cfg.drop_rate), name=split)
     t0 = time.perf_counter()
-    p, y = predict(model, loader, device, cfg.amp, protocol, protocol.generator(seed, split), current())
+    p, y = predict(model, loader, device, cfg.amp, current())
     dt = time.perf_counter() - t0
     metrics = mosi_regression_metrics(p, y)
     metrics["Loss"] = round(float((p - y).abs().mean()), 4)
@@ -231,8 +236,9 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     protocol = MissingProtocol(cfg.missing_rate, cfg.drop_rate)
     train_loader = make_loader(data["train"], cfg.batch_size, shuffle=True, seed=seed,
-                               aligned=data.aligned, num_workers=cfg.num_workers)
-    valid_loader = make_loader(data["valid"], cfg.batch_size, shuffle=False, aligned=data.aligned)
+                               aligned=data.aligned, num_workers=cfg.num_workers, protocol=protocol)
+    valid_loader = make_loader(data["valid"], cfg.batch_size, shuffle=False, seed=seed,
+                               aligned=data.aligned, protocol=protocol, name="valid")
 
     state = {"best_valid": float("inf"), "best_epoch": 0, "history": [], "finished": False}
     start_epoch = 1
@@ -256,15 +262,12 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
             on_epoch_start(EpochContext(epoch, seed, data["train"], data.aligned, cfg.batch_size,
                                         device, cfg.amp, bool(cfg.progress) and main, dist))
         model.train()
-        train_loader.batch_sampler.set_epoch(epoch)
-        gen = protocol.generator(seed, "train", epoch)
+        train_loader.set_epoch(epoch)
         total, n_seen, t0 = 0.0, 0, time.perf_counter()
         bar = tqdm(train_loader, desc=f"seed {seed} epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=None if cfg.progress and main else True,  # None: off when not a TTY
                    unit="batch", dynamic_ncols=True)
         for step, batch in enumerate(bar):
-            if protocol.active:
-                batch = protocol(batch, gen)
             bs = batch["labels"].shape[0]  # the global batch
             if dist.active:
                 rows = dist.shard(bs)
@@ -299,8 +302,7 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
             bar.set_postfix(loss=f"{total / n_seen:.4f}",
                             sps=f"{n_seen / (time.perf_counter() - t0):.0f}")
         train_time = time.perf_counter() - t0
-        vp, vy = predict(model, valid_loader, device, cfg.amp, protocol,
-                         protocol.generator(seed, "valid"), dist)
+        vp, vy = predict(model, valid_loader, device, cfg.amp, dist)
         valid_loss = float((vp - vy).abs().mean())
         if epoch == 1 or "first_valid" not in state:
             state["first_valid"] = valid_loss
