@@ -3,7 +3,7 @@
 Shapes (rows flattened): ``x, residual: (R, d)``, ``weight, bias: (d,)``. Per row::
 
     s    = x + residual
-    mu   = mean(s),  rstd = 1 / sqrt(mean((s - mu)^2) + eps)
+    mu   = s[0] + mean(s - s[0]),  rstd = 1 / sqrt(mean((s - mu)^2) + eps)
     y    = (s - mu) * rstd * weight + bias
 
 Numerics: statistics in fp32 whatever the storage dtype (biased variance, as
@@ -43,7 +43,10 @@ def add_layer_norm_fwd_kernel(
         if row < R:
             s = tl.load(x_ptr + row * D + offs, mask=ok, other=0.0).to(tl.float32)
             s += tl.load(r_ptr + row * D + offs, mask=ok, other=0.0).to(tl.float32)
-            mu = tl.sum(s, axis=0) / D
+            # shifted by the row's first entry: a constant row gets mu exactly (diff 0, y = bias
+            # as in torch), where sum / D would leave an ulp that rstd ~ 1/sqrt(eps) amplifies
+            shift = tl.sum(tl.where(offs == 0, s, 0.0), axis=0)
+            mu = shift + tl.sum(tl.where(ok, s - shift, 0.0), axis=0) / D
             diff = tl.where(ok, s - mu, 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / D + eps)
             y = diff * rstd * w + b
