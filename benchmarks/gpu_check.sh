@@ -16,7 +16,9 @@
 #   3. compute-sanitizer memcheck and racecheck on one small mine_pairs call per dtype
 #      (fp32 / fp16 / bf16 / fp64, with key splits so that the merge kernel runs too);
 #   4. every op benchmark at the MOSEI and large-batch shapes in bf16 and fp32
-#      (--device cuda), pair mining at N = 16,326, D = 877, k = 10 and 50.
+#      (--device cuda), pair mining at N = 16,326, D = 877, k = 10 and 50, then one
+#      training step of every model (bench_train_step.py: bf16 autocast, MOSEI unaligned
+#      and MOSI aligned).
 #
 # Output: the folder $GPU_CHECK_OUT (default benchmarks/results/gpu_check), packed
 # into gpu_check.tgz beside it; with $OUT set (the device tool's folder, which brings
@@ -139,6 +141,7 @@ if [ "$QUICK" = 1 ]; then
     bench "$op" $PY "benchmarks/bench_$op.py" --quick --device cpu --out "$DIR/${op}_cpu.json"
   done
   bench contrastive $PY benchmarks/bench_contrastive.py --quick --device cpu --out "$DIR/contrastive_cpu.json"
+  bench train_step $PY benchmarks/bench_train_step.py --quick --device cpu --out "$DIR/train_step_cpu.json"
 else
   for dt in bfloat16 float32; do
     bench "dual_gate_$dt" $PY benchmarks/bench_dual_gate.py --device cuda --dtype $dt \
@@ -154,6 +157,9 @@ else
     bench "pair_mining_$dt" $PY benchmarks/bench_pair_mining.py --device cuda --dtype $dt --n 16326 --d 877 \
       --k 10 50 --providers eager-chunked torch.compile triton cuda --out "$DIR/pair_mining_$dt.json"
   done
+  # one training step of every model at MOSEI unaligned, bf16 autocast (the trainer's GPU mode)
+  bench train_step $PY benchmarks/bench_train_step.py --device cuda --shapes mosei_unaligned,mosi_aligned \
+    --steps 20 --out "$DIR/train_step_cuda.json"
 fi
 
 step "summary"
