@@ -83,14 +83,12 @@ class Dist:
         if self.active:
             dist.barrier()
 
-    def gather_batches(self, batches: Iterable, run: Callable, prepare: Callable | None = None) -> list:
+    def gather_batches(self, batches: Iterable, run: Callable) -> list:
         """``[run(b) for b in batches]`` with batch ``j`` run on rank ``j % world`` only, the
-        results gathered in batch order on every rank. ``prepare(b)`` runs on every rank for
-        every batch first (e.g. a protocol drawing from a generator that must stay in step)."""
+        results gathered in batch order on every rank. Every rank still iterates every batch,
+        so a loader's missing-modality generator stays in step."""
         mine = []
         for j, batch in enumerate(batches):
-            if prepare is not None:
-                batch = prepare(batch)
             if j % self.world == self.rank:
                 mine.append((j, run(batch)))
         if not self.active:

@@ -171,9 +171,8 @@ def _check_valid_loss(loss: float, state: dict, labels: torch.Tensor, run_dir, s
     above ``DIVERGENCE_FACTOR`` x the smaller of the first epoch's valid L1 and the L1 of
     predicting 0 everywhere (``mean |y|``, at least 0.1) -- a model can always do as well
     as the constant 0, so a hundred times worse is divergence, not learning."""
-    zero_l1 = max(float(labels.abs().mean()), 0.1)
-    bound = DIVERGENCE_FACTOR * min(state["first_valid"], zero_l1) if math.isfinite(
-        state["first_valid"]) else DIVERGENCE_FACTOR * zero_l1
+    # a non-finite first_valid is this epoch's own loss, which raises below anyway
+    bound = DIVERGENCE_FACTOR * min(state["first_valid"], max(float(labels.abs().mean()), 0.1))
     if not math.isfinite(loss) or loss > bound:
         what = "non-finite" if not math.isfinite(loss) else f"diverged (above {bound:.4g})"
         raise DivergedError(
