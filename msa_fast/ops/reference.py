@@ -12,6 +12,7 @@ dual gate follows SPEC 3.1.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -169,37 +170,42 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def dual_gate(
     h: torch.Tensor,
+    u: torch.Tensor,
     w_z: torch.Tensor,
     b_z: torch.Tensor,
     g_logits: torch.Tensor,
-    tau: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    tau: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entropy gate and importance gate of the AGFN dual-gate fusion (SPEC 3.1).
 
-    Shapes: ``h: (..., M, D)``, ``w_z: (M, D)``, ``b_z: (M,)``, ``g_logits: (..., M)``.
+    Shapes: ``h: (..., M, D)``, ``u: (..., M, C)`` (entropy logits), ``w_z: (M, D)``,
+    ``b_z: (M,)``, ``g_logits: (..., M)``.
 
-    * entropy gate: ``H_m = -sum_D p_m log p_m`` with ``log p_m = log_softmax(h_m)``
-      (natural log; from log-softmax so that it is finite for any finite ``h``, and
-      ``p log p -> 0`` where ``p`` underflows), ``z_m = h_m . w_z[m] + b_z[m]``,
-      ``e = softmax_m(z_m * exp(-H_m / tau))``, ``h_ent = sum_m e_m h_m`` -> ``(..., D)``;
+    * entropy gate: ``log q_m = log_softmax(u_m)`` over C,
+      ``H_m = -sum_C q_m log q_m / log C`` (normalised entropy in [0, 1], natural log;
+      from log-softmax so that it is finite for any finite ``u``, and ``q log q -> 0``
+      where ``q`` underflows; ``C = 1``: ``H = 0``, a single class is certain),
+      ``z_m = h_m . w_z[m] + b_z[m]``, ``e = softmax_m(z_m - H_m / tau)``,
+      ``h_ent = sum_m e_m h_m`` -> ``(..., D)``. The entropy enters as a subtracted
+      logit, so a higher entropy lowers ``e_m`` whatever the sign of ``z_m``;
     * importance gate: ``g = sigmoid(g_logits)``, ``h_imp_in = concat_m(g_m h_m)``
       -> ``(..., M*D)`` (modality-major: ``h_imp_in[..., m*D:(m+1)*D] = g_m h_m``).
 
-    Returns ``(h_ent, h_imp_in, e, g)`` in the dtype of ``h``; ``e`` and ``g`` have
-    shape ``(..., M)``. fp16 / bf16 inputs are computed in fp32.
+    Returns ``(h_ent, h_imp_in, e, g, H)`` in the dtype of ``h``; ``e``, ``g`` and ``H``
+    have shape ``(..., M)``. fp16 / bf16 inputs are computed in fp32.
     """
     dtype = h.dtype
     acc = _acc_dtype(dtype)
     hc = h.to(acc)
-    logp = torch.log_softmax(hc, dim=-1)
-    entropy = -(logp.exp() * logp).sum(dim=-1)  # (..., M)
+    c = u.shape[-1]
+    logq = torch.log_softmax(u.to(acc), dim=-1)
+    entropy = -(logq.exp() * logq).sum(dim=-1) * (1.0 / math.log(c) if c > 1 else 0.0)  # (..., M)
     z = (hc * w_z.to(acc)).sum(dim=-1) + b_z.to(acc)
-    e = torch.softmax(z * torch.exp(-entropy / tau), dim=-1)
+    e = torch.softmax(z - entropy / tau, dim=-1)
     h_ent = (e.unsqueeze(-1) * hc).sum(dim=-2)
     g = torch.sigmoid(g_logits.to(acc))
     h_imp_in = (g.unsqueeze(-1) * hc).flatten(-2)
-    return h_ent.to(dtype), h_imp_in.to(dtype), e.to(dtype), g.to(dtype)
-
+    return h_ent.to(dtype), h_imp_in.to(dtype), e.to(dtype), g.to(dtype), entropy.to(dtype)
 
 
 # --------------------------------------------------------------------------- #
