@@ -5,8 +5,8 @@ then evaluates the best epoch on the test split with Gaussian noise added to ONE
 a time: ``x_m <- x_m + k * std_m * N(0, I)`` on valid (non-padding) positions, ``std_m`` the
 per-channel standard deviation of modality m over the valid positions of the test split,
 ``k`` in ``--levels`` (default 0, 0.5, 1, 2, 4). For each (noised modality, k) it records
-the mean entropy-gate weights ``e_t, e_a, e_v`` and importance gates ``g_t, g_a, g_v``
-(``DualGateFusion.last_weights``), MAE and Corr, averaged over ``--seeds``. On the clean
+the mean entropy-gate weights ``e_t, e_a, e_v``, importance gates ``g_t, g_a, g_v`` and
+normalised entropies ``H_t, H_a, H_v`` (``DualGateFusion.last_weights = (e, g, H)``), MAE and Corr, averaged over ``--seeds``. On the clean
 test split it also records the Pearson correlation between each modality's ``e_m`` and the
 generator's planted per-sample noise level ``r_m`` (``noise_level``; synthetic data only).
 The noise is drawn from a fixed generator, the same for every seed.
@@ -56,7 +56,7 @@ def noisy_eval(model, split, m: str | None, level: float, std: torch.Tensor | No
     """Mean gate weights and metrics on ``split`` with noise ``level * std`` on modality ``m``."""
     model.eval()
     gen = torch.Generator().manual_seed(noise_seed)
-    preds, labels, es, gs = [], [], [], []
+    preds, labels, es, gs, hs = [], [], [], [], []
     for batch in make_loader(split, batch_size, shuffle=False):
         if m is not None and level > 0:
             x = batch[m]
@@ -64,14 +64,16 @@ def noisy_eval(model, split, m: str | None, level: float, std: torch.Tensor | No
             batch = dict(batch, **{m: x + noise.masked_fill(batch[f"{m}_mask"][..., None], 0.0)})
         preds.append(model(batch)["pred"].float())
         labels.append(batch["labels"].float())
-        e, g = model.fusion.last_weights
+        e, g, ent = model.fusion.last_weights
         es.append(e.float())
         gs.append(g.float())
-    p, y, e, g = torch.cat(preds), torch.cat(labels), torch.cat(es), torch.cat(gs)
+        hs.append(ent.float())
+    p, y, e, g, ent = torch.cat(preds), torch.cat(labels), torch.cat(es), torch.cat(gs), torch.cat(hs)
     met = mosi_regression_metrics(p, y)
     return {"MAE": met["MAE"], "Corr": met["Corr"], "Non0_acc_2": met["Non0_acc_2"],
             **{f"e_{s}": float(e[:, i].mean()) for i, s in enumerate(SHORT)},
             **{f"g_{s}": float(g[:, i].mean()) for i, s in enumerate(SHORT)},
+            **{f"H_{s}": float(ent[:, i].mean()) for i, s in enumerate(SHORT)},
             "_e": e}
 
 

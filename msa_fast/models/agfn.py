@@ -16,18 +16,31 @@ Pipeline, per batch (``B`` samples, modalities t, a, v in that order):
    ``FFN = Linear(d, ffn_dim) - GELU - Dropout - Linear(ffn_dim, d)``.
    The attention is :func:`msa_fast.ops.attention` and each residual + LayerNorm is
    :func:`msa_fast.ops.add_layer_norm`, so ``--backend`` changes speed, not results.
-3. **Utterance vectors**: ``u_m = masked_mean_L(Z_m)`` over valid positions -> ``U: (B, 3, d)``.
+3. **Utterance vectors**: ``U_m = masked_mean_L(Z_m)`` over valid positions -> ``U: (B, 3, d)``.
 4. **Dual-gate fusion**: :class:`msa_fast.nn.DualGateFusion` (entropy gate + importance
-   gate, SPEC 3.1) -> ``(B, d)``; its ``last_weights = (e, g)`` hold the clean pass's
-   gate weights (the VAT passes do not overwrite them).
+   gate, SPEC 3.1) -> ``(B, d)``. With ``entropy_source="classes"`` (default) each
+   modality predicts the 7 sentiment classes from its own utterance vector,
+   ``u_m = W_u[m] U_m + b_u[m]``, and the entropy gate weighs modality m by
+   ``e = softmax_m(z_m - H_m / tau)``, ``H_m`` the normalised entropy of ``softmax(u_m)``:
+   an unsure modality (flat ``q_m``) loses weight whatever the sign of ``z_m``.
+   ``last_weights = (e, g, H)`` hold the clean pass's gate weights and entropies (the VAT
+   passes do not overwrite them).
 5. **Head**: ``Linear(d, hidden) - ReLU - Dropout - Linear(hidden, 1)`` -> ``pred (B,)``.
    The trainer adds the L1 loss.
+6. **Auxiliary entropy-logit loss** (training mode, ``entropy_source="classes"``,
+   ``lambda_u > 0``): ``loss_extra += lambda_u * mean_{(b, m) present}
+   CE(u_{b,m}, sentiment_classes(y_b, "7"))`` (class ids 0..6 = ``round(clip(y)) + 3``).
+   It is what makes ``q_m`` a per-modality confidence; without it ``H`` would be an
+   arbitrary function of the features. A dropped modality (``present`` False) is masked
+   out of the mean: its zero vector carries no evidence and must not be trained to
+   predict the label (its ``u_m`` is then the constant ``b_u[m]``, whose entropy no loss
+   term sets: the drop is handled by the masking of step 2, not by the gate).
 
 Missing modalities (``batch["present"] (B, 3)`` False, the MPLMM drop protocol): the
 dropped modality's input features are zeroed (the protocol already does so; repeated here
 so a caller's own batches are safe), its positions are masked out of every key set, and
-its utterance vector is set to 0 (the dual gate then sees a constant vector: uniform
-softmax, maximal entropy, so its entropy-gate logit is ``b_z[m] * exp(-log d / tau)``).
+its utterance vector is set to 0 (the dual gate then sees ``u_m = b_u[m]`` and the
+relevance logit ``z_m = b_z[m]``), and its auxiliary CE term is masked.
 A target whose keys are all masked (both other modalities dropped) gets an attention
 output of exactly 0 (the op's rule), i.e. ``Y_m = LN(X_m)``: never NaN.
 
@@ -36,7 +49,7 @@ vectors ``U`` are perturbed in the adversarial direction found by one power iter
 (Miyato et al., 2018): ``r0 = xi * normalize(N(0, I))`` per sample (norm over the
 ``3 x d`` entries), ``D(r) = mean_b (f(U + r) - f(U))^2`` with ``f`` = fusion + head and
 ``f(U)`` detached, ``r_adv = eps * normalize(grad_r D(r0))``; the penalty
-``loss_extra = vat_weight * D(r_adv)`` (gradient through ``U`` too, so the encoders are
+``vat_weight * D(r_adv)`` is added to ``loss_extra`` (gradient through ``U`` too, so the encoders are
 regularised as well as the fusion). Squared difference is the divergence because the
 output is a regression value, not a distribution.
 
@@ -49,16 +62,29 @@ Formulation choices where the paper (or its summary) is vague:
 - Utterance vector = masked mean over time of the interaction output (not the
   first / last token).
 - The entropy / importance gates, ``W_f`` and the mixing scalar ``alpha`` are exactly
-  SPEC 3.1's (:class:`~msa_fast.nn.DualGateFusion`, ``tau`` configurable).
-- The loss is L1 (MMSA's regression loss); VAT is an optional extra term, off by default;
-  its divergence, perturbation site (utterance vectors) and one power iteration are ours.
+  SPEC 3.1's (:class:`~msa_fast.nn.DualGateFusion`, ``tau`` configurable). The paper's
+  entropy gate "suppresses noisy modalities" without saying of which distribution the
+  entropy is taken: here of a per-modality 7-class sentiment prediction
+  (``entropy_source="classes"``, trained by the auxiliary CE), so that the entropy
+  measures how sure modality m alone is; ``"features"`` (the softmax of the utterance
+  vector itself, no auxiliary loss) is kept as an option. The entropy is subtracted
+  from the relevance logit (``z - H / tau``), so that more entropy always means less
+  weight. (v1 of this library multiplied the logit by ``exp(-H / tau)`` and took the
+  entropy of the LayerNormed features: nearly constant, and it raised the weight of a
+  negative-logit modality; the fidelity results labelled v1 were measured with it.)
+- The auxiliary CE averages over present (sample, modality) pairs, i.e. ``mean_m`` of the
+  per-modality means when nothing is dropped.
+- The loss is L1 (MMSA's regression loss) plus the auxiliary CE; VAT is an optional extra
+  term, off by default; its divergence, perturbation site (utterance vectors) and one
+  power iteration are ours.
 - Dropout (``dropout``) acts on the text features, attention and FFN outputs, inside the
   FFN, in the dual gate's importance MLP and output, and in the head.
 
 Hyper-parameters (``cfg``; unknown keys ignored): ``d`` 32, ``heads`` 4, ``ffn_dim`` 64
 (0 disables the FFN), ``hidden`` 64 (text encoder width and head width), ``av_hidden`` 32,
-``lstm_layers`` 1, ``dropout`` 0.1, ``tau`` 1.0, ``gate_hidden`` (default ``d``),
-``vat`` False, ``vat_eps`` 1.0, ``vat_xi`` 1e-3, ``vat_weight`` 1.0, ``backend`` None
+``lstm_layers`` 1, ``dropout`` 0.1, ``tau`` 0.5 (SPEC 3.1), ``gate_hidden`` (default ``d``),
+``entropy_source`` ``"classes"`` (or ``"features"``), ``lambda_u`` 0.1 (weight of the
+auxiliary CE; 0 disables it; unused with ``"features"``), ``vat`` False, ``vat_eps`` 1.0, ``vat_xi`` 1e-3, ``vat_weight`` 1.0, ``backend`` None
 (the global default), and the text-encoder options of the baselines (``text_model``,
 ``text_trust_remote_code``, ``text_finetune``). Defaults are sized for a CPU run on
 ``synthetic:mosi``.
@@ -74,7 +100,8 @@ from torch import nn
 from msa_fast import ops
 from msa_fast.models import register_model
 from msa_fast.models.encoders import SLSTMEncoder, build_text_encoder, encode_text, masked_mean
-from msa_fast.nn.dual_gate import DualGateFusion
+from msa_fast.nn.dual_gate import ENTROPY_SOURCES, DualGateFusion
+from msa_fast.ops.reference import sentiment_classes
 from msa_fast.ops import _validate as V
 
 __all__ = ["AGFN", "CrossModalBlock"]
@@ -134,8 +161,9 @@ class AGFN(nn.Module):
     """AGFN for regression; see the module docstring for the architecture and every choice."""
 
     def __init__(self, dims: dict, d: int = 32, heads: int = 4, ffn_dim: int = 64, hidden: int = 64,
-                 av_hidden: int = 32, lstm_layers: int = 1, dropout: float = 0.1, tau: float = 1.0,
-                 gate_hidden: int | None = None, vat: bool = False, vat_eps: float = 1.0,
+                 av_hidden: int = 32, lstm_layers: int = 1, dropout: float = 0.1, tau: float = 0.5,
+                 gate_hidden: int | None = None, entropy_source: str = "classes", lambda_u: float = 0.1,
+                 vat: bool = False, vat_eps: float = 1.0,
                  vat_xi: float = 1e-3, vat_weight: float = 1.0, backend: str | None = None,
                  text_model: str | None = None, text_trust_remote_code: bool = False,
                  text_finetune: bool = True, **_):
@@ -151,6 +179,10 @@ class AGFN(nn.Module):
             _int("gate_hidden", gate_hidden, 1)
         dropout = _float("dropout", dropout, 0.0, 1.0)
         tau = _float("tau", tau, 0.0, low_open=True)
+        if entropy_source not in ENTROPY_SOURCES:
+            _fail("entropy_source", f"one of {ENTROPY_SOURCES}", entropy_source)
+        self.lambda_u = _float("lambda_u", lambda_u, 0.0)
+        self.entropy_source = entropy_source
         if not isinstance(vat, bool):
             _fail("vat", "a bool", vat)
         self.vat_eps = _float("vat_eps", vat_eps, 0.0, low_open=True)
@@ -164,7 +196,8 @@ class AGFN(nn.Module):
         self.vision = SLSTMEncoder(dims["vision"], av_hidden, lstm_layers, dropout)
         self.proj = nn.ModuleList(nn.Linear(enc.out_dim, d) for enc in (self.text, self.audio, self.vision))
         self.cross = nn.ModuleList(CrossModalBlock(d, heads, ffn_dim, dropout, backend) for _ in MODALITIES)
-        self.fusion = DualGateFusion(d, 3, tau=tau, hidden=gate_hidden, dropout=dropout, backend=backend)
+        self.fusion = DualGateFusion(d, 3, tau=tau, hidden=gate_hidden, dropout=dropout,
+                                     entropy_source=entropy_source, num_classes=7, backend=backend)
         self.head = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
 
     # -- pieces -------------------------------------------------------------------------
@@ -216,15 +249,29 @@ class AGFN(nn.Module):
             return r / r.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1)
 
         target = pred.detach()
-        clean_weights = self.fusion.last_weights
+        clean_weights, clean_logits = self.fusion.last_weights, self.fusion.entropy_logits
         r = (self.vat_xi * normalize(torch.randn_like(U))).requires_grad_(True)
         with torch.enable_grad():
             dist = (self.predict_from_utterances(U.detach() + r) - target).pow(2).mean()
             (grad,) = torch.autograd.grad(dist, r)
         r_adv = self.vat_eps * normalize(grad.detach())
         loss = (self.predict_from_utterances(U + r_adv) - target).pow(2).mean()
-        self.fusion.last_weights = clean_weights
+        self.fusion.last_weights, self.fusion.entropy_logits = clean_weights, clean_logits
         return self.vat_weight * loss
+
+    def entropy_logit_loss(self, u: torch.Tensor, labels: torch.Tensor, present: torch.Tensor | None
+                           ) -> torch.Tensor:
+        """Unweighted auxiliary CE: mean over present (sample, modality) pairs of
+        ``CE(u[b, m], sentiment_classes(labels[b], "7"))``; ``u: (B, 3, 7)``. 0 when no pair
+        is present."""
+        B, M, C = u.shape
+        target = sentiment_classes(labels.detach(), "7").to(u.device)
+        ce = nn.functional.cross_entropy(u.float().reshape(B * M, C), target.repeat_interleave(M),
+                                         reduction="none").view(B, M)
+        if present is None:
+            return ce.mean()
+        keep = present.to(ce.dtype)
+        return (ce * keep).sum() / keep.sum().clamp(min=1.0)
 
     # -- interface -----------------------------------------------------------------------
 
@@ -232,6 +279,15 @@ class AGFN(nn.Module):
         U = self.utterance_vectors(batch)
         pred = self.predict_from_utterances(U)
         out = {"pred": pred}
-        if self.vat and self.training:
-            out["loss_extra"] = self._vat_loss(U, pred)
+        if not self.training:
+            return out
+        extra = []
+        if self.entropy_source == "classes" and self.lambda_u > 0 and "labels" in batch:
+            loss_u = self.entropy_logit_loss(self.fusion.entropy_logits, batch["labels"], batch.get("present"))
+            out["loss_u"] = loss_u.detach()
+            extra.append(self.lambda_u * loss_u)
+        if self.vat:
+            extra.append(self._vat_loss(U, pred))
+        if extra:
+            out["loss_extra"] = sum(extra[1:], extra[0])
         return out

@@ -148,10 +148,15 @@ def dual_gate_bwd_kernel(
     tl.store(dbz_part_ptr + pid * M + offs_m, db_acc, mask=m_ok)
 
 
-def _num_warps(m_p: int, d_p: int, c_p: int) -> int:
+def _num_warps(m_p: int, d_p: int, c_p: int, backward: bool = False) -> int:
     # 8 warps once a row's tiles pass 2048 elements: at D = 768 the 16-bit backward
-    # spills with 4 (compile gate)
-    return 8 if m_p * max(d_p, c_p) > 2048 else 4
+    # spills with 4; the backward, which also holds u's tile and the weight-gradient
+    # accumulator, takes 16 from 4096 elements (at D = 768 and ROWS = 4 it spills with 8;
+    # compile gate)
+    tile = m_p * max(d_p, c_p)
+    if backward and tile >= 4096:
+        return 16
+    return 8 if tile > 2048 else 4
 
 
 def _launch_shape(R: int, M: int, D: int, C: int) -> tuple[int, int, int, int, int]:
@@ -226,6 +231,6 @@ def dual_gate_backward(h, u, w_z, b_z, g_logits, tau, d_hent, d_himp, d_e, d_g, 
             dg, dg.stride(0), dg.stride(1),
             dent, dent.stride(0), dent.stride(1),
             dh, du, dgl, dw_part, db_part, R, M, D, C, float(tau), _inv_log_c(C),
-            ROWS=rows, M_P=m_p, D_P=d_p, C_P=c_p, num_warps=_num_warps(m_p, d_p, c_p))
+            ROWS=rows, M_P=m_p, D_P=d_p, C_P=c_p, num_warps=_num_warps(m_p, d_p, c_p, backward=True))
     return (dh.view(h.shape), du.view(u.shape), dw_part.sum(0).to(w_z.dtype), db_part.sum(0).to(b_z.dtype),
             dgl.view(g_logits.shape))
