@@ -290,9 +290,11 @@ def test_fuzz_dual_gate(backend, data):
     dtype, gen = draw(st.sampled_from(_dtypes(backend))), _gen(draw)
     lead = tuple(draw(st.lists(st.integers(0, 3), min_size=0, max_size=2)))
     m, d = draw(st.sampled_from([0, 1, 2, 3])), draw(st.sampled_from([0, 1, 3, 8, 19]))
+    c = draw(st.sampled_from([0, 1, 2, 7, 19]))  # 0: rejected; 1: H = 0
     tau = draw(st.sampled_from([0.5, 1.0, 3.0]))
     dims = st.integers(0, 3)
     case = Case([Arg((*lead, m, d), dtype, _layout(draw), gen, dim=draw(dims)),
+                 Arg((*lead, m, c), dtype, _layout(draw), gen, scale=2.0, dim=draw(dims)),
                  Arg((m, d), dtype, _layout(draw), gen, scale=0.5, dim=draw(dims)),
                  Arg((m,), dtype, _layout(draw), gen, scale=0.5),
                  Arg((*lead, m), dtype, _layout(draw), gen, dim=draw(dims)), tau])

@@ -1,5 +1,6 @@
-"""AGFN model (msa_fast/models/agfn.py): shapes, gradients, learning, VAT, dropped
-modalities, backend invariance (eager == triton under the interpreter), bad config, registry, CLI."""
+"""AGFN model (msa_fast/models/agfn.py): shapes, gradients, learning, the auxiliary
+entropy-logit CE, VAT, dropped modalities, backend invariance (eager == triton under the
+interpreter), bad config, registry, CLI."""
 
 import os
 import tempfile
@@ -14,6 +15,7 @@ from msa_fast.data import load_data  # noqa: E402
 from msa_fast.data.loader import gather_batch  # noqa: E402
 from msa_fast.models import build_model  # noqa: E402
 from msa_fast.models.agfn import AGFN  # noqa: E402
+from msa_fast.ops import sentiment_classes  # noqa: E402
 
 SMALL = {"d": 8, "heads": 2, "ffn_dim": 12, "hidden": 12, "av_hidden": 6}
 DIMS = {"text": 10, "audio": 5, "vision": 7, "text_input": "features"}
@@ -45,11 +47,60 @@ def test_output_shapes_and_gate_weights(tiny):
     batch = gather_batch(tiny["train"], torch.arange(7))
     out = model(batch)
     assert out["pred"].shape == (7,) and out["pred"].dtype == torch.float32
-    assert "loss_extra" not in out  # vat off by default
+    assert out["loss_extra"].shape == ()  # the auxiliary CE (lambda_u 0.1); vat off by default
     assert model.utterance_vectors(batch).shape == (7, 3, SMALL["d"])
-    e, g = model.fusion.last_weights
-    assert e.shape == g.shape == (7, 3)
+    e, g, H = model.fusion.last_weights
+    assert e.shape == g.shape == H.shape == (7, 3)
     torch.testing.assert_close(e.sum(-1), torch.ones(7))
+    assert ((H >= 0) & (H <= 1)).all()
+    assert model.fusion.tau == 0.5 and model.fusion.entropy_logits.shape == (7, 3, 7)
+    model.eval()
+    assert "loss_extra" not in model(batch)
+
+
+def _aux_ce(model, batch, present=None):
+    """The auxiliary CE computed by hand from the clean pass's entropy logits."""
+    u = model.fusion.entropy_logits
+    y = sentiment_classes(batch["labels"], "7")
+    assert int(y.min()) >= 0 and int(y.max()) <= 6
+    ce = torch.stack([torch.nn.functional.cross_entropy(u[:, m], y, reduction="none") for m in range(3)], 1)
+    if present is None:
+        return ce.mean()
+    return ce[present].mean()
+
+
+def test_auxiliary_entropy_logit_ce_is_added():
+    torch.manual_seed(8)
+    batch = _random_batch(B=4, lengths=((5, 2, 4), (4, 4, 1), (6, 3, 6), (2, 2, 2)))
+    batch["labels"] = torch.tensor([-2.6, 0.4, 1.6, 3.0])
+    model = AGFN(DIMS, dropout=0.0, lambda_u=0.3, **SMALL)
+    out = model(batch)
+    want = _aux_ce(model, batch)
+    torch.testing.assert_close(out["loss_extra"], 0.3 * want)
+    torch.testing.assert_close(out["loss_u"], want)
+    # the CE trains the entropy logits and, through them, the encoders
+    out["loss_extra"].backward()
+    assert model.fusion.W_u.grad.abs().sum() > 0 and model.audio.parameters().__next__().grad is not None
+    # lambda_u = 0 and entropy_source="features" add nothing
+    for cfg in ({"lambda_u": 0.0}, {"entropy_source": "features"}):
+        other = AGFN(DIMS, dropout=0.0, **cfg, **SMALL)
+        assert "loss_extra" not in other(batch), cfg
+    assert not hasattr(AGFN(DIMS, entropy_source="features", **SMALL).fusion, "W_u")
+
+
+def test_auxiliary_ce_masks_dropped_modalities():
+    torch.manual_seed(9)
+    batch = _random_batch()
+    present = torch.tensor([[True, False, True], [True, True, True], [False, False, True]])
+    batch["present"] = present
+    model = AGFN(DIMS, dropout=0.0, **SMALL)
+    out = model(batch)
+    torch.testing.assert_close(out["loss_u"], _aux_ce(model, batch, present))
+    assert not torch.allclose(out["loss_u"], _aux_ce(model, batch))  # the mask matters here
+    # no gradient flows from the dropped pairs: a dropped modality's logits get none
+    u = model.fusion.entropy_logits
+    (grad,) = torch.autograd.grad(out["loss_extra"], u)
+    assert (grad[~present] == 0).all() and (grad[present].abs().sum(-1) > 0).all()
 
 
 def test_backward_reaches_every_parameter():
@@ -93,11 +144,13 @@ def test_vat_adds_a_penalty_in_training_only():
     out_plain, out_vat = plain(batch), vat(batch)
     # same weights, same prediction: VAT only adds a term
     torch.testing.assert_close(out_plain["pred"], out_vat["pred"])
-    assert "loss_extra" not in out_plain
-    extra = out_vat["loss_extra"]
+    extra = out_vat["loss_extra"] - out_plain["loss_extra"]  # both hold the same auxiliary CE
+    torch.testing.assert_close(out_vat["loss_u"], out_plain["loss_u"])
     assert extra.dim() == 0 and torch.isfinite(extra) and extra > 0
-    # the clean pass's gate weights survive the adversarial passes
-    torch.testing.assert_close(vat.fusion.last_weights[0], plain.fusion.last_weights[0])
+    # the clean pass's gate weights and entropy logits survive the adversarial passes
+    for a, b in zip(vat.fusion.last_weights, plain.fusion.last_weights):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(vat.fusion.entropy_logits, plain.fusion.entropy_logits)
     # the penalty trains the encoders too (gradient through the utterance vectors)
     extra.backward()
     assert vat.text.proj[1].weight.grad.abs().sum() > 0
@@ -205,6 +258,8 @@ def test_eager_and_triton_backends_agree():
     ({"vat": "yes"}, "vat"),
     ({"ffn_dim": -1}, "ffn_dim"),
     ({"hidden": 2.5}, "hidden"),
+    ({"entropy_source": "logits"}, "entropy_source"),
+    ({"lambda_u": -0.1}, "lambda_u"),
 ])
 def test_bad_config_is_value_error(cfg, name):
     with pytest.raises(ValueError, match=f"AGFN: {name}: expected"):
