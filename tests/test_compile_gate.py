@@ -153,14 +153,14 @@ def test_readme_backend_table_is_generated_from_the_descriptors():
 
 def test_explicit_backend_with_an_undeclared_dtype_raises_value_error():
     h = torch.randn(4, 3, 8, dtype=torch.float64)
-    args = (h, torch.randn(3, 8, dtype=torch.float64), torch.randn(3, dtype=torch.float64),
-            torch.randn(4, 3, dtype=torch.float64))
+    args = (h, torch.randn(4, 3, 7, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64),
+            torch.randn(3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
     if "triton" in msa_fast.available("dual_gate", "cpu"):
         with pytest.raises(ValueError, match="dual_gate: backend 'triton' takes dtypes .* got torch.float64"):
             msa_fast.ops.dual_gate(*args, backend="triton")
     # auto: the reference, exactly
     got = msa_fast.ops.dual_gate(*args)
-    for a, b in zip(got, msa_fast.ops.reference.dual_gate(*args, 1.0)):
+    for a, b in zip(got, msa_fast.ops.reference.dual_gate(*args)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
