@@ -107,7 +107,7 @@ def test_higher_entropy_lowers_the_weight_whatever_the_sign_of_z():
         assert (e_hi[:, m] < e_lo[:, m]).all(), m
 
         # the v1 formulation (entropy of softmax of the same logits, multiplicative) breaks it
-        def v1_weight(u_):
+        def v1_weight(u_, m=m):
             q = torch.softmax(u_, -1)
             ent = -(q * q.log()).sum(-1)
             return torch.softmax(z * torch.exp(-ent / 0.5), -1)[:, m]

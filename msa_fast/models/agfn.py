@@ -101,8 +101,8 @@ from msa_fast import ops
 from msa_fast.models import register_model
 from msa_fast.models.encoders import SLSTMEncoder, build_text_encoder, encode_text, masked_mean
 from msa_fast.nn.dual_gate import ENTROPY_SOURCES, DualGateFusion
-from msa_fast.ops.reference import sentiment_classes
 from msa_fast.ops import _validate as V
+from msa_fast.ops.reference import sentiment_classes
 
 __all__ = ["AGFN", "CrossModalBlock"]
 
