@@ -132,8 +132,10 @@ def test_windows_within_valid_lengths(aligned):
         assert same.mean() < 0.05  # offset between modalities
 
 
-def test_redundant_latent_from_each_modality_alone(probe_data):
-    tr, te = probe_data["train"], probe_data["test"]
+@pytest.mark.parametrize("unaligned", [False, True])
+def test_redundant_latent_from_each_modality_alone(probe_data, unaligned):
+    data = load_data("synthetic:mosi:pid:unaligned:limit=768") if unaligned else probe_data
+    tr, te = data["train"], data["test"]
     for mi in range(3):
         fit_ok = ~tr.extra["corrupted"][:, mi].numpy()
         test_ok = ~te.extra["corrupted"][:, mi].numpy()
