@@ -19,7 +19,7 @@ Generative model, per sample (all latents ``~ N(0, 1)`` independent):
   int64 ``(start, length)`` in t/a/v order; aligned data shares one window across the
   modalities (a frame per token), unaligned data draws one per modality, so they are offset.
 - features of modality ``m`` at frame ``f``: ``x[f] = 1[f in window] (1 + 0.3 eps_f) G c_m D_m
-  + sigma_m n_f``, ``n_f ~ N(0, I)``, ``G = 2``, ``c_m`` the modality's latents (text
+  + sigma_m n_f``, ``n_f ~ N(0, I)``, ``G = 3``, ``c_m`` the modality's latents (text
   ``(rho, u_t)``, audio ``(rho, u_a, s_a)``, vision ``(rho, u_v, s_v)``), ``D_m`` fixed
   orthonormal directions; text adds the token embedding ``E[id_l]`` (scale 0.5) as in v1, and
   inside the window a word is a sentiment word with p=0.3, positive with p=sigmoid(2.5 c),
@@ -77,7 +77,7 @@ SHARES = {"redundant": 0.30, "unique_text": 0.20, "unique_audio": 0.15, "unique_
 CORRUPT_RATE = 0.3
 CORRUPT_NOISE = 3.0
 WINDOW = (0.2, 0.5)
-GAIN = 2.0
+GAIN = 3.0
 LABEL_NOISE = 0.3
 NOISE_RANGE = (0.5, 1.5)
 # latent columns carried by each modality (t/a/v order)
