@@ -4,7 +4,7 @@
   trains, prints MMSA's test metrics (mean ± std over seeds) and writes ``DIR/results.json``.
 - ``msa-fast eval --checkpoint DIR/seed_1111 [--data ...] [--split test]`` evaluates the
   best weights of a run directory.
-- ``msa-fast data synth --preset mosi|mosei|tiny --out PATH [--unaligned] [--seed N]``.
+- ``msa-fast data synth --preset mosi|mosei|tiny --out PATH [--unaligned] [--seed N] [--pid]``.
 - ``msa-fast data inspect PATH|synthetic:...``: splits, shapes, label histogram, NaN/-inf.
 - ``torchrun --nproc_per_node=N -m msa_fast train ...``: data-parallel training
   (:mod:`msa_fast.train.distributed`); ``--batch-size`` is the global batch.
@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--unaligned", action="store_true")
     s.add_argument("--limit", type=int)
+    s.add_argument("--pid", action="store_true",
+                   help="the redundant/unique/synergy generator (synthetic:<preset>:pid)")
     i = dsub.add_parser("inspect", help="summarise a pickle (splits, shapes, labels, NaN/-inf)")
     i.add_argument("path")
     return p
@@ -223,12 +225,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_data_synth(args) -> int:
-    from msa_fast.data import synthetic
+    from msa_fast.data import synthetic, synthetic_pid
 
     if args.preset not in synthetic.PRESETS:
         raise UserError(f"unknown preset {args.preset!r} (choose from {sorted(synthetic.PRESETS)})")
+    gen = synthetic_pid if getattr(args, "pid", False) else synthetic
     try:
-        synthetic.write(args.out, args.preset, args.seed, not args.unaligned, args.limit)
+        gen.write(args.out, args.preset, args.seed, not args.unaligned, args.limit)
     except OSError as e:
         raise UserError(f"--out: cannot write {args.out} ({e.strerror or type(e).__name__})") from None
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB)")
@@ -256,6 +259,14 @@ def inspect_text(data) -> str:
         lines.append("  non-finite (set to 0): " + (", ".join(
             f"{m} " + "/".join(f"{v} {k}" for k, v in c.items() if v) for m, c in bad.items())
             or "none"))
+        if "corrupted" in s.extra:
+            frac = s.extra["corrupted"].float().mean(0).tolist()
+            lines.append("  corrupted fraction text/audio/vision: "
+                         + " / ".join(f"{f:.3f}" for f in frac))
+    if data.meta.get("kind") == "pid":  # v1's summary stays as it was
+        sh = data.meta.get("shares", {})
+        lines.insert(1, "pid shares of var(h): " + ", ".join(f"{k} {v:.2f}" for k, v in sh.items())
+                     + f"; corruption rate {data.meta.get('corrupt_rate')}")
     return "\n".join(lines)
 
 

@@ -142,6 +142,12 @@ def split_from_dict(name: str, split: dict, aligned: bool) -> tuple[SplitData, d
     for key in ("noise_level", "latent"):
         if key in split:
             extra[key] = torch.from_numpy(np.asarray(split[key], dtype=np.float32))
+    # synthetic:<preset>:pid: which modality of a sample is corrupted (N, 3) and where each
+    # modality's cue lies, (N, 3, 2) (start, length) in t/a/v order
+    if "corrupted" in split:
+        extra["corrupted"] = torch.from_numpy(np.asarray(split["corrupted"], dtype=bool).copy())
+    if "window" in split:
+        extra["window"] = torch.from_numpy(np.asarray(split["window"], dtype=np.int64).copy())
     ids = [str(i) for i in split["id"]] if "id" in split else []
     data = SplitData(
         labels=torch.from_numpy(labels), audio=torch.from_numpy(audio),

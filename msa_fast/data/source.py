@@ -1,9 +1,12 @@
 """Resolve a data argument: a pickle path or ``synthetic:<preset>[:<option>...]``.
 
 Options after the preset, in any order: ``aligned`` (default) or ``unaligned``,
-``seed=N`` (default 0), ``limit=N`` (first N samples per split; generation stops early).
-Examples: ``synthetic:mosi``, ``synthetic:mosei:unaligned``, ``synthetic:tiny:seed=3``.
-Synthetic pickles are cached by :func:`msa_fast.data.synthetic.cached`; loaded data is also
+``seed=N`` (default 0), ``limit=N`` (first N samples per split; generation stops early),
+``pid`` (the redundant/unique/synergistic generator :mod:`msa_fast.data.synthetic_pid`
+instead of v1). Examples: ``synthetic:mosi``, ``synthetic:mosei:unaligned``,
+``synthetic:tiny:seed=3``, ``synthetic:mosi:pid:unaligned``.
+Synthetic pickles are cached by :func:`msa_fast.data.synthetic.cached` (v1) and
+:func:`msa_fast.data.synthetic_pid.cached`; loaded data is also
 kept in-process (the tensors are never modified in place), so repeated calls are cheap.
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from msa_fast.data import synthetic
+from msa_fast.data import synthetic, synthetic_pid
 from msa_fast.data.mmsa import MMSAData, load_pickle
 
 _MEMO: dict[tuple, MMSAData] = {}
@@ -25,9 +28,11 @@ def parse_synthetic(spec: str) -> dict:
     if preset not in synthetic.PRESETS:
         raise ValueError(
             f"data: unknown synthetic preset {preset!r} (choose from {sorted(synthetic.PRESETS)})")
-    out = {"preset": preset, "seed": 0, "aligned": True, "limit": None}
+    out = {"preset": preset, "seed": 0, "aligned": True, "limit": None, "pid": False}
     for opt in parts[2:]:
-        if opt in ("aligned", "unaligned"):
+        if opt == "pid":
+            out["pid"] = True
+        elif opt in ("aligned", "unaligned"):
             out["aligned"] = opt == "aligned"
         elif opt.startswith(("seed=", "limit=")):
             key, _, val = opt.partition("=")
@@ -55,7 +60,8 @@ def load_data(spec: str, limit: int | None = None) -> MMSAData:
     if spec.startswith("synthetic:"):
         opts = parse_synthetic(spec)
         lim = opts["limit"] if limit is None else min(limit, opts["limit"] or limit)
-        path = synthetic.cached(opts["preset"], opts["seed"], opts["aligned"], lim)
+        gen = synthetic_pid if opts["pid"] else synthetic
+        path = gen.cached(opts["preset"], opts["seed"], opts["aligned"], lim)
         data = load_pickle(path)
         data.source = spec
     else:

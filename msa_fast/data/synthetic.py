@@ -122,23 +122,24 @@ def _chunk(rng, n: int, p: dict, tab: _Tables, aligned: bool) -> dict:
     return out
 
 
-def generate(preset: str = "mosi", seed: int = 0, aligned: bool = True,
-             limit: int | None = None, workdir: str | None = None) -> dict:
-    """The pickle dict ``{train, valid, test, synthetic}``. Arrays live in memmaps under
-    ``workdir`` when given (pickle them before deleting it), else in memory."""
+def build_splits(preset: str, seed: int, limit: int | None, workdir: str | None,
+                 make_chunk) -> dict:
+    """``{train, valid, test}`` from ``make_chunk(rng, CHUNK, split_index) -> dict of arrays``,
+    chunk ``ci`` of split ``si`` drawn from ``default_rng([seed, si, ci])`` (shared by the
+    generators, so a ``limit`` always yields a prefix). 3-d arrays go to ``.npy`` memmaps
+    under ``workdir`` when it is given."""
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit: expected a positive integer (samples per split), got {limit}")
     p = PRESETS[preset]
-    tab = _Tables(seed, p)
     pkl = {}
     for si, split in enumerate(SPLITS):
         n = p["sizes"][si] if limit is None else min(limit, p["sizes"][si])
         arrays: dict[str, np.ndarray] = {}
         for ci, start in enumerate(range(0, n, CHUNK)):
             rng = np.random.default_rng([seed, si, ci])
-            part = _chunk(rng, CHUNK, p, tab, aligned)
+            part = make_chunk(rng, CHUNK, si)
             stop = min(start + CHUNK, n)
             for k, v in part.items():
                 if k not in arrays:
@@ -153,19 +154,31 @@ def generate(preset: str = "mosi", seed: int = 0, aligned: bool = True,
         d["id"] = np.array([f"{preset}_{split}_{i:05d}" for i in range(n)], dtype=object)
         d["raw_text"] = np.array(["synthetic"] * n, dtype=object)
         pkl[split] = d
+    return pkl
+
+
+def generate(preset: str = "mosi", seed: int = 0, aligned: bool = True,
+             limit: int | None = None, workdir: str | None = None) -> dict:
+    """The pickle dict ``{train, valid, test, synthetic}``. Arrays live in memmaps under
+    ``workdir`` when given (pickle them before deleting it), else in memory."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    p = PRESETS[preset]
+    tab = _Tables(seed, p)
+    pkl = build_splits(preset, seed, limit, workdir,
+                       lambda rng, n, si: _chunk(rng, n, p, tab, aligned))
     pkl["synthetic"] = {"preset": preset, "seed": seed, "aligned": aligned, "shares": SHARES,
                         "label_noise": LABEL_NOISE, "version": VERSION}
     return pkl
 
 
-def write(path: str, preset: str = "mosi", seed: int = 0, aligned: bool = True,
-          limit: int | None = None) -> str:
-    """Generate and pickle to ``path`` atomically (temp file + ``os.replace``)."""
+def write_pickle(path: str, big: bool, make_pkl) -> str:
+    """Pickle ``make_pkl(workdir_or_None)`` to ``path`` atomically (temp file + ``os.replace``),
+    after :func:`check_pickle`; ``big`` builds the arrays in memmaps next to ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    big = PRESETS[preset]["sizes"][0] > 4000 and limit is None
     with tempfile.TemporaryDirectory(dir=directory) as work:
-        pkl = generate(preset, seed, aligned, limit, workdir=work if big else None)
+        pkl = make_pkl(work if big else None)
         check_pickle(pkl)  # never leave a file in place that the loader would reject
         tmp = os.path.join(work, "out.pkl")
         with open(tmp, "wb") as f:
@@ -173,6 +186,13 @@ def write(path: str, preset: str = "mosi", seed: int = 0, aligned: bool = True,
         del pkl
         os.replace(tmp, path)
     return path
+
+
+def write(path: str, preset: str = "mosi", seed: int = 0, aligned: bool = True,
+          limit: int | None = None) -> str:
+    """Generate and pickle to ``path`` atomically (temp file + ``os.replace``)."""
+    big = PRESETS[preset]["sizes"][0] > 4000 and limit is None
+    return write_pickle(path, big, lambda work: generate(preset, seed, aligned, limit, workdir=work))
 
 
 def cache_dir() -> str:
