@@ -112,7 +112,8 @@ def effective_robustness(accuracy, reference) -> float:
     f, r = np.asarray(accuracy, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     if f.shape != r.shape or f.ndim != 1 or len(f) == 0:
         raise ValueError(f"reference: expected a curve of {f.shape} like the model's, got {r.shape}")
-    return float(np.sum(f - (r + f[0] - r[0])))
+    # the same sum as (f_i - f_0) - (r_i - r_0): exactly 0 for a model equal to its reference
+    return float(np.sum((f - f[0]) - (r - r[0])))
 
 
 def _mean_std(rows: list[dict]) -> tuple[dict, dict]:
