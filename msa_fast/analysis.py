@@ -55,6 +55,7 @@ def _batches(model, loader, device):
     """Yield ``(batch, out)`` of every batch in eval mode without gradients."""
     from msa_fast.train.trainer import to_device
 
+    device = torch.device(device)
     model.eval()
     with torch.no_grad():
         for batch in loader:
@@ -154,6 +155,7 @@ def tsne(model, data, split="test", batch_size=64, device="cpu", name="model", l
     from msa_fast.train.trainer import to_device
 
     sims, diffs, ys = [], [], []
+    device = torch.device(device)
     model.eval()
     with torch.no_grad():
         for batch in make_loader(split_data, batch_size, shuffle=False, aligned=True, name=split):
