@@ -290,7 +290,8 @@ def add_effective_robustness(result: dict, reference: dict) -> dict:
 def load_run(run_dir: str, data=None, weights: str = "best", device: str = "auto",
              batch_size: int | None = None):
     """``(model, state, data, cfg)`` of a seed's run directory (``state.json`` + weights);
-    ``data`` a data spec (default: the run's) or a loaded :class:`MMSAData`."""
+    ``data`` a data spec (default: the run's, with the run's ``limit``; a spec given is
+    loaded whole, as ``msa-fast eval --data`` does) or a loaded :class:`MMSAData`."""
     from msa_fast.data.mmsa import MMSAData
     from msa_fast.data.source import load_data
     from msa_fast.models import build_model
@@ -307,10 +308,11 @@ def load_run(run_dir: str, data=None, weights: str = "best", device: str = "auto
     cfg = TrainConfig.from_dict(state["config"])
     if batch_size is not None:
         cfg.batch_size = batch_size
-    if not isinstance(data, MMSAData):
-        spec = data or state["data"]
-        cfg.data = spec
-        data = load_data(spec, limit=cfg.limit if spec == state["data"] else None)
+    if isinstance(data, MMSAData):
+        cfg.data = data.source or state["data"]
+    else:  # the run's data keeps the run's --limit; data given explicitly is used whole
+        cfg.data = data or state["data"]
+        data = load_data(cfg.data, limit=cfg.limit if data is None else None)
     if data.dims != state["dims"]:
         raise ValueError(f"data widths {data.dims} differ from the checkpoint's {state['dims']}")
     dev = resolve_device(device)
