@@ -300,7 +300,9 @@ def load_run(run_dir: str, data=None, weights: str = "best", device: str = "auto
     from msa_fast.train.trainer import resolve_device
 
     if not os.path.isfile(os.path.join(run_dir, "state.json")):
-        raise ValueError(f"no checkpoint in {run_dir} (state.json not found)")
+        seeds = sorted(d for d in os.listdir(run_dir) if d.startswith("seed_")) if os.path.isdir(run_dir) else []
+        hint = f"; pass one seed's directory: {', '.join(seeds)}" if seeds else ""
+        raise ValueError(f"no checkpoint in {run_dir} (state.json not found{hint})")
     state = read_state(run_dir)
     path = os.path.join(run_dir, "best.safetensors" if weights == "best" else state["weights"])
     if not os.path.isfile(path):

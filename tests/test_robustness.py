@@ -255,6 +255,8 @@ def test_cli_robustness_user_errors(run_dir, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path), "--robustness", "drop"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("msa-fast: error: no checkpoint in") and err.count("\n") == 1
+    assert main(["eval", "--checkpoint", str(run_dir.parent), "--robustness", "drop"]) == 2
+    assert "pass one seed's directory: seed_1" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(run_dir), "--robustness", "drop", "--drop-rate", "0.5"]) == 2
     assert "do not combine" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(run_dir), "--robustness", "blur"]) == 2
