@@ -4,14 +4,14 @@
   trains, prints MMSA's test metrics (mean ± std over seeds) and writes ``DIR/results.json``.
 - ``msa-fast eval --checkpoint DIR/seed_1111 [--data ...] [--split test]`` evaluates the
   best weights of a run directory.
-- ``msa-fast eval --checkpoint DIR --robustness missing|drop|noise|all [--seeds ...] [--out
-  FILE.json] [--plot FILE.png] [--reference RUN_DIR]``: the sweeps of :mod:`msa_fast.robustness`.
-- ``msa-fast analyze --checkpoint DIR --what gates|tsne|location-error --out DIR``: the
-  analyses of :mod:`msa_fast.analysis` (JSON + PNG).
 - ``msa-fast data synth --preset mosi|mosei|tiny --out PATH [--unaligned] [--seed N]``.
 - ``msa-fast data inspect PATH|synthetic:...``: splits, shapes, label histogram, NaN/-inf.
 - ``torchrun --nproc_per_node=N -m msa_fast train ...``: data-parallel training
   (:mod:`msa_fast.train.distributed`); ``--batch-size`` is the global batch.
+- ``msa-fast eval --checkpoint DIR --robustness missing|drop|noise|all [--seeds ...] [--out
+  FILE.json] [--plot FILE.png] [--reference RUN_DIR]``: the sweeps of :mod:`msa_fast.robustness`.
+- ``msa-fast analyze --checkpoint DIR --what gates|tsne|location-error --out DIR``: the
+  analyses of :mod:`msa_fast.analysis` (JSON + PNG).
 
 Errors the user can fix (bad path, wrong schema, an unsafe pickle, unknown model or
 hyper-parameter, bad config, a run directory that holds another run or is locked, a
