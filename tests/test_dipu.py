@@ -106,11 +106,19 @@ def _dipu_with_torch_mha(mod, G, X, g_mask, x_mask):
     G = G.masked_fill(g_mask[..., None], 0)
     X = X.masked_fill(x_mask[..., None], 0)
     pe = lambda t: R.sinusoidal_position_encoding(t.shape[1], d, dtype=t.dtype)  # noqa: E731
-    G0, X0 = mod.norm_g_in(G + pe(G)), mod.norm_x_in(X + pe(X))
-    G1, X1 = mod.norm_g1(cross(G0, X0, x_mask) + G0), mod.norm_x1(cross(X0, G0, g_mask) + X0)
-    G2, X2 = mod.norm_g2(sg(G1, G1, g_mask) + G1), mod.norm_x2(sx(X1, X1, x_mask) + X1)
-    G3, X3 = mod.norm_g3(cross(G2, X0, x_mask) + G2), mod.norm_x3(cross(X2, G0, g_mask) + X2)
-    Gn, Xn = G3 + mod.ffn_g(G3), X3 + mod.ffn_x(X3)
+    def ln(name, t):
+        norm = getattr(mod, name)
+        return nn.functional.layer_norm(t, (d,), norm.weight, norm.bias)
+
+    def ffn(name, t):
+        f = getattr(mod, name)
+        return f.fc2(nn.functional.gelu(f.fc1(t)))
+
+    G0, X0 = ln("norm_g_in", G + pe(G)), ln("norm_x_in", X + pe(X))
+    G1, X1 = ln("norm_g1", cross(G0, X0, x_mask) + G0), ln("norm_x1", cross(X0, G0, g_mask) + X0)
+    G2, X2 = ln("norm_g2", sg(G1, G1, g_mask) + G1), ln("norm_x2", sx(X1, X1, x_mask) + X1)
+    G3, X3 = ln("norm_g3", cross(G2, X0, x_mask) + G2), ln("norm_x3", cross(X2, G0, g_mask) + X2)
+    Gn, Xn = G3 + ffn("ffn_g", G3), X3 + ffn("ffn_x", X3)
     return Gn.masked_fill(g_mask[..., None], 0), Xn.masked_fill(x_mask[..., None], 0)
 
 
@@ -310,8 +318,7 @@ def test_cmdie_equals_its_dipus_and_gaps():
     for layer in range(2):
         gs = []
         for j in range(3):
-            unit = cm.units[layer][j]
-            gj, xs[j] = R.dipu(g, xs[j], dict(unit.named_parameters()), 3, gm, ms[j])
+            gj, xs[j] = R.dipu(g, xs[j], cm.units[layer].unit_params(j), 3, gm, ms[j])
             gs.append(gj)
         pool = cm.pools[layer]
         g = R.gated_attention_pool(torch.stack(gs), pool.ln_w, pool.ln_b, pool.W1g, pool.b1g, pool.w2g, pool.b2g,
@@ -329,7 +336,7 @@ def test_cmdie_backward_and_switches():
     T.requires_grad_(True)
     kw = dict(heads=2, layers=2, ffn_dim=None)
     base = msa_fast.nn.CMDIE(8, **kw).double()
-    assert base.units[0][0].ffn_dim == 32 and len(base.units) == 2 and len(base.units[0]) == 3
+    assert base.units[0].ffn_dim == 32 and len(base.units) == 2 and base.units[0].groups == 3
     out = base(G, T, A, Vv, *masks)
     sum(o.sum() for o in out).backward()
     assert torch.isfinite(G.grad).all() and torch.isfinite(T.grad).all()
