@@ -36,7 +36,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if weight.dim() == 2:
         return F.linear(x, weight, bias)
     n, i = x.shape[0], x.shape[-1]
-    flat = x.reshape(n, -1, i)
+    flat = x.reshape(n, x.shape[1:-1].numel(), i)
     w = weight.transpose(1, 2)
     y = torch.bmm(flat, w) if bias is None else torch.baddbmm(bias[:, None, :], flat, w)
     return y.view(*x.shape[:-1], weight.shape[1])
@@ -61,9 +61,9 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias
     return torch.addcmul(bias.to(dt).view(shape), y, weight.to(dt).view(shape))
 
 
-def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
-    # (..., L, d) -> (N, H, L, Dh), N the product of the leading dims
-    return x.reshape(-1, *x.shape[-2:]).unflatten(-1, (heads, -1)).transpose(1, 2)
+def _split(x: torch.Tensor, n: int, heads: int) -> torch.Tensor:
+    # (..., L, d) -> (n, H, L, Dh), n the product of the leading dims (given: it may be 0)
+    return x.reshape(n, *x.shape[-2:]).unflatten(-1, (heads, x.shape[-1] // heads)).transpose(1, 2)
 
 
 def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -80,8 +80,9 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     come out of a bf16 GEMM.
     """
     k, v = k.to(q.dtype), v.to(q.dtype)
-    mask = None if key_padding_mask is None else key_padding_mask.reshape(-1, key_padding_mask.shape[-1])
-    out = ops.attention(_split(q, heads), _split(k, heads), _split(v, heads), mask, backend=backend)
+    n = q.shape[:-2].numel()
+    mask = None if key_padding_mask is None else key_padding_mask.reshape(n, key_padding_mask.shape[-1])
+    out = ops.attention(_split(q, n, heads), _split(k, n, heads), _split(v, n, heads), mask, backend=backend)
     return out.transpose(1, 2).flatten(2).view(q.shape)
 
 

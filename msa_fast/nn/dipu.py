@@ -100,6 +100,9 @@ class DIPU(nn.Module):
                 x_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.groups == 1:
             _check_pair("DIPU", G, X, g_mask, x_mask, self.d)
+            # each sequence is the other's keys (as ops.dipu checks)
+            V.min_size("DIPU", "G", G, 1, "Lg", "(B, Lg, d)")
+            V.min_size("DIPU", "X", X, 1, "Lx", "(B, Lx, d)")
         _resolve(self.backend, G.device)
         # the checks of ops.dipu on the module's own parameters would only cost time
         return dipu_composite(G, X, self.unit_params(), self.heads, g_mask, x_mask, self.eps, self.cross2,
