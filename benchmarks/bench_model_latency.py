@@ -3,8 +3,9 @@
 ``model.eval()`` under ``torch.inference_mode()``, one sample of synthetic MOSI aligned
 (every modality 50 steps) and unaligned (50 / 375 / 500), ``torch.set_num_threads(1)``;
 p50 over ``--reps`` calls after warm-up (``time.perf_counter``). FD-CMDIE is timed with
-its CMDIE batched (the default, one attention launch per step for the three DIPUs) and
-with the per-DIPU loop (``batched=False``) where the installed library has the switch.
+its CMDIE ``batched="auto"`` (the default), ``True`` (one attention launch per step for
+the three DIPUs, X's padded to the longest) and ``False`` (the per-DIPU loop), where the
+installed library has the switch (run with ``PYTHONPATH`` at another checkout to compare).
 
     python benchmarks/bench_model_latency.py [--reps 200] [--models agfn fd_cmdie promma]
 """
@@ -12,6 +13,7 @@ with the per-DIPU loop (``batched=False``) where the installed library has the s
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -50,12 +52,12 @@ def main() -> None:
             variants = [("", None)]
             cmdie = getattr(model, "cmdie", None)
             if cmdie is not None and hasattr(cmdie, "batched"):
-                variants = [(" batched", True), (" loop", False)]
+                variants = [(" auto", "auto"), (" batched", True), (" loop", False)]
             for suffix, batched in variants:
                 if batched is not None:
                     cmdie.batched = batched
                 with torch.inference_mode():
-                    ms = _p50(lambda: model(batch), args.reps)
+                    ms = _p50(functools.partial(model, batch), args.reps)
                 print(f"{label:15s} {name + suffix:18s} p50 {ms:8.3f} ms", flush=True)
 
 

@@ -499,6 +499,15 @@ def test_cmdie_batched_equals_per_dipu_loop_forward_and_backward(lengths, with_m
             assert torch.equal(o[m], torch.zeros_like(o[m]))
 
 
-def test_cmdie_batched_flag_is_checked():
-    with pytest.raises(ValueError, match="CMDIE: batched: expected a bool"):
+def test_cmdie_batched_flag_and_auto_rule():
+    with pytest.raises(ValueError, match="CMDIE: batched: expected True, False or 'auto'"):
         msa_fast.nn.CMDIE(8, 2, batched="yes")
+    cm = msa_fast.nn.CMDIE(8, 2)
+    assert cm.batched == "auto"
+    assert cm.use_batched(150, [50, 50, 50])  # aligned MOSI, concatenated G
+    assert not cm.use_batched(925, [50, 375, 500])  # unaligned MOSI
+    assert cm.use_batched(30, [9, 10, 11])
+    cm.batched = True
+    assert cm.use_batched(925, [50, 375, 500])
+    cm.batched = False
+    assert not cm.use_batched(150, [50, 50, 50])
