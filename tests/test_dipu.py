@@ -106,11 +106,19 @@ def _dipu_with_torch_mha(mod, G, X, g_mask, x_mask):
     G = G.masked_fill(g_mask[..., None], 0)
     X = X.masked_fill(x_mask[..., None], 0)
     pe = lambda t: R.sinusoidal_position_encoding(t.shape[1], d, dtype=t.dtype)  # noqa: E731
-    G0, X0 = mod.norm_g_in(G + pe(G)), mod.norm_x_in(X + pe(X))
-    G1, X1 = mod.norm_g1(cross(G0, X0, x_mask) + G0), mod.norm_x1(cross(X0, G0, g_mask) + X0)
-    G2, X2 = mod.norm_g2(sg(G1, G1, g_mask) + G1), mod.norm_x2(sx(X1, X1, x_mask) + X1)
-    G3, X3 = mod.norm_g3(cross(G2, X0, x_mask) + G2), mod.norm_x3(cross(X2, G0, g_mask) + X2)
-    Gn, Xn = G3 + mod.ffn_g(G3), X3 + mod.ffn_x(X3)
+    def ln(name, t):
+        norm = getattr(mod, name)
+        return nn.functional.layer_norm(t, (d,), norm.weight, norm.bias)
+
+    def ffn(name, t):
+        f = getattr(mod, name)
+        return f.fc2(nn.functional.gelu(f.fc1(t)))
+
+    G0, X0 = ln("norm_g_in", G + pe(G)), ln("norm_x_in", X + pe(X))
+    G1, X1 = ln("norm_g1", cross(G0, X0, x_mask) + G0), ln("norm_x1", cross(X0, G0, g_mask) + X0)
+    G2, X2 = ln("norm_g2", sg(G1, G1, g_mask) + G1), ln("norm_x2", sx(X1, X1, x_mask) + X1)
+    G3, X3 = ln("norm_g3", cross(G2, X0, x_mask) + G2), ln("norm_x3", cross(X2, G0, g_mask) + X2)
+    Gn, Xn = G3 + ffn("ffn_g", G3), X3 + ffn("ffn_x", X3)
     return Gn.masked_fill(g_mask[..., None], 0), Xn.masked_fill(x_mask[..., None], 0)
 
 
@@ -310,8 +318,7 @@ def test_cmdie_equals_its_dipus_and_gaps():
     for layer in range(2):
         gs = []
         for j in range(3):
-            unit = cm.units[layer][j]
-            gj, xs[j] = R.dipu(g, xs[j], dict(unit.named_parameters()), 3, gm, ms[j])
+            gj, xs[j] = R.dipu(g, xs[j], cm.units[layer].unit_params(j), 3, gm, ms[j])
             gs.append(gj)
         pool = cm.pools[layer]
         g = R.gated_attention_pool(torch.stack(gs), pool.ln_w, pool.ln_b, pool.W1g, pool.b1g, pool.w2g, pool.b2g,
@@ -329,7 +336,7 @@ def test_cmdie_backward_and_switches():
     T.requires_grad_(True)
     kw = dict(heads=2, layers=2, ffn_dim=None)
     base = msa_fast.nn.CMDIE(8, **kw).double()
-    assert base.units[0][0].ffn_dim == 32 and len(base.units) == 2 and len(base.units[0]) == 3
+    assert base.units[0].ffn_dim == 32 and len(base.units) == 2 and base.units[0].groups == 3
     out = base(G, T, A, Vv, *masks)
     sum(o.sum() for o in out).backward()
     assert torch.isfinite(G.grad).all() and torch.isfinite(T.grad).all()
@@ -384,3 +391,123 @@ def test_dipu_and_cmdie_triton_equal_eager_forward_and_backward():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     for a, b in zip(outs[0][1], outs[1][1]):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- one implementation
+
+
+def _grads(fn, inputs, params):
+    out = fn(*inputs, params)
+    loss = sum((o * torch.linspace(-1, 1, o.shape[-1], dtype=o.dtype)).sum() for o in out)
+    return out, torch.autograd.grad(loss, [*inputs, *params.values()], allow_unused=False)
+
+
+@pytest.mark.parametrize("lg,lx,d,heads", [(1, 37, 12, 3), (37, 1, 10, 2), (6, 9, 6, 3)])
+@pytest.mark.parametrize("cross2", [True, False])
+def test_dipu_op_equals_reference_forward_and_every_gradient(lg, lx, d, heads, cross2):
+    """ops.dipu (the composite on the dispatched ops, what nn.DIPU runs) == reference.dipu:
+    odd lengths, d not a power of two, a fully padded G row and X row, fp64."""
+    torch.manual_seed(lg * 100 + lx)
+    mod = _unit(d=d, heads=heads, ffn=7, cross2=cross2)
+    G, X = _rand(3, lg, d, dtype=F64, requires_grad=True), _rand(3, lx, d, dtype=F64, requires_grad=True)
+    g_mask, x_mask = _mask(3, lg), _mask(3, lx)
+    g_mask[1], x_mask[2] = True, True
+    params = {k: v.detach().clone().requires_grad_() for k, v in mod.named_parameters()}
+    got, g_got = _grads(lambda g, x, p: ops.dipu(g, x, p, heads, g_mask, x_mask, cross2=cross2), (G, X), params)
+    want, g_want = _grads(lambda g, x, p: R.dipu(g, x, p, heads, g_mask, x_mask, cross2=cross2), (G, X), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    for name, a, b in zip(["G", "X", *params], g_got, g_want):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"grad of {name}: {m}")
+    mod_out = mod(G, X, g_mask, x_mask)
+    for a, b in zip(mod_out, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_dipu_op_gradcheck_eager():
+    mod = _unit(d=6, heads=3, ffn=4)
+    params = {k: v.detach() for k, v in mod.named_parameters()}
+    G, X = _rand(2, 3, 6, dtype=F64, requires_grad=True), _rand(2, 1, 6, dtype=F64, requires_grad=True)
+    w = params["self_x.in_proj.weight"].clone().requires_grad_(True)
+    g_mask = torch.tensor([[False, True, True], [False, False, False]])
+    x_mask = torch.tensor([[False], [True]])
+
+    def fn(g, x, w_):
+        return ops.dipu(g, x, {**params, "self_x.in_proj.weight": w_}, 3, g_mask, x_mask, backend="eager")
+
+    assert torch.autograd.gradcheck(fn, (G, X, w))
+
+
+def test_dipu_module_dropout_is_the_op_with_dropout_p():
+    mod = msa_fast.nn.DIPU(8, 2, 6, dropout=0.4).double().train()
+    G, X = _rand(2, 5, 8, dtype=F64), _rand(2, 3, 8, dtype=F64)
+    torch.manual_seed(7)
+    got = mod(G, X)
+    torch.manual_seed(7)
+    want = ops.dipu(G, X, dict(mod.named_parameters()), 2, dropout_p=0.4)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert (got[0] - ops.dipu(G, X, dict(mod.named_parameters()), 2)[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="dipu: dropout_p: expected"):
+        ops.dipu(G, X, dict(mod.named_parameters()), 2, dropout_p=1.5)
+
+
+def test_cmdie_stacked_params_are_dipu_param_shapes():
+    cm = msa_fast.nn.CMDIE(10, heads=2, layers=2, ffn_dim=7, cross2=False)
+    for unit in cm.units:
+        shapes = {k: tuple(v.shape) for k, v in unit.named_parameters()}
+        assert shapes == {k: (3, *s) for k, s in dipu_param_shapes(10, 7, False).items()}
+        one = unit.unit_params(1)
+        assert {k: tuple(v.shape) for k, v in one.items()} == dipu_param_shapes(10, 7, False)
+        assert one["cross.in_proj.weight"].data_ptr() == unit.cross.in_proj.weight[1].data_ptr()
+
+
+@pytest.mark.parametrize("lengths,with_masks", [((5, 37, 50), True), ((9, 9, 9), False), ((1, 7, 3), False)])
+@pytest.mark.parametrize("pool", ["gap", "mean"])
+def test_cmdie_batched_equals_per_dipu_loop_forward_and_backward(lengths, with_masks, pool):
+    """One stacked call per layer (X's padded to a common length) == the loop of
+    ops.dipu per unit, fp32: outputs within 1e-5, every gradient within 1e-4."""
+    torch.manual_seed(sum(lengths))
+    d, B, lg = 12, 3, 11
+    cm = msa_fast.nn.CMDIE(d, heads=3, layers=2, ffn_dim=20, pool=pool)
+    with torch.no_grad():
+        for name, p in cm.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    seqs = [_rand(B, n, d) for n in (lg, *lengths)]
+    masks = [_mask(B, n) for n in (lg, *lengths)] if with_masks else [None, None, None, None]
+    if with_masks:
+        masks[2][1] = True  # one sample without audio
+        masks[0][2, 1:] = True
+    results = []
+    for batched in (True, False):
+        cm.batched = batched
+        inputs = [s.detach().clone().requires_grad_() for s in seqs]
+        out = cm(*inputs, *masks)
+        loss = sum((o * torch.linspace(-1, 1, d)).sum() + o.pow(2).sum() for o in out)
+        grads = torch.autograd.grad(loss, [*inputs, *cm.parameters()])
+        results.append((out, grads))
+    (out_b, g_b), (out_l, g_l) = results
+    for a, b in zip(out_b, out_l):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    names = ["G", "T_d", "A_d", "V_d", *(n for n, _ in cm.named_parameters())]
+    for name, a, b in zip(names, g_b, g_l):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"grad of {name}: {m}")
+    if with_masks:
+        for o, m in zip(out_b, masks):
+            assert torch.equal(o[m], torch.zeros_like(o[m]))
+
+
+def test_cmdie_batched_flag_and_auto_rule():
+    with pytest.raises(ValueError, match="CMDIE: batched: expected True, False or 'auto'"):
+        msa_fast.nn.CMDIE(8, 2, batched="yes")
+    cm = msa_fast.nn.CMDIE(8, 2)
+    assert cm.batched == "auto"
+    assert cm.use_batched(150, [50, 50, 50])  # aligned MOSI, concatenated G
+    assert not cm.use_batched(925, [50, 375, 500])  # unaligned MOSI
+    assert cm.use_batched(30, [9, 10, 11])
+    cm.batched = True
+    assert cm.use_batched(925, [50, 375, 500])
+    cm.batched = False
+    assert not cm.use_batched(150, [50, 50, 50])

@@ -97,9 +97,9 @@ import functools
 import torch
 from torch import nn
 
-from msa_fast import ops
 from msa_fast.models import register_model
 from msa_fast.models.encoders import SLSTMEncoder, build_text_encoder, encode_text, masked_mean
+from msa_fast.nn.attention import AddNorm, MultiheadAttention
 from msa_fast.nn.dual_gate import ENTROPY_SOURCES, DualGateFusion
 from msa_fast.ops import _validate as V
 from msa_fast.ops.reference import sentiment_classes
@@ -122,37 +122,30 @@ class CrossModalBlock(nn.Module):
     """One target modality attending to a key set: residual + LN, then an optional FFN.
 
     ``forward(x (B, Lq, d), kv (B, Lk, d), kv_mask (B, Lk) bool True = padding) ->
-    (B, Lq, d)``. ``kv_mask`` rows that are all True give a zero attention output.
+    (B, Lq, d)``: ``y = AddNorm(Dropout(W_o MHA(x W_Q, kv W_K, kv W_V)), x)`` with
+    :class:`msa_fast.nn.MultiheadAttention` (``attn``; queries and keys / values projected
+    separately) and :class:`msa_fast.nn.AddNorm` (``norm1``), then ``AddNorm(Dropout(FFN(y)),
+    y)`` (``norm2``) when ``ffn_dim > 0``. ``kv_mask`` rows that are all True give a zero
+    attention output.
     """
 
     def __init__(self, d: int, heads: int, ffn_dim: int, dropout: float, backend: str | None = None,
                  eps: float = 1e-5) -> None:
         super().__init__()
         self.d, self.heads, self.backend, self.eps = d, heads, backend, eps
-        self.q_proj = nn.Linear(d, d)
-        self.kv_proj = nn.Linear(d, 2 * d)
-        self.out_proj = nn.Linear(d, d)
-        self.norm1 = nn.LayerNorm(d, eps=eps)
+        self.attn = MultiheadAttention(d, heads, dropout=dropout, backend=backend)
+        self.norm1 = AddNorm(d, eps=eps, backend=backend)
         self.ffn = None
         if ffn_dim > 0:
             self.ffn = nn.Sequential(nn.Linear(d, ffn_dim), nn.GELU(), nn.Dropout(dropout),
                                      nn.Linear(ffn_dim, d))
-            self.norm2 = nn.LayerNorm(d, eps=eps)
+            self.norm2 = AddNorm(d, eps=eps, backend=backend)
         self.dropout = nn.Dropout(dropout)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, L, Dh)
-
-    def _add_norm(self, norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return ops.add_layer_norm(x, residual, norm.weight, norm.bias, self.eps, backend=self.backend)
-
     def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
-        k, v = self.kv_proj(kv).chunk(2, dim=-1)
-        att = ops.attention(self._heads(self.q_proj(x)), self._heads(k), self._heads(v), kv_mask,
-                            backend=self.backend)
-        y = self._add_norm(self.norm1, self.dropout(self.out_proj(att.transpose(1, 2).flatten(2))), x)
+        y = self.norm1(self.attn(x, kv, kv_mask), x)
         if self.ffn is not None:
-            y = self._add_norm(self.norm2, self.dropout(self.ffn(y)), y)
+            y = self.norm2(self.dropout(self.ffn(y)), y)
         return y
 
 

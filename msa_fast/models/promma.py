@@ -104,9 +104,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from msa_fast import ops
 from msa_fast.models import register_model
 from msa_fast.models.encoders import SLSTMEncoder, build_text_encoder, encode_text, masked_mean
+from msa_fast.nn.attention import AddNorm, MultiheadAttention, StackedLinear
 from msa_fast.ops import _validate as V
 from msa_fast.ops.reference import sinusoidal_position_encoding
 
@@ -143,48 +143,6 @@ def _stream_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_mean(x.reshape(-1, *x.shape[-2:]), mask.reshape(-1, mask.shape[-1])).view(*x.shape[:-2], -1)
 
 
-class _StackedLinear(nn.Module):
-    """``n`` independent ``Linear(i, o)`` applied to the ``n`` slices of ``x (n, ..., i)``."""
-
-    def __init__(self, n: int, i: int, o: int):
-        super().__init__()
-        bound = i ** -0.5  # nn.Linear's default init range
-        self.weight = nn.Parameter(torch.empty(n, i, o).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(n, 1, o).uniform_(-bound, bound))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, i = x.shape[0], x.shape[-1]
-        y = torch.baddbmm(self.bias, x.reshape(n, -1, i), self.weight)
-        return y.view(*x.shape[:-1], -1)
-
-
-class _StackedAddNorm(nn.Module):
-    """``LayerNorm_n(x + residual)`` with an own affine per stream ``n`` (x: ``(n, ..., d)``)."""
-
-    def __init__(self, n: int, d: int, backend: str | None, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(n, 1, 1, d))
-        self.bias = nn.Parameter(torch.zeros(n, 1, 1, d))
-        self.register_buffer("one", torch.ones(d), persistent=False)
-        self.register_buffer("zero", torch.zeros(d), persistent=False)
-        self.backend, self.eps = backend, eps
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        # under autocast the two summands may differ in dtype; the op wants one dtype
-        dt = x.dtype
-        y = ops.add_layer_norm(x, residual.to(dt), self.one.to(dt), self.zero.to(dt), self.eps, backend=self.backend)
-        return y * self.weight + self.bias
-
-
-def _attend(q, k, v, key_mask, heads: int, backend):
-    """Multi-head :func:`msa_fast.ops.attention` on projected ``(N, L, d)`` q, k, v."""
-    def split(x):
-        return x.unflatten(-1, (heads, -1)).transpose(1, 2)
-
-    k, v = k.to(q.dtype), v.to(q.dtype)  # autocast: keys from fp32 prompts, queries from a bf16 GEMM
-    return ops.attention(split(q), split(k), split(v), key_mask, backend=backend).transpose(1, 2).flatten(2)
-
-
 class _Layer(nn.Module):
     """One backbone layer over the stacked streams ``(3, B, L, d)`` (cross -> self [+ MPDC] -> FFN)."""
 
@@ -192,16 +150,17 @@ class _Layer(nn.Module):
                  backend: str | None):
         super().__init__()
         self.d, self.heads, self.backend, self.dpw, self.connect = d, heads, backend, dpw, connect
-        self.cross_in, self.cross_out = _StackedLinear(3, d, 3 * d), _StackedLinear(3, d, d)
-        self.self_in, self.self_out = _StackedLinear(3, d, 3 * d), _StackedLinear(3, d, d)
-        self.ffn1, self.ffn2 = _StackedLinear(3, d, ffn_dim), _StackedLinear(3, ffn_dim, d)
-        self.norm1, self.norm2, self.norm3 = (_StackedAddNorm(3, d, backend) for _ in range(3))
+        # stream i's cross-attention: queries when it is the target, keys / values as a source
+        self.cross = MultiheadAttention(d, heads, groups=3, backend=backend)
+        self.self_attn = MultiheadAttention(d, heads, groups=3, backend=backend)
+        self.ffn1, self.ffn2 = StackedLinear(3, d, ffn_dim), StackedLinear(3, ffn_dim, d)
+        self.norm1, self.norm2, self.norm3 = (AddNorm(d, groups=3, backend=backend) for _ in range(3))
         self.dropout = nn.Dropout(dropout)
         if dpw:
             self.critic = nn.Parameter(torch.randn(3, d, d) * d ** -0.5)
             self.beta = nn.Parameter(torch.ones(3))
         if connect:
-            self.conn_q, self.conn_kv, self.conn_out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+            self.conn = MultiheadAttention(d, heads, backend=backend)  # shared by the streams
 
     def _weights(self, x: torch.Tensor, cross: torch.Tensor, mask: torch.Tensor):
         """DPW: ``(w (3, 2, B), L_mi)`` from the InfoNCE critic of each target."""
@@ -216,25 +175,20 @@ class _Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, shared: torch.Tensor | None):
         _, B, L, d = x.shape
-        q, k, v = self.cross_in(x).chunk(3, dim=-1)
+        q, k, v = self.cross.qkv(x)
         t, s = list(_TARGETS), list(_SOURCES)
-        cross = _attend(q[t].reshape(6 * B, L, d), k[s].reshape(6 * B, L, d), v[s].reshape(6 * B, L, d),
-                        mask[s].reshape(6 * B, L), self.heads, self.backend).view(3, 2, B, L, d)
+        cross = self.cross.attend(q[t], k[s], v[s], mask[s]).view(3, 2, B, L, d)  # the six pairs, one launch
         nce, w = x.new_zeros(()), None
         if self.dpw:
             w, nce = self._weights(x, cross, mask)
             mixed = (w[..., None, None] * cross).sum(1)
         else:
             mixed = cross.mean(1)
-        x = self.norm1(self.dropout(self.cross_out(mixed)), x)
-        q, k, v = self.self_in(x).chunk(3, dim=-1)
-        h = _attend(q.reshape(3 * B, L, d), k.reshape(3 * B, L, d), v.reshape(3 * B, L, d),
-                    mask.reshape(3 * B, L), self.heads, self.backend)
-        h = self.self_out(h.view(3, B, L, d))
+        x = self.norm1(self.dropout(self.cross.out_proj(mixed)), x)
+        h = self.self_attn(x, key_padding_mask=mask)  # the three self-attentions, one launch
         if self.connect:
-            pk, pv = self.conn_kv(shared).repeat(3, 1, 1).chunk(2, dim=-1)
-            h = h + self.conn_out(_attend(self.conn_q(h).reshape(3 * B, L, d), pk, pv, None, self.heads,
-                                          self.backend).view(3, B, L, d))
+            pk, pv = self.conn.kv(shared)
+            h = h + self.conn.out_proj(self.conn.attend(self.conn.q(h), pk.repeat(3, 1, 1), pv.repeat(3, 1, 1)))
         x = self.norm2(self.dropout(h), x)
         x = self.norm3(self.dropout(self.ffn2(self.dropout(F.gelu(self.ffn1(x))))), x)
         return x.masked_fill(mask[..., None], 0.0), nce, w
@@ -337,12 +291,11 @@ class ProMMA(nn.Module):
             for k in range(layers))
         if prompts:
             self.prompt = _Prompts(d, prompt_len, disentangle)
-            self.uni1, self.uni2 = _StackedLinear(3, d, d), _StackedLinear(3, d, 1)
+            self.uni1, self.uni2 = StackedLinear(3, d, d), StackedLinear(3, d, 1)
             self.gen_query = nn.Parameter(torch.randn(3, 1, gen_len, d) * 0.2)
             self.gen_source = nn.Parameter(torch.randn(3, 1, 1, d) * 0.2)
-            self.gen_q, self.gen_kv, self.gen_out = (_StackedLinear(3, d, d), _StackedLinear(3, d, 2 * d),
-                                                     _StackedLinear(3, d, d))
-            self.gen_norm = _StackedAddNorm(3, d, backend)
+            self.gen_attn = MultiheadAttention(d, heads, groups=3, backend=backend)
+            self.gen_norm = AddNorm(d, groups=3, backend=backend)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Sequential(nn.Linear(3 * d, d), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d, 1))
         self.last_stats: dict = {}
@@ -373,11 +326,8 @@ class ProMMA(nn.Module):
         keys = (x + self.gen_source)[s].view(3, 2, B, L, d).transpose(1, 2).reshape(3, B, 2 * L, d)
         key_mask = absent[s].view(3, 2, B, L).transpose(1, 2).reshape(3 * B, 2 * L)
         query = self.gen_query.expand(3, B, -1, -1)
-        kk, vv = self.gen_kv(keys).chunk(2, dim=-1)
-        Lg = query.shape[2]
-        att = _attend(self.gen_q(query).reshape(3 * B, Lg, d), kk.reshape(3 * B, 2 * L, d),
-                      vv.reshape(3 * B, 2 * L, d), key_mask, self.heads, self.backend)
-        return self.gen_norm(self.gen_out(att.view(3, B, Lg, d)), query)
+        att = self.gen_attn(query, keys, key_mask.view(3, B, 2 * L))
+        return self.gen_norm(att, query)
 
     def _evaluate(self, x, absent, present, labels):
         """MME: pseudo-labels, generation, the impute decision ``(3, B)`` and ``L_uni, L_gen``."""

@@ -1,8 +1,11 @@
 """``DIPU`` and ``CMDIE``: FD-CMDIE's cross-modal deep interaction enhancement (eq. 13-29, SPEC 3.3).
 
-Both are built from :func:`msa_fast.ops.attention`, :func:`msa_fast.ops.add_layer_norm`
-and :class:`msa_fast.nn.GatedAttentionPooling`, so every backend of those ops
-speeds them up; the GEMMs stay in cuBLAS / MKL.
+One implementation: a DIPU's forward is :func:`msa_fast.ops.dipu.dipu_composite` (the
+function :func:`msa_fast.ops.dipu` runs), built from :class:`msa_fast.nn.MultiheadAttention`'s
+functional core on :func:`msa_fast.ops.attention` and :func:`msa_fast.ops.add_layer_norm`,
+so every backend of those ops speeds it up; the GEMMs stay in cuBLAS / MKL. CMDIE keeps
+the three DIPUs of a layer as one ``DIPU(groups=3)`` with stacked weights and runs them
+as one batched call (SPEC 3.3); ``batched=False`` runs the same weights unit by unit.
 """
 
 from __future__ import annotations
@@ -11,30 +14,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from msa_fast import ops
+from msa_fast.nn.attention import AddNorm, MultiheadAttention, StackedLinear
 from msa_fast.nn.gap import GatedAttentionPooling
 from msa_fast.ops import _validate as V
-from msa_fast.ops.reference import sinusoidal_position_encoding
+from msa_fast.ops.dipu import _resolve, dipu_composite
 
 __all__ = ["CMDIE", "DIPU"]
-
-
-class _Attention(nn.Module):
-    """Projections of one multi-head attention: ``in_proj`` = [W_Q; W_K; W_V] (d -> 3d), ``out_proj``."""
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.in_proj = nn.Linear(d, 3 * d)
-        self.out_proj = nn.Linear(d, d)
 
 
 class _FeedForward(nn.Module):
     """``fc2(Dropout(GELU(fc1(x))))`` (eq. 23-24's FNN; the residual is added by the caller)."""
 
-    def __init__(self, d: int, ffn_dim: int, dropout: float) -> None:
+    def __init__(self, d: int, ffn_dim: int, dropout: float, groups: int = 1) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(d, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, d)
+        self.fc1 = nn.Linear(d, ffn_dim) if groups == 1 else StackedLinear(groups, d, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d) if groups == 1 else StackedLinear(groups, ffn_dim, d)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,83 +47,70 @@ class DIPU(nn.Module):
 
     ``G: (B, Lg, d)`` global similarity feature, ``X: (B, Lx, d)`` one modality's
     dissimilarity feature, ``g_mask: (B, Lg)`` / ``x_mask: (B, Lx)`` bool, True =
-    padding. In eval mode (or ``dropout=0``) it equals
-    ``msa_fast.ops.reference.dipu(G, X, dict(self.named_parameters()), heads, ...)``,
-    whose docstring states the weight sharing (one cross-attention ``cross`` for
-    eq. 16, 17, 21 and 22, its keys / values of eq. 16-17 computed once and reused;
-    separate self-attentions ``self_g``, ``self_x``; separate LayerNorms and FFNs per
-    stream) and the mask rules (padded positions are never keys, their inputs are
+    padding. The forward is :func:`msa_fast.ops.dipu` with ``params =
+    dict(self.named_parameters())`` and ``dropout_p = dropout`` in train mode (0 in
+    eval), so in eval mode it equals ``msa_fast.ops.reference.dipu(G, X, params,
+    heads, ...)``, whose docstring states the weight sharing (one cross-attention
+    ``cross`` for eq. 16, 17, 21 and 22, its keys / values of eq. 16-17 computed once and
+    reused; separate self-attentions ``self_g``, ``self_x``; separate LayerNorms and FFNs
+    per stream) and the mask rules (padded positions are never keys, their inputs are
     zeroed and their outputs are 0). ``cross2=False`` drops eq. 21-22 (the paper's
-    "w/o CrossAtt-2" ablation) and with it ``norm_g3`` / ``norm_x3``.
-    ``dropout`` (train mode only) acts on every attention output before its
-    residual, and inside and after each FFN.
+    "w/o CrossAtt-2" ablation) and with it ``norm_g3`` / ``norm_x3``. ``dropout`` (train
+    mode only) acts on every attention output before its residual, and inside and after
+    each FFN.
+
+    ``groups = n > 1``: ``n`` independent units with stacked weights (every parameter
+    ``(n, *dipu_param_shapes(...)[key])``), inputs ``(n, B, L, d)`` and masks ``(n, B, L)``,
+    one batched call (what :class:`CMDIE` runs); :meth:`unit_params` gives unit ``i``'s
+    parameters as views.
     """
 
     def __init__(self, d: int, heads: int, ffn_dim: int, dropout: float = 0.0, cross2: bool = True,
-                 backend: str | None = None, eps: float = 1e-5) -> None:
+                 backend: str | None = None, eps: float = 1e-5, groups: int = 1) -> None:
         super().__init__()
         if d % heads:
             raise ValueError(f"DIPU: heads: expected a divisor of d = {d}, got {heads}")
+        V.positive_int("DIPU", "groups", groups)
         self.d, self.heads, self.ffn_dim, self.cross2, self.backend, self.eps = d, heads, ffn_dim, cross2, backend, eps
-        self.norm_g_in, self.norm_x_in = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
-        self.cross = _Attention(d)
-        self.norm_g1, self.norm_x1 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
-        self.self_g, self.self_x = _Attention(d), _Attention(d)
-        self.norm_g2, self.norm_x2 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
+        self.groups, self.dropout_p = groups, float(dropout)
+
+        def norm() -> AddNorm:
+            return AddNorm(d, groups, eps, backend)
+
+        self.norm_g_in, self.norm_x_in = norm(), norm()
+        self.cross = MultiheadAttention(d, heads, groups, backend=backend)
+        self.norm_g1, self.norm_x1 = norm(), norm()
+        self.self_g = MultiheadAttention(d, heads, groups, backend=backend)
+        self.self_x = MultiheadAttention(d, heads, groups, backend=backend)
+        self.norm_g2, self.norm_x2 = norm(), norm()
         if cross2:
-            self.norm_g3, self.norm_x3 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
-        self.ffn_g, self.ffn_x = _FeedForward(d, ffn_dim, dropout), _FeedForward(d, ffn_dim, dropout)
-        self.dropout = nn.Dropout(dropout)
+            self.norm_g3, self.norm_x3 = norm(), norm()
+        self.ffn_g = _FeedForward(d, ffn_dim, dropout, groups)
+        self.ffn_x = _FeedForward(d, ffn_dim, dropout, groups)
 
-    def _norm(self, norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return ops.add_layer_norm(x, residual, norm.weight, norm.bias, self.eps, backend=self.backend)
+    def _dropout(self) -> float:
+        return self.dropout_p if self.training else 0.0
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-
-    def _attend(self, proj: _Attention, q, k, v, key_mask) -> torch.Tensor:
-        out = ops.attention(self._heads(q), self._heads(k), self._heads(v), key_mask, backend=self.backend)
-        return self.dropout(proj.out_proj(out.transpose(1, 2).flatten(2)))
-
-    def _self_attend(self, proj: _Attention, x: torch.Tensor, key_mask) -> torch.Tensor:
-        q, k, v = proj.in_proj(x).chunk(3, dim=-1)
-        return self._attend(proj, q, k, v, key_mask)
-
-    def _with_pe(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-        pe = sinusoidal_position_encoding(x.shape[1], self.d, device=x.device, dtype=x.dtype)
-        return self._norm(norm, x, pe.expand_as(x))
+    def unit_params(self, i: int | None = None) -> dict[str, torch.Tensor]:
+        """The parameter dict :func:`msa_fast.ops.dipu` takes (unit ``i`` of a stacked DIPU)."""
+        params = dict(self.named_parameters())
+        return params if i is None else {k: v[i] for k, v in params.items()}
 
     def forward(self, G: torch.Tensor, X: torch.Tensor, g_mask: torch.Tensor | None = None,
                 x_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_pair("DIPU", G, X, g_mask, x_mask, self.d)
-        if g_mask is not None:
-            G = G.masked_fill(g_mask[..., None], 0.0)
-        if x_mask is not None:
-            X = X.masked_fill(x_mask[..., None], 0.0)
-        G0, X0 = self._with_pe(self.norm_g_in, G), self._with_pe(self.norm_x_in, X)  # eq. 13-14
-        q_g, k_g, v_g = self.cross.in_proj(G0).chunk(3, dim=-1)
-        q_x, k_x, v_x = self.cross.in_proj(X0).chunk(3, dim=-1)
-        G1 = self._norm(self.norm_g1, self._attend(self.cross, q_g, k_x, v_x, x_mask), G0)  # eq. 16
-        X1 = self._norm(self.norm_x1, self._attend(self.cross, q_x, k_g, v_g, g_mask), X0)  # eq. 17
-        G2 = self._norm(self.norm_g2, self._self_attend(self.self_g, G1, g_mask), G1)  # eq. 19
-        X2 = self._norm(self.norm_x2, self._self_attend(self.self_x, X1, x_mask), X1)  # eq. 20
-        if self.cross2:
-            w_q, b_q = self.cross.in_proj.weight[: self.d], self.cross.in_proj.bias[: self.d]
-            G3 = self._norm(self.norm_g3, self._attend(self.cross, F.linear(G2, w_q, b_q), k_x, v_x, x_mask), G2)
-            X3 = self._norm(self.norm_x3, self._attend(self.cross, F.linear(X2, w_q, b_q), k_g, v_g, g_mask), X2)
-        else:
-            G3, X3 = G2, X2
-        G_next = G3 + self.dropout(self.ffn_g(G3))  # eq. 23
-        X_next = X3 + self.dropout(self.ffn_x(X3))  # eq. 24
-        if g_mask is not None:
-            G_next = G_next.masked_fill(g_mask[..., None], 0.0)
-        if x_mask is not None:
-            X_next = X_next.masked_fill(x_mask[..., None], 0.0)
-        return G_next, X_next
+        if self.groups == 1:
+            _check_pair("DIPU", G, X, g_mask, x_mask, self.d)
+            # each sequence is the other's keys (as ops.dipu checks)
+            V.min_size("DIPU", "G", G, 1, "Lg", "(B, Lg, d)")
+            V.min_size("DIPU", "X", X, 1, "Lx", "(B, Lx, d)")
+        _resolve(self.backend, G.device)
+        # the checks of ops.dipu on the module's own parameters would only cost time
+        return dipu_composite(G, X, self.unit_params(), self.heads, g_mask, x_mask, self.eps, self.cross2,
+                              self._dropout(), self.backend)
 
     def extra_repr(self) -> str:
         return (f"d={self.d}, heads={self.heads}, ffn_dim={self.ffn_dim}, cross2={self.cross2}, "
-                f"backend={self.backend!r}")
+                f"groups={self.groups}, backend={self.backend!r}")
 
 
 class CMDIE(nn.Module):
@@ -150,18 +131,29 @@ class CMDIE(nn.Module):
     g_mask)`` with an own GAP per layer (eq. 25-29), or the plain mean of the three
     when ``pool="mean"`` (the paper's "w/o GAP" ablation). ``cross2=False`` is the
     "w/o CrossAtt-2" ablation of every DIPU. Padded positions of every output are 0.
+
+    ``batched=True`` runs the three DIPUs of a layer as one call of a stacked
+    ``DIPU(groups=3)`` (``units[i]``, parameters ``(3, ...)`` in the order t, a, v; G
+    repeated for the three pairs, the three X's right-padded to their longest length with
+    masks): one GEMM per projection, one attention launch per attention step. ``batched=
+    False`` runs the same weights unit by unit (a loop of the DIPU of :func:`msa_fast.ops.dipu`);
+    both compute the same function. ``"auto"`` (default) batches unless padding would
+    cost more than it saves (:meth:`use_batched`: aligned data batched, unaligned MOSI's
+    50 / 375 / 500 steps looped). The attribute may be switched on a built model.
     """
 
     def __init__(self, d: int, heads: int, layers: int = 3, ffn_dim: int | None = None, dropout: float = 0.0,
-                 pool: str = "gap", cross2: bool = True, backend: str | None = None) -> None:
+                 pool: str = "gap", cross2: bool = True, backend: str | None = None,
+                 batched: bool | str = "auto") -> None:
         super().__init__()
         V.choice("CMDIE", "pool", pool, ("gap", "mean"))
         V.positive_int("CMDIE", "layers", layers)
+        if not isinstance(batched, bool) and batched != "auto":
+            V.fail("CMDIE", "batched", "True, False or 'auto'", repr(batched))
         ffn_dim = 4 * d if ffn_dim is None else ffn_dim
-        self.d, self.heads, self.pool_mode, self.backend = d, heads, pool, backend
-        self.units = nn.ModuleList(
-            nn.ModuleList(DIPU(d, heads, ffn_dim, dropout, cross2, backend) for _ in range(3))
-            for _ in range(layers))
+        self.d, self.heads, self.pool_mode, self.backend, self.batched = d, heads, pool, backend, batched
+        # one stacked DIPU per layer: unit j (t, a, v) is index j of every parameter
+        self.units = nn.ModuleList(DIPU(d, heads, ffn_dim, dropout, cross2, backend, groups=3) for _ in range(layers))
         self.pools = nn.ModuleList(
             GatedAttentionPooling(d, 3, backend=backend) for _ in range(layers)) if pool == "gap" else None
 
@@ -185,16 +177,64 @@ class CMDIE(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         for name, x, m in (("T_d", T_d, t_mask), ("A_d", A_d, a_mask), ("V_d", V_d, v_mask)):
             _check_pair("CMDIE", G, x, g_mask, m, self.d, names=("G", name))
-        xs, masks = [T_d, A_d, V_d], (t_mask, a_mask, v_mask)
-        for i, units in enumerate(self.units):
+        _resolve(self.backend, G.device)
+        xs, masks = [T_d, A_d, V_d], [t_mask, a_mask, v_mask]
+        if self.use_batched(G.shape[1], [x.shape[1] for x in xs]):
+            return self._batched(G, xs, g_mask, masks)
+        for i, unit in enumerate(self.units):
             enhanced = []
-            for j, unit in enumerate(units):
-                g_j, xs[j] = unit(G, xs[j], g_mask, masks[j])
+            for j in range(3):
+                g_j, xs[j] = dipu_composite(G, xs[j], unit.unit_params(j), self.heads, g_mask, masks[j], unit.eps,
+                                            unit.cross2, unit._dropout(), self.backend)
                 enhanced.append(g_j)
-            stacked = torch.stack(enhanced)  # (3, B, Lg, d), modalities t, a, v
-            # padded positions of each G_j are 0 already, so the mean keeps them 0
-            G = self.pools[i](stacked, g_mask) if self.pools is not None else stacked.mean(dim=0)
+            G = self._pool(i, torch.stack(enhanced), g_mask)  # (3, B, Lg, d), modalities t, a, v
         return G, xs[0], xs[1], xs[2]
 
+    # padded attention work at most this much above the loop's: the saved launches win
+    # (measured on a CPU: aligned MOSI ~1.4x faster batched; unaligned 50 / 375 / 500, a
+    # ratio of 1.7, ~2x slower batched)
+    AUTO_MAX_PADDING = 1.25
+
+    def use_batched(self, lg: int, lengths: list[int]) -> bool:
+        """Whether ``forward`` runs the batched path for X lengths ``lengths`` and G length ``lg``.
+
+        ``batched=True`` / ``False``: always / never. ``"auto"``: when padding the X's to
+        the longest costs at most :attr:`AUTO_MAX_PADDING` times the attention work of
+        the loop (``sum_j L_j (L_j + 2 Lg)`` against ``3 L_max (L_max + 2 Lg)``) -- always
+        for aligned data.
+        """
+        if self.batched != "auto":
+            return bool(self.batched)
+        top = max(lengths)
+        padded = 3 * top * (top + 2 * lg)
+        return padded <= self.AUTO_MAX_PADDING * sum(n * (n + 2 * lg) for n in lengths)
+
+    def _pool(self, i: int, stacked: torch.Tensor, g_mask: torch.Tensor | None) -> torch.Tensor:
+        # padded positions of each G_j are 0 already, so the mean keeps them 0
+        return self.pools[i](stacked, g_mask) if self.pools is not None else stacked.mean(dim=0)
+
+    def _batched(self, G, xs, g_mask, masks):
+        """The three DIPUs of each layer as one call: the X's padded to a common length.
+
+        Padding at the end changes nothing for the real positions (never keys, their
+        position encodings unchanged, LayerNorm and FFN per position), so this equals
+        the per-unit loop up to float rounding; the padded outputs are cut off at the end.
+        """
+        lengths = [x.shape[1] for x in xs]
+        L = max(lengths)
+        X = torch.stack([F.pad(x, (0, 0, 0, L - n)) for x, n in zip(xs, lengths)])  # (3, B, L, d)
+        x_mask = None
+        if any(m is not None for m in masks) or min(lengths) < L:
+            B = G.shape[0]
+            x_mask = torch.stack([
+                F.pad(torch.zeros(B, n, dtype=torch.bool, device=G.device) if m is None else m, (0, L - n), value=True)
+                for m, n in zip(masks, lengths)])
+        gs_mask = None if g_mask is None else g_mask.expand(3, *g_mask.shape)
+        for i, unit in enumerate(self.units):
+            Gs, X = unit(G.expand(3, *G.shape), X, gs_mask, x_mask)
+            G = self._pool(i, Gs, g_mask)
+        return G, X[0, :, :lengths[0]], X[1, :, :lengths[1]], X[2, :, :lengths[2]]
+
     def extra_repr(self) -> str:
-        return f"d={self.d}, heads={self.heads}, pool={self.pool_mode!r}, backend={self.backend!r}"
+        return (f"d={self.d}, heads={self.heads}, pool={self.pool_mode!r}, batched={self.batched}, "
+                f"backend={self.backend!r}")

@@ -1,21 +1,25 @@
 """``dipu``: one FD-CMDIE deep interaction promotion unit, eq. 13-24 (SPEC 3.3), functional.
 
-Backends: ``eager`` (:func:`msa_fast.ops.reference.dipu`). A fused DIPU would
-register itself when it lands; until then an explicit ``triton`` / ``cpp`` /
-``cuda`` request raises ``RuntimeError`` and ``auto`` runs eager. The module
-:class:`msa_fast.nn.DIPU` is built from :func:`msa_fast.ops.attention` and
-:func:`msa_fast.ops.add_layer_norm`, so their fast paths speed it up already.
+One implementation: :func:`dipu_composite` runs the unit on :func:`msa_fast.ops.attention`
+and :func:`msa_fast.ops.add_layer_norm` with the requested ``backend`` (so their fused
+kernels speed it up; the GEMMs stay in cuBLAS / MKL), and both :func:`dipu` and the
+module :class:`msa_fast.nn.DIPU` call it; :class:`msa_fast.nn.CMDIE` calls it once per
+layer for its three DIPUs with stacked weights. :func:`msa_fast.ops.reference.dipu`
+stays the executable spec the tests compare against. There is no fused DIPU kernel:
+``backend`` names the backend of the attention / add+LayerNorm ops, and an explicit
+request that ``attention`` cannot serve raises ``RuntimeError`` naming ``dipu``.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
 from msa_fast import _backend
 from msa_fast.ops import _validate as V
 from msa_fast.ops import reference
 
-__all__ = ["dipu", "dipu_param_shapes"]
+__all__ = ["dipu", "dipu_composite", "dipu_param_shapes"]
 
 
 def dipu_param_shapes(d: int, ffn_dim: int, cross2: bool = True) -> dict[str, tuple[int, ...]]:
@@ -77,8 +81,92 @@ def _check_params(params, d: int, cross2: bool, G: torch.Tensor) -> None:
         V.tensor(op, f"params[{key!r}]", params[key], shape=shape, like=G, layout=str(shape))
 
 
-# No fused DIPU: the module msa_fast.nn.DIPU runs on the fused attention, add+LN and GAP.
+# No fused DIPU kernel: the composite runs on the fused attention and add+LN.
 _SPEC = _backend.declare(_backend.OpSpec("dipu", reference.dipu, _check, autocast=None))
+
+
+def dipu_composite(
+    G: torch.Tensor,
+    X: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    heads: int,
+    g_mask: torch.Tensor | None = None,
+    x_mask: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    cross2: bool = True,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DIPU of :func:`msa_fast.ops.reference.dipu` on the dispatched ops, unchecked.
+
+    One unit: ``G (B, Lg, d)``, ``X (B, Lx, d)``, masks ``(B, L)``, ``params`` as
+    :func:`dipu_param_shapes`. ``n`` units at once (CMDIE's three DIPUs of a layer):
+    ``G (n, B, Lg, d)``, ``X (n, B, Lx, d)``, masks ``(n, B, L)`` and every parameter
+    stacked along a new first dim (``torch.stack`` of the units' tensors); one GEMM per
+    projection and one :func:`msa_fast.ops.attention` launch per attention step serve
+    all ``n``. ``dropout_p > 0`` applies dropout (always, the caller passes 0 in eval
+    mode) to every attention output before its residual, after the GELU of each FFN
+    and to each FFN output. Computes in the input dtype (the ops take fp16 / bf16 in
+    fp32 internally); under autocast the GEMMs follow autocast.
+    """
+    from msa_fast.nn import attention as A  # the functional multi-head core (nn imports ops)
+    from msa_fast.ops.reference import sinusoidal_position_encoding
+
+    p, d = params, G.shape[-1]
+    if g_mask is not None:
+        G = G.masked_fill(g_mask[..., None], 0.0)
+    if x_mask is not None:
+        X = X.masked_fill(x_mask[..., None], 0.0)
+
+    def drop(a: torch.Tensor) -> torch.Tensor:
+        return F.dropout(a, dropout_p, True) if dropout_p > 0 else a
+
+    def norm(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return A.add_norm(a, b, p[f"{name}.weight"], p[f"{name}.bias"], eps, backend)
+
+    def lin(name: str, a: torch.Tensor) -> torch.Tensor:
+        return A.linear(a, p[f"{name}.weight"], p[f"{name}.bias"])
+
+    def attend(proj: str, q, k, v, key_mask) -> torch.Tensor:
+        return drop(lin(f"{proj}.out_proj", A.multihead_attention(q, k, v, key_mask, heads, backend)))
+
+    def self_attend(proj: str, a: torch.Tensor, key_mask) -> torch.Tensor:
+        q, k, v = lin(f"{proj}.in_proj", a).chunk(3, dim=-1)
+        return attend(proj, q, k, v, key_mask)
+
+    def with_pe(name: str, a: torch.Tensor) -> torch.Tensor:
+        pe = sinusoidal_position_encoding(a.shape[-2], d, device=a.device, dtype=a.dtype)
+        return norm(name, a, pe.expand_as(a))
+
+    G0, X0 = with_pe("norm_g_in", G), with_pe("norm_x_in", X)  # eq. 13-14
+    q_g, k_g, v_g = lin("cross.in_proj", G0).chunk(3, dim=-1)
+    q_x, k_x, v_x = lin("cross.in_proj", X0).chunk(3, dim=-1)
+    G1 = norm("norm_g1", attend("cross", q_g, k_x, v_x, x_mask), G0)  # eq. 16
+    X1 = norm("norm_x1", attend("cross", q_x, k_g, v_g, g_mask), X0)  # eq. 17
+    G2 = norm("norm_g2", self_attend("self_g", G1, g_mask), G1)  # eq. 19
+    X2 = norm("norm_x2", self_attend("self_x", X1, x_mask), X1)  # eq. 20
+    if cross2:  # eq. 21-22: W_Q of eq. 16-17, and its keys / values reused
+        w_q = p["cross.in_proj.weight"].narrow(-2, 0, d)
+        b_q = p["cross.in_proj.bias"].narrow(-1, 0, d)
+        G3 = norm("norm_g3", attend("cross", A.linear(G2, w_q, b_q), k_x, v_x, x_mask), G2)
+        X3 = norm("norm_x3", attend("cross", A.linear(X2, w_q, b_q), k_g, v_g, g_mask), X2)
+    else:
+        G3, X3 = G2, X2
+    G_next = G3 + drop(lin("ffn_g.fc2", drop(F.gelu(lin("ffn_g.fc1", G3)))))  # eq. 23
+    X_next = X3 + drop(lin("ffn_x.fc2", drop(F.gelu(lin("ffn_x.fc1", X3)))))  # eq. 24
+    if g_mask is not None:
+        G_next = G_next.masked_fill(g_mask[..., None], 0.0)
+    if x_mask is not None:
+        X_next = X_next.masked_fill(x_mask[..., None], 0.0)
+    return G_next, X_next
+
+
+def _resolve(backend: str | None, device: torch.device) -> None:
+    # no DIPU kernel: an explicit backend must be one the attention op can run
+    try:
+        _backend.resolve("attention", backend, device)
+    except RuntimeError as err:
+        raise RuntimeError(f"dipu: {str(err).split(': ', 1)[1]}") from None
 
 
 def dipu(
@@ -91,14 +179,21 @@ def dipu(
     eps: float = 1e-5,
     cross2: bool = True,
     *,
+    dropout_p: float = 0.0,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DIPU, dropout-free: ``(G (B, Lg, d), X (B, Lx, d)) -> (G_next, X_next)``.
+    """One DIPU: ``(G (B, Lg, d), X (B, Lx, d)) -> (G_next, X_next)``.
 
     ``params`` = ``dict(msa_fast.nn.DIPU(d, heads, ffn_dim, cross2=cross2).named_parameters())``
     (shapes: :func:`dipu_param_shapes`). ``Lg, Lx, d >= 1`` (each sequence is the
     other's keys; an empty one is a ``ValueError``; ``B`` may be 0; a fully padded
     sequence is fine). Formulas, weight sharing and mask rules:
-    :func:`msa_fast.ops.reference.dipu`.
+    :func:`msa_fast.ops.reference.dipu`; it runs :func:`dipu_composite` with ``backend``
+    for the attention and add+LayerNorm ops. ``dropout_p`` (default 0: the reference's
+    function) is the training dropout of :class:`msa_fast.nn.DIPU`.
     """
-    return _backend.dispatch(_SPEC, (G, X, params, heads, g_mask, x_mask, eps, bool(cross2)), backend)
+    _check(G, X, params, heads, g_mask, x_mask, eps, bool(cross2))
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        V.fail("dipu", "dropout_p", "a float in [0, 1)", repr(dropout_p))
+    _resolve(backend, G.device)
+    return dipu_composite(G, X, params, heads, g_mask, x_mask, eps, bool(cross2), float(dropout_p), backend)
