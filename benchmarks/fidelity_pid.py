@@ -1,0 +1,377 @@
+"""Fidelity on ``synthetic:mosi:pid`` (issue 15): the papers' claims on data built to show them.
+
+``synthetic:<preset>:pid`` (:mod:`msa_fast.data.synthetic_pid`) plants a redundant latent in
+every modality, a unique latent per modality, an audio x vision synergy, time-localised cues
+and, for 30 % of the samples, one corrupted modality (cue removed, noise raised). This script
+trains every configuration below over the seeds into ``--runs`` (resumable run directories;
+a finished one is reused) and reports, under ``--out``:
+
+- ``models.{json,md,png}``: every model against ``text_only`` and ``lf_dnn`` (test split,
+  mean ± std over seeds);
+- ``agfn_gates.{json,png}``: AGFN's mean entropy-gate weight ``e_m`` of each modality on the
+  test samples where that modality is corrupted against the samples where nothing is
+  (:func:`msa_fast.analysis.gates`), per seed and mean ± std over seeds. The claim holds for
+  modality m when ``mean(e_clean - e_corrupted)`` is positive and larger than the seed spread
+  (the largest std over seeds of ``e_clean``, ``e_corrupted`` and their difference);
+- ``robustness/<name>.{json,png}`` and ``robustness.md``: ``msa-fast eval --robustness all``
+  (:func:`msa_fast.robustness.run_robustness`) of each configuration's first seed, with the
+  effective robustness against ``lf_dnn`` (MultiBench), and the table (LNLN mean over rates,
+  MPLMM mean over patterns, noise AUC);
+- ``promma_drop.{json,png}``: ProMMA against its own backbone (``prompts=False``), both
+  trained with the MPLMM drop at rate 0.3, over MPLMM's seven test patterns; besides the
+  metrics, the Pearson r of the predictions with the *redundant* latent and with the *unique*
+  latent of each dropped modality (what a prompt could recover from the present modalities
+  and what nothing can);
+- ``fd_cmdie_ablations.{json,md,png}``: FD-CMDIE's Table 7 ablations (w/o CL, w/o CMDIE, w/o
+  GAP, w/o CrossAtt-2).
+
+    python benchmarks/fidelity_pid.py train agfn lf_dnn text_only   # train some (resumable)
+    python benchmarks/fidelity_pid.py report                         # everything trained so far
+    python benchmarks/fidelity_pid.py all --quick                    # CI smoke (tiny, 1 epoch)
+
+Two ``train`` processes with disjoint names use both cores of a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import RESULTS, environment  # noqa: E402
+
+# name -> (registered model, model_cfg, TrainConfig overrides)
+CONFIGS = {
+    "text_only": ("text_only", {}, {}),
+    "lf_dnn": ("lf_dnn", {}, {}),
+    "agfn": ("agfn", {}, {}),
+    "fd_cmdie": ("fd_cmdie", {}, {}),
+    "promma": ("promma", {}, {}),
+    "promma_drop0.3": ("promma", {}, {"drop_rate": 0.3}),
+    "backbone_drop0.3": ("promma", {"prompts": False}, {"drop_rate": 0.3}),
+    "fd_cmdie_wo_cl": ("fd_cmdie", {"no_cl": True}, {}),
+    "fd_cmdie_wo_cmdie": ("fd_cmdie", {"no_cmdie": True}, {}),
+    "fd_cmdie_wo_gap": ("fd_cmdie", {"no_gap": True}, {}),
+    "fd_cmdie_wo_crossatt2": ("fd_cmdie", {"no_crossatt2": True}, {}),
+}
+MODELS = ("text_only", "lf_dnn", "agfn", "fd_cmdie", "promma")
+ABLATIONS = {"FD-CMDIE": "fd_cmdie", "w/o CL": "fd_cmdie_wo_cl", "w/o CMDIE": "fd_cmdie_wo_cmdie",
+             "w/o GAP": "fd_cmdie_wo_gap", "w/o CrossAtt-2": "fd_cmdie_wo_crossatt2"}
+SHOWN = ("MAE", "Corr", "Non0_acc_2", "Has0_acc_2", "Mult_acc_7")
+MODS = ("text", "audio", "vision")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _ms(vals) -> dict:
+    a = np.asarray(vals, dtype=np.float64)
+    return {"mean": round(float(a.mean()), 4), "std": round(float(a.std()), 4),
+            "per_seed": [round(float(v), 4) for v in a]}
+
+
+# -- training ------------------------------------------------------------------------------
+
+
+def train(names, args) -> None:
+    from msa_fast.train import TrainConfig, run_experiment
+
+    for name in names:
+        model, model_cfg, over = CONFIGS[name]
+        out = os.path.join(args.runs, name)
+        done = os.path.join(out, "results.json")
+        if os.path.exists(done) and json.load(open(done))["seeds"] == args.seeds:
+            print(f"{name}: trained already ({done})", flush=True)
+            continue
+        t0 = time.perf_counter()
+        extra = {"epochs": args.epochs} if args.epochs else {}
+        if args.quick:
+            extra.update(batch_size=16)
+        cfg = TrainConfig(model=model, data=args.data, seeds=args.seeds, out=out, progress=False,
+                          model_cfg=model_cfg, resume=os.path.exists(os.path.join(out, "run.json")),
+                          **extra, **over)
+        run_experiment(cfg, log=lambda s: print(s, flush=True))
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def _results(args, name):
+    path = os.path.join(args.runs, name, "results.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def _seed_dirs(args, name):
+    res = _results(args, name)
+    return [] if res is None else [os.path.join(args.runs, name, f"seed_{s}") for s in res["seeds"]]
+
+
+def _table(rows: dict, title: str) -> str:
+    lines = [title, "", "| model | " + " | ".join(SHOWN) + " |", "|" + "---|" * (len(SHOWN) + 1)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['mean'][k]:.4f} ± {r['std'][k]:.4f}" for k in SHOWN) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _bars(rows: dict, path: str, title: str) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, better in zip(axes, ("MAE", "Non0_acc_2"), ("lower", "higher")):
+        names = list(rows)
+        ax.bar(names, [rows[n]["mean"][key] for n in names], yerr=[rows[n]["std"][key] for n in names],
+               color=["#999999" if n in ("text_only", "lf_dnn") else "#3b75af" for n in names], capsize=4)
+        ax.set_title(f"{key} ({better} is better)")
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report_models(args, names: dict, stem: str, title: str) -> dict | None:
+    rows = {}
+    for label, name in names.items():
+        res = _results(args, name)
+        if res is not None and res.get("mean"):
+            rows[label] = {"mean": res["mean"], "std": res["std"], "seeds": res["seeds"],
+                           "per_seed": [r["test"] for r in res["per_seed"]]}
+    if not rows:
+        return None
+    title = f"{title}: test split of `{args.data}`, mean ± std over seeds {args.seeds}"
+    with open(stem + ".json", "w") as f:
+        json.dump({"data": args.data, "seeds": args.seeds, "environment": environment(torch.device("cpu")),
+                   "rows": rows}, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(_table(rows, title + "; made by `python benchmarks/fidelity_pid.py report`."))
+    _bars(rows, stem + ".png", title)
+    return rows
+
+
+def report_gates(args) -> dict | None:
+    from msa_fast.analysis import gates
+    from msa_fast.robustness import load_run
+
+    dirs = _seed_dirs(args, "agfn")
+    if not dirs:
+        return None
+    per_seed = []
+    for d in dirs:
+        model, _, data, cfg = load_run(d)
+        res, fig = gates(model, data, "test", cfg.batch_size, "cpu", "agfn")
+        _pyplot().close(fig)
+        if "skipped" in res["corrupted"]:
+            raise SystemExit(f"gates: {res['corrupted']['skipped']}")
+        per_seed.append(res)
+    out = {"data": args.data, "seeds": args.seeds, "split": "test", "per_modality": {}}
+    for mod in MODS:
+        clean = [r["corrupted"][mod]["e_clean"] for r in per_seed]
+        cor = [r["corrupted"][mod]["e_corrupted"] for r in per_seed]
+        diff = [a - b for a, b in zip(clean, cor)]
+        noised = [r["noise"][mod]["e_noised"] if isinstance(r["noise"][mod], dict) else float("nan")
+                  for r in per_seed]
+        row = {"e_clean": _ms(clean), "e_corrupted": _ms(cor), "e_clean_minus_corrupted": _ms(diff),
+               "e_noised_1std": _ms(noised), "n_corrupted": per_seed[0]["corrupted"][mod]["n_corrupted"],
+               "g_clean": _ms([r["corrupted"][mod]["g_clean"] for r in per_seed]),
+               "g_corrupted": _ms([r["corrupted"][mod]["g_corrupted"] for r in per_seed])}
+        spread = max(row["e_clean"]["std"], row["e_corrupted"]["std"], row["e_clean_minus_corrupted"]["std"])
+        row["seed_spread"] = spread
+        row["claim_holds"] = bool(row["e_clean_minus_corrupted"]["mean"] > max(spread, 0.0))
+        out["per_modality"][mod] = row
+    out["n_clean"] = per_seed[0]["corrupted"]["n_clean"]
+    out["per_seed"] = per_seed
+    stem = os.path.join(args.out, "agfn_gates")
+    with open(stem + ".json", "w") as f:
+        json.dump(out, f, indent=2)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    x = np.arange(3)
+    for i, (key, label) in enumerate((("e_clean", "clean samples"), ("e_corrupted", "samples where it is corrupted"))):
+        ax.bar(x + (i - 0.5) * 0.38, [out["per_modality"][m][key]["mean"] for m in MODS], 0.38,
+               yerr=[out["per_modality"][m][key]["std"] for m in MODS], capsize=4, label=label)
+    ax.set_xticks(x, MODS)
+    ax.set_ylabel("mean entropy-gate weight e_m")
+    ax.set_title(f"AGFN on {args.data}, test, {len(dirs)} seed(s) (± std over seeds)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=120)
+    plt.close(fig)
+    return out
+
+
+def report_robustness(args, names) -> str | None:
+    from msa_fast.robustness import (
+        add_effective_robustness,
+        markdown_table,
+        plot,
+        run_robustness,
+        save_json,
+    )
+
+    rdir = os.path.join(args.out, "robustness")
+    os.makedirs(rdir, exist_ok=True)
+    ref = None
+    paths = []
+    for name in ["lf_dnn"] + [n for n in names if n != "lf_dnn"]:
+        dirs = _seed_dirs(args, name)
+        if not dirs:
+            continue
+        path = os.path.join(rdir, f"{name}.json")
+        if os.path.exists(path) and not args.redo:
+            result = json.load(open(path))
+        else:
+            result = _robustness(dirs[0], args, run_robustness)
+            if ref is not None:
+                add_effective_robustness(result, ref)
+            save_json(path, result)
+            plot(result, os.path.join(rdir, f"{name}.png"))
+        if name == "lf_dnn":
+            ref = result
+        paths.append(path)
+    if not paths:
+        return None
+    table = markdown_table(paths)
+    with open(os.path.join(args.out, "robustness.md"), "w") as f:
+        f.write(table)
+    return table
+
+
+def _robustness(run_dir, args, run_robustness) -> dict:
+    from msa_fast.robustness import load_run
+
+    model, state, data, cfg = load_run(run_dir)
+    kw = {}
+    if args.quick:
+        kw = dict(rates=(0.0, 0.5), levels=(0.0, 0.5, 1.0))
+    result = run_robustness(model, data, "test", seeds=(0,), batch_size=cfg.batch_size, **kw)
+    result.update(checkpoint=os.path.abspath(run_dir), model=state["model"], data=cfg.data)
+    return result
+
+
+def report_promma_drop(args) -> dict | None:
+    from msa_fast.data.loader import make_loader
+    from msa_fast.data.missing import drop_modalities
+    from msa_fast.metrics import mosi_regression_metrics
+    from msa_fast.robustness import DROP_PATTERNS, _Transform, load_run, pattern_name
+    from msa_fast.train.trainer import predict
+
+    names = {"promma": "promma_drop0.3", "backbone": "backbone_drop0.3"}
+    if not all(_seed_dirs(args, n) for n in names.values()):
+        return None
+    out = {"data": args.data, "seeds": args.seeds, "train_drop_rate": 0.3, "patterns": {}}
+    for label, name in names.items():
+        per_pattern: dict[str, list] = {}
+        for d in _seed_dirs(args, name):
+            model, _, data, cfg = load_run(d)
+            latent = data["test"].extra["latent"]  # (N, 6): redundant, unique t/a/v, synergy a/v
+            for pat in DROP_PATTERNS:
+                loader = make_loader(data["test"], cfg.batch_size, shuffle=False, aligned=data.aligned,
+                                     protocol=_Transform(lambda b, g, pat=pat: drop_modalities(b, pat), 0),
+                                     name="test")
+                p, y = predict(model, loader, torch.device("cpu"), False)
+                row = {k: mosi_regression_metrics(p, y)[k] for k in ("MAE", "Non0_acc_2", "Corr")}
+                row["r_redundant"] = float(np.corrcoef(p.numpy(), latent[:, 0].numpy())[0, 1])
+                for m in range(3):
+                    row[f"r_unique_{MODS[m]}"] = float(np.corrcoef(p.numpy(), latent[:, 1 + m].numpy())[0, 1])
+                per_pattern.setdefault(pattern_name(pat), []).append(row)
+        out["patterns"][label] = {pat: {k: _ms([r[k] for r in rows]) for k in rows[0]}
+                                  for pat, rows in per_pattern.items()}
+    stem = os.path.join(args.out, "promma_drop")
+    with open(stem + ".json", "w") as f:
+        json.dump(out, f, indent=2)
+    plt = _pyplot()
+    pats = list(out["patterns"]["promma"])
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax, key, title in zip(axes, ("MAE", "r_redundant", "unique"),
+                              ("test MAE (lower is better)", "r(pred, redundant latent)",
+                               "r(pred, unique latent of the dropped modality)")):
+        for i, label in enumerate(names):
+            rows = out["patterns"][label]
+            if key == "unique":
+                vals = [np.mean([rows[p][f"r_unique_{MODS['TAV'.index(c)]}"]["mean"] for c in p.split(",")])
+                        if p != "complete" else np.nan for p in pats]
+                errs = None
+            else:
+                vals, errs = [rows[p][key]["mean"] for p in pats], [rows[p][key]["std"] for p in pats]
+            ax.bar(np.arange(len(pats)) + (i - 0.5) * 0.38, vals, 0.38, yerr=errs, capsize=3,
+                   label="ProMMA" if label == "promma" else "backbone (prompts off)")
+        ax.set_xticks(np.arange(len(pats)), [f"-{p}" if p != "complete" else p for p in pats], rotation=30)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{args.data}: trained with drop rate 0.3; test with MPLMM's patterns "
+                 f"(-X = X missing), {len(args.seeds)} seed(s)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=120)
+    plt.close(fig)
+    return out
+
+
+def report(args) -> None:
+    os.makedirs(args.out, exist_ok=True)
+    summary = {}
+    rows = report_models(args, {n: n for n in MODELS}, os.path.join(args.out, "models"), "Every model")
+    if rows:
+        summary["models"] = {n: {k: r["mean"][k] for k in SHOWN} for n, r in rows.items()}
+    abl = report_models(args, ABLATIONS, os.path.join(args.out, "fd_cmdie_ablations"), "FD-CMDIE ablations")
+    if abl:
+        summary["fd_cmdie_ablations"] = {n: {k: r["mean"][k] for k in SHOWN} for n, r in abl.items()}
+    g = report_gates(args)
+    if g:
+        summary["agfn_gates"] = {m: {"e_clean": r["e_clean"]["mean"], "e_corrupted": r["e_corrupted"]["mean"],
+                                     "diff": r["e_clean_minus_corrupted"], "claim_holds": r["claim_holds"]}
+                                 for m, r in g["per_modality"].items()}
+    table = report_robustness(args, list(MODELS) + ["promma_drop0.3", "backbone_drop0.3"])
+    if table:
+        summary["robustness_md"] = os.path.join(args.out, "robustness.md")
+    pd = report_promma_drop(args)
+    if pd:
+        summary["promma_drop"] = {lab: {p: {k: v["mean"] for k, v in r.items()} for p, r in rows.items()}
+                                  for lab, rows in pd["patterns"].items()}
+    print(json.dumps(summary, indent=1))
+    if table:
+        print(table)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("stage", choices=("train", "report", "all"))
+    p.add_argument("names", nargs="*", help=f"configurations to train (default all): {', '.join(CONFIGS)}")
+    p.add_argument("--data", default="synthetic:mosi:pid")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1111, 1112, 1113])
+    p.add_argument("--epochs", type=int, default=None, help="max epochs (default: TrainConfig's)")
+    p.add_argument("--runs", default=os.path.join("runs", "pid"), help="run directories")
+    p.add_argument("--out", default=os.path.join(RESULTS, "pid"), help="JSON / PNG / MD outputs")
+    p.add_argument("--redo", action="store_true", help="recompute robustness JSONs that exist")
+    p.add_argument("--quick", action="store_true", help="tiny data, 1 epoch, 1 seed, short sweeps (smoke)")
+    args = p.parse_args(argv)
+    unknown = [n for n in args.names if n not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
+    if args.quick:
+        args.data, args.seeds, args.epochs = "synthetic:tiny:pid:limit=64", [1], 1
+        if args.out == os.path.join(RESULTS, "pid"):
+            args.out = os.path.join(RESULTS, "quick", "pid")
+        if args.runs == os.path.join("runs", "pid"):
+            args.runs = os.path.join(args.out, "runs")
+    torch.set_num_threads(1)
+    if args.stage in ("train", "all"):
+        train(args.names or list(CONFIGS), args)
+    if args.stage in ("report", "all"):
+        report(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
