@@ -78,7 +78,11 @@ def _unpacked_slstm_forward(self, x: torch.Tensor, mask: torch.Tensor | None = N
     B, L, _ = x.shape
     lengths = (L - mask.sum(1)) if mask is not None else torch.full((B,), L, device=x.device)
     lengths = lengths.clamp(min=1)
-    out, _ = self.lstm(x)
+    flat, bias, layers, hidden = self._unpacked_lstm
+    h0 = x.new_zeros(layers, B, hidden)
+    # the aten op nn.LSTM calls for unpacked input; dynamo traces it but refuses to touch an
+    # nn.LSTM module, hence the weights kept aside by unpack_lstms
+    out = torch.lstm(x, (h0, h0), flat, bias, layers, 0.0, False, False, True)[0]
     keep = torch.arange(L, device=x.device)[None, :] < lengths[:, None]
     seq = out * keep.unsqueeze(-1).to(out.dtype)
     pooled = out.gather(1, (lengths - 1).view(B, 1, 1).expand(B, 1, out.shape[-1])).squeeze(1)
@@ -93,6 +97,9 @@ def unpack_lstms(model: nn.Module) -> int:
     n = 0
     for mod in model.modules():
         if isinstance(mod, SLSTMEncoder) and not mod.lstm.bidirectional:
+            lstm = mod.lstm
+            mod._unpacked_lstm = (list(lstm._flat_weights), lstm.bias, lstm.num_layers,
+                                  lstm.hidden_size)
             mod.forward = types.MethodType(_unpacked_slstm_forward, mod)
             n += 1
     return n
@@ -287,8 +294,11 @@ def _pad_rows(batch: dict, rows: slice, Bp: int, Ls: dict) -> dict:
         out[f"{m}_mask"] = mask.contiguous()
         out[f"{m}_lengths"] = (L - mask.sum(1)).long()
     pres = batch.get("present")
-    pres = torch.ones(n, 3, dtype=torch.bool) if pres is None else pres[rows].bool()
-    out["present"] = torch.cat([pres, pres.new_ones(Bp - n, 3)]) if Bp > n else pres
+    if pres is not None and not bool(pres[rows].all()):
+        # only where a modality is missing: every model reads an absent "present" as all
+        # present, and FD-CMDIE branches on present.all() (a graph break) when it is given
+        pres = pres[rows].bool()
+        out["present"] = torch.cat([pres, pres.new_ones(Bp - n, 3)]) if Bp > n else pres
     return out
 
 
@@ -439,7 +449,7 @@ class Predictor:
                     outs.append(self._eager(padded)[:k])
                     continue
                 padded = _pad_rows(batch, rows, key[0], dict(zip(MODALITIES, key[1:])))
-                outs.append(self._run(key, padded)[:k])
+                outs.append(self._run((*key, "present" in padded), padded)[:k])
         return torch.cat(outs).float().cpu()
 
     def _eager(self, batch: dict) -> torch.Tensor:
