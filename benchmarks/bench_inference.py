@@ -237,7 +237,7 @@ def main() -> None:
                         if prov == "eager":
                             dev_batch = {k: v.to(device) for k, v in batch.items()}
 
-                            def fn(b=dev_batch):
+                            def fn(b=dev_batch, model=model):
                                 with torch.inference_mode():
                                     return model(b)["pred"]
                         else:
