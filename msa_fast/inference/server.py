@@ -14,14 +14,17 @@ and finite, of rank 2, of the checkpoint's width and at most ``max_length`` step
 answers a failure with 422 and ``{"detail": [{"loc": ["body", "<field>"], "msg": ...}]}``, so a
 malformed request never reaches (nor fails) a batch of good ones, and the server keeps serving.
 The widths travel to the HTTP worker processes in the environment (``MSA_FAST_SERVE_LIMITS``).
+This module imports ``litserve`` (the ``serve`` extra); :mod:`msa_fast.inference` does not.
 """
 
-from __future__ import annotations
 
+# no `from __future__ import annotations`: LitServe hands decode_request's annotation to
+# FastAPI, which must see the class itself (a string makes it a query parameter)
 import json
 import math
 import os
 
+import litserve as ls
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 LIMITS_ENV = "MSA_FAST_SERVE_LIMITS"
@@ -85,44 +88,44 @@ def _class_7(x: float) -> int:
     return int(round(min(3.0, max(-3.0, x))))
 
 
-def make_api(checkpoint: str, device: str = "auto", backend: str = "auto", compile="auto",
-             max_batch: int = 64, batch_timeout: float = 0.005):
-    """The LitAPI of a run directory (imports litserve: the ``serve`` extra)."""
-    import litserve as ls
+class PredictorAPI(ls.LitAPI):
+    """The LitAPI of a run directory: a Predictor per worker, a batch per Predictor call."""
 
-    class PredictorAPI(ls.LitAPI):
-        def setup(self, device_name):
-            from msa_fast.inference.predictor import Predictor
+    def __init__(self, checkpoint: str, device: str = "auto", backend: str = "auto",
+                 compile="auto", max_batch: int = 64, batch_timeout: float = 0.005):
+        super().__init__(max_batch_size=max_batch, batch_timeout=batch_timeout)
+        self.checkpoint, self.device_name, self.backend = checkpoint, device, backend
+        self.compile_flag, self.max_batch = compile, max_batch
 
-            self.predictor = Predictor.from_checkpoint(checkpoint, device=device, backend=backend,
-                                                       max_batch=max_batch, compile=compile)
-            self.text_key = ("text_bert" if self.predictor.dims["text_input"] == "bert"
-                             else "text")
+    def setup(self, device):
+        from msa_fast.inference.predictor import Predictor
 
-        def decode_request(self, request: PredictRequest):
-            return {"text" if self.text_key == "text" else "text_bert": getattr(request, self.text_key),
-                    "audio": request.audio, "vision": request.vision}
+        self.predictor = Predictor.from_checkpoint(self.checkpoint, device=self.device_name,
+                                                   backend=self.backend, max_batch=self.max_batch,
+                                                   compile=self.compile_flag)
+        self.text_key = "text_bert" if self.predictor.dims["text_input"] == "bert" else "text"
 
-        def batch(self, inputs):
-            return list(inputs)
+    def decode_request(self, request: PredictRequest):
+        return {self.text_key: getattr(request, self.text_key), "audio": request.audio,
+                "vision": request.vision}
 
-        def predict(self, x):
-            return self.predictor.predict(x).tolist()
+    def batch(self, inputs):
+        return list(inputs)
 
-        def unbatch(self, output):
-            return list(output)
+    def predict(self, x):
+        return self.predictor.predict(x).tolist()
 
-        def encode_response(self, output):
-            return {"sentiment": float(output), "class_7": _class_7(float(output))}
+    def unbatch(self, output):
+        return list(output)
 
-    return PredictorAPI(max_batch_size=max_batch, batch_timeout=batch_timeout)
+    def encode_response(self, output):
+        return {"sentiment": float(output), "class_7": _class_7(float(output))}
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 64,
           batch_timeout: float = 0.005, device: str = "auto", backend: str = "auto",
           compile="auto", max_length: int | None = None) -> None:
     """Run the server until interrupted (one worker; see the module docstring)."""
-    import litserve as ls
     import torch
 
     from msa_fast.inference.predictor import DEFAULT_LENGTH_BUCKETS, _check_dims
@@ -133,7 +136,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
     os.environ[LIMITS_ENV] = json.dumps({
         "text": dims["text"], "audio": dims["audio"], "vision": dims["vision"],
         "text_input": dims["text_input"], "max_length": max_length or max(DEFAULT_LENGTH_BUCKETS)})
-    api = make_api(checkpoint, device, backend, compile, max_batch, batch_timeout)
+    api = PredictorAPI(checkpoint, device, backend, compile, max_batch, batch_timeout)
     accel = "cuda" if (device == "auto" and torch.cuda.is_available()) or device.startswith("cuda") \
         else "cpu"
     server = ls.LitServer(api, accelerator=accel, devices=1, workers_per_device=1, timeout=60)
@@ -141,4 +144,4 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
                log_level="warning")
 
 
-__all__ = ["LIMITS_ENV", "PredictRequest", "make_api", "serve"]
+__all__ = ["LIMITS_ENV", "PredictRequest", "PredictorAPI", "serve"]
