@@ -16,7 +16,8 @@ Numeric and layout choices:
 - **Buckets.** Every chunk of at most ``max_batch`` rows is padded to a power-of-two batch
   bucket (pad rows: zeros of length 1, dropped from the result) and each modality to the
   smallest length bucket (``length_buckets``, default the powers of two 8 .. 512) that holds
-  it (pad: zeros, mask True). So one compiled graph / CUDA graph serves each
+  it (pad: zeros, mask True); aligned input (every modality padded to one length) gets one
+  common length bucket, so that it stays aligned. So one compiled graph / CUDA graph serves each
   ``(batch, text, audio, vision)`` bucket and nothing recompiles per request. A chunk longer
   than the largest bucket runs eagerly at its own shape. Models are per-sample in eval mode
   (no batch statistics) and mask their padding, so the bucket a sample lands in does not change
@@ -438,11 +439,19 @@ class Predictor:
         from msa_fast import use_backend
 
         outs = []
+        text_key = "text_bert" if "text_bert" in batch else "text"
+        # aligned input (one padded length for every modality) stays aligned: one common
+        # length bucket, since a model may read equal lengths as aligned data (FD-CMDIE's
+        # global feature 'auto': mean when aligned, concat otherwise)
+        aligned = len({batch[text_key].shape[_seq_dim(text_key)], batch["audio"].shape[1],
+                       batch["vision"].shape[1]}) == 1
         with torch.inference_mode(), use_backend(self.backend):
             for s in range(0, n, self.max_batch):
                 rows = slice(s, min(n, s + self.max_batch))
                 k = rows.stop - rows.start
                 lengths = _batch_lengths(batch, rows)
+                if aligned:
+                    lengths = dict.fromkeys(MODALITIES, max(lengths.values()))
                 key = self.bucket_of(k, lengths)
                 if key is None:  # outside the buckets: eager at the chunk's own shape
                     padded = _pad_rows(batch, rows, k, lengths)
