@@ -304,12 +304,6 @@ def cmd_predict(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    try:
-        import litserve  # noqa: F401
-    except ImportError:
-        raise UserError("serve needs LitServe: pip install 'msa_fast[serve]'") from None
-    from msa_fast.inference.server import serve
-
     if not os.path.isfile(os.path.join(args.checkpoint, "state.json")):
         raise UserError(f"no checkpoint in {args.checkpoint} (state.json not found)")
     if args.max_batch < 1:
@@ -318,6 +312,12 @@ def cmd_serve(args) -> int:
         raise UserError(f"--batch-timeout: expected seconds >= 0, got {args.batch_timeout}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port: expected 1-65535, got {args.port}")
+    try:
+        import litserve  # noqa: F401
+    except ImportError:
+        raise UserError("serve needs LitServe: pip install 'msa_fast[serve]'") from None
+    from msa_fast.inference.server import serve
+
     serve(args.checkpoint, host=args.host, port=args.port, max_batch=args.max_batch,
           batch_timeout=args.batch_timeout, device=args.device,
           compile=_compile_flag(args.compile), max_length=args.max_length)
