@@ -17,7 +17,8 @@ longest sample of a batch decides its padded length, so every row is full length
 Timing: ``time.perf_counter`` around each call (a CUDA synchronize inside) after warm-up
 calls (the compile / capture of the bucket happens in the warm-up), p50 and p99 over
 ``--iters`` calls, throughput = batch / mean. ``torch.set_num_threads(--threads)`` is fixed
-and recorded. JSON: ``benchmarks/results/inference_<device>.json`` and a PNG beside it.
+and recorded. JSON: ``benchmarks/results/inference_<device>.json``, a PNG and the README's markdown
+table (``.md``) beside it; ``speedup`` in the JSON has the Predictor / eager ratios.
 
     python benchmarks/bench_inference.py                                # the full matrix
     python benchmarks/bench_inference.py --models agfn --batches 1 64 --shapes mosi_aligned
@@ -179,7 +180,8 @@ def main() -> None:
     p.add_argument("--server-seconds", type=float, default=3.0)
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on the CPU")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on the CPU (1: no "
+                   "oversubscription on a shared machine)")
     p.add_argument("--quick", action="store_true", help="lf_dnn, mosi_aligned, batch 1, eager "
                    "and the eager Predictor, 5 calls: a smoke test")
     p.add_argument("--out", default=None)
@@ -254,7 +256,27 @@ def main() -> None:
     payload["speedup"] = _speedups(payload["results"])
     write("inference", payload, path)
     print(json.dumps(payload["speedup"], indent=1))
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(table(payload))
     _plot(payload, path)
+
+
+def table(payload: dict) -> str:
+    """The README's table: p50 / p99 ms and samples/s per model, shape, batch and provider."""
+    lines = [f"{payload['env']['device']}, {payload['env']['threads']} threads, torch "
+             f"{payload['env']['torch']}, commit {str(payload['env']['commit'])[:10]}", "",
+             "| model | shape | batch | provider | p50 ms | p99 ms | samples/s | vs eager p50 |",
+             "|---|---|---|---|---|---|---|---|"]
+    ratio = {(r["model"], r["shape"], r["batch"], r["provider"]): r["p50_ratio"]
+             for r in payload.get("speedup", [])}
+    for r in payload["results"]:
+        if "p50_ms" not in r:
+            continue
+        prov = r["provider"] + (f" ({r['clients']} clients)" if "clients" in r else "")
+        x = ratio.get((r["model"], r["shape"], r.get("batch"), r["provider"]))
+        lines.append(f"| {r['model']} | {r['shape']} | {r.get('batch', 1)} | {prov} | {r['p50_ms']:.3f} "
+                     f"| {r['p99_ms']:.3f} | {r['samples_per_s']:.1f} | {'' if x is None else f'{x:.2f}x'} |")
+    return "\n".join(lines) + "\n"
 
 
 def _speedups(rows: list[dict]) -> list[dict]:
