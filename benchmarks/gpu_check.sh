@@ -18,7 +18,8 @@
 #   4. every op benchmark at the MOSEI and large-batch shapes in bf16 and fp32
 #      (--device cuda), pair mining at N = 16,326, D = 877, k = 10 and 50, then one
 #      training step of every model (bench_train_step.py: bf16 autocast, MOSEI unaligned
-#      and MOSI aligned).
+#      and MOSI aligned), and inference (bench_inference.py: model.eval() vs the Predictor
+#      eager vs CUDA graphs, MOSI aligned and MOSEI unaligned, batch 1 and 64).
 #
 # Output: the folder $GPU_CHECK_OUT (default benchmarks/results/gpu_check), packed
 # into gpu_check.tgz beside it; with $OUT set (the device tool's folder, which brings
@@ -142,6 +143,7 @@ if [ "$QUICK" = 1 ]; then
   done
   bench contrastive $PY benchmarks/bench_contrastive.py --quick --device cpu --out "$DIR/contrastive_cpu.json"
   bench train_step $PY benchmarks/bench_train_step.py --quick --device cpu --out "$DIR/train_step_cpu.json"
+  bench inference $PY benchmarks/bench_inference.py --quick --device cpu --out "$DIR/inference_cpu.json"
 else
   for dt in bfloat16 float32; do
     bench "dual_gate_$dt" $PY benchmarks/bench_dual_gate.py --device cuda --dtype $dt \
@@ -157,6 +159,11 @@ else
     bench "pair_mining_$dt" $PY benchmarks/bench_pair_mining.py --device cuda --dtype $dt --n 16326 --d 877 \
       --k 10 50 --providers eager-chunked torch.compile triton cuda --out "$DIR/pair_mining_$dt.json"
   done
+  # inference: model.eval() vs the Predictor eager vs its CUDA graphs (one graph per bucket),
+  # fp32, batch 1 and 64 (targets: batch-1 p50 < 1 ms with CUDA graphs and >= 3x eager)
+  bench inference $PY benchmarks/bench_inference.py --device cuda --models agfn fd_cmdie promma lf_dnn \
+    --shapes mosi_aligned mosei_unaligned --batches 1 64 \
+    --providers eager predictor_eager predictor_cuda_graphs --iters 50 --out "$DIR/inference_cuda.json"
   # one training step of every model at MOSEI unaligned, bf16 autocast (the trainer's GPU mode)
   bench train_step $PY benchmarks/bench_train_step.py --device cuda --shapes mosei_unaligned,mosi_aligned \
     --steps 20 --out "$DIR/train_step_cuda.json"

@@ -111,6 +111,29 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int)
     a.add_argument("--limit", type=int, help="tsne: at most N samples of the split (default 500)")
 
+    pr = sub.add_parser("predict", help="predict a split with a run directory's weights (CSV)")
+    pr.add_argument("--checkpoint", required=True, help="run directory (out/seed_<seed>)")
+    pr.add_argument("--data", help="data to predict (default: the training data)")
+    pr.add_argument("--split", default="test", choices=SPLITS)
+    pr.add_argument("--out", help="CSV file: id, prediction, label")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--weights", choices=("best", "last"), default="best")
+    pr.add_argument("--max-batch", type=int, default=64, help="largest batch bucket")
+    pr.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile on the CPU (default: the per-model table)")
+
+    sv = sub.add_parser("serve", help="HTTP JSON inference server (LitServe, the serve extra)")
+    sv.add_argument("--checkpoint", required=True, help="run directory (out/seed_<seed>)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=64, help="dynamic batching: most requests per batch")
+    sv.add_argument("--batch-timeout", type=float, default=0.005,
+                    help="dynamic batching: seconds to wait for a batch to fill")
+    sv.add_argument("--device", default="auto")
+    sv.add_argument("--max-length", type=int, help="longest sequence accepted (default 512)")
+    sv.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile on the CPU (default: the per-model table)")
+
     d = sub.add_parser("data", help="synthetic data and pickle inspection")
     dsub = d.add_subparsers(dest="data_cmd", required=True, parser_class=_Parser)
     s = dsub.add_parser("synth", help="write a synthetic MMSA pickle")
@@ -304,6 +327,85 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def _compile_flag(value):
+    return "auto" if value is None else bool(value)
+
+
+def cmd_predict(args) -> int:
+    import csv
+
+    import torch
+
+    from msa_fast.data.loader import make_loader
+    from msa_fast.data.missing import MissingProtocol
+    from msa_fast.data.source import load_data
+    from msa_fast.inference import Predictor
+    from msa_fast.metrics import format_metrics, mosi_regression_metrics
+    from msa_fast.train.config import TrainConfig
+
+    if args.max_batch < 1:
+        raise UserError(f"--max-batch: expected a positive integer, got {args.max_batch}")
+    pred = Predictor.from_checkpoint(args.checkpoint, device=args.device, weights=args.weights,
+                                     max_batch=args.max_batch, compile=_compile_flag(args.compile))
+    state = pred.state
+    cfg = TrainConfig.from_dict(state["config"])
+    data = load_data(args.data or state["data"], limit=cfg.limit if not args.data else None)
+    if data.dims != state["dims"]:
+        raise UserError(f"data widths {data.dims} differ from the checkpoint's {state['dims']}")
+    split = data[args.split]
+    if len(split) == 0:
+        raise UserError(f"--split: split {args.split!r} of {args.data or state['data']} is empty")
+    # the loader and missing-modality protocol of `msa-fast eval`, so the metrics are its own
+    loader = make_loader(split, cfg.batch_size, shuffle=False, seed=state["seed"],
+                         aligned=data.aligned, protocol=MissingProtocol(cfg.missing_rate, cfg.drop_rate),
+                         name=args.split)
+    preds, labels, index = [], [], []
+    for batch in loader:
+        preds.append(pred.predict(batch))
+        labels.append(batch["labels"].float())
+        index.append(batch["index"])
+    p, y, idx = torch.cat(preds), torch.cat(labels), torch.cat(index)
+    if args.out:
+        try:
+            d = os.path.dirname(os.path.abspath(args.out))
+            os.makedirs(d, exist_ok=True)
+            with open(args.out, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["id", "prediction", "label"])
+                for i, pv, yv in zip(idx.tolist(), p.tolist(), y.tolist()):
+                    w.writerow([split.ids[i] if split.ids else i, repr(pv), repr(yv)])
+        except OSError as e:
+            raise UserError(f"--out: cannot write {args.out} ({e.strerror or type(e).__name__})") from None
+    m = mosi_regression_metrics(p, y)
+    m["Loss"] = round(float((p - y).abs().mean()), 4)
+    print(f"{state['model']} on {args.data or state['data']} [{args.split}]: {format_metrics(m)}")
+    print(json.dumps(m))
+    if args.out:
+        print(f"predictions: {args.out} ({len(p)} rows)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    if not os.path.isfile(os.path.join(args.checkpoint, "state.json")):
+        raise UserError(f"no checkpoint in {args.checkpoint} (state.json not found)")
+    if args.max_batch < 1:
+        raise UserError(f"--max-batch: expected a positive integer, got {args.max_batch}")
+    if args.batch_timeout < 0:
+        raise UserError(f"--batch-timeout: expected seconds >= 0, got {args.batch_timeout}")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port: expected 1-65535, got {args.port}")
+    try:
+        import litserve  # noqa: F401
+    except ImportError:
+        raise UserError("serve needs LitServe: pip install 'msa_fast[serve]'") from None
+    from msa_fast.inference.server import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, max_batch=args.max_batch,
+          batch_timeout=args.batch_timeout, device=args.device,
+          compile=_compile_flag(args.compile), max_length=args.max_length)
+    return 0
+
+
 def cmd_data_synth(args) -> int:
     from msa_fast.data import synthetic, synthetic_pid
 
@@ -372,6 +474,10 @@ def main(argv=None) -> int:
             return cmd_eval(args)
         if args.cmd == "analyze":
             return cmd_analyze(args)
+        if args.cmd == "predict":
+            return cmd_predict(args)
+        if args.cmd == "serve":
+            return cmd_serve(args)
         if args.data_cmd == "synth":
             return cmd_data_synth(args)
         return cmd_data_inspect(args)

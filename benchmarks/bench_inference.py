@@ -1,0 +1,333 @@
+"""Inference latency and throughput (SPEC 8, issue 13): ``model.eval()`` vs the ``Predictor``
+vs the HTTP server.
+
+For every registered model (random weights from the registry at the data's widths: latency
+needs no training), batch 1, 8 and 64, at synthetic MOSI and MOSEI shapes, aligned (every
+modality 50 steps) and unaligned (text 50, audio / vision at the preset's full lengths; the
+longest sample of a batch decides its padded length, so every row is full length):
+
+- ``eager``: ``model.eval()`` under ``torch.inference_mode()`` on the padded batch dict;
+- ``predictor_eager``: ``Predictor(compile=False)`` (buckets, unpacked LSTMs, no compile);
+- ``predictor_compiled`` (CPU): ``Predictor(compile=True)`` (torch.compile per bucket);
+- ``predictor_cuda_graphs`` (GPU): ``Predictor(cuda_graphs=True)``, one graph per bucket;
+- ``server`` (``--clients 1 8 32``): ``msa-fast serve`` on 127.0.0.1 (a run directory with the
+  same random weights), ``clients`` concurrent localhost clients each sending single-sample
+  ``POST /predict`` requests for ``--server-seconds``; latency per request, throughput of all.
+
+Timing: ``time.perf_counter`` around each call (a CUDA synchronize inside) after warm-up
+calls (the compile / capture of the bucket happens in the warm-up), p50 and p99 over
+``--iters`` calls, throughput = batch / mean. ``torch.set_num_threads(--threads)`` is fixed
+and recorded. JSON: ``benchmarks/results/inference_<device>.json``, a PNG and the README's markdown
+table (``.md``) beside it; ``speedup`` in the JSON has the Predictor / eager ratios.
+
+    python benchmarks/bench_inference.py                                # the full matrix
+    python benchmarks/bench_inference.py --models agfn --batches 1 64 --shapes mosi_aligned
+    python benchmarks/bench_inference.py --quick                        # CI smoke, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from _common import RESULTS, environment, write
+
+from msa_fast.data.schema import PRESET_DIMS
+from msa_fast.inference import Predictor
+from msa_fast.models import available_models, build_model
+
+SHAPES = {  # name: (preset, aligned)
+    "mosi_aligned": ("mosi", True), "mosi_unaligned": ("mosi", False),
+    "mosei_aligned": ("mosei", True), "mosei_unaligned": ("mosei", False),
+}
+TEXT_LEN = 50
+
+
+def make_batch(preset: str, aligned: bool, B: int, seed: int = 0) -> tuple[dict, dict]:
+    p = PRESET_DIMS[preset]
+    dims = {"text": 768, "audio": p["audio"], "vision": p["vision"], "text_input": "features"}
+    L = {"text": TEXT_LEN, "audio": TEXT_LEN if aligned else p["audio_len"],
+         "vision": TEXT_LEN if aligned else p["vision_len"]}
+    g = torch.Generator().manual_seed(seed)
+    batch = {"present": torch.ones(B, 3, dtype=torch.bool)}
+    for m in ("text", "audio", "vision"):
+        batch[m] = torch.randn(B, L[m], dims[m], generator=g)
+        batch[f"{m}_mask"] = torch.zeros(B, L[m], dtype=torch.bool)
+        batch[f"{m}_lengths"] = torch.full((B,), L[m])
+    return batch, dims
+
+
+def _stats(times: list[float], B: int) -> dict:
+    times = sorted(times)
+    p99 = times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))]
+    return {"p50_ms": round(statistics.median(times) * 1e3, 4), "p99_ms": round(p99 * 1e3, 4),
+            "samples_per_s": round(B / statistics.fmean(times), 1), "calls": len(times)}
+
+
+def _time(fn, B: int, iters: int, warmup: int, device: torch.device) -> dict:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return _stats(times, B)
+
+
+def _write_run_dir(path: str, name: str, model, dims: dict) -> None:
+    """A run directory the CLI reads (state.json + best.safetensors) with these weights."""
+    from msa_fast.train.checkpoint import save_json, save_weights
+
+    os.makedirs(path, exist_ok=True)
+    save_weights(os.path.join(path, "best.safetensors"), model)
+    save_json(os.path.join(path, "state.json"), {
+        "epoch": 0, "weights": "best.safetensors", "optimizer": None, "history": [],
+        "config": {"model": name}, "model": name, "dims": dims, "model_cfg": {}, "seed": 0,
+        "data": "synthetic:random"})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_rows(name, model, dims, batch, clients_list, seconds, compile_flag) -> list[dict]:
+    tmp = tempfile.mkdtemp(prefix="bench_inference_")
+    rows = []
+    proc = None
+    try:
+        _write_run_dir(tmp, name, model, dims)
+        port = _free_port()
+        cmd = [sys.executable, "-m", "msa_fast", "serve", "--checkpoint", tmp, "--port", str(port),
+               "--max-batch", "64", "--batch-timeout", "0.002",
+               "--compile" if compile_flag else "--no-compile"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            raise RuntimeError("server did not come up in 180 s")
+        body = json.dumps({m: batch[m][0].tolist() for m in ("text", "audio", "vision")}).encode()
+
+        def one() -> float:
+            req = urllib.request.Request(url + "/predict", data=body,
+                                         headers={"Content-Type": "application/json"})
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(req, timeout=60) as r:
+                r.read()
+            return time.perf_counter() - t0
+
+        for _ in range(20):  # warm-up: every batch bucket the server may form
+            one()
+        for clients in clients_list:
+            def worker(_):
+                out, stop = [], time.perf_counter() + seconds
+                while time.perf_counter() < stop:
+                    out.append(one())
+                return out
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(clients) as ex:
+                times = [t for part in ex.map(worker, range(clients)) for t in part]
+            wall = time.perf_counter() - t0
+            st = _stats(times, 1)
+            st["samples_per_s"] = round(len(times) / wall, 1)
+            rows.append({"provider": "server", "clients": clients, **st})
+    finally:
+        if proc is not None:
+            import signal
+
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None)
+    p.add_argument("--models", nargs="+", default=None, help="default: every registered model")
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--providers", nargs="+", default=None,
+                   help="eager predictor_eager predictor_compiled predictor_cuda_graphs server")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--server-seconds", type=float, default=3.0)
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on the CPU (1: no "
+                   "oversubscription on a shared machine)")
+    p.add_argument("--quick", action="store_true", help="lf_dnn, mosi_aligned, batch 1, eager "
+                   "and the eager Predictor, 5 calls: a smoke test")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    gpu = device.type == "cuda"
+    providers = args.providers or ["eager", "predictor_eager",
+                                   "predictor_cuda_graphs" if gpu else "predictor_compiled",
+                                   "server"]
+    models = args.models or available_models()
+    shapes, batches = args.shapes, args.batches
+    if args.quick:
+        models, shapes, batches, args.iters, args.warmup = ["lf_dnn"], ["mosi_aligned"], [1], 5, 2
+        providers = ["eager", "predictor_eager"]
+    env = environment(device)
+    payload = {"op": "inference", "env": env, "results": [],
+               "note": "p50/p99 over --iters calls after warm-up; server: single-sample "
+                       "requests from N concurrent localhost clients"}
+    path = args.out or os.path.join(RESULTS, f"inference_{device.type}.json")
+    for shape in shapes:
+        preset, aligned = SHAPES[shape]
+        for name in models:
+            batch1, dims = make_batch(preset, aligned, 1)
+            torch.manual_seed(0)
+            model = build_model(name, dims).to(device).eval()
+            preds = {}
+            for prov in providers:
+                if prov == "server":
+                    if shape != "mosi_aligned" and not args.providers:
+                        continue  # the server's cost is HTTP + batching: one shape is enough
+                    try:
+                        for r in _server_rows(name, model.cpu(), dims, batch1, args.clients,
+                                              args.server_seconds, False):
+                            row = {"model": name, "shape": shape, "batch": 1, **r}
+                            print(row, flush=True)
+                            payload["results"].append(row)
+                    except Exception as exc:  # recorded, not fatal
+                        row = {"model": name, "shape": shape, "provider": "server",
+                               "error": f"{type(exc).__name__}: {exc}"[:300]}
+                        print(row, flush=True)
+                        payload["results"].append(row)
+                    model.to(device)
+                    continue
+                if prov in ("predictor_eager", "predictor_compiled", "predictor_cuda_graphs"):
+                    preds[prov] = Predictor(model, dims, device=device, max_batch=max(batches),
+                                            compile=prov == "predictor_compiled",
+                                            cuda_graphs=prov == "predictor_cuda_graphs",
+                                            model_name=name)
+                for B in batches:
+                    batch, _ = make_batch(preset, aligned, B)
+                    row = {"model": name, "shape": shape, "batch": B, "provider": prov}
+                    try:
+                        if prov == "eager":
+                            dev_batch = {k: v.to(device) for k, v in batch.items()}
+
+                            def fn(b=dev_batch, model=model):
+                                with torch.inference_mode():
+                                    return model(b)["pred"]
+                        else:
+                            fn = (lambda pr=preds[prov], b=batch: pr.predict(b))
+                        t0 = time.perf_counter()
+                        fn()
+                        row["first_call_s"] = round(time.perf_counter() - t0, 2)
+                        row.update(_time(fn, B, args.iters, args.warmup, device))
+                    except Exception as exc:  # recorded, not fatal
+                        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    print(row, flush=True)
+                    payload["results"].append(row)
+            write("inference", payload, path)  # after every model: nothing lost on interruption
+    payload["speedup"] = _speedups(payload["results"])
+    write("inference", payload, path)
+    print(json.dumps(payload["speedup"], indent=1))
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(table(payload))
+    _plot(payload, path)
+
+
+def table(payload: dict) -> str:
+    """The README's table: p50 / p99 ms and samples/s per model, shape, batch and provider."""
+    lines = [f"{payload['env']['device']}, {payload['env']['threads']} threads, torch "
+             f"{payload['env']['torch']}, commit {str(payload['env']['commit'])[:10]}", "",
+             "| model | shape | batch | provider | p50 ms | p99 ms | samples/s | vs eager p50 |",
+             "|---|---|---|---|---|---|---|---|"]
+    ratio = {(r["model"], r["shape"], r["batch"], r["provider"]): r["p50_ratio"]
+             for r in payload.get("speedup", [])}
+    for r in payload["results"]:
+        if "p50_ms" not in r:
+            continue
+        prov = r["provider"] + (f" ({r['clients']} clients)" if "clients" in r else "")
+        x = ratio.get((r["model"], r["shape"], r.get("batch"), r["provider"]))
+        lines.append(f"| {r['model']} | {r['shape']} | {r.get('batch', 1)} | {prov} | {r['p50_ms']:.3f} "
+                     f"| {r['p99_ms']:.3f} | {r['samples_per_s']:.1f} | {'' if x is None else f'{x:.2f}x'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _speedups(rows: list[dict]) -> list[dict]:
+    """Per (model, shape, batch): eager p50 / Predictor p50 and Predictor / eager throughput."""
+    out = []
+    key = lambda r: (r["model"], r["shape"], r.get("batch"))  # noqa: E731
+    eager = {key(r): r for r in rows if r["provider"] == "eager" and "p50_ms" in r}
+    for r in rows:
+        if r["provider"].startswith("predictor") and "p50_ms" in r and key(r) in eager:
+            e = eager[key(r)]
+            out.append({"model": r["model"], "shape": r["shape"], "batch": r["batch"],
+                        "provider": r["provider"],
+                        "p50_ratio": round(r["p50_ms"] / e["p50_ms"], 3),
+                        "throughput_x": round(r["samples_per_s"] / e["samples_per_s"], 2)})
+    return out
+
+
+def _plot(payload: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r for r in payload["results"] if "p50_ms" in r and r["provider"] != "server"]
+    if not rows:
+        return
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4.5), squeeze=False)
+    for ax, B in zip(axes[0], batches):
+        sub = [r for r in rows if r["batch"] == B]
+        groups = list(dict.fromkeys(f"{r['model']}\n{r['shape']}" for r in sub))
+        provs = list(dict.fromkeys(r["provider"] for r in sub))
+        width = 0.8 / len(provs)
+        for i, prov in enumerate(provs):
+            vals = [next((r["p50_ms"] for r in sub if f"{r['model']}\n{r['shape']}" == g
+                          and r["provider"] == prov), 0) for g in groups]
+            ax.bar([j + i * width for j in range(len(groups))], vals, width, label=prov)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, rotation=60,
+                      fontsize=6)
+        ax.set_yscale("log")
+        ax.set_ylabel("p50 latency (ms)")
+        ax.set_title(f"batch {B}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"inference on {payload['env']['device']} ({payload['env']['threads']} threads)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.splitext(path)[0] + ".png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""Predictor (SPEC 7, inference): equal to model.eval() for every registered model, bucket
+independence, per-sample dicts of any lengths with a missing modality, SplitData, bad input,
+from_checkpoint, one compiled bucket, and the CUDA-graph path (gpu)."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from msa_fast.data.missing import apply_modality_drop
+from msa_fast.inference import Predictor, collate_samples
+from msa_fast.models import available_models, build_model
+
+DIMS = {"text": 768, "audio": 5, "vision": 20, "text_input": "features"}
+
+
+def _batch(B, Lt, La, Lv, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {"present": torch.ones(B, 3, dtype=torch.bool)}
+    for m, L in (("text", Lt), ("audio", La), ("vision", Lv)):
+        lens = torch.randint(1, L + 1, (B,), generator=g)
+        lens[0] = L
+        mask = torch.arange(L)[None] >= lens[:, None]
+        out[m] = torch.randn(B, L, DIMS[m], generator=g) * (~mask).unsqueeze(-1)
+        out[f"{m}_mask"], out[f"{m}_lengths"] = mask, lens
+    return out
+
+
+def _model(name, seed=0):
+    torch.manual_seed(seed)
+    return build_model(name, DIMS).eval()
+
+
+def _ref(model, batch):
+    with torch.inference_mode():
+        return model(batch)["pred"].float()
+
+
+def _aligned(name):
+    # FD-CMDIE's 'mean' global feature needs one length for all modalities
+    return name == "fd_cmdie"
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_equals_model_eval_and_bucket_independent(name):
+    model = _model(name)
+    L = (37, 37, 37) if _aligned(name) else (37, 21, 45)
+    batch = _batch(5, *L)
+    ref = _ref(model, batch)
+    pred = Predictor(model, DIMS, compile=False, model_name=name, max_batch=4)
+    out = pred.predict(batch)  # two chunks (4 + 1), buckets (4, 64..) and (1, 64..)
+    assert out.shape == (5,) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # every sample alone (batch bucket 1, its own length buckets) gives the same prediction
+    alone = torch.cat([pred.predict({k: v[i : i + 1] for k, v in batch.items()}) for i in range(5)])
+    torch.testing.assert_close(alone, ref, atol=1e-5, rtol=1e-5)
+    # other length buckets: the same samples padded to 128 steps
+    wide = Predictor(model, DIMS, compile=False, model_name=name, length_buckets=(128,))
+    torch.testing.assert_close(wide.predict(batch), ref, atol=1e-5, rtol=1e-5)
+    assert not torch.is_grad_enabled() or out.grad_fn is None
+
+
+def test_bucket_keys():
+    pred = Predictor(_model("lf_dnn"), DIMS, compile=False, max_batch=48)
+    assert pred.batch_buckets == (1, 2, 4, 8, 16, 32, 64)
+    assert pred.bucket_of(3, {"text": 9, "audio": 8, "vision": 1}) == (4, 16, 8, 8)
+    assert pred.bucket_of(1, {"text": 513, "audio": 8, "vision": 1}) is None
+
+
+def test_outside_buckets_runs_eagerly():
+    model = _model("lf_dnn")
+    batch = _batch(3, 20, 40, 40)
+    pred = Predictor(model, DIMS, compile=False, length_buckets=(8, 16))
+    torch.testing.assert_close(pred.predict(batch), _ref(model, batch), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["agfn", "promma", "lf_dnn"])
+def test_list_of_dicts_any_lengths_and_missing_modality(name):
+    model = _model(name)
+    g = torch.Generator().manual_seed(1)
+    samples = [
+        {"text": torch.randn(7, 768, generator=g), "audio": torch.randn(12, 5, generator=g),
+         "vision": torch.randn(3, 20, generator=g)},
+        {"text": torch.randn(20, 768, generator=g).tolist(), "vision": torch.randn(9, 20, generator=g).numpy()},
+        {"audio": torch.randn(2, 5, generator=g), "vision": torch.randn(30, 20, generator=g)},
+    ]
+    pred = Predictor(model, DIMS, compile=False, model_name=name)
+    out = pred.predict(samples)
+    # the same samples, each alone, padded by hand; a missing modality as the drop protocol
+    # makes it: zeros of the sample's longest length, valid under the mask, present False
+    for i, s in enumerate(samples):
+        longest = max(len(v) for v in s.values())
+        b = {"present": torch.ones(1, 3, dtype=torch.bool)}
+        for mi, m in enumerate(("text", "audio", "vision")):
+            x = torch.as_tensor(s[m], dtype=torch.float32) if m in s else torch.zeros(longest, DIMS[m])
+            b[m] = x[None]
+            b[f"{m}_mask"] = torch.zeros(1, len(x), dtype=torch.bool)
+            b[f"{m}_lengths"] = torch.tensor([len(x)])
+            b["present"][0, mi] = m in s
+        torch.testing.assert_close(out[i], _ref(model, b)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_missing_modality_matches_drop_protocol():
+    model = _model("promma")
+    batch = _batch(8, 16, 16, 16, seed=3)
+    batch["labels"] = torch.zeros(8)
+    dropped = apply_modality_drop(batch, 1.0, torch.Generator().manual_seed(0))
+    pred = Predictor(model, DIMS, compile=False, model_name="promma")
+    torch.testing.assert_close(pred.predict(dropped), _ref(model, dropped), atol=1e-5, rtol=1e-5)
+
+
+def test_split_input():
+    from msa_fast.data.source import load_data
+
+    data = load_data("synthetic:tiny", limit=40)
+    model = _model("agfn")
+    pred = Predictor(model, data.dims, compile=False, max_batch=16)
+    out = pred.predict(data["test"])
+    from msa_fast.data.loader import gather_batch
+
+    ref = _ref(model, gather_batch(data["test"], torch.arange(len(data["test"]))))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("samples, match", [
+    ([], r"samples: expected at least one sample"),
+    ([{"text": torch.randn(3, 767)}], r"samples\[0\]\.text: expected shape \(Lt, 768\)"),
+    ([{"audio": torch.randn(3, 5)}, {"audio": torch.randn(2, 3, 5)}], r"samples\[1\]\.audio: expected rank 2"),
+    ([{"vision": torch.full((2, 20), float("nan"))}], r"samples\[0\]\.vision: expected finite"),
+    ([{"audio": [["x"] * 5]}], r"samples\[0\]\.audio: expected numbers"),
+    ([{"label": 1.0}], r"samples\[0\]: expected at least one of"),
+    (["not a dict"], r"samples\[0\]: expected a dict"),
+])
+def test_bad_samples(samples, match):
+    pred = Predictor(_model("lf_dnn"), DIMS, compile=False)
+    with pytest.raises(ValueError, match=match):
+        pred.predict(samples)
+
+
+def test_bad_batch_dict():
+    pred = Predictor(_model("lf_dnn"), DIMS, compile=False)
+    batch = _batch(2, 4, 4, 4)
+    with pytest.raises(ValueError, match=r"batch\.audio: expected \(B, L, 5\)"):
+        pred.predict(dict(batch, audio=torch.randn(2, 4, 6)))
+    with pytest.raises(ValueError, match=r"batch\.vision_mask: expected bool"):
+        pred.predict(dict(batch, vision_mask=batch["vision_mask"].float()))
+    with pytest.raises(ValueError, match=r"batch\.text: expected finite"):
+        pred.predict(dict(batch, text=batch["text"].masked_fill(torch.ones_like(batch["text"], dtype=torch.bool), float("nan"))))
+    with pytest.raises(ValueError, match=r"max_batch"):
+        Predictor(_model("lf_dnn"), DIMS, max_batch=0)
+
+
+def test_collate_lengths_and_masks():
+    b = collate_samples([{"text": torch.randn(3, 768), "audio": torch.randn(5, 5)}], DIMS)
+    assert b["text"].shape == (1, 3, 768) and b["audio"].shape == (1, 5, 5)
+    assert b["vision"].shape == (1, 5, 20) and b["vision"].abs().sum() == 0
+    assert b["present"].tolist() == [[True, True, False]]
+    assert b["text_mask"].tolist() == [[False] * 3]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    subprocess.run([sys.executable, "-m", "msa_fast", "train", "--model", "lf_dnn", "--data",
+                    "synthetic:tiny", "--seeds", "1", "--epochs", "1", "--out", str(out),
+                    "--no-progress"], check=True, capture_output=True)
+    return out / "seed_1"
+
+
+def test_from_checkpoint(run_dir):
+    from msa_fast.data.loader import gather_batch
+    from msa_fast.data.source import load_data
+    from msa_fast.train.checkpoint import load_weights
+
+    pred = Predictor.from_checkpoint(str(run_dir), compile=False)
+    data = load_data("synthetic:tiny")
+    model = build_model("lf_dnn", data.dims)
+    load_weights(str(run_dir / "best.safetensors"), model)
+    batch = gather_batch(data["test"], torch.arange(10))
+    torch.testing.assert_close(pred.predict(batch), _ref(model.eval(), batch), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="expected a checkpoint of model 'agfn', got one of 'lf_dnn'"):
+        Predictor.from_checkpoint(str(run_dir), model="agfn")
+    with pytest.raises(ValueError, match="no checkpoint"):
+        Predictor.from_checkpoint(str(run_dir / "nope"))
+
+
+def test_checkpoint_of_another_model(run_dir, tmp_path):
+    import shutil
+
+    from msa_fast.train.checkpoint import load_json, save_json
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    state = load_json(str(other / "state.json"))
+    state["model"] = "agfn"  # weights of lf_dnn under an agfn state
+    save_json(str(other / "state.json"), state)
+    with pytest.raises(ValueError, match="weights do not fit the model"):
+        Predictor.from_checkpoint(str(other), compile=False)
+
+
+def test_compiled_bucket_equals_eager():
+    """One small compiled bucket (lf_dnn, batch 2, length 8): equal to eager, and a second
+    request of the same bucket does not recompile."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _model("lf_dnn")
+    batch = _batch(2, 6, 6, 6)
+    pred = Predictor(model, DIMS, compile=True, model_name="lf_dnn", length_buckets=(8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a compile failure would warn
+        out = pred.predict(batch)
+        torch.testing.assert_close(out, _ref(model, batch), atol=1e-5, rtol=1e-5)
+        from torch._dynamo.utils import counters
+
+        before = dict(counters["stats"])
+        again = pred.predict(_batch(2, 5, 7, 3, seed=4))
+    assert pred.compile, "the compiled path fell back to eager"
+    assert counters["stats"].get("unique_graphs", 0) == before.get("unique_graphs", 0)
+    torch.testing.assert_close(again, _ref(model, _batch(2, 5, 7, 3, seed=4)), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_failure_falls_back_with_one_warning(monkeypatch):
+    model = _model("lf_dnn")
+    pred = Predictor(model, DIMS, compile=True, model_name="lf_dnn")
+
+    def broken():
+        def fn(batch):
+            raise RuntimeError("inductor exploded")
+        return fn
+
+    monkeypatch.setattr(pred, "_compiled_fn", broken)
+    batch = _batch(2, 6, 6, 6)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        out = pred.predict(batch)
+    torch.testing.assert_close(out, _ref(model, batch), atol=1e-5, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pred.predict(batch)  # no second warning
+    assert not pred.compile
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["agfn", "fd_cmdie", "promma", "lf_dnn"])
+def test_cuda_graphs_equal_eager(name):
+    model = _model(name)
+    L = (37, 37, 37) if _aligned(name) else (37, 21, 45)
+    batch = _batch(5, *L)
+    ref = _ref(model, batch)
+    pred = Predictor(model, DIMS, device="cuda", cuda_graphs=True, model_name=name)
+    if name == "promma":
+        # ProMMA's last_stats read float(...) of device tensors in forward (a host sync), which
+        # a CUDA graph cannot capture: one warning, then eager
+        with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+            out = pred.predict(batch)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        assert not pred.cuda_graphs
+        return
+    out = pred.predict(batch)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert pred.cuda_graphs and len(pred._graphs) == 1, "no CUDA graph was captured"
+    graph, static, _ = next(iter(pred._graphs.values()))
+    ptr = static["audio"].data_ptr()
+    out2 = pred.predict({k: v.flip(0) for k, v in batch.items()})  # same bucket: a replay
+    assert static["audio"].data_ptr() == ptr and len(pred._graphs) == 1
+    torch.testing.assert_close(out2, ref.flip(0), atol=1e-4, rtol=1e-4)
