@@ -7,6 +7,9 @@ modality 50 steps) and unaligned (text 50, audio / vision at the preset's full l
 longest sample of a batch decides its padded length, so every row is full length):
 
 - ``eager``: ``model.eval()`` under ``torch.inference_mode()`` on the padded batch dict;
+- ``eager_cmdie_loop`` (FD-CMDIE only): the same with its CMDIE run DIPU by DIPU
+  (``model.cmdie.batched = False``), against ``eager``'s default (``"auto"``: the three DIPUs
+  of a layer in one batched call where padding costs little, i.e. aligned data);
 - ``predictor_eager``: ``Predictor(compile=False)`` (buckets, unpacked LSTMs, no compile);
 - ``predictor_compiled`` (CPU): ``Predictor(compile=True)`` (torch.compile per bucket);
 - ``predictor_cuda_graphs`` (GPU): ``Predictor(cuda_graphs=True)``, one graph per bucket;
@@ -28,6 +31,7 @@ table (``.md``) beside it; ``speedup`` in the JSON has the Predictor / eager rat
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -175,7 +179,9 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--providers", nargs="+", default=None,
-                   help="eager predictor_eager predictor_compiled predictor_cuda_graphs server")
+                   help="eager eager_cmdie_loop predictor_eager predictor_compiled "
+                        "predictor_cuda_graphs server (eager_cmdie_loop: FD-CMDIE eager with its "
+                        "CMDIE run DIPU by DIPU, batched=False, against eager's default)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--server-seconds", type=float, default=3.0)
     p.add_argument("--iters", type=int, default=100)
@@ -190,7 +196,7 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"
-    providers = args.providers or ["eager", "predictor_eager",
+    providers = args.providers or ["eager", "eager_cmdie_loop", "predictor_eager",
                                    "predictor_cuda_graphs" if gpu else "predictor_compiled",
                                    "server"]
     models = args.models or available_models()
@@ -232,14 +238,20 @@ def main() -> None:
                                             compile=prov == "predictor_compiled",
                                             cuda_graphs=prov == "predictor_cuda_graphs",
                                             model_name=name)
+                if prov == "eager_cmdie_loop":
+                    if not hasattr(model, "cmdie"):
+                        continue
+                    loop_model = copy.deepcopy(model)
+                    loop_model.cmdie.batched = False  # the per-DIPU loop, same weights
                 for B in batches:
                     batch, _ = make_batch(preset, aligned, B)
                     row = {"model": name, "shape": shape, "batch": B, "provider": prov}
                     try:
-                        if prov == "eager":
+                        if prov in ("eager", "eager_cmdie_loop"):
                             dev_batch = {k: v.to(device) for k, v in batch.items()}
+                            m = model if prov == "eager" else loop_model
 
-                            def fn(b=dev_batch, model=model):
+                            def fn(b=dev_batch, model=m):
                                 with torch.inference_mode():
                                     return model(b)["pred"]
                         else:
@@ -285,7 +297,7 @@ def _speedups(rows: list[dict]) -> list[dict]:
     key = lambda r: (r["model"], r["shape"], r.get("batch"))  # noqa: E731
     eager = {key(r): r for r in rows if r["provider"] == "eager" and "p50_ms" in r}
     for r in rows:
-        if r["provider"].startswith("predictor") and "p50_ms" in r and key(r) in eager:
+        if r["provider"] != "eager" and "clients" not in r and "p50_ms" in r and key(r) in eager:
             e = eager[key(r)]
             out.append({"model": r["model"], "shape": r["shape"], "batch": r["batch"],
                         "provider": r["provider"],

@@ -15,7 +15,8 @@ Numeric and layout choices:
 
 - **Buckets.** Every chunk of at most ``max_batch`` rows is padded to a power-of-two batch
   bucket (pad rows: zeros of length 1, dropped from the result) and each modality to the
-  smallest length bucket (``length_buckets``, default the powers of two 8 .. 512) that holds
+  smallest length bucket (``length_buckets``, default the powers of two 8 .. 512 and MMSA's
+  padded lengths 50, 375, 500) that holds
   it (pad: zeros, mask True); aligned input (every modality padded to one length) gets one
   common length bucket, so that it stays aligned. So one compiled graph / CUDA graph serves each
   ``(batch, text, audio, vision)`` bucket and nothing recompiles per request. A chunk longer
@@ -57,7 +58,10 @@ from torch import nn
 
 MODALITIES = ("text", "audio", "vision")
 CLS_ID, SEP_ID, UNK_ID = 101, 102, 100
-DEFAULT_LENGTH_BUCKETS = (8, 16, 32, 64, 128, 256, 512)
+# powers of two, plus MMSA's padded lengths (aligned 50; unaligned MOSI audio 375, vision and
+# MOSEI 500), so that a batch of MMSA data (cut to its longest sample) pads at most to the
+# data's own length and full-length batches pay no padding at all
+DEFAULT_LENGTH_BUCKETS = (8, 16, 32, 50, 64, 128, 256, 375, 500, 512)
 
 # Per-model CPU default of ``compile="auto"``, from benchmarks/results/inference_cpu.json
 # (synthetic MOSI aligned, batch 1 and 64, 1 thread, on a loaded 2-core machine): compiled
