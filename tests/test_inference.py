@@ -222,6 +222,25 @@ def test_compiled_bucket_equals_eager():
     torch.testing.assert_close(again, _ref(model, _batch(2, 5, 7, 3, seed=4)), atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_buckets_alternating_pick_their_own_graph():
+    """After its first call a bucket runs with only the guards that tell compiled buckets
+    apart: requests alternating between two batch buckets and two length buckets (and a
+    missing modality, which adds `present`) must each get their own graph's answer."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _model("lf_dnn")
+    pred = Predictor(model, DIMS, compile=True, model_name="lf_dnn", length_buckets=(8, 16))
+    absent = _batch(3, 5, 4, 6, seed=7)
+    absent["present"] = torch.tensor([[True, False, True], [True, True, True], [False, True, True]])
+    requests = [_batch(1, 6, 6, 6, seed=1), _batch(3, 12, 9, 14, seed=2), absent]
+    for rnd in range(3):
+        for i, batch in enumerate(requests):
+            torch.testing.assert_close(pred.predict(batch), _ref(model, batch), atol=1e-5, rtol=1e-5,
+                                       msg=lambda m, i=i, rnd=rnd: f"request {i}, round {rnd}: {m}")
+    assert pred.compile and len(pred._compiled_keys) == 3
+
+
 def test_compile_failure_falls_back_with_one_warning(monkeypatch):
     model = _model("lf_dnn")
     pred = Predictor(model, DIMS, compile=True, model_name="lf_dnn")
