@@ -33,7 +33,8 @@ Numeric and layout choices:
   at step ``length - 1``, and padded steps are zeroed as ``pad_packed_sequence`` does. This
   removes ``pack_padded_sequence`` (a host sync and a graph break) from the graph so that the
   whole forward compiles into one graph and can be captured in a CUDA graph.
-- **CPU:** ``compile="auto"`` uses ``torch.compile(dynamic=False, freezing)`` for the models in
+- **CPU:** ``compile="auto"`` uses ``torch.compile(dynamic=False)`` (no freezing: at batch 64 it made FD-CMDIE
+  slower, 132 vs 114 ms, and at batch 1 it changed nothing) for the models in
   :data:`COMPILE_DEFAULT` (decided by ``benchmarks/bench_inference.py``, see the README); a
   compile failure warns once and falls back to eager.
 - **CUDA:** one CUDA graph per bucket, captured lazily on its first use with static input
@@ -533,7 +534,7 @@ class Predictor:
             def forward(batch):
                 return model(batch)["pred"]
 
-            self._compiled = torch.compile(forward, dynamic=False, options={"freezing": True})
+            self._compiled = torch.compile(forward, dynamic=False)
         return self._compiled
 
     def _replay(self, key: tuple, batch: dict) -> torch.Tensor:
