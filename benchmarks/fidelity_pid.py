@@ -273,7 +273,11 @@ def report_robustness(args, names) -> str | None:
         paths.append(path)
     if not paths:
         return None
-    table = markdown_table(paths)
+    # rows are named by configuration (two of them are ProMMA variants)
+    head, *rows = markdown_table(paths).rstrip("\n").split("\n")
+    names_done = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    body = rows[:1] + [f"| {n} |" + r.split("|", 2)[2] for n, r in zip(names_done, rows[1:])]
+    table = "\n".join([head, *body]) + "\n"
     with open(os.path.join(args.out, "robustness.md"), "w") as f:
         f.write(table)
     return table
