@@ -65,10 +65,10 @@ CLS_ID, SEP_ID, UNK_ID = 101, 102, 100
 DEFAULT_LENGTH_BUCKETS = (8, 16, 32, 50, 64, 128, 256, 375, 500, 512)
 
 # Per-model CPU default of ``compile="auto"``, from benchmarks/results/inference_cpu.json
-# (synthetic MOSI aligned, batch 1 and 64, 1 thread, on a loaded 2-core machine): compiled
-# p50 / eager p50 at batch 1 was 0.97 (agfn), 0.50 (fd_cmdie), 0.48 (promma) and 0.56 for
-# lf_dnn with or without compile (lf_dnn's gain is the unpacked LSTM, so it stays eager:
-# no 5-40 s compile). A model not listed runs eagerly.
+# (synthetic MOSI aligned, batch 1 / 64, 1 thread, quiet machine): compiled p50 / eager p50 at
+# batch 1 was 0.40 (agfn), 0.34 (fd_cmdie), 0.36 (promma); lf_dnn and text_only are so small
+# that padding and checks cost more than compiling saves (0.77x / 2.5x at batch 1, slower at
+# batch 8 and 64), so they stay eager (and skip a 5-40 s compile). A model not listed: eager.
 COMPILE_DEFAULT = {"agfn": True, "fd_cmdie": True, "promma": True, "lf_dnn": False,
                    "text_only": False}
 
