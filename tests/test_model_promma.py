@@ -63,6 +63,40 @@ def test_output_shapes(data):
     assert plain["pred"].shape == (5,) and "loss_extra" not in plain
 
 
+@pytest.mark.parametrize("cfg", [{}, {"disentangle": False}, {"dynamic_weighting": False}])
+def test_eval_mode_skips_the_losses_not_the_prediction(data, cfg):
+    # eval computes only what the prediction needs (matched-pair critic scores, no Gram
+    # matrices, no L_uni / L_gen): with dropout 0 its prediction equals training mode's
+    batch = apply_modality_drop(_batch(data, 8), 0.5, torch.Generator().manual_seed(3))
+    assert (~batch["present"]).any()
+    model = _model(data, **cfg)
+    with torch.no_grad():
+        train = model.train()(batch)
+        stats_train = {k: v.clone() for k, v in model.last_stats.items()}
+        ev = model.eval()(batch)
+    assert "loss_extra" in train and train["loss_extra"] > 0
+    assert "loss_extra" not in ev and "aux" not in ev
+    torch.testing.assert_close(ev["pred"], train["pred"], rtol=1e-6, atol=1e-6)
+    for k, v in model.last_stats.items():  # tensors (no host sync in forward), same values
+        assert torch.is_tensor(v), k
+        torch.testing.assert_close(v, stats_train[k], equal_nan=True)
+    assert 0.0 <= float(model.last_stats["imputed"]) <= 1.0
+
+
+def test_eval_forward_has_no_graph_break(data):
+    # the Predictor's copy (unpacked LSTMs) compiles into one graph: no host reads in forward
+    from msa_fast.inference.predictor import unpack_lstms
+
+    model = _model(data).eval()
+    unpack_lstms(model)
+    batch = apply_modality_drop(_batch(data, 4), 0.5, torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(lambda b: model(b)["pred"])(batch)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 @pytest.mark.parametrize("cfg", [{}, {"prompts": False}, {"disentangle": False, "impute": "always"}])
 def test_backward_every_parameter_gets_a_gradient(data, cfg):
     # one to two modalities missing in most samples, so the missing-signal prompts are used
@@ -183,7 +217,7 @@ def test_bf16_autocast_runs_and_stays_close(data):
     with torch.no_grad():
         ref = model(batch)["pred"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(batch)
+        out = model.train()(batch)  # dropout 0: the eval prediction, plus the training losses
     assert torch.isfinite(out["pred"]).all() and torch.isfinite(out["loss_extra"])
     torch.testing.assert_close(out["pred"].float().detach(), ref, rtol=0, atol=0.05)
     out["loss_extra"].float().backward()

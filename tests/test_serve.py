@@ -119,6 +119,8 @@ def test_32_concurrent_requests(server):
     (lambda s: s.update(audio=[["loud"] * 5]), "audio"),
     (lambda s: s.update(text=[[0.1] * 768] * 65), "text"),  # over --max-length 64
     (lambda s: s.update(vision=[0.5] * 20), "vision"),  # rank 1
+    (lambda s: s["audio"][0].__setitem__(2, float("nan")), "audio"),  # JSON's NaN literal
+    (lambda s: s["text"][-1].__setitem__(0, 1e39), "text"),  # finite, but inf in float32
 ])
 def test_malformed_request_is_4xx_and_the_server_keeps_serving(server, change, field):
     url, pred = server

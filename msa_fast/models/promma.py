@@ -38,7 +38,8 @@ m = t, a, v):
    generator learns from ``L_gen`` alone. ``impute="always"`` imputes every missing modality
    (generation without evaluation), ``"never"`` drops every missing modality (prompts only).
    A sample with nothing present imputes nothing. ``last_stats["imputed"]`` is the fraction
-   of missing (sample, modality) slots imputed in the last forward.
+   of missing (sample, modality) slots imputed in the last forward (a 0-dim tensor, NaN when
+   nothing was missing: the forward never reads a value back to the host).
 
 2. **Modality-invariant Prompt Disentanglement (MPD).** One shared prompt ``P_s (Lp, d)``
    plus a learned *missing-signal* prompt ``E_m (Lp, d)`` for each missing modality of the
@@ -91,7 +92,11 @@ used -- a dropped modality is seen as the protocol leaves it (zeroed features, m
 unchanged).
 
 ``loss_extra = lambda_uni L_uni + lambda_gen L_gen + lambda_mi L_mi + lambda_orth L_orth``;
-``out["aux"]`` holds the four terms (detached). Empty key sets (in the generator, when a
+``out["aux"]`` holds the four terms (detached). Both exist in training mode only, like
+FD-CMDIE's ``L_cl``: in eval mode the forward computes only what the prediction needs (the
+DPW weights from the matched-pair critic scores, no ``(B, B)`` InfoNCE matrix, no
+orthogonality Gram matrices, no ``L_uni`` / ``L_gen``), so the prediction is unchanged and
+inference pays none of the losses. Empty key sets (in the generator, when a
 sample has no other present modality) are handled by :func:`msa_fast.ops.attention`
 (zero output, zero gradient), and nothing is imputed for such a sample.
 """
@@ -163,9 +168,15 @@ class _Layer(nn.Module):
             self.conn = MultiheadAttention(d, heads, backend=backend)  # shared by the streams
 
     def _weights(self, x: torch.Tensor, cross: torch.Tensor, mask: torch.Tensor):
-        """DPW: ``(w (3, 2, B), L_mi)`` from the InfoNCE critic of each target."""
+        """DPW: ``(w (3, 2, B), L_mi)`` from the InfoNCE critic of each target.
+
+        Out of training mode only the matched-pair scores are computed (``L_mi`` is 0): the
+        weights need the diagonal of the ``(B, B)`` critic matrix, its loss the rest."""
         x_bar = _stream_mean(x, mask).detach()  # (3, B, d)
         c_bar = _stream_mean(cross, mask[:, None]).detach()  # (3, 2, B, d)
+        if not self.training:
+            est = torch.einsum("ibd,ide,isbe->isb", x_bar, self.critic, c_bar) / math.sqrt(self.d)
+            return torch.softmax(self.beta[:, None, None] * est, dim=1), x.new_zeros(())
         scores = torch.einsum("ibd,ide,isce->isbc", x_bar, self.critic, c_bar) / math.sqrt(self.d)
         B = scores.shape[-1]
         target = torch.arange(B, device=scores.device).expand(6, B).reshape(-1)
@@ -209,12 +220,15 @@ class _Prompts(nn.Module):
             self.private = nn.Parameter(torch.randn(3, 1, length, d) * 0.2)
 
     def forward(self, present: torch.Tensor):
-        """``present (B, 3)`` -> (shared ``(B, Lp, d)``, stream prompts ``(3, B, Lp, d)``, L_orth)."""
+        """``present (B, 3)`` -> (shared ``(B, Lp, d)``, stream prompts ``(3, B, Lp, d)``, L_orth);
+        ``L_orth`` is 0 out of training mode (a loss only)."""
         signal = torch.einsum("bm,mld->bld", (~present).to(self.shared.dtype), self.missing)
         shared = self.shared + signal
         if not self.disentangle:
             return shared, self.private + signal, shared.new_zeros(())
         private = torch.einsum("bld,mde->mble", shared, self.private_w) + self.private_b
+        if not self.training:
+            return shared, shared + private, shared.new_zeros(())
         units = F.normalize(torch.cat([shared[None], private]), dim=-1)  # (4, B, Lp, d)
         cos2 = torch.einsum("abld,cbkd->acblk", units, units).pow(2)  # (4, 4, B, Lp, Lp)
         pairs = torch.triu(torch.ones(4, 4, dtype=torch.bool, device=shared.device), diagonal=1)
@@ -338,12 +352,13 @@ class ProMMA(nn.Module):
         pres = present.t().to(x.dtype)  # (3, B)
         n_present = pres.sum(0, keepdim=True)
         others = (n_present - pres) > 0
-        loss_uni = x.new_zeros(())
-        if labels is not None:
-            loss_uni = ((uni - labels).abs() * pres).sum() / pres.sum().clamp(min=1.0)
-        target = (pres > 0) & others
-        err = (gen_pooled - pooled.detach()).pow(2).mean(-1)
-        loss_gen = (err * target.to(err.dtype)).sum() / target.sum().clamp(min=1)
+        loss_uni = loss_gen = x.new_zeros(())
+        if self.training:  # the two losses; eval mode needs only the impute decision
+            if labels is not None:
+                loss_uni = ((uni - labels).abs() * pres).sum() / pres.sum().clamp(min=1.0)
+            target = (pres > 0) & others
+            err = (gen_pooled - pooled.detach()).pow(2).mean(-1)
+            loss_gen = (err * target.to(err.dtype)).sum() / target.sum().clamp(min=1)
         missing = (pres == 0) & others
         if self.impute == "never":
             imputed = torch.zeros_like(missing)
@@ -353,8 +368,9 @@ class ProMMA(nn.Module):
             with torch.no_grad():
                 pseudo = (uni * pres).sum(0, keepdim=True) / n_present.clamp(min=1.0)
                 imputed = missing & ((self._unimodal(gen_pooled) - pseudo).abs() <= self.eval_threshold)
-        n_missing = int((pres == 0).sum())
-        self.last_stats["imputed"] = float(imputed.sum()) / n_missing if n_missing else float("nan")
+        # a 0-dim tensor, not a float: reading it here would be a host sync (a graph break under
+        # torch.compile, a failed CUDA graph capture); 0 / 0 = NaN when nothing is missing
+        self.last_stats["imputed"] = (imputed.sum() / (pres == 0).sum()).detach()
         return gen, imputed, loss_uni, loss_gen
 
     def forward(self, batch: dict) -> dict:
@@ -384,10 +400,12 @@ class ProMMA(nn.Module):
         pooled = _stream_mean(x, mask)  # (3, B, d)
         out = {"pred": self.head(pooled.transpose(0, 1).reshape(B, -1)).squeeze(-1)}
         if extra is not None:
-            extra[2] = nce
-            out["loss_extra"] = sum(lam * term for lam, term in zip(self.lambdas, extra))
-            out["aux"] = {name: term.detach() for name, term in zip(("uni", "gen", "mi", "orth"), extra)}
+            if self.training:
+                extra[2] = nce
+                out["loss_extra"] = sum(lam * term for lam, term in zip(self.lambdas, extra))
+                out["aux"] = {name: term.detach() for name, term in zip(("uni", "gen", "mi", "orth"), extra)}
             if weights[0] is not None:
-                # per layer: mean DPW weight of each target's first source (t<-a, a<-t, v<-t)
-                self.last_stats["dpw"] = [[round(float(v), 4) for v in w[:, 0].detach().mean(-1)] for w in weights]
+                # (layers, 3): per layer, the mean DPW weight of each target's first source
+                # (t<-a, a<-t, v<-t); a tensor, for the reason of last_stats["imputed"]
+                self.last_stats["dpw"] = torch.stack([w[:, 0].detach().mean(-1) for w in weights])
         return out
