@@ -24,6 +24,7 @@ and recorded. JSON: ``benchmarks/results/inference_<device>.json``, a PNG and th
 table (``.md``) beside it; ``speedup`` in the JSON has the Predictor / eager ratios.
 
     python benchmarks/bench_inference.py                                # the full matrix
+    python benchmarks/bench_inference.py --row-seconds 8                # the same, capped per row
     python benchmarks/bench_inference.py --models agfn --batches 1 64 --shapes mosi_aligned
     python benchmarks/bench_inference.py --quick                        # CI smoke, seconds
 """
@@ -79,17 +80,28 @@ def _stats(times: list[float], B: int) -> dict:
             "samples_per_s": round(B / statistics.fmean(times), 1), "calls": len(times)}
 
 
-def _time(fn, B: int, iters: int, warmup: int, device: torch.device) -> dict:
+def _time(fn, B: int, iters: int, warmup: int, device: torch.device, budget_s: float | None = None,
+          min_calls: int = 10) -> dict:
+    """p50 / p99 / throughput of ``fn`` over ``iters`` timed calls after ``warmup`` calls; with
+    ``budget_s``, warm-up and timing each stop early once they have used that many seconds
+    (at least 2 warm-up and ``min_calls`` timed calls), so that the slow rows of the full matrix
+    (unaligned MOSEI at batch 64: about a second a call on this CPU) stay affordable."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
+    t_start = time.perf_counter()
+    for i in range(warmup):
         fn()
+        if budget_s is not None and i >= 1 and time.perf_counter() - t_start > budget_s / 4:
+            break
     sync()
     times = []
+    t_start = time.perf_counter()
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - t0)
+        if budget_s is not None and len(times) >= min_calls and time.perf_counter() - t_start > budget_s:
+            break
     return _stats(times, B)
 
 
@@ -186,6 +198,9 @@ def main() -> None:
     p.add_argument("--server-seconds", type=float, default=3.0)
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--row-seconds", type=float, default=None,
+                   help="stop timing a row after this many seconds (at least 10 calls; warm-up: "
+                        "a quarter of it, at least 2 calls); default: no limit, --iters calls")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on the CPU (1: no "
                    "oversubscription on a shared machine)")
     p.add_argument("--quick", action="store_true", help="lf_dnn, mosi_aligned, batch 1, eager "
@@ -206,8 +221,10 @@ def main() -> None:
         providers = ["eager", "predictor_eager"]
     env = environment(device)
     payload = {"op": "inference", "env": env, "results": [],
-               "note": "p50/p99 over --iters calls after warm-up; server: single-sample "
-                       "requests from N concurrent localhost clients"}
+               "args": {k: v for k, v in vars(args).items() if k != "out"},
+               "note": "p50/p99 over --iters calls after warm-up (each row's 'calls': fewer "
+                       "where --row-seconds ran out); server: single-sample requests from N "
+                       "concurrent localhost clients"}
     path = args.out or os.path.join(RESULTS, f"inference_{device.type}.json")
     for shape in shapes:
         preset, aligned = SHAPES[shape]
@@ -259,7 +276,7 @@ def main() -> None:
                         t0 = time.perf_counter()
                         fn()
                         row["first_call_s"] = round(time.perf_counter() - t0, 2)
-                        row.update(_time(fn, B, args.iters, args.warmup, device))
+                        row.update(_time(fn, B, args.iters, args.warmup, device, args.row_seconds))
                     except Exception as exc:  # recorded, not fatal
                         row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                     print(row, flush=True)
