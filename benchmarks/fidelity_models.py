@@ -46,7 +46,9 @@ def _table(rows: dict, data: str, seeds: list[int], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: dict, path: str) -> None:
+def _plot(rows: dict, path: str, title: str | None = None) -> None:
+    """MAE and Acc-2 bars (mean, seed std as error bars) of the rows without an error; the
+    baselines (text_only, lf_dnn) grey. Also drawn by ``fidelity_pid.py``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,6 +62,8 @@ def _plot(rows: dict, path: str) -> None:
                color=["#999999" if n in ("text_only", "lf_dnn") else "#3b75af" for n in names], capsize=4)
         ax.set_title(f"{key} ({better} is better)")
         ax.tick_params(axis="x", rotation=20)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -49,6 +49,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import RESULTS, environment  # noqa: E402
+from fidelity_models import _plot  # noqa: E402
 
 # name -> (registered model, model_cfg, TrainConfig overrides)
 CONFIGS = {
@@ -133,21 +134,6 @@ def _table(rows: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _bars(rows: dict, path: str, title: str) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, better in zip(axes, ("MAE", "Non0_acc_2"), ("lower", "higher")):
-        names = list(rows)
-        ax.bar(names, [rows[n]["mean"][key] for n in names], yerr=[rows[n]["std"][key] for n in names],
-               color=["#999999" if n in ("text_only", "lf_dnn") else "#3b75af" for n in names], capsize=4)
-        ax.set_title(f"{key} ({better} is better)")
-        ax.tick_params(axis="x", rotation=20)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def report_models(args, names: dict, stem: str, title: str) -> dict | None:
     rows = {}
     for label, name in names.items():
@@ -163,23 +149,8 @@ def report_models(args, names: dict, stem: str, title: str) -> dict | None:
                    "rows": rows}, f, indent=2)
     with open(stem + ".md", "w") as f:
         f.write(_table(rows, title + "; made by `python benchmarks/fidelity_pid.py report`."))
-    _bars(rows, stem + ".png", title)
+    _plot(rows, stem + ".png", title)
     return rows
-
-
-def _entropies(model, data, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(H (N, 3), corrupted (N, 3))`` of the test split in row order (last_weights[2])."""
-    from msa_fast.data.loader import make_loader
-
-    loader = make_loader(data["test"], batch_size, shuffle=False, aligned=data.aligned, name="test")
-    hs, idx = [], []
-    with torch.inference_mode():
-        for b in loader:
-            model(b)
-            hs.append(model.fusion.last_weights[2].float())
-            idx.append(b["index"])
-    order = torch.argsort(torch.cat(idx))
-    return torch.cat(hs)[order], data["test"].extra["corrupted"].bool()
 
 
 def report_gates(args, name: str = "agfn") -> dict | None:
@@ -196,10 +167,8 @@ def report_gates(args, name: str = "agfn") -> dict | None:
         _pyplot().close(fig)
         if "skipped" in res["corrupted"]:
             raise SystemExit(f"gates: {res['corrupted']['skipped']}")
-        H, cor = _entropies(model, data, cfg.batch_size)
-        clean = ~cor.any(1)
-        res["entropy"] = {mod: {"H_clean": float(H[clean, m].mean()), "H_corrupted": float(H[cor[:, m], m].mean())}
-                          for m, mod in enumerate(MODS)}
+        res["entropy"] = {mod: {k: res["corrupted"][mod][k] for k in ("H_clean", "H_corrupted")}
+                          for mod in MODS}
         res["tau"] = float(model.fusion.tau)
         per_seed.append(res)
     out = {"data": args.data, "config": name, "tau": per_seed[0]["tau"], "seeds": args.seeds,

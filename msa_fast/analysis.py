@@ -73,16 +73,17 @@ def _pyplot():
     return plt
 
 
-def _gate_weights(model, loader, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    es, gs, idx = [], [], []
+def _gate_weights(model, loader, device):
+    """``(e, g, H, index)`` of every row in row order, ``(N, 3)`` each; ``H`` (the entropy of the
+    gate's distribution) is None when the fusion reports only ``(e, g)``."""
+    ws, idx = [], []
     for batch, _ in _batches(model, loader, device):
-        w = model.fusion.last_weights  # (e, g) or (e, g, H), set on every forward
-        es.append(w[0].float().cpu())
-        gs.append(w[1].float().cpu())
+        ws.append([w.float().cpu() for w in model.fusion.last_weights])  # (e, g) or (e, g, H)
         idx.append(batch["index"].cpu())
     index = torch.cat(idx)
     order = torch.argsort(index)
-    return torch.cat(es)[order], torch.cat(gs)[order], index[order]
+    e, g, *h = (torch.cat(parts)[order] for parts in zip(*ws))
+    return e, g, (h[0] if h else None), index[order]
 
 
 def gates(model, data, split="test", batch_size=64, device="cpu", name="model") -> tuple[dict, object]:
@@ -93,7 +94,7 @@ def gates(model, data, split="test", batch_size=64, device="cpu", name="model") 
     if fusion is None or not hasattr(fusion, "last_weights"):
         raise ValueError(f"analyze --what gates: model {name!r} exposes no dual-gate weights "
                          f"(model.fusion.last_weights)")
-    e, g, _ = _gate_weights(model, _loader(data, split, batch_size), device)
+    e, g, H, _ = _gate_weights(model, _loader(data, split, batch_size), device)
     res = {"clean": {"e": e.mean(0).tolist(), "g": g.mean(0).tolist(), "n": len(e)}}
     noise = {"level": NOISE_LEVEL, "seed": 0}
     for m, mod in enumerate(_MODS):
@@ -102,7 +103,7 @@ def gates(model, data, split="test", batch_size=64, device="cpu", name="model") 
             continue
         std = feature_std(data["train"], mod)
         tr = _Transform(lambda b, gen, mod=mod, std=std: add_gaussian_noise(b, mod, NOISE_LEVEL, std, gen), 0)
-        en, gn, _ = _gate_weights(model, _loader(data, split, batch_size, tr), device)
+        en, gn, _, _ = _gate_weights(model, _loader(data, split, batch_size, tr), device)
         noise[mod] = {"e_clean": float(e[:, m].mean()), "e_noised": float(en[:, m].mean()),
                       "g_clean": float(g[:, m].mean()), "g_noised": float(gn[:, m].mean())}
     res["noise"] = noise
@@ -119,6 +120,8 @@ def gates(model, data, split="test", batch_size=64, device="cpu", name="model") 
             cor[mod] = {"n_corrupted": int(rows.sum()), "e_clean": mean(e[:, m], clean),
                         "e_corrupted": mean(e[:, m], rows), "g_clean": mean(g[:, m], clean),
                         "g_corrupted": mean(g[:, m], rows)}
+            if H is not None:
+                cor[mod].update(H_clean=mean(H[:, m], clean), H_corrupted=mean(H[:, m], rows))
         res["corrupted"] = cor
 
     plt = _pyplot()

@@ -200,12 +200,21 @@ def cache_dir() -> str:
         os.path.expanduser("~"), ".cache", "msa_fast")
 
 
+def cached_pickle(stem: str, version: str, preset: str, seed: int, aligned: bool,
+                  limit: int | None, write_fn) -> str:
+    """Path of the cached pickle ``<stem>_<preset>_<aligned|unaligned>_seed<seed>_<all|n<limit>>
+    _<version>.pkl`` under :func:`cache_dir`, written once by ``write_fn(path)``; shared by the
+    v1 data (``synthetic``, ``v<VERSION>``) and the PID data (``synthetic_pid``, ``pidv<N>``)."""
+    name = (f"{stem}_{preset}_{'aligned' if aligned else 'unaligned'}_seed{seed}"
+            f"_{'all' if limit is None else f'n{limit}'}_{version}.pkl")
+    path = os.path.join(cache_dir(), "synthetic", name)
+    if not os.path.exists(path):
+        write_fn(path)
+    return path
+
+
 def cached(preset: str = "mosi", seed: int = 0, aligned: bool = True,
            limit: int | None = None) -> str:
     """Path of the cached pickle for (preset, seed, alignment, limit), generating it once."""
-    name = (f"synthetic_{preset}_{'aligned' if aligned else 'unaligned'}_seed{seed}"
-            f"_{'all' if limit is None else f'n{limit}'}_v{VERSION}.pkl")
-    path = os.path.join(cache_dir(), "synthetic", name)
-    if not os.path.exists(path):
-        write(path, preset, seed, aligned, limit)
-    return path
+    return cached_pickle("synthetic", f"v{VERSION}", preset, seed, aligned, limit,
+                         lambda path: write(path, preset, seed, aligned, limit))

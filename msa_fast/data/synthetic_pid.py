@@ -56,7 +56,6 @@ so ``limit`` gives a prefix; cached under the v1 cache directory as
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 
@@ -65,7 +64,7 @@ from msa_fast.data.synthetic import (
     SEQ_LEN,
     VOCAB,
     build_splits,
-    cache_dir,
+    cached_pickle,
     write_pickle,
 )
 
@@ -215,12 +214,8 @@ def write(path: str, preset: str = "mosi", seed: int = 0, aligned: bool = True,
 def cached(preset: str = "mosi", seed: int = 0, aligned: bool = True,
            limit: int | None = None) -> str:
     """Path of the cached pickle (default shares), generating it once."""
-    name = (f"synthetic_pid_{preset}_{'aligned' if aligned else 'unaligned'}_seed{seed}"
-            f"_{'all' if limit is None else f'n{limit}'}_pidv{VERSION}.pkl")
-    path = os.path.join(cache_dir(), "synthetic", name)
-    if not os.path.exists(path):
-        write(path, preset, seed, aligned, limit)
-    return path
+    return cached_pickle("synthetic_pid", f"pidv{VERSION}", preset, seed, aligned, limit,
+                         lambda path: write(path, preset, seed, aligned, limit))
 
 
 SCENARIOS = {"all": (1, 1, 1), "text only": (1, 0, 0), "drop text": (0, 1, 1),

@@ -12,7 +12,11 @@ per-model code):
   optionally, ``"loss_extra"`` (a scalar added to the L1 loss, e.g. a contrastive term) and
   anything else for logging. ``batch`` is the dict of :mod:`msa_fast.data.loader`
   (``text`` or ``text_bert``, ``audio``, ``vision``, ``*_mask`` True = padding,
-  ``*_lengths``, ``labels``, ``present``).
+  ``*_lengths``, ``labels``, ``present``);
+- optionally, ``upgrade_state_dict(state) -> state`` (a static method): maps the weights of a
+  checkpoint written by an earlier parameter layout onto this one (it returns a state that
+  already fits unchanged), or raises ``ValueError`` saying why it cannot;
+  :func:`msa_fast.train.checkpoint.load_weights` calls it on every load.
 
 Registering: decorate the class with ``@register_model("name")``. A name not yet registered
 is looked up by importing ``msa_fast.models.<name>`` (which registers itself), so

@@ -268,6 +268,17 @@ class AGFN(nn.Module):
 
     # -- interface -----------------------------------------------------------------------
 
+    @staticmethod
+    def upgrade_state_dict(state: dict) -> dict:
+        """Checkpoints from before the SPEC 3.1 dual gate (commit d82b6f3 and earlier, recognised by
+        ``cross.0.q_proj.weight``) cannot be mapped: their gate computed another function (no
+        class-entropy logits ``W_u``), so this raises instead of loading something else."""
+        if "cross.0.q_proj.weight" in state:
+            raise ValueError("an AGFN checkpoint from before the SPEC 3.1 dual gate (msa_fast at "
+                             "commit d82b6f3 or earlier): its gate computes another function and "
+                             "cannot be upgraded; retrain it with this version")
+        return state
+
     def forward(self, batch: dict) -> dict:
         U = self.utterance_vectors(batch)
         pred = self.predict_from_utterances(U)

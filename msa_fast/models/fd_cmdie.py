@@ -335,6 +335,26 @@ class FDCMDIE(nn.Module):
 
     # -- forward ------------------------------------------------------------------------
 
+    @staticmethod
+    def upgrade_state_dict(state: dict) -> dict:
+        """Checkpoints from before the batched CMDIE (commit d82b6f3 and earlier) held one DIPU
+        per modality pair, ``cmdie.units.<layer>.<pair>.<param>``; the batched CMDIE stacks the
+        three along a leading dim, ``cmdie.units.<layer>.<param>`` ``(3, ...)`` (same
+        orientation, the same pair order): the same function."""
+        out, pairs = {}, {}
+        for key, value in state.items():
+            parts = key.split(".")
+            if key.startswith("cmdie.units.") and len(parts) > 4 and parts[3].isdigit():
+                pairs.setdefault(".".join(parts[:3] + parts[4:]), {})[int(parts[3])] = value
+            else:
+                out[key] = value
+        for key, per_pair in pairs.items():
+            if sorted(per_pair) != [0, 1, 2]:
+                raise ValueError(f"old per-DIPU CMDIE weights {key}: expected the pairs 0, 1, 2, "
+                                 f"got {sorted(per_pair)}")
+            out[key] = torch.stack([per_pair[i] for i in range(3)])
+        return out
+
     def forward(self, batch: dict) -> dict:
         feats, masks = self.encode(batch)
         sims, diffs = self.decouple(feats)

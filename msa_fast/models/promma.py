@@ -314,6 +314,51 @@ class ProMMA(nn.Module):
         self.head = nn.Sequential(nn.Linear(3 * d, d), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d, 1))
         self.last_stats: dict = {}
 
+    @staticmethod
+    def upgrade_state_dict(state: dict) -> dict:
+        """Checkpoints from before the shared :class:`~msa_fast.nn.attention.MultiheadAttention`
+        (commit d82b6f3 and earlier; recognised by ``layers.0.cross_in.weight``): ProMMA's own
+        stacked linears held ``weight (3, in, out)``, ``bias (3, 1, out)`` and its LayerNorm
+        affines ``(3, 1, 1, d)``; the attention projections were separate (``cross_in`` /
+        ``self_in`` = ``[q; k; v]``, ``gen_q`` + ``gen_kv``, ``conn_q`` + ``conn_kv``). Mapped
+        onto ``StackedLinear`` ``(3, out, in)`` / ``(3, out)``, ``AddNorm`` ``(3, d)`` and
+        ``in_proj = [W_Q; W_K; W_V]``: the same function."""
+        if "layers.0.cross_in.weight" not in state:
+            return state
+        state = dict(state)
+        out = {}
+
+        def stacked(prefix):  # an old stacked linear -> (weight (3, out, in), bias (3, out))
+            return state.pop(prefix + ".weight").transpose(1, 2), state.pop(prefix + ".bias").squeeze(1)
+
+        def put(prefix, wb):
+            out[prefix + ".weight"], out[prefix + ".bias"] = (t.contiguous() for t in wb)
+
+        layers = sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.")})
+        for i in layers:
+            p = f"layers.{i}."
+            put(p + "cross.in_proj", stacked(p + "cross_in"))
+            put(p + "cross.out_proj", stacked(p + "cross_out"))
+            put(p + "self_attn.in_proj", stacked(p + "self_in"))
+            put(p + "self_attn.out_proj", stacked(p + "self_out"))
+            put(p + "ffn1", stacked(p + "ffn1"))
+            put(p + "ffn2", stacked(p + "ffn2"))
+            if p + "conn_q.weight" in state:  # nn.Linear: already (out, in)
+                q, kv = (state.pop(p + f"conn_{n}.weight") for n in ("q", "kv"))
+                qb, kvb = (state.pop(p + f"conn_{n}.bias") for n in ("q", "kv"))
+                put(p + "conn.in_proj", (torch.cat([q, kv]), torch.cat([qb, kvb])))
+                put(p + "conn.out_proj", (state.pop(p + "conn_out.weight"), state.pop(p + "conn_out.bias")))
+        if "gen_q.weight" in state:
+            (qw, qb), (kvw, kvb) = stacked("gen_q"), stacked("gen_kv")
+            put("gen_attn.in_proj", (torch.cat([qw, kvw], 1), torch.cat([qb, kvb], 1)))
+            put("gen_attn.out_proj", stacked("gen_out"))
+            put("uni1", stacked("uni1"))
+            put("uni2", stacked("uni2"))
+        for key in [k for k in state if "." in k and k.split(".")[-2].startswith(("norm", "gen_norm"))]:
+            value = state.pop(key)  # layers.<i>.norm<j>.*, gen_norm.*: (3, 1, 1, d) -> (3, d)
+            out[key] = value.reshape(value.shape[0], value.shape[-1])
+        return {**state, **out}
+
     def _encode(self, batch: dict):
         """Stacked streams ``(3, B, L, d)`` and their padding masks ``(3, B, L)``."""
         t, _ = encode_text(self.text, batch)

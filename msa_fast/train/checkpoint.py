@@ -84,6 +84,12 @@ def save_weights(path: str, module: torch.nn.Module) -> None:
 def load_weights(path: str, module: torch.nn.Module) -> None:
     with _reading(path, "checkpoint weights"):
         tensors = load_file(path)
+    upgrade = getattr(module, "upgrade_state_dict", None)
+    if upgrade is not None:  # an earlier parameter layout (see msa_fast.models)
+        try:
+            tensors = upgrade(tensors)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     try:
         module.load_state_dict(tensors)
     except RuntimeError as e:
