@@ -17,9 +17,13 @@ longest sample of a batch decides its padded length, so every row is full length
   same random weights), ``clients`` concurrent localhost clients each sending single-sample
   ``POST /predict`` requests for ``--server-seconds``; latency per request, throughput of all.
 
-Timing: ``time.perf_counter`` around each call (a CUDA synchronize inside) after warm-up
-calls (the compile / capture of the bucket happens in the warm-up), p50 and p99 over
-``--iters`` calls, throughput = batch / mean. ``torch.set_num_threads(--threads)`` is fixed
+Timing: ``time.perf_counter`` around each call (a CUDA synchronize inside) after a first call
+(the compile / capture of the bucket: ``first_call_s``) and warm-up calls, p50 and p99 over
+``--iters`` calls, throughput = batch / mean. The providers of one (model, shape, batch) take
+turns in ``--rounds`` rounds, so that a change of the machine's speed during the run reaches
+them alike (on this shared 2-core CPU eager ``model.eval()`` of ProMMA at batch 64 ranged over
+50-100 ms with the load of the other core, the compiled one over 41-53 ms). ``--row-seconds``
+caps the slow rows (FD-CMDIE on unaligned MOSEI at batch 64 takes seconds a call). ``torch.set_num_threads(--threads)`` is fixed
 and recorded. JSON: ``benchmarks/results/inference_<device>.json``, a PNG and the README's markdown
 table (``.md``) beside it; ``speedup`` in the JSON has the Predictor / eager ratios.
 
@@ -80,29 +84,37 @@ def _stats(times: list[float], B: int) -> dict:
             "samples_per_s": round(B / statistics.fmean(times), 1), "calls": len(times)}
 
 
-def _time(fn, B: int, iters: int, warmup: int, device: torch.device, budget_s: float | None = None,
-          min_calls: int = 10) -> dict:
-    """p50 / p99 / throughput of ``fn`` over ``iters`` timed calls after ``warmup`` calls; with
-    ``budget_s``, warm-up and timing each stop early once they have used that many seconds
-    (at least 2 warm-up and ``min_calls`` timed calls), so that the slow rows of the full matrix
-    (unaligned MOSEI at batch 64: about a second a call on this CPU) stay affordable."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t_start = time.perf_counter()
-    for i in range(warmup):
-        fn()
-        if budget_s is not None and i >= 1 and time.perf_counter() - t_start > budget_s / 4:
-            break
-    sync()
-    times = []
-    t_start = time.perf_counter()
-    for _ in range(iters):
+def _calls(fn, n: int, sync, budget_s: float | None, least: int) -> list[float]:
+    """Up to ``n`` timed calls of ``fn``; with ``budget_s``, stop once that many seconds are used
+    and at least ``least`` calls are done."""
+    times, t_start = [], time.perf_counter()
+    for _ in range(n):
         t0 = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-        if budget_s is not None and len(times) >= min_calls and time.perf_counter() - t_start > budget_s:
+        if budget_s is not None and len(times) >= least and time.perf_counter() - t_start > budget_s:
             break
-    return _stats(times, B)
+    return times
+
+
+def _time_interleaved(fns: dict, iters: int, warmup: int, rounds: int, device: torch.device,
+                      budget_s: float | None = None) -> dict:
+    """Per provider, the timed calls of ``fns[provider]``: after ``warmup`` calls each, the
+    providers take turns in ``rounds`` rounds of ``ceil(iters / rounds)`` calls, so that a drift
+    of the machine's speed (another process, frequency) reaches every provider alike and the
+    ratios stay meaningful on a shared CPU. ``budget_s`` caps each provider's time per row:
+    warm-up stops after a quarter of it, each round after ``budget_s / rounds`` (and at least
+    one call per round)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in fns.values():
+        _calls(fn, warmup, sync, None if budget_s is None else budget_s / 4, 1)
+    per_round = -(-iters // rounds)
+    out = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            out[name] += _calls(fn, per_round, sync, None if budget_s is None else budget_s / rounds, 1)
+    return out
 
 
 def _write_run_dir(path: str, name: str, model, dims: dict) -> None:
@@ -198,9 +210,11 @@ def main() -> None:
     p.add_argument("--server-seconds", type=float, default=3.0)
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="the providers of one (model, shape, batch) take turns in this many rounds")
     p.add_argument("--row-seconds", type=float, default=None,
-                   help="stop timing a row after this many seconds (at least 10 calls; warm-up: "
-                        "a quarter of it, at least 2 calls); default: no limit, --iters calls")
+                   help="cap of each provider's timing per row (warm-up: a quarter of it; each "
+                        "round: 1 / --rounds of it, at least one call); default: --iters calls")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on the CPU (1: no "
                    "oversubscription on a shared machine)")
     p.add_argument("--quick", action="store_true", help="lf_dnn, mosi_aligned, batch 1, eager "
@@ -217,12 +231,13 @@ def main() -> None:
     models = args.models or available_models()
     shapes, batches = args.shapes, args.batches
     if args.quick:
-        models, shapes, batches, args.iters, args.warmup = ["lf_dnn"], ["mosi_aligned"], [1], 5, 2
+        models, shapes, batches, args.iters, args.warmup, args.rounds = ["lf_dnn"], ["mosi_aligned"], [1], 5, 2, 1
         providers = ["eager", "predictor_eager"]
     env = environment(device)
     payload = {"op": "inference", "env": env, "results": [],
                "args": {k: v for k, v in vars(args).items() if k != "out"},
-               "note": "p50/p99 over --iters calls after warm-up (each row's 'calls': fewer "
+               "note": "p50/p99 over --iters calls after warm-up, the providers of a (model, "
+                       "shape, batch) interleaved in --rounds rounds (each row's 'calls': fewer "
                        "where --row-seconds ran out); server: single-sample requests from N "
                        "concurrent localhost clients"}
     path = args.out or os.path.join(RESULTS, f"inference_{device.type}.json")
@@ -232,53 +247,61 @@ def main() -> None:
             batch1, dims = make_batch(preset, aligned, 1)
             torch.manual_seed(0)
             model = build_model(name, dims).to(device).eval()
-            preds = {}
-            for prov in providers:
-                if prov == "server":
-                    if shape != "mosi_aligned" and not args.providers:
-                        continue  # the server's cost is HTTP + batching: one shape is enough
-                    try:
-                        for r in _server_rows(name, model.cpu(), dims, batch1, args.clients,
-                                              args.server_seconds, False):
-                            row = {"model": name, "shape": shape, "batch": 1, **r}
-                            print(row, flush=True)
-                            payload["results"].append(row)
-                    except Exception as exc:  # recorded, not fatal
-                        row = {"model": name, "shape": shape, "provider": "server",
-                               "error": f"{type(exc).__name__}: {exc}"[:300]}
+            if "server" in providers and (shape == "mosi_aligned" or args.providers):
+                # (the server's cost is HTTP + batching: one shape is enough by default)
+                try:
+                    for r in _server_rows(name, model.cpu(), dims, batch1, args.clients,
+                                          args.server_seconds, False):
+                        row = {"model": name, "shape": shape, "batch": 1, **r}
                         print(row, flush=True)
                         payload["results"].append(row)
-                    model.to(device)
-                    continue
+                except Exception as exc:  # recorded, not fatal
+                    row = {"model": name, "shape": shape, "provider": "server",
+                           "error": f"{type(exc).__name__}: {exc}"[:300]}
+                    print(row, flush=True)
+                    payload["results"].append(row)
+                model.to(device)
+            runners = {}
+            for prov in providers:
                 if prov in ("predictor_eager", "predictor_compiled", "predictor_cuda_graphs"):
-                    preds[prov] = Predictor(model, dims, device=device, max_batch=max(batches),
-                                            compile=prov == "predictor_compiled",
-                                            cuda_graphs=prov == "predictor_cuda_graphs",
-                                            model_name=name)
-                if prov == "eager_cmdie_loop":
-                    if not hasattr(model, "cmdie"):
-                        continue
-                    loop_model = copy.deepcopy(model)
-                    loop_model.cmdie.batched = False  # the per-DIPU loop, same weights
-                for B in batches:
-                    batch, _ = make_batch(preset, aligned, B)
-                    row = {"model": name, "shape": shape, "batch": B, "provider": prov}
-                    try:
-                        if prov in ("eager", "eager_cmdie_loop"):
-                            dev_batch = {k: v.to(device) for k, v in batch.items()}
-                            m = model if prov == "eager" else loop_model
+                    pr = Predictor(model, dims, device=device, max_batch=max(batches),
+                                   compile=prov == "predictor_compiled",
+                                   cuda_graphs=prov == "predictor_cuda_graphs", model_name=name)
+                    runners[prov] = lambda b, pr=pr: pr.predict(b)
+                elif prov in ("eager", "eager_cmdie_loop"):
+                    if prov == "eager_cmdie_loop":
+                        # on unaligned data CMDIE's batched="auto" already runs the loop
+                        if not hasattr(model, "cmdie") or not aligned:
+                            continue
+                        m = copy.deepcopy(model)
+                        m.cmdie.batched = False  # the per-DIPU loop, same weights
+                    else:
+                        m = model
 
-                            def fn(b=dev_batch, model=m):
-                                with torch.inference_mode():
-                                    return model(b)["pred"]
-                        else:
-                            fn = (lambda pr=preds[prov], b=batch: pr.predict(b))
+                    def run(b, m=m):
+                        with torch.inference_mode():
+                            return m(b)["pred"]
+                    runners[prov] = run
+            for B in batches:
+                batch, _ = make_batch(preset, aligned, B)
+                # model.eval() gets the batch on its device; the Predictor takes host tensors
+                dev_batch = {k: v.to(device) for k, v in batch.items()}
+                rows, fns = {}, {}
+                for prov, run in runners.items():
+                    rows[prov] = {"model": name, "shape": shape, "batch": B, "provider": prov}
+                    b = dev_batch if prov.startswith("eager") else batch
+                    try:  # the first call (a compile / capture of the bucket) is timed apart
                         t0 = time.perf_counter()
-                        fn()
-                        row["first_call_s"] = round(time.perf_counter() - t0, 2)
-                        row.update(_time(fn, B, args.iters, args.warmup, device, args.row_seconds))
+                        run(b)
+                        rows[prov]["first_call_s"] = round(time.perf_counter() - t0, 2)
+                        fns[prov] = lambda run=run, b=b: run(b)
                     except Exception as exc:  # recorded, not fatal
-                        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                        rows[prov]["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                times = _time_interleaved(fns, args.iters, args.warmup, args.rounds, device,
+                                          args.row_seconds) if fns else {}
+                for prov, row in rows.items():
+                    if prov in times:
+                        row.update(_stats(times[prov], B))
                     print(row, flush=True)
                     payload["results"].append(row)
             write("inference", payload, path)  # after every model: nothing lost on interruption
@@ -287,7 +310,51 @@ def main() -> None:
     print(json.dumps(payload["speedup"], indent=1))
     with open(os.path.splitext(path)[0] + ".md", "w") as f:
         f.write(table(payload))
+    with open(os.path.splitext(path)[0] + "_summary.md", "w") as f:
+        f.write(summary(payload))
     _plot(payload, path)
+
+
+def summary(payload: dict) -> str:
+    """The README's compact table: per model and shape, eager -> Predictor p50 and throughput at
+    each batch (the compiled or CUDA-graph Predictor where measured, else the eager one; named),
+    and the server rows."""
+    rows = [r for r in payload["results"] if "p50_ms" in r]
+    batches = sorted({r["batch"] for r in rows if "clients" not in r})
+    fast = ("predictor_compiled", "predictor_cuda_graphs", "predictor_eager")
+    head = " | ".join(f"batch {b}: p50 eager -> Predictor (x), samples/s x" for b in batches)
+    lines = [f"{payload['env']['device']}, {payload['env']['threads']} threads, torch "
+             f"{payload['env']['torch']}, commit {str(payload['env']['commit'])[:10]}; "
+             f"x = Predictor / eager (p50 ratio; throughput ratio); Predictor = "
+             f"{' / '.join(p for p in fast if any(r['provider'] == p for r in rows))}", "",
+             f"| model | shape | {head} |", "|---|---|" + "---|" * len(batches)]
+    seen = list(dict.fromkeys((r["model"], r["shape"]) for r in rows if "clients" not in r))
+    for model, shape in seen:
+        cells = []
+        for b in batches:
+            got = {r["provider"]: r for r in rows if (r["model"], r["shape"], r.get("batch")) == (model, shape, b)
+                   and "clients" not in r}
+            e = got.get("eager")
+            p = next((got[k] for k in fast if k in got), None)
+            if e is None or p is None:
+                cells.append("")
+                continue
+            tag = {"predictor_compiled": "compiled", "predictor_cuda_graphs": "CUDA graphs",
+                   "predictor_eager": "eager Predictor"}[p["provider"]]
+            cells.append(f"{e['p50_ms']:.2f} -> {p['p50_ms']:.2f} ms {tag} ({p['p50_ms'] / e['p50_ms']:.2f}x); "
+                         f"{p['samples_per_s'] / e['samples_per_s']:.2f}x")
+        lines.append(f"| {model} | {shape} | " + " | ".join(cells) + " |")
+    server = [r for r in rows if "clients" in r]
+    if server:
+        clients = sorted({r["clients"] for r in server})
+        lines += ["", "| model (server, single-sample POST /predict) | "
+                  + " | ".join(f"{c} clients: p50 ms, req/s" for c in clients) + " |",
+                  "|---|" + "---|" * len(clients)]
+        for model in dict.fromkeys(r["model"] for r in server):
+            by = {r["clients"]: r for r in server if r["model"] == model}
+            lines.append(f"| {model} | " + " | ".join(
+                f"{by[c]['p50_ms']:.1f}, {by[c]['samples_per_s']:.1f}" if c in by else "" for c in clients) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def table(payload: dict) -> str:

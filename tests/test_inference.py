@@ -261,6 +261,22 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
     assert not pred.compile
 
 
+@pytest.mark.parametrize("name", available_models())
+def test_predictor_model_is_one_graph(name):
+    # no host read in the eval forward of the Predictor's copy (unpacked LSTMs), also with a
+    # modality missing: one compiled graph per bucket, capturable as one CUDA graph
+    model = _model(name)
+    L = (12, 12, 12) if _aligned(name) else (12, 7, 9)
+    batch = _batch(4, *L)
+    batch["present"] = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    pred = Predictor(model, DIMS, compile=False, model_name=name)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(lambda b: pred.model(b)["pred"])(batch)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["agfn", "fd_cmdie", "promma", "lf_dnn"])
 def test_cuda_graphs_equal_eager(name):

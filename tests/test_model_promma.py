@@ -83,20 +83,6 @@ def test_eval_mode_skips_the_losses_not_the_prediction(data, cfg):
     assert 0.0 <= float(model.last_stats["imputed"]) <= 1.0
 
 
-def test_eval_forward_has_no_graph_break(data):
-    # the Predictor's copy (unpacked LSTMs) compiles into one graph: no host reads in forward
-    from msa_fast.inference.predictor import unpack_lstms
-
-    model = _model(data).eval()
-    unpack_lstms(model)
-    batch = apply_modality_drop(_batch(data, 4), 0.5, torch.Generator().manual_seed(3))
-    torch._dynamo.reset()
-    with torch.inference_mode():
-        explained = torch._dynamo.explain(lambda b: model(b)["pred"])(batch)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
-
-
 @pytest.mark.parametrize("cfg", [{}, {"prompts": False}, {"disentangle": False, "impute": "always"}])
 def test_backward_every_parameter_gets_a_gradient(data, cfg):
     # one to two modalities missing in most samples, so the missing-signal prompts are used

@@ -312,7 +312,7 @@ def _pad_rows(batch: dict, rows: slice, Bp: int, Ls: dict) -> dict:
     pres = batch.get("present")
     if pres is not None and not bool(pres[rows].all()):
         # only where a modality is missing: every model reads an absent "present" as all
-        # present, and FD-CMDIE branches on present.all() (a graph break) when it is given
+        # present, so the common case skips the masking work that "present" costs
         pres = pres[rows].bool()
         out["present"] = torch.cat([pres, pres.new_ones(Bp - n, 3)]) if Bp > n else pres
     return out

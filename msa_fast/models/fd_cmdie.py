@@ -208,7 +208,7 @@ class FDCMDIE(nn.Module):
     def _masks(self, batch: dict) -> list[torch.Tensor]:
         masks = [batch[f"{m}_mask"] for m in MODALITIES]
         present = batch.get("present")
-        if present is not None and not bool(present.all()):
+        if present is not None:  # no `if present.all()` shortcut: a host sync and a graph break
             masks = [mk | ~present[:, i, None] for i, mk in enumerate(masks)]
         return masks
 
