@@ -216,8 +216,9 @@ class FDCMDIE(nn.Module):
         """Eq. 1-3: ``[F_t, F_a, F_v]`` (B, L_m, d), padded / dropped positions 0, and their masks."""
         masks = self._masks(batch)
         inputs = dict(batch)
-        if "text" in batch:
-            inputs["text"] = batch["text"].masked_fill(masks[0][..., None], 0.0)
+        # The text features are not masked on the way in: the feature encoder is per token and
+        # its outputs at masked positions are zeroed below, so that would only copy the
+        # (B, L, 768) input (the largest tensor of a batch); BERT ids carry their own mask.
         for i, m in ((1, "audio"), (2, "vision")):
             inputs[m] = batch[m].masked_fill(masks[i][..., None], 0.0)
         t, _ = encode_text(self.text, inputs)

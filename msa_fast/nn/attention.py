@@ -38,7 +38,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     n, i = x.shape[0], x.shape[-1]
     flat = x.reshape(n, x.shape[1:-1].numel(), i)
     w = weight.transpose(1, 2)
-    y = torch.bmm(flat, w) if bias is None else torch.baddbmm(bias[:, None, :], flat, w)
+    if bias is None:
+        y = torch.bmm(flat, w)
+    elif torch.compiler.is_compiling():
+        # inductor runs baddbmm as a copy of the broadcast bias into the output, then the GEMM;
+        # a separate add fuses into the kernel that reads y next (same values)
+        y = torch.bmm(flat, w) + bias[:, None, :]
+    else:
+        y = torch.baddbmm(bias[:, None, :], flat, w)
     return y.view(*x.shape[:-1], weight.shape[1])
 
 
