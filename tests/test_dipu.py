@@ -505,6 +505,8 @@ def test_cmdie_batched_flag_and_auto_rule():
     cm = msa_fast.nn.CMDIE(8, 2)
     assert cm.batched == "auto"
     assert cm.use_batched(150, [50, 50, 50])  # aligned MOSI, concatenated G
+    assert cm.use_batched(50, [50, 50, 50], 8)  # up to 512 tokens per unit: batched
+    assert not cm.use_batched(50, [50, 50, 50], 16)  # a large batch: the loop
     assert not cm.use_batched(925, [50, 375, 500])  # unaligned MOSI
     assert cm.use_batched(30, [9, 10, 11])
     cm.batched = True
