@@ -64,11 +64,12 @@ CLS_ID, SEP_ID, UNK_ID = 101, 102, 100
 # data's own length and full-length batches pay no padding at all
 DEFAULT_LENGTH_BUCKETS = (8, 16, 32, 50, 64, 128, 256, 375, 500, 512)
 
-# Per-model CPU default of ``compile="auto"``, from benchmarks/results/inference_cpu.json
-# (synthetic MOSI aligned, batch 1 / 64, 1 thread, quiet machine): compiled p50 / eager p50 at
-# batch 1 was 0.40 (agfn), 0.34 (fd_cmdie), 0.36 (promma); lf_dnn and text_only are so small
-# that padding and checks cost more than compiling saves (0.77x / 2.5x at batch 1, slower at
-# batch 8 and 64), so they stay eager (and skip a 5-40 s compile). A model not listed: eager.
+# Per-model CPU default of ``compile="auto"``, from benchmarks/results/inference_cpu*.json (1
+# thread, providers interleaved): compiled p50 / eager p50 at batch 1 on MOSI aligned 0.39
+# (agfn), 0.39 (fd_cmdie), 0.25 (promma), and the compiled Predictor faster at every aligned
+# shape and batch and at unaligned batch 8 / 64; lf_dnn and text_only are so small that padding
+# and checks cost about what compiling saves (0.85-1.1x lf_dnn, 1.2-2.1x text_only), so they
+# stay eager (and skip a 5-40 s compile). A model not listed: eager.
 COMPILE_DEFAULT = {"agfn": True, "fd_cmdie": True, "promma": True, "lf_dnn": False,
                    "text_only": False}
 
