@@ -23,8 +23,8 @@ Timing: ``time.perf_counter`` around each call (a CUDA synchronize inside) after
 turns in ``--rounds`` rounds, so that a change of the machine's speed during the run reaches
 them alike (on this shared 2-core CPU eager ``model.eval()`` of ProMMA at batch 64 ranged over
 50-100 ms with the load of the other core, the compiled one over 41-53 ms). ``--row-seconds``
-caps the slow rows (FD-CMDIE on unaligned MOSEI at batch 64 takes seconds a call). ``torch.set_num_threads(--threads)`` is fixed
-and recorded. JSON: ``benchmarks/results/inference_<device>.json``, a PNG and the README's markdown
+caps the slow rows (FD-CMDIE on unaligned MOSEI at batch 64 takes seconds a call).
+``torch.set_num_threads(--threads)`` is fixed and recorded. JSON: ``benchmarks/results/inference_<device>.json``, a PNG and the README's markdown
 table (``.md``) beside it; ``speedup`` in the JSON has the Predictor / eager ratios.
 
     python benchmarks/bench_inference.py                                # the full matrix
@@ -84,16 +84,16 @@ def _stats(times: list[float], B: int) -> dict:
             "samples_per_s": round(B / statistics.fmean(times), 1), "calls": len(times)}
 
 
-def _calls(fn, n: int, sync, budget_s: float | None, least: int) -> list[float]:
-    """Up to ``n`` timed calls of ``fn``; with ``budget_s``, stop once that many seconds are used
-    and at least ``least`` calls are done."""
+def _calls(fn, n: int, sync, budget_s: float | None) -> list[float]:
+    """Up to ``n`` timed calls of ``fn`` (at least one); with ``budget_s``, stop once that many
+    seconds are used."""
     times, t_start = [], time.perf_counter()
     for _ in range(n):
         t0 = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-        if budget_s is not None and len(times) >= least and time.perf_counter() - t_start > budget_s:
+        if budget_s is not None and time.perf_counter() - t_start > budget_s:
             break
     return times
 
@@ -108,12 +108,12 @@ def _time_interleaved(fns: dict, iters: int, warmup: int, rounds: int, device: t
     one call per round)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in fns.values():
-        _calls(fn, warmup, sync, None if budget_s is None else budget_s / 4, 1)
+        _calls(fn, warmup, sync, None if budget_s is None else budget_s / 4)
     per_round = -(-iters // rounds)
     out = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            out[name] += _calls(fn, per_round, sync, None if budget_s is None else budget_s / rounds, 1)
+            out[name] += _calls(fn, per_round, sync, None if budget_s is None else budget_s / rounds)
     return out
 
 

@@ -2,18 +2,22 @@
 
 For every registered model at the synthetic MOSI and MOSEI shapes, aligned and unaligned
 (the widths and sequence lengths of SPEC 5; the batch is a fixed, real loader batch of
-``--batch`` samples), three providers:
+``--batch`` samples), the providers:
 
 - ``eager``: ``--backend eager``, the reference ops;
-- ``auto``: ``--backend auto``, the fused ops where they run (on this CPU: ``cpp`` mining);
+- ``auto``: ``--backend auto``, what ``auto`` picks (on this CPU: SDPA attention, the
+  compiled reference where ``bench_auto.py`` measured it faster, ``cpp`` mining);
 - ``torch.compile``: ``torch.compile(model)`` under ``auto`` (graph breaks allowed: the
   LSTMs pack sequences; five warm-up steps, so that the recompiles of dynamic shapes
-  -- FD-CMDIE's partner batches change size every step -- are not timed).
+  -- FD-CMDIE's partner batches change size every step -- are not timed);
+- ``bf16``: ``auto`` under bf16 autocast (``msa-fast train --amp bf16``; on a GPU every
+  provider already is, so this one runs on the CPU only).
 
 On the CPU also data parallelism: ``ddp2`` is 2 gloo ranks (``torch.multiprocessing``, one
 thread each), each stepping on half of the same global batch, against ``eager`` at one
-thread. Reported: median step time (ms) over ``--steps`` timed steps after 2 warm-ups,
-samples/s of the global batch, and peak memory (GPU: ``max_memory_allocated``; CPU: the
+thread. The in-process providers take turns, ``--rounds`` rounds of ``--steps / rounds``
+steps each after their warm-ups (2, or 5 where something compiles); ddp2 runs after them.
+Reported: the median of the rounds' median step times (ms), samples/s of the global batch, and peak memory (GPU: ``max_memory_allocated``; CPU: the
 growth of the process's resident set over the steps, a coarse upper bound). FD-CMDIE's
 pairs are mined once first, so that its contrastive term is part of the step. On a GPU the
 step runs under bf16 autocast, as the trainer does.
@@ -155,13 +159,74 @@ def _ddp_row(name, spec, batch_size, steps) -> dict:
         return torch.load(out)
 
 
+def _provider_step(prov, name, spec, batch_size, device):
+    """(step function, backend) of one in-process provider."""
+    backend = "eager" if prov == "eager" else "auto"
+    amp = prov == "bf16" or device.type == "cuda"
+    model, batch = _setup(name, spec, batch_size, device, backend)
+    if prov == "torch.compile":
+        model = torch.compile(model)
+    return _step_fn(model, batch, device, amp), backend
+
+
+def _interleaved(name, spec, shape, batch_size, providers, device, args) -> list[dict]:
+    """One row per provider; the in-process providers take turns step by step, ``args.rounds``
+    rounds of ``args.steps / rounds`` steps, so that the shared machine's speed changes reach
+    them alike (ddp2 runs in its own processes, after them)."""
+    rows, steps = {}, {}
+    for prov in providers:
+        rows[prov] = {"model": name, "shape": shape, "batch": batch_size, "provider": prov}
+        if prov == "ddp2":
+            continue
+        try:
+            step, backend = _provider_step(prov, name, spec, batch_size, device)
+            with msa_fast.use_backend(backend):  # warm-up: compiles, allocator, mining caches
+                for _ in range(5 if prov in ("torch.compile", "auto", "bf16") else 2):
+                    step()
+            steps[prov] = (step, backend)
+        except Exception as exc:  # recorded, not fatal: a provider may not run a model
+            rows[prov]["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    times = {prov: [] for prov in steps}
+    peaks = dict.fromkeys(steps, 0.0)
+    per_round = max(1, -(-args.steps // args.rounds))
+    for _ in range(args.rounds):
+        for prov, (step, backend) in list(steps.items()):
+            try:
+                with msa_fast.use_backend(backend):
+                    ms, peak = _time(step, device, per_round, 0)
+            except Exception as exc:
+                rows[prov]["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                del steps[prov]
+                continue
+            times[prov].append(ms)
+            peaks[prov] = max(peaks[prov], peak or 0.0)
+    for prov, ts in times.items():
+        if prov in steps and ts:
+            ms = statistics.median(ts)
+            rows[prov].update(step_ms=round(ms, 3), samples_per_s=round(batch_size / (ms * 1e-3), 1),
+                              peak_mb=round(peaks[prov], 1))
+    if "ddp2" in rows:
+        try:
+            r = _ddp_row(name, spec, batch_size, args.steps)
+            rows["ddp2"].update(step_ms=round(r["ms"], 3), samples_per_s=round(batch_size / (r["ms"] * 1e-3), 1),
+                                peak_mb=None if r["peak_mb"] is None else round(r["peak_mb"], 1))
+        except Exception as exc:
+            rows["ddp2"]["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    base = rows.get("eager", {}).get("step_ms")
+    for row in rows.values():
+        if base and "step_ms" in row:
+            row["speedup_vs_eager"] = round(base / row["step_ms"], 2)
+    return list(rows.values())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None)
     p.add_argument("--models", nargs="+", default=None, help="default: every registered model")
     p.add_argument("--shapes", default=None, help=f"comma-separated, of {list(SHAPES)}")
-    p.add_argument("--providers", nargs="+", default=["eager", "auto", "torch.compile", "ddp2"])
+    p.add_argument("--providers", nargs="+", default=["eager", "auto", "torch.compile", "bf16", "ddp2"])
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the in-process providers")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of the 1-process providers")
     p.add_argument("--quick", action="store_true", help="lf_dnn at mosi_aligned, eager and auto, 2 steps")
     p.add_argument("--out", default=None)
@@ -173,9 +238,10 @@ def main() -> None:
     shapes = args.shapes.split(",") if args.shapes else list(SHAPES)
     providers = args.providers
     if args.quick:
-        models, shapes, providers, args.steps = ["lf_dnn"], ["mosi_aligned"], ["eager", "auto"], 2
+        models, shapes, providers, args.steps, args.rounds = ["lf_dnn"], ["mosi_aligned"], ["eager", "auto"], 2, 1
     if device.type == "cuda":
-        providers = [q for q in providers if q != "ddp2"]  # one GPU: no second rank to run
+        # one GPU: no second rank to run; every GPU step is under bf16 autocast already
+        providers = [q for q in providers if q not in ("ddp2", "bf16")]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         raise SystemExit(f"--shapes: unknown {unknown}; known: {list(SHAPES)}")
@@ -188,26 +254,10 @@ def main() -> None:
     for shape in shapes:
         spec, batch_size = SHAPES[shape]
         for name in models:
-            for prov in providers:
-                row = {"model": name, "shape": shape, "batch": batch_size, "provider": prov}
-                try:
-                    if prov == "ddp2":
-                        r = _ddp_row(name, spec, batch_size, args.steps)
-                        ms, peak = r["ms"], r["peak_mb"]
-                    else:
-                        backend = "eager" if prov == "eager" else "auto"
-                        model, batch = _setup(name, spec, batch_size, device, backend)
-                        if prov == "torch.compile":
-                            model = torch.compile(model)
-                        with msa_fast.use_backend(backend):
-                            ms, peak = _time(_step_fn(model, batch, device, device.type == "cuda"),
-                                             device, args.steps, 5 if prov == "torch.compile" else 2)
-                    row.update(step_ms=round(ms, 3), samples_per_s=round(batch_size / (ms * 1e-3), 1),
-                               peak_mb=None if peak is None else round(peak, 1))
-                except Exception as exc:  # recorded, not fatal: a provider may not run a model
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            rows = _interleaved(name, spec, shape, batch_size, providers, device, args)
+            for row in rows:
                 print(row, flush=True)
-                payload["results"].append(row)
+            payload["results"] += rows
             write("train_step", payload, path)  # after every model: nothing lost on interruption
     _plot(payload, path)
 

@@ -167,8 +167,6 @@ def report_gates(args, name: str = "agfn") -> dict | None:
         _pyplot().close(fig)
         if "skipped" in res["corrupted"]:
             raise SystemExit(f"gates: {res['corrupted']['skipped']}")
-        res["entropy"] = {mod: {k: res["corrupted"][mod][k] for k in ("H_clean", "H_corrupted")}
-                          for mod in MODS}
         res["tau"] = float(model.fusion.tau)
         per_seed.append(res)
     out = {"data": args.data, "config": name, "tau": per_seed[0]["tau"], "seeds": args.seeds,
@@ -183,8 +181,8 @@ def report_gates(args, name: str = "agfn") -> dict | None:
                "e_noised_1std": _ms(noised), "n_corrupted": per_seed[0]["corrupted"][mod]["n_corrupted"],
                "g_clean": _ms([r["corrupted"][mod]["g_clean"] for r in per_seed]),
                "g_corrupted": _ms([r["corrupted"][mod]["g_corrupted"] for r in per_seed]),
-               "H_clean": _ms([r["entropy"][mod]["H_clean"] for r in per_seed]),
-               "H_corrupted": _ms([r["entropy"][mod]["H_corrupted"] for r in per_seed])}
+               "H_clean": _ms([r["corrupted"][mod]["H_clean"] for r in per_seed]),
+               "H_corrupted": _ms([r["corrupted"][mod]["H_corrupted"] for r in per_seed])}
         spread = row["e_clean_minus_corrupted"]["std"]
         row["seed_spread"] = spread
         row["claim_holds"] = bool(row["e_clean_minus_corrupted"]["mean"] > spread)

@@ -2,14 +2,19 @@
 
 Backends: ``eager`` (``ops/reference.py``, any device, the ground truth),
 ``triton`` (CUDA GPUs; CPU tensors too when ``TRITON_INTERPRET=1``), ``cuda``
-(C++/CUDA extension) and ``cpp`` (C++ CPU extension).
+(C++/CUDA extension), ``cpp`` (C++ CPU extension), ``sdpa`` (PyTorch's own fused
+implementation, where the op has one: ``scaled_dot_product_attention`` for attention, on
+every device) and ``compile`` (``torch.compile`` of the reference, for the ops whose
+descriptor says ``compile=True``: the alternative a user would reach for, so ``auto``
+takes it where it measures fastest; see :func:`compiled_reference`).
 
 Each op declares itself once, as an :class:`OpSpec`: its reference, its argument
 checks, its dtype policy under autocast, and each fused backend (:class:`Fused`)
 with the dtypes and shapes it takes and where ``auto`` may pick it. :func:`dispatch`
 then does for every op: autocast -> checks -> backend choice -> run. ``"auto"`` takes,
-per device type, the first fused backend of :data:`AUTO_ORDER` (filled from the
-specs) that is available and accepts the input's dtype and shape, else the
+per device type, the first fused backend of :data:`AUTO_ORDER` (the order measured by
+``benchmarks/bench_auto.py`` and stored in ``msa_fast/auto_order.json``; the specs'
+declared order for a (op, device) the measurement does not cover) that is available and accepts the input's dtype and shape, else the
 reference -- it never fails, and it never hands fp64 (or any dtype a kernel does
 not declare) to a kernel. An explicitly requested backend that cannot run raises
 ``RuntimeError`` with the reason; one that does not take the dtype raises
@@ -21,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +37,7 @@ import torch
 
 from msa_fast import _ext
 
-BACKENDS = ("eager", "triton", "cuda", "cpp")
+BACKENDS = ("eager", "triton", "cuda", "cpp", "sdpa", "compile")
 _CHOICES = ("auto", *BACKENDS)
 
 # Which fused implementations exist, per op: filled by each ops/<op>.py module.
@@ -84,6 +91,39 @@ def _triton_reason(device: torch.device) -> str | None:
     return f"Triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to interpret on the CPU)"
 
 
+@functools.cache
+def _compile_reason(device_type: str) -> str | None:
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile is not supported on this platform / Python"
+    if device_type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
+        return "torch.compile on the CPU needs a C++ compiler (g++ / clang++), none found"
+    if device_type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile on CUDA needs triton"
+    return None
+
+
+def compiled_reference(reference: Callable[..., Any]) -> Callable[..., Any]:
+    """``reference`` under ``torch.compile(fullgraph=True)``, compiled on its first call (2-25 s
+    on a CPU: once per process and input signature -- dtype, which inputs need grad, which
+    optionals are given). PyTorch's default ``dynamic=None``: the first sizes are static
+    (the fastest kernels and guards: 30 vs 70 us a call for the dual gate at MOSI's batch),
+    a second size recompiles once with symbolic sizes, which then serve every size; past
+    dynamo's recompile limit the reference runs as it is (same values). Inside a graph that is being compiled (a user's
+    ``torch.compile(model)``, the Predictor) it is the plain reference, which that compile
+    inlines and fuses with its neighbours."""
+    state: dict[str, Callable[..., Any]] = {}
+
+    def run(*args):
+        if torch.compiler.is_compiling():
+            return reference(*args)
+        fn = state.get("fn")
+        if fn is None:
+            fn = state["fn"] = torch.compile(reference, fullgraph=True)
+        return fn(*args)
+
+    return run
+
+
 def unavailable_reason(op: str, backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run ``op`` on ``device``; ``None`` when it can."""
     if backend == "eager":
@@ -92,6 +132,10 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
         return f"msa_fast has no {backend} implementation of {op}"
     if backend == "triton":
         return _triton_reason(device)
+    if backend == "sdpa":  # PyTorch's own kernels: every device torch runs on
+        return None
+    if backend == "compile":
+        return _compile_reason(device.type)
     mod, why = _ext.load()
     if mod is None:
         return why
@@ -166,6 +210,7 @@ class OpSpec:
     ``autocast``: under ``torch.autocast`` the floating inputs are cast to one dtype --
     ``"autocast"`` (the autocast dtype), a fixed dtype (fp32 for the losses) or ``None``
     (no cast). ``check(*args)`` raises ``ValueError`` on bad input (SPEC 10).
+    ``compile``: the op also gets a ``compile`` backend, :func:`compiled_reference`.
     """
 
     name: str
@@ -173,6 +218,12 @@ class OpSpec:
     check: Callable[..., None]
     fused: tuple[Fused, ...] = ()
     autocast: str | torch.dtype | None = "autocast"
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.compile:  # frozen: the derived backend is set once, here
+            fused = (*self.fused, Fused("compile", compiled_reference(self.reference), auto=()))
+            object.__setattr__(self, "fused", fused)
 
     def implementation(self, backend: str) -> Fused | None:
         return next((f for f in self.fused if f.backend == backend), None)
@@ -182,12 +233,26 @@ SPECS: dict[str, OpSpec] = {}
 
 
 def declare(spec: OpSpec) -> OpSpec:
-    """Register an op's descriptor: its fused backends and its ``auto`` order per device."""
+    """Register an op's descriptor: its fused backends and its ``auto`` order per device.
+
+    The order is the measured one of ``msa_fast/_auto_order.py`` where it covers (op,
+    device), else the declared one (``Fused.auto`` and ``rank``). ``eager`` always ends it:
+    ``auto`` never fails. A backend the measurement ranked below ``eager`` is left out
+    (``auto`` would never reach it: ``eager`` takes every input).
+    """
+    from msa_fast._auto_order import MEASURED
+
     SPECS[spec.name] = spec
     register(spec.name, *(f.backend for f in spec.fused))
     for device_type in ("cpu", "cuda"):
-        picks = sorted((f for f in spec.fused if device_type in f.auto), key=lambda f: f.rank)
-        AUTO_ORDER[(spec.name, device_type)] = (*(f.backend for f in picks), "eager")
+        measured = MEASURED.get(device_type, {}).get(spec.name)
+        if measured is not None:
+            known = [b for b in measured if b == "eager" or spec.implementation(b) is not None]
+            order = tuple(known[:known.index("eager")]) if "eager" in known else tuple(known)
+        else:
+            picks = sorted((f for f in spec.fused if device_type in f.auto), key=lambda f: f.rank)
+            order = tuple(f.backend for f in picks)
+        AUTO_ORDER[(spec.name, device_type)] = (*order, "eager")
     return spec
 
 
@@ -259,10 +324,13 @@ def backend_table() -> str:
                         torch.float64: "fp64"}[d] for d in f.dtypes)
         return f"{dts}" + (f"; {f.limit_doc}" if f.limit_doc else "")
 
-    rows = ["| op | eager | cpp | cuda | triton | `auto` on CPU | `auto` on GPU |",
-            "|---|---|---|---|---|---|---|"]
+    from msa_fast._auto_order import MEASURED
+
+    rows = ["| op | eager | cpp | cuda | triton | sdpa | compile | `auto` on CPU | `auto` on GPU |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, spec in SPECS.items():
-        order = {dev: " > ".join(AUTO_ORDER[(name, dev)]) for dev in ("cpu", "cuda")}
-        rows.append(f"| `{name}` | any dtype | {cell(spec, 'cpp')} | {cell(spec, 'cuda')} | {cell(spec, 'triton')} "
-                    f"| {order['cpu']} | {order['cuda']} |")
+        order = {dev: " > ".join(AUTO_ORDER[(name, dev)]) + ("" if name in MEASURED.get(dev, {}) else " (declared)")
+                 for dev in ("cpu", "cuda")}
+        cells = " | ".join(cell(spec, b) for b in ("cpp", "cuda", "triton", "sdpa", "compile"))
+        rows.append(f"| `{name}` | any dtype | {cells} | {order['cpu']} | {order['cuda']} |")
     return "\n".join(rows)

@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=int, help="keep the first N samples of every split")
     t.add_argument("--backend", choices=("auto", "eager", "triton", "cuda", "cpp"))
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    t.add_argument("--amp", choices=("auto", "bf16", "off"),
+                   help="bf16 autocast: auto = on CUDA only (default), bf16 = on every device "
+                        "(the CPU too), off = fp32")
     t.add_argument("--seeds", type=int, nargs="+")
     t.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
     t.add_argument("--patience", type=int)
@@ -167,6 +170,8 @@ def _config_from_args(args) -> TrainConfig:  # noqa: F821 - lazy import below
             raise UserError(f"--model-cfg: not a JSON object ({e})") from None
     if args.no_progress:
         d["progress"] = False
+    if getattr(args, "amp", None) is not None:
+        d["amp"] = {"auto": True, "bf16": "bf16", "off": False}[args.amp]
     if isinstance(d.get("missing_rate"), list) and len(d["missing_rate"]) == 1:
         d["missing_rate"] = d["missing_rate"][0]
     if isinstance(d.get("seeds"), int):

@@ -137,7 +137,7 @@ def test_attention_bad_input(case, arg):
 _TRITON = pytest.param("triton", marks=pytest.mark.interpret)
 
 
-@pytest.mark.parametrize("backend", ["eager", _TRITON])
+@pytest.mark.parametrize("backend", ["eager", "sdpa", _TRITON])
 @pytest.mark.parametrize("case,arg,what", [
     ("Lk0", "k", r"Lk >= 1 in \(B, H, Lk, Dh\), got shape \(2, 3, 0, 8\)"),
     ("Lk0_masked", "k", r"Lk >= 1"),
@@ -167,7 +167,7 @@ def test_attention_empty_keys_heads_and_bad_scale(backend, case, arg, what):
         ops.attention(q, k, v, **kw, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["eager", _TRITON])
+@pytest.mark.parametrize("backend", ["eager", "sdpa", _TRITON])
 @pytest.mark.parametrize("shape", [(0, 2, 3, 5, 8), (2, 0, 3, 5, 8), (2, 3, 0, 5, 8)])
 def test_attention_empty_batch_heads_queries_are_fine(backend, shape):
     b, h, lq, lk, dh = shape
@@ -288,6 +288,109 @@ def test_triton_add_layer_norm_opcheck_and_compile():
     torch.library.opcheck(torch.ops.msa_fast.add_layer_norm_triton, (x, r, w, b, 1e-5))
     fn = torch.compile(lambda *a: msa_fast.ops.add_layer_norm(*a, backend="triton"), fullgraph=True)
     torch.testing.assert_close(fn(x, r, w, b), R.add_layer_norm(x, r, w, b), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# attention: sdpa backend (PyTorch's scaled_dot_product_attention) vs the reference
+# --------------------------------------------------------------------------- #
+
+
+def test_auto_attention_on_cpu_is_sdpa():
+    from msa_fast import _backend
+
+    assert _backend.AUTO_ORDER[("attention", "cpu")][0] == "sdpa"
+    assert _backend.AUTO_ORDER[("attention", "cuda")][0] == "sdpa"  # until a GPU measures triton
+    q = _rand(1, 1, 3, 4)
+    assert _backend.choose(_backend.SPECS["attention"], (q, q, q, None, None), "auto").backend == "sdpa"
+    # fp64 is not a fused dtype: auto runs it on the reference, an explicit sdpa says why
+    assert _backend.choose(_backend.SPECS["attention"], (q.double(),) * 3 + (None, None), "auto") is None
+    with pytest.raises(ValueError, match="backend 'sdpa' takes dtypes"):
+        ops.attention(q.double(), q.double(), q.double(), backend="sdpa")
+
+
+@pytest.mark.parametrize("B,H,Lq,Lk,Dh", [(1, 1, 1, 1, 16), (2, 2, 37, 5, 24), (3, 2, 4, 37, 5), (2, 1, 40, 37, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", ["none", "some", "full_row"])
+def test_sdpa_attention_matches_reference(B, H, Lq, Lk, Dh, dtype, masked):
+    torch.manual_seed(B * 1000 + Lq * 10 + Lk)
+    q = torch.randn(B, H, Lq, Dh, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, H, Lk, Dh, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, H, Lk, Dh, dtype=dtype, requires_grad=True)
+    mask = None if masked == "none" else _kpm(B, Lk, full_row=0 if masked == "full_row" else None)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = ops.attention(q, k, v, mask, backend="sdpa")
+    want = R.attention(*ref_in, mask)
+    assert out.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.double(), want, **tol)
+    cot = torch.randn(out.shape, dtype=dtype)
+    got = torch.autograd.grad(out, (q, k, v), cot)
+    exp = torch.autograd.grad(want, ref_in, cot.double())
+    gtol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    for a, b in zip(got, exp):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, **gtol)
+    if masked == "full_row":
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        for g in got:
+            assert torch.equal(g[0], torch.zeros_like(g[0]))
+
+
+def test_sdpa_attention_fully_masked_rows_with_every_kernel():
+    """The zero-output guard does not rely on the kernel: with SDPA's math kernel forced (which
+    would otherwise give NaN on an all-masked row in older releases) the row is still 0."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (_rand(3, 2, n, 8, requires_grad=True) for n in (5, 6, 6))
+    kpm = _kpm(3, 6, full_row=1)
+    for kernel in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(kernel):
+            out = ops.attention(q, k, v, kpm, backend="sdpa")
+            out.sum().backward()
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        for t in (q, k, v):
+            assert torch.isfinite(t.grad).all() and torch.equal(t.grad[1], torch.zeros_like(t.grad[1]))
+            t.grad = None
+
+
+def test_sdpa_attention_non_contiguous_inputs_and_stride0_gradient():
+    q = torch.randn(2, 9, 3, 16).transpose(1, 2).requires_grad_()  # (B, H, L, Dh) strided
+    k = torch.randn(2, 3, 11, 16, requires_grad=True)
+    v = torch.randn(2, 3, 11, 16, requires_grad=True)
+    kpm = _kpm(2, 11)
+    out = ops.attention(q, k, v, kpm, 0.3, backend="sdpa")
+    want = R.attention(q, k, v, kpm, 0.3)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    cot = torch.ones(()).expand_as(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), cot), torch.autograd.grad(want, (q, k, v), cot)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sdpa_attention_compiles_fullgraph_and_backward():
+    q, k, v = (_rand(2, 2, n, 8, requires_grad=True) for n in (3, 5, 5))
+    kpm = _kpm(2, 5, full_row=1)
+    fn = torch.compile(lambda a, b, c, m: ops.attention(a, b, c, m, backend="sdpa"), fullgraph=True)
+    out = fn(q, k, v, kpm)
+    torch.testing.assert_close(out, R.attention(q, k, v, kpm), rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert torch.equal(q.grad[1], torch.zeros_like(q.grad[1])) and torch.isfinite(k.grad).all()
+
+
+def test_sdpa_attention_at_fd_cmdie_unaligned_shape_has_no_nan():
+    """FD-CMDIE's unaligned CMDIE shape (the last 75 of 875 keys padded, one sequence empty):
+    equal to the reference forward and backward, nothing NaN."""
+    torch.manual_seed(0)
+    q, k, v = (_rand(2, 4, 875, 16, requires_grad=True) for _ in range(3))
+    kpm = torch.zeros(2, 875, dtype=torch.bool)
+    kpm[0, 800:] = True
+    kpm[1] = True
+    out = ops.attention(q, k, v, kpm)  # auto: sdpa
+    want = R.attention(q, k, v, kpm)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    go = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(want, (q, k, v), go)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- #

@@ -42,8 +42,9 @@ def test_old_checkpoint_loads_and_predicts_as_before(name, tmp_path):
 @pytest.mark.parametrize("name", ["fd_cmdie", "promma", "agfn"])
 def test_current_checkpoint_passes_unchanged(name):
     dims = {"text": 768, "audio": 5, "vision": 20, "text_input": "features"}
-    state = build_model(name, dims).state_dict()
-    up = type(build_model(name, dims)).upgrade_state_dict(state)
+    model = build_model(name, dims)
+    state = model.state_dict()
+    up = model.upgrade_state_dict(state)
     assert up.keys() == state.keys() and all(up[k] is state[k] for k in state)
 
 

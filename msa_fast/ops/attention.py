@@ -1,14 +1,22 @@
 """``attention``: scaled dot-product attention with a key padding mask (SPEC 3.3).
 
-Backends: ``eager`` (:func:`msa_fast.ops.reference.attention`) and ``triton``
+Backends: ``eager`` (:func:`msa_fast.ops.reference.attention`), ``sdpa`` (PyTorch's
+``scaled_dot_product_attention``: on the CPU its flash kernel, on CUDA FlashAttention-2 /
+memory-efficient / cuDNN as PyTorch picks; see :func:`_run_sdpa`) and ``triton``
 (``msa_fast/kernels/triton/attention.py``: flash attention, online softmax, LSE saved,
 recomputing backward), registered as ``torch.ops.msa_fast.attention_triton`` with a
 fake kernel and autograd.
+
+``auto`` on the CPU: ``sdpa`` (measured, ``benchmarks/bench_auto.py``: 10-15x the eager
+reference forward + backward at FD-CMDIE's shapes). On CUDA: ``sdpa`` before ``triton``
+until ``benchmarks/gpu_check.sh`` measures our kernel faster on a GPU (none has run it yet:
+PyTorch's kernels are the safe default, SPEC 2's rule).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
 from msa_fast import _backend
 from msa_fast.ops import _validate as V
@@ -81,6 +89,26 @@ def _head_limit(q, *_args) -> str | None:
     return None
 
 
+def _run_sdpa(q, k, v, key_padding_mask, scale):
+    """``torch.nn.functional.scaled_dot_product_attention`` with the key padding mask as its
+    boolean ``attn_mask`` (True = attend, so the mask is inverted, ``(B, 1, 1, Lk)``).
+
+    SPEC 3.3 wants a query whose keys are all masked to output 0 with zero gradient. Not
+    every SDPA kernel promises that (the CPU one of torch 2.14 returns 0; older CUDA ones
+    gave NaN), so such batch rows are unmasked -- their softmax is then finite -- and their
+    output is replaced by 0 with ``torch.where``, whose gradient to the discarded branch is
+    exactly 0. The guard costs one ``(B,)`` reduction and one pass over the output; it needs
+    no host sync, so the op stays one graph and CUDA-graph capturable. Computes in the
+    input dtype (fp16/bf16 SDPA kernels accumulate in fp32); autograd is SDPA's own.
+    """
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    empty = key_padding_mask.all(dim=-1)  # (B,)
+    keep = ~(key_padding_mask & ~empty[:, None])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], scale=scale)
+    return torch.where(empty[:, None, None, None], out.new_zeros(()), out)
+
+
 def _run_triton(q, k, v, key_padding_mask, scale):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _attention_triton(q, k, v, key_padding_mask, scale)[0]
@@ -88,7 +116,8 @@ def _run_triton(q, k, v, key_padding_mask, scale):
 
 _SPEC = _backend.declare(_backend.OpSpec(
     "attention", reference.attention, _check,
-    fused=(_backend.Fused("triton", _run_triton, limit=_head_limit, limit_doc="Dh <= 128"),),
+    fused=(_backend.Fused("sdpa", _run_sdpa, auto=("cpu", "cuda"), rank=0),
+           _backend.Fused("triton", _run_triton, limit=_head_limit, limit_doc="Dh <= 128", rank=1)),
 ))
 
 

@@ -228,7 +228,7 @@ def _nt_xent_run(anchor, positive, negatives, negatives_mask, tau, reduction):
 
 # The kernels compute in fp32 from fp32 / fp16 / bf16 inputs; fp64 stays on the reference.
 _NT_XENT = _backend.declare(_backend.OpSpec(
-    "nt_xent", reference.nt_xent, _check_nt_xent, autocast=torch.float32,
+    "nt_xent", reference.nt_xent, _check_nt_xent, autocast=torch.float32, compile=True,
     fused=(_backend.Fused("triton", _nt_xent_run),)))
 
 
@@ -247,7 +247,7 @@ def _triplet_run(anchor, positive, negative, margin, reduction):
 
 
 _TRIPLET = _backend.declare(_backend.OpSpec(
-    "triplet", reference.triplet, _check_triplet, autocast=torch.float32,
+    "triplet", reference.triplet, _check_triplet, autocast=torch.float32, compile=True,
     fused=(_backend.Fused("triton", _triplet_run),)))
 
 
@@ -282,7 +282,7 @@ def _fd_cmdie_run(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, t
 
 
 _FD_CMDIE = _backend.declare(_backend.OpSpec(
-    "fd_cmdie_contrastive_loss", reference.fd_cmdie_contrastive_loss, _check_fd_cmdie, autocast=torch.float32,
+    "fd_cmdie_contrastive_loss", reference.fd_cmdie_contrastive_loss, _check_fd_cmdie, autocast=torch.float32, compile=True,
     fused=(_backend.Fused("triton", _fd_cmdie_run),)))
 
 

@@ -83,7 +83,7 @@ def _check(h, u, w_z, b_z, g_logits, tau) -> None:
 
 
 _SPEC = _backend.declare(_backend.OpSpec(
-    "dual_gate", reference.dual_gate, _check,
+    "dual_gate", reference.dual_gate, _check, compile=True,
     fused=(_backend.Fused("triton", lambda h, u, w_z, b_z, g_logits, tau: _dual_gate_triton(
         h, u, w_z, b_z, g_logits, float(tau))),),
 ))

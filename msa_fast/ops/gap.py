@@ -92,7 +92,7 @@ def _width_limit(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, *_rest) -> str | None:
 
 
 _SPEC = _backend.declare(_backend.OpSpec(
-    "gated_attention_pool", reference.gated_attention_pool, _check,
+    "gated_attention_pool", reference.gated_attention_pool, _check, compile=True,
     fused=(_backend.Fused("triton", lambda *a: _gap_triton(*a[:-1], float(a[-1])), limit=_width_limit,
                           limit_doc="d, h, ha <= 2048"),),
 ))

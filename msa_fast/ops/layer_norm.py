@@ -73,7 +73,7 @@ def _check(x, residual, weight, bias, eps) -> None:
 
 
 _SPEC = _backend.declare(_backend.OpSpec(
-    "add_layer_norm", reference.add_layer_norm, _check,
+    "add_layer_norm", reference.add_layer_norm, _check, compile=True,
     fused=(_backend.Fused("triton", lambda x, residual, weight, bias, eps: _add_layer_norm_triton(
         x, residual, weight, bias, float(eps))[0]),),
 ))

@@ -28,7 +28,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     device: str = "auto"
     backend: str = "auto"
-    amp: bool = True  # bf16 autocast, CUDA only
+    # bf16 autocast: True (flag "auto") on CUDA only, "bf16" on every device (the CPU too:
+    # avx512_bf16 GEMMs), False ("off") never. See trainer.autocast_enabled.
+    amp: bool | str = True
     out: str | None = None
     resume: bool = False
     missing_rate: float | list[float] = 0.0
@@ -117,7 +119,7 @@ def _rate(v) -> bool:
 
 
 BACKENDS = ("auto", "eager", "triton", "cuda", "cpp")
-_FLAGS = {"progress": "--no-progress", "amp": "config key"}
+_FLAGS = {"progress": "--no-progress"}
 
 # key -> (accepted kinds, (extra check, its wording) or None)
 _RULES = {
@@ -133,7 +135,7 @@ _RULES = {
     "grad_clip": ("a number", (_finite(0.0), ">= 0 and finite (0 disables clipping)")),
     "device": ("a string", None),
     "backend": ("a string", (lambda v: v in BACKENDS, f"in {BACKENDS}")),
-    "amp": ("a bool", None),
+    "amp": ("a bool or a string", (lambda v: v in (True, False, "bf16"), 'in (true, false, "bf16")')),
     "out": ("a string or None", (lambda v: v is None or bool(v), "(a directory path)")),
     "resume": ("a bool", None),
     "missing_rate": ("a number or a list of numbers", (_rate, "in [0, 1]")),

@@ -76,7 +76,7 @@ class EpochContext:
     aligned: bool
     batch_size: int
     device: torch.device
-    amp: bool
+    amp: bool | str
     progress: bool
     dist: Dist = field(default_factory=Dist)  # the data-parallel group (one process: trivial)
 
@@ -85,7 +85,7 @@ class EpochContext:
         return to_device(gather_batch(self.train, rows), self.device)
 
     def autocast(self):
-        """The run's autocast (bf16 on CUDA when ``amp``; off on the CPU)."""
+        """The run's autocast (see :func:`autocast_enabled`)."""
         return _autocast(self.device, self.amp)
 
 
@@ -104,12 +104,20 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+def autocast_enabled(device: torch.device, amp: bool | str) -> bool:
+    """Whether a run with config ``amp`` computes under bf16 autocast on ``device``: ``True``
+    (the default, ``--amp auto``) on CUDA only, ``"bf16"`` on every device (``--amp bf16``:
+    the CPU's bf16 GEMMs, oneDNN with AVX512-BF16 / AMX where the CPU has them), ``False``
+    (``--amp off``) never. Losses and the metrics' predictions stay fp32."""
+    return amp == "bf16" or (amp is True and device.type == "cuda")
+
+
+def _autocast(device: torch.device, amp: bool | str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_enabled(device, amp))
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, device, amp: bool = True, dist: Dist | None = None):
+def predict(model: nn.Module, loader, device, amp: bool | str = True, dist: Dist | None = None):
     """(preds, labels) over a loader (which applies the missing-modality protocol), float32 on
     the CPU, in the loader's order. Under a data-parallel ``dist`` each rank runs every
     ``world``-th batch and all get every row."""
