@@ -6,6 +6,11 @@ and reports the test metrics as mean ± std over the seeds, with each model's wa
 
     python benchmarks/fidelity_models.py                    # synthetic:mosi, 3 seeds
     python benchmarks/fidelity_models.py --quick            # CI smoke: tiny data, 1 epoch
+    python benchmarks/fidelity_models.py --amp bf16         # the same under bf16 autocast (CPU too)
+
+``--amp bf16`` writes ``fidelity_models_bf16.*`` and, when ``fidelity_models.json`` (fp32)
+of the same data and seeds is beside it, a comparison per model and metric: whether the
+bf16 mean lies within the fp32 mean +- 2 seed standard deviations (``within_fp32_spread``).
 
 Writes ``benchmarks/results/fidelity_models.json`` (per-model mean/std/per-seed metrics and
 the environment), ``fidelity_models.png`` (MAE and Non0_acc_2 per model, error bars = std)
@@ -69,12 +74,36 @@ def _plot(rows: dict, path: str, title: str | None = None) -> None:
     plt.close(fig)
 
 
+def _compare(rows: dict, fp32: dict, args) -> dict:
+    """Per model and metric: the bf16 mean against the fp32 runs' mean +- 2 std."""
+    if (fp32["data"], fp32["seeds"]) != (args.data, args.seeds):
+        return {"skipped": f"fp32 JSON holds {fp32['data']} seeds {fp32['seeds']}"}
+    out = {}
+    for name, r in rows.items():
+        ref = fp32["models"].get(name)
+        if "mean" not in r or not ref or "mean" not in ref:
+            continue
+        per = {}
+        for key in SHOWN:
+            delta = r["mean"][key] - ref["mean"][key]
+            band = 2 * ref["std"][key] + 1e-4  # + the metrics' 4-place rounding
+            per[key] = {"bf16": r["mean"][key], "fp32": ref["mean"][key], "fp32_std": ref["std"][key],
+                        "delta": round(delta, 4), "within_fp32_spread": abs(delta) <= band}
+        out[name] = {"metrics": per, "all_within": all(v["within_fp32_spread"] for v in per.values()),
+                     "wall_s_bf16": r["wall_s"], "wall_s_fp32": ref["wall_s"]}
+        print(f"{name}: bf16 within the fp32 spread on {sum(v['within_fp32_spread'] for v in per.values())}"
+              f"/{len(per)} metrics; wall {r['wall_s']:.0f} s vs {ref['wall_s']:.0f} s")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--data", default="synthetic:mosi")
     p.add_argument("--seeds", type=int, nargs="+", default=[1111, 1112, 1113])
     p.add_argument("--backend", default="auto")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
+                   help="bf16 autocast: auto = CUDA only (the trainer's default), bf16 = every device")
     p.add_argument("--quick", action="store_true", help="tiny data, 1 epoch, 1 seed (smoke)")
     p.add_argument("--out", default=RESULTS, help="directory of the JSON / PNG / MD outputs")
     p.add_argument("--merge", action="store_true",
@@ -91,7 +120,8 @@ def main(argv=None) -> int:
     import msa_fast
 
     msa_fast.set_backend(args.backend)
-    stem = os.path.join(args.out, "fidelity_models")
+    amp = {"auto": True, "bf16": "bf16", "off": False}[args.amp]
+    stem = os.path.join(args.out, "fidelity_models" + ("_bf16" if args.amp == "bf16" else ""))
     rows: dict[str, dict] = {}
     if args.merge and os.path.exists(stem + ".json"):
         old = json.load(open(stem + ".json"))
@@ -102,7 +132,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             cfg = TrainConfig(model=name, data=args.data, seeds=args.seeds, progress=False,
-                              backend=args.backend, **extra)
+                              backend=args.backend, amp=amp, **extra)
             res = run_experiment(cfg, log=lambda s: print(s, flush=True))
             rows[name] = {"mean": res["mean"], "std": res["std"],
                           "per_seed": [{"seed": r["seed"], "test": r["test"],
@@ -113,9 +143,13 @@ def main(argv=None) -> int:
             rows[name] = {"error": f"{type(e).__name__}: {e}"}
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
 
-    command = "python benchmarks/fidelity_models.py" + (" --quick" if args.quick else "")
-    payload = {"data": args.data, "seeds": args.seeds, "backend": args.backend,
+    command = "python benchmarks/fidelity_models.py" + (" --quick" if args.quick else "") + (
+        f" --amp {args.amp}" if args.amp != "auto" else "")
+    payload = {"data": args.data, "seeds": args.seeds, "backend": args.backend, "amp": args.amp,
                "environment": environment(torch.device("cpu")), "models": rows}
+    fp32_path = os.path.join(args.out, "fidelity_models.json")
+    if args.amp == "bf16" and os.path.exists(fp32_path):
+        payload["vs_fp32"] = _compare(rows, json.load(open(fp32_path)), args)
     rows = {n: rows[n] for n in MODELS if n in rows} | {n: r for n, r in rows.items() if n not in MODELS}
     with open(stem + ".json", "w") as f:
         json.dump(payload, f, indent=2)

@@ -239,6 +239,111 @@ def test_cpp_copied_queries_take_general_path():
     assert_mined_equal(got, mine_pairs(f, labels, 12, backend="cpp"), f)
 
 
+# --------------------------------------------------------------------------- #
+# cpp: the bf16 screen with exact fp32 rescoring (csrc/cpu/pair_mining.cpp)
+# --------------------------------------------------------------------------- #
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return set(next(line for line in fh if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+needs_screen = pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags(),
+                                  reason="the bf16 screen's scan and rescoring need AVX-512 F/BW/VL")
+
+
+@pytest.fixture
+def screen(monkeypatch):
+    """Run the cpp kernel with the screen forced on ("always") or off ("never")."""
+    def use(mode):
+        monkeypatch.setenv("MSA_FAST_MINING_SCREEN", mode)
+    return use
+
+
+@needs_cpp
+@needs_screen
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][4] != torch.float64], ids=str)
+def test_cpp_screen_matches_reference(case, screen):
+    n, d, classes, k, dtype, dup, zeros = CASES[case]
+    f, labels = _data(n, d, classes, dtype, dup=dup, zeros=zeros, seed=7)
+    screen("always")
+    got = mine_pairs(f, labels, k, backend="cpp")
+    assert_mined_equal(got, R.mine_pairs(f, labels, k), f)
+    assert_valid(got, labels, labels, torch.arange(n))
+    screen("never")
+    assert_mined_equal(got, mine_pairs(f, labels, k, backend="cpp"), f)
+
+
+def _near_tie_data(n, d, spread, seed):
+    """Rows whose cosines to each other all lie within ``spread`` of one another -- far
+    below bf16's resolution (its ulp at 0.5-1 is 2^-8-2^-7): a shared direction plus small
+    independent parts, and exact copies, so the screen's bf16 values are tied everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(d, generator=g, dtype=torch.float64)
+    f = base + spread * torch.randn(n, d, generator=g, dtype=torch.float64)
+    f[torch.randint(0, n, (20,), generator=g)] = f[torch.randint(0, n, (20,), generator=g)]
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return f.float(), labels
+
+
+@needs_cpp
+@needs_screen
+@pytest.mark.parametrize("spread,k", [(1e-3, 10), (2e-2, 25), (0.3, 7)])
+def test_cpp_screen_adversarial_near_ties(spread, k, screen):
+    """Similarities packed within bf16's rounding of each other (spread 1e-3: ~1e-6 apart,
+    all one bf16 value) and around the screen's tolerance (2e-2): the lists stay the exact
+    fp32 ones up to exact ties, also across tile boundaries (n > 1024) and for queries."""
+    f, labels = _near_tie_data(2100, 40, spread, seed=int(spread * 1e4))
+    screen("always")
+    got = mine_pairs(f, labels, k, backend="cpp")
+    want = R.mine_pairs(f, labels, k)
+    assert_mined_equal(got, want, f)
+    screen("never")
+    assert_mined_equal(got, mine_pairs(f, labels, k, backend="cpp"), f)
+    # external queries (the non-symmetric tiling) and sharded rows (query_index)
+    screen("always")
+    q, ql = f[300:340] * 3.0, labels[300:340]
+    assert_mined_equal(mine_pairs(f, labels, k, q, ql, backend="cpp"), R.mine_pairs(f, labels, k, q, ql), f, q)
+    rows = torch.arange(1000, 1100)
+    shard = mine_pairs(f, labels, k, f[1000:1100], labels[1000:1100], rows, backend="cpp")
+    assert_mined_equal(shard, type(want)(*(t[1000:1100] for t in want)), f, f[1000:1100])
+
+
+@needs_cpp
+@needs_screen
+def test_cpp_screen_exact_ties_tiny_classes_and_bad_rows(screen):
+    """One-hot rows (bf16-exact: every similarity exactly 0 or 1, the lower index decides),
+    classes smaller than k, a NaN row and an inf row, fp16 and bf16 inputs."""
+    screen("always")
+    g = torch.Generator().manual_seed(1)
+    n, d = 2600, 3
+    f = torch.zeros(n, d)
+    f[torch.arange(n), torch.randint(0, d, (n,), generator=g)] = 2.0 ** torch.randint(-3, 4, (n,), generator=g).float()
+    f[::97] = 0
+    labels = torch.randint(0, 3, (n,), generator=g)
+    labels[[5, 9]] = 7  # a class of two
+    got = mine_pairs(f, labels, 9, backend="cpp")
+    for a, b in zip(got, R.mine_pairs(f, labels, 9)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert got.pos_idx[5].tolist() == [9] + [-1] * 8
+    f2, labels2 = _data(1500, 24, 4, torch.float32, dup=10, seed=3)
+    f2[4, 2], f2[11] = float("nan"), float("inf")
+    out = mine_pairs(f2, labels2, 6, backend="cpp")
+    assert (out.pos_idx[[4, 11]] == -1).all() and not torch.isin(out.pos_idx, torch.tensor([4, 11])).any()
+    screen("never")
+    ref = mine_pairs(f2, labels2, 6, backend="cpp")
+    assert_mined_equal(out, ref, f2)
+    for dtype in (torch.float16, torch.bfloat16):
+        screen("always")
+        h = mine_pairs(f2.to(dtype), labels2, 6, backend="cpp")
+        screen("never")
+        assert_mined_equal(h, mine_pairs(f2.to(dtype), labels2, 6, backend="cpp"), f2.to(dtype))
+
+
 @needs_cpp
 def test_cpp_empty_features():
     f = torch.zeros(0, 4)
