@@ -20,6 +20,7 @@ Outputs:
 
     python benchmarks/bench_auto.py --write-order          # the full CPU table, 1 thread
     python benchmarks/bench_auto.py --quick                # CI smoke: one shape per op, no compile
+    python benchmarks/bench_auto.py --device cuda --no-compile   # the GPU script's run
 """
 
 from __future__ import annotations
@@ -107,13 +108,13 @@ def run(args) -> dict:
     for op in ops:
         build, shapes, fwd_only = cases[op]
         items = list(shapes.items())[:1] if args.quick else list(shapes.items())
-        fused = _fused_backends(op, device)
+        fused = [b for b in _fused_backends(op, device) if not (args.no_compile and b == "compile")]
         for label, shape in items:
             inputs, call = build(shape, device, torch.float32)
             runners = {"eager": call("eager")}
-            if not args.quick:
+            if not args.no_compile:
                 runners["torch.compile"] = torch.compile(call("eager"), fullgraph=True)
-            runners.update({b: call(b) for b in fused})
+            runners.update({b: call(b) for b in fused if not (args.no_compile and b == "compile")})
             fns = {}
             for name, fn in runners.items():
                 fwd, _, fwd_bwd = fwd_bwd_callables(fn, inputs)
@@ -190,13 +191,15 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=0.3, help="per provider per round")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--quick", action="store_true", help="one shape per op, no torch.compile, 1 round")
+    parser.add_argument("--quick", action="store_true", help="one shape per op, no compiling, 1 round")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out torch.compile and the compile backend (their compiles cost minutes)")
     parser.add_argument("--write-order", action="store_true", help="update msa_fast/_auto_order.py")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/auto_<device>.json)")
     parser.add_argument("--tag", default=None, help="file name tag (default: the device type)")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.seconds = 1, 0.05
+        args.rounds, args.seconds, args.no_compile = 1, 0.05, True
     args.tag = args.tag or torch.device(args.device).type
     torch.set_num_threads(args.threads)
     payload = run(args)
@@ -206,8 +209,8 @@ def main():
         fh.write(md)
     print(md)
     if args.write_order:
-        if args.quick:
-            raise SystemExit("--write-order needs a full run (not --quick)")
+        if args.quick or args.no_compile:
+            raise SystemExit("--write-order needs a full run (not --quick / --no-compile)")
         write_order(payload, torch.device(args.device).type)
 
 

@@ -15,7 +15,8 @@
 #      mining kernel, against the reference);
 #   3. compute-sanitizer memcheck and racecheck on one small mine_pairs call per dtype
 #      (fp32 / fp16 / bf16 / fp64, with key splits so that the merge kernel runs too);
-#   4. every op benchmark at the MOSEI and large-batch shapes in bf16 and fp32
+#   4. bench_auto.py (each op's backends at the model shapes, fp32: the data for the GPU's
+#      auto order), every op benchmark at the MOSEI and large-batch shapes in bf16 and fp32
 #      (--device cuda), pair mining at N = 16,326, D = 877, k = 10 and 50, then one
 #      training step of every model (bench_train_step.py: bf16 autocast, MOSEI unaligned
 #      and MOSI aligned), and inference (bench_inference.py: model.eval() vs the Predictor
@@ -137,6 +138,7 @@ bench() {  # name, then the command; the scripts share the time budget
   record "bench_$name" $rc
 }
 if [ "$QUICK" = 1 ]; then
+  bench auto $PY benchmarks/bench_auto.py --quick --device cpu --out "$DIR/auto_cpu.json"
   bench pair_mining $PY benchmarks/bench_pair_mining.py --quick --device cpu --out "$DIR/pair_mining_cpu.json"
   for op in dual_gate gap layer_norm attention; do
     bench "$op" $PY "benchmarks/bench_$op.py" --quick --device cpu --out "$DIR/${op}_cpu.json"
@@ -145,6 +147,10 @@ if [ "$QUICK" = 1 ]; then
   bench train_step $PY benchmarks/bench_train_step.py --quick --device cpu --out "$DIR/train_step_cpu.json"
   bench inference $PY benchmarks/bench_inference.py --quick --device cpu --out "$DIR/inference_cpu.json"
 else
+  # what auto should pick on this GPU: every op at its model shapes, each backend vs eager and
+  # SDPA, interleaved (no compiling: its minutes go to the scripts below)
+  bench auto $PY benchmarks/bench_auto.py --device cuda --no-compile --rounds 3 --seconds 0.2 \
+    --out "$DIR/auto_cuda.json"
   for dt in bfloat16 float32; do
     bench "dual_gate_$dt" $PY benchmarks/bench_dual_gate.py --device cuda --dtype $dt \
       --shapes mosei_b1024,train_b16384 --out "$DIR/dual_gate_$dt.json"

@@ -118,7 +118,7 @@ def compiled_reference(reference: Callable[..., Any]) -> Callable[..., Any]:
             return reference(*args)
         fn = state.get("fn")
         if fn is None:
-            fn = state["fn"] = torch.compile(reference, fullgraph=True)
+            fn = state["fn"] = torch.compile(reference)
         return fn(*args)
 
     return run

@@ -83,3 +83,49 @@ def test_ops_accept_mixed_dtypes_under_autocast_only(name):
     if "module" not in name:
         with msa_fast.use_backend("eager"), pytest.raises(ValueError, match="dtype"):
             fn()
+
+
+def test_cpu_auto_order_is_the_measured_one():
+    """msa_fast/_auto_order.py holds what benchmarks/bench_auto.py measured (its JSON), every
+    CPU chain of an op it covers follows it, and the README shows that run's table."""
+    import json
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "benchmarks", "results", "auto_cpu.json")) as fh:
+        measured = json.load(fh)["order"]
+    from msa_fast._auto_order import MEASURED
+
+    assert {op: tuple(o) for op, o in measured.items()} == MEASURED["cpu"]
+    for op, order in measured.items():
+        chain = _backend.AUTO_ORDER[(op, "cpu")]
+        assert chain[-1] == "eager" and list(chain[:-1]) == order[:order.index("eager")], op
+    assert _backend.AUTO_ORDER[("attention", "cpu")][0] == "sdpa"
+    with open(os.path.join(root, "benchmarks", "results", "auto_cpu.md")) as fh:
+        table = fh.read().strip()
+    with open(os.path.join(root, "README.md")) as fh:
+        assert table in fh.read()
+
+
+def test_compile_backend_is_the_compiled_reference_and_inlines_under_compile():
+    """``compile``: torch.compile of the reference (same values, forward and backward); inside
+    a graph being compiled it is the reference itself (no nested compile)."""
+    from msa_fast import ops
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 3, 8, generator=g, requires_grad=True)
+    u = torch.randn(4, 3, 7, generator=g, requires_grad=True)
+    w, b, gl = torch.randn(3, 8, generator=g), torch.randn(3, generator=g), torch.randn(4, 3, generator=g)
+    got = ops.dual_gate(h, u, w, b, gl, 0.5, backend="compile")
+    want = ops.dual_gate(h, u, w, b, gl, 0.5, backend="eager")
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    ga = torch.autograd.grad(got[0].sum() + got[1].pow(2).sum(), (h, u))
+    ge = torch.autograd.grad(want[0].sum() + want[1].pow(2).sum(), (h, u))
+    for a, e in zip(ga, ge):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    fn = torch.compile(lambda *a: ops.dual_gate(*a, 0.5, backend="compile")[0], fullgraph=True)
+    torch.testing.assert_close(fn(h, u, w, b, gl), want[0], rtol=1e-5, atol=1e-6)
+    # fp64 is not a compiled dtype: auto runs the reference, an explicit request says so
+    with pytest.raises(ValueError, match="backend 'compile' takes dtypes"):
+        ops.dual_gate(h.double(), u.double(), w.double(), b.double(), gl.double(), 0.5, backend="compile")

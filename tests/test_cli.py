@@ -28,6 +28,15 @@ def test_train_eval_smoke(tmp_path, capsys):
     assert json.loads(line)["MAE"] == res["per_seed"][0]["valid"]["MAE"]
 
 
+@pytest.mark.parametrize("flag,stored", [("bf16", "bf16"), ("off", False), ("auto", True)])
+def test_train_amp_flag(tmp_path, flag, stored):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "lf_dnn", *TINY, "--seeds", "1", "--epochs", "1", "--amp", flag,
+                 "--out", str(out)]) == 0
+    res = json.load(open(out / "results.json"))
+    assert res["config"]["amp"] == stored and res["per_seed"][0]["test"]["MAE"] == res["per_seed"][0]["test"]["MAE"]
+
+
 def test_train_config_file_missing_protocols_and_resume(tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("model: text_only\nseeds: [3]\nmissing-rate: 0.2\ndrop_rate: 0.3\nlr: 0.002\n")
@@ -151,7 +160,8 @@ def test_bad_flag_values_are_one_line_before_training(tmp_path, capsys, flags, m
         ("model_cfg: [1, 2]\n", "model_cfg (--model-cfg): expected a mapping"),
         ("seeds: [1, x]\n", "seeds (--seeds): expected a list of integers"),
         ("resume: 3\nout: somewhere\n", "resume (--resume): expected a bool"),
-        ("amp: 1\n", "amp (config key): expected a bool"),
+        ("amp: 1\n", "amp (--amp): expected a bool or a string in (true, false, \"bf16\")"),
+        ("amp: fp16\n", "amp (--amp): expected a bool or a string in (true, false, \"bf16\"), got 'fp16'"),
     ],
 )
 def test_config_file_with_wrong_types_is_one_line(tmp_path, capsys, text, message):

@@ -289,3 +289,49 @@ def test_train_seed_runs_under_the_configured_backend_and_restores_it(tmp_path):
     train_seed(_cfg(tmp_path, model="_records_backend", epochs=1, backend="eager"), load_data(DATA), 5,
                None)
     assert _BackendRecorder.seen == {"eager"} and msa_fast.get_backend() == before
+
+
+def test_autocast_policy_of_amp():
+    from msa_fast.train.trainer import autocast_enabled
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not autocast_enabled(cpu, True) and autocast_enabled(cuda, True)  # "auto": CUDA only
+    assert autocast_enabled(cpu, "bf16") and autocast_enabled(cuda, "bf16")
+    assert not autocast_enabled(cpu, False) and not autocast_enabled(cuda, False)
+
+
+_SEEN_DTYPES: set = set()
+
+
+@register_model("_records_dtype")
+class _RecordsDtype(nn.Module):
+    """A linear model that records the dtype its GEMM ran in (train and eval forwards)."""
+
+    def __init__(self, dims, **_):
+        super().__init__()
+        self.lin = nn.Linear(dims["audio"], 1)
+
+    def forward(self, batch):
+        y = self.lin(batch["audio"].mean(1))
+        _SEEN_DTYPES.add(y.dtype)
+        return {"pred": y.squeeze(-1)}
+
+
+@pytest.mark.parametrize("amp,want", [("bf16", torch.bfloat16), (True, torch.float32), (False, torch.float32)])
+def test_amp_bf16_runs_the_cpu_forward_in_bf16(tmp_path, amp, want):
+    """``--amp bf16`` puts the CPU forward under bf16 autocast (train and eval); the default
+    keeps the CPU in fp32. The metrics stay finite (computed in fp32)."""
+    _SEEN_DTYPES.clear()
+    res = train_seed(_cfg(tmp_path, model="_records_dtype", model_cfg={}, amp=amp, epochs=2),
+                     load_data(DATA), 5, str(tmp_path))
+    assert _SEEN_DTYPES == {want}
+    assert all(v == v for v in res["test"].values()), res["test"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [m for m in available_models() if not m.startswith("_")])
+def test_every_model_trains_under_cpu_bf16(tmp_path, name):
+    cfg = TrainConfig(model=name, data=DATA, seeds=[3], epochs=1, batch_size=16, progress=False,
+                      out=str(tmp_path), amp="bf16")
+    res = train_seed(cfg, load_data(DATA), 3, str(tmp_path))
+    assert all(v == v for v in res["test"].values()), res["test"]
