@@ -1,9 +1,9 @@
 """Reusable unimodal encoders. Every encoder maps ``(x, mask)`` (mask True = padding) to
 ``(seq (B, L, H), pooled (B, H))``; padded positions of ``seq`` are 0.
 
-- :class:`SLSTMEncoder` (audio / vision): stacked LSTM over packed sequences
-  (``pack_padded_sequence``, lengths from the mask, at least 1); ``pooled`` = the last
-  layer's final hidden state (both directions concatenated when bidirectional).
+- :class:`SLSTMEncoder` (audio / vision): stacked LSTM over the valid frames of each
+  sequence (lengths from the mask, at least 1), as over packed sequences; ``pooled`` = the
+  last layer's final hidden state (both directions concatenated when bidirectional).
 - :class:`FeatureTextEncoder`: 768-d pre-extracted BERT features -> ``GELU(W x)`` per token,
   masked mean over valid tokens for ``pooled``. (Cheap on a CPU; the heavy lifting was done
   by the BERT that extracted the features.)
@@ -37,17 +37,26 @@ class SLSTMEncoder(nn.Module):
         self.out_dim = hidden * (2 if bidirectional else 1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """Unidirectional: the LSTM runs over the padded batch and the outputs past each
+        length are zeroed, ``pooled`` gathered at the last valid frame -- the packed run's
+        values (the padding comes after the valid frames, so it never reaches them; equal
+        within 2e-7), 20x faster to train on the CPU: PyTorch's packed LSTM backward
+        allocates and zero-fills the whole packed buffer once per time step (O(L^2): 80 %
+        of an FD-CMDIE step at MOSI unaligned), while the padded one is one fused kernel.
+        Bidirectional: packed (the reverse direction must start at each sequence's end)."""
         B, L, _ = x.shape
-        lengths = (L - mask.sum(1)) if mask is not None else torch.full((B,), L)
-        lengths = lengths.clamp(min=1).cpu()
+        lengths = (L - mask.sum(1)) if mask is not None else torch.full((B,), L, device=x.device)
+        lengths = lengths.clamp(min=1)
+        if not self.lstm.bidirectional:
+            out, _ = self.lstm(x)
+            keep = torch.arange(L, device=x.device)[None, :] < lengths[:, None]
+            pooled = out[torch.arange(B, device=x.device), lengths - 1]
+            return out * keep[..., None].to(out.dtype), pooled
+        lengths = lengths.cpu()
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         out, (h, _) = self.lstm(packed)
         seq, _ = pad_packed_sequence(out, batch_first=True, total_length=L)
-        if self.lstm.bidirectional:
-            pooled = torch.cat([h[-2], h[-1]], dim=-1)
-        else:
-            pooled = h[-1]
-        return seq, pooled
+        return seq, torch.cat([h[-2], h[-1]], dim=-1)
 
 
 class FeatureTextEncoder(nn.Module):
