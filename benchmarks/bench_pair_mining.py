@@ -14,7 +14,9 @@ Providers (each skipped, with the reason recorded, where it cannot or should not
   backend, ``--chunk`` queries per call (``chunk x N`` similarities at a time);
 * ``torch.compile``: the same chunked loop over ``torch.compile(reference.mine_pairs)``
   (compiled once per process before timing; the compile time is recorded);
-* ``cpp``: the C++ kernel (CPU only); ``triton``, ``cuda``: the fused GPU kernels
+* ``cpp``: the C++ kernel (CPU only; on a CPU with AVX512-BF16 and a MOSEI-sized call its
+  bf16 screen with exact fp32 rescoring); ``cpp-fp32``: the same kernel with the screen
+  off (``MSA_FAST_MINING_SCREEN=never``: the fp32 pass); ``triton``, ``cuda``: the fused GPU kernels
   (GPU only: on a CPU-only machine they are listed as skipped).
 
 Every (provider, shape) runs in a fresh subprocess so that its memory is its own.
@@ -63,7 +65,7 @@ CHECK_ROWS = 256
 NS = (1284, 16326, 100_000)
 DS = (256, 877)
 KS = (10, 50)
-PROVIDERS = ("eager", "eager-chunked", "torch.compile", "cpp", "triton", "cuda")
+PROVIDERS = ("eager", "eager-chunked", "torch.compile", "cpp", "cpp-fp32", "triton", "cuda")
 
 
 def make_inputs(n: int, d: int, device: str = "cpu", seed: int = SEED, dtype: str = "float32"):
@@ -87,13 +89,13 @@ def skip_reason(provider: str, n: int, d: int, k: int, device: str, all_large: b
 
     if provider in ("triton", "cuda") and device != "cuda":
         return f"{provider} needs a CUDA GPU (none on this machine)"
-    if provider == "cpp" and device != "cpu":
+    if provider in ("cpp", "cpp-fp32") and device != "cpu":
         return "cpp runs on CPU tensors only"
-    if provider in ("cpp", "triton", "cuda"):
-        why = _backend.unavailable_reason("mine_pairs", provider, torch.device(device))
+    if provider in ("cpp", "cpp-fp32", "triton", "cuda"):
+        why = _backend.unavailable_reason("mine_pairs", provider.removesuffix("-fp32"), torch.device(device))
         if why:
             return why
-        if provider == "cpp" and "mine_pairs" not in msa_fast.build_info().get("cpu_ops", []):
+        if provider.startswith("cpp") and "mine_pairs" not in msa_fast.build_info().get("cpu_ops", []):
             return "msa_fast._C has no CPU mine_pairs"
     if provider == "eager" and n * n * 4 > 2**28:
         return (f"the reference's Q x N fp32 matrix alone is {n * n * 4 / 2**30:.1f} GiB (run where "
@@ -102,7 +104,7 @@ def skip_reason(provider: str, n: int, d: int, k: int, device: str, all_large: b
         if provider in ("eager-chunked", "torch.compile"):
             return (f"CPU time: ~{2 * n * n * d / 1e12:.1f} TFLOP of GEMM plus a top-k over "
                     f"{n * n:.1e} entries per call (--all-large runs it)")
-        if provider == "cpp" and (d, k) != (256, 50):
+        if provider.startswith("cpp") and (d, k) != (256, 50):
             return "CPU time: only D=256, k=50 at N=100,000 by default (--all-large runs it)"
     return None
 
@@ -170,6 +172,9 @@ def make_call(provider: str, features, labels, k: int, chunk: int):
             return reference.MinedPairs(*(torch.cat(lst) for lst in outs))
 
         return call
+    if provider == "cpp-fp32":  # the fp32 pass alone: the bf16 screen switched off
+        os.environ["MSA_FAST_MINING_SCREEN"] = "never"
+        return lambda: msa_fast.ops.mine_pairs(features, labels, k, backend="cpp")
     return lambda: msa_fast.ops.mine_pairs(features, labels, k, backend=provider)
 
 

@@ -30,13 +30,13 @@
 //      (AVX-512). A key j is kept for query r's list when its bf16 similarity a could
 //      still be among the k best exact ones: sign * a + tol(r, j, a) >= L, where tol
 //      bounds |a - exact| rigorously (ScreenTol) and L is a lower bound on the list's
-//      k-th best exact value: with T the k-th best sign * a so far (a k-heap), the k
+//      k-th best exact value: with T the k-th best sign * a so far (compacted lazily), the k
 //      keys at or above T have exact values >= T - max_j tol. The kept keys go to a
 //      buffer that drops the keys a raised L excludes whenever it fills.
 //   2. The survivors are rescored exactly -- an fp32 dot product of the two unit rows
 //      (AVX-512) -- bucketed by (query block, key block) so that both blocks' rows are
-//      cache-resident while their pairs are computed (the survivors are ~2-3k per
-//      query; in row order they would stream gigabytes of random rows from memory).
+//      cache-resident while their pairs are computed (~190 survivors a query at MOSEI's
+//      size: in query order their key rows would stream 10 GB of random rows from memory).
 //   3. Per query the k best exact values (ties to the lower index) are the output.
 // A key the screen drops has exact < L <= the final k-th best, strictly: nothing the
 // fp32 pass would output is lost, and the output differs from the fp32 path's only
@@ -281,11 +281,14 @@ struct Kept {
   int32_t idx;  // key row
 };
 
-// One list of one query in pass 1: the k best sign * a so far (a min-heap: its root is T,
-// the k-th best), the bound L = T - tol(rf_max, |T|) derived from it, and the kept keys.
+// One list of one query in pass 1: T, the k-th best sign * a so far (`top` holds the
+// values above it, compacted to the best k whenever it reaches 2k: O(1) a value, and T
+// between compactions is a stale, lower, still valid bound), the bound L = T - tol(rf_max,
+// |T|) derived from it, and the kept keys.
 struct Screen {
   std::vector<float> top;
   std::vector<Kept> buf;
+  float T = -std::numeric_limits<float>::infinity();
   float L = -std::numeric_limits<float>::infinity();
   size_t cap = 0;
 
@@ -293,18 +296,14 @@ struct Screen {
   // it still passes, and drop the keys a raised L has excluded once the buffer fills.
   void offer(float s, int32_t idx, float tol_j, int64_t k, const ScreenTol& tol, float rf_max,
              const float* rf) {
-    if (static_cast<int64_t>(top.size()) < k || s > top.front()) {
-      if (static_cast<int64_t>(top.size()) == k) {
-        std::pop_heap(top.begin(), top.end(), std::greater<float>());
-        top.back() = s;
-      } else {
-        top.push_back(s);
-      }
-      std::push_heap(top.begin(), top.end(), std::greater<float>());
-      if (static_cast<int64_t>(top.size()) == k) {
+    if (s > T) {
+      top.push_back(s);
+      if (static_cast<int64_t>(top.size()) == 2 * k) {
+        std::nth_element(top.begin(), top.begin() + (k - 1), top.end(), std::greater<float>());
+        T = top[k - 1];
+        top.resize(k);
         // the k keys at or above T have exact >= s - tol(s) >= T - tol(rf_max, |T|): x - rel |x|
         // is increasing, so the smallest of them bounds all
-        const float T = top.front();
         L = std::max(L, T - tol.of(rf_max, std::fabs(T)));
       }
     }
@@ -314,6 +313,15 @@ struct Screen {
       filter(tol, rf);
       if (buf.size() * 2 > cap) cap *= 2;
     }
+  }
+
+  // The exact k-th best of the values seen (for the final bound): compacts `top` once more.
+  void settle(int64_t k, const ScreenTol& tol, float rf_max) {
+    if (static_cast<int64_t>(top.size()) < k) return;
+    std::nth_element(top.begin(), top.begin() + (k - 1), top.end(), std::greater<float>());
+    T = top[k - 1];
+    top.resize(k);
+    L = std::max(L, T - tol.of(rf_max, std::fabs(T)));
   }
 
   // Drops the kept keys whose exact value is certainly below L: s + tol(s, j) < L.
@@ -445,8 +453,10 @@ void mine_screened(const at::Tensor& fn, const at::Tensor& qn, bool symmetric, c
   // the final bound of every list, then pass 2: exact rescoring, bucketed by blocks
   at::parallel_for(0, q, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      state[r].pos.filter(tols[r], rf);
-      state[r].neg.filter(tols[r], rf);
+      for (Screen* sc : {&state[r].pos, &state[r].neg}) {
+        sc->settle(k, tols[r], rf_max);
+        sc->filter(tols[r], rf);
+      }
     }
   });
   constexpr int64_t kRescoreBlock = 512;
