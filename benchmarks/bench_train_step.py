@@ -24,6 +24,7 @@ step runs under bf16 autocast, as the trainer does.
 
     python benchmarks/bench_train_step.py [--device cuda] [--models fd_cmdie] [--shapes mosei_unaligned]
     python benchmarks/bench_train_step.py --quick      # lf_dnn at MOSI aligned, CI smoke
+    python benchmarks/bench_train_step.py --merge A.json B.json --out results/train_step_cpu.json
 """
 
 from __future__ import annotations
@@ -219,6 +220,43 @@ def _interleaved(name, spec, shape, batch_size, providers, device, args) -> list
     return list(rows.values())
 
 
+def markdown(payload: dict) -> str:
+    """The README table: samples/s per (shape, model) and provider, speedups vs eager."""
+    rows = payload["results"]
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    lines = ["| shape (batch) | model | " + " | ".join(providers) + " | auto / eager |",
+             "|---|---|" + "---|" * len(providers) + "---|"]
+    groups = list(dict.fromkeys((r["shape"], r["batch"], r["model"]) for r in rows))
+    for shape, batch, model in groups:
+        cells, by = [], {r["provider"]: r for r in rows if (r["shape"], r["batch"], r["model"]) == (shape, batch, model)}
+        for prov in providers:
+            r = by.get(prov)
+            cells.append("-" if r is None else ("error" if "error" in r else f"{r['samples_per_s']:g}"))
+        ratio = by.get("auto", {}).get("speedup_vs_eager")
+        lines.append(f"| {shape} ({batch}) | {model} | " + " | ".join(cells) + f" | {f'{ratio:.2f}x' if ratio else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def merge(paths: list[str], out: str) -> dict:
+    """One payload of several runs' rows (later files win for the same model, shape and provider)."""
+    import json
+
+    payload, seen = None, {}
+    for path in paths:
+        with open(path) as fh:
+            part = json.load(fh)
+        payload = payload or dict(part, results=[], merged_from=[])
+        payload["merged_from"].append({"file": os.path.basename(path), "commit": part["env"].get("commit")})
+        for r in part["results"]:
+            seen[(r["model"], r["shape"], r["provider"])] = r
+    payload["results"] = list(seen.values())
+    write("train_step", payload, out)
+    with open(os.path.splitext(out)[0] + ".md", "w") as fh:
+        fh.write(markdown(payload))
+    _plot(payload, out)
+    return payload
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None)
@@ -230,7 +268,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="CPU threads of the 1-process providers")
     p.add_argument("--quick", action="store_true", help="lf_dnn at mosi_aligned, eager and auto, 2 steps")
     p.add_argument("--out", default=None)
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="merge these result files into --out (+ .md table, .png) and exit")
     args = p.parse_args()
+    if args.merge:
+        merge(args.merge, args.out or os.path.join(RESULTS, "train_step_cpu.json"))
+        return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -259,6 +302,8 @@ def main() -> None:
                 print(row, flush=True)
             payload["results"] += rows
             write("train_step", payload, path)  # after every model: nothing lost on interruption
+    with open(os.path.splitext(path)[0] + ".md", "w") as fh:
+        fh.write(markdown(payload))
     _plot(payload, path)
 
 

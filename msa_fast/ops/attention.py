@@ -98,9 +98,24 @@ def _run_sdpa(q, k, v, key_padding_mask, scale):
     gave NaN), so such batch rows are unmasked -- their softmax is then finite -- and their
     output is replaced by 0 with ``torch.where``, whose gradient to the discarded branch is
     exactly 0. The guard costs one ``(B,)`` reduction and one pass over the output; it needs
-    no host sync, so the op stays one graph and CUDA-graph capturable. Computes in the
-    input dtype (fp16/bf16 SDPA kernels accumulate in fp32); autograd is SDPA's own.
+    no host sync, so the op stays one graph and CUDA-graph capturable. Autograd is SDPA's own.
+
+    dtypes: on CUDA in the input dtype (its fp16/bf16 kernels accumulate in fp32). On the
+    CPU fp16/bf16 inputs are computed in fp32, as the reference does, and the output cast
+    back: torch 2.14's CPU flash kernel in bf16 is 6.7x slower than in fp32 forward +
+    backward at MOSI's aligned shape (96, 4, 50, 16) and no faster at 875 keys (measured),
+    and it made ``--amp bf16`` training steps 2-4x slower. Autocast is off for the fp32 call
+    (SDPA is on the CPU autocast's bf16 list: it would cast the inputs straight back).
     """
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        # autocast would cast them back: SDPA is on the CPU autocast's bf16 list
+        with torch.autocast("cpu", enabled=False):
+            return _sdpa_masked(q.float(), k.float(), v.float(), key_padding_mask, scale).to(dtype)
+    return _sdpa_masked(q, k, v, key_padding_mask, scale)
+
+
+def _sdpa_masked(q, k, v, key_padding_mask, scale):
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     empty = key_padding_mask.all(dim=-1)  # (B,)
