@@ -36,23 +36,10 @@ import time
 import torch
 from _common import RESULTS, environment, fwd_bwd_callables, write
 
-import msa_fast
 from msa_fast import _backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORDER_FILE = os.path.join(ROOT, "msa_fast", "_auto_order.py")
-
-
-def _mining_build(shape, device, dtype):
-    n, d, k = shape
-    g = torch.Generator().manual_seed(0)
-    feats = torch.randn(n, d, generator=g).to(device=device, dtype=dtype)
-    labels = torch.randint(0, 7, (n,), generator=g).to(device)
-
-    def call(backend):
-        return lambda: msa_fast.ops.mine_pairs(feats, labels, k, backend=backend)
-
-    return [], call
 
 
 def _cases() -> dict[str, tuple]:
@@ -62,6 +49,7 @@ def _cases() -> dict[str, tuple]:
     gap = importlib.import_module("bench_gap")
     ln = importlib.import_module("bench_layer_norm")
     cl = importlib.import_module("bench_contrastive")
+    mining = importlib.import_module("bench_pair_mining")
     pick = lambda shapes, *labels: {k: shapes[k] for k in labels}
     return {
         "attention": (att.build, {"fd_cmdie_unaligned": (8, 4, 875, 875, 16),
@@ -73,7 +61,7 @@ def _cases() -> dict[str, tuple]:
         "triplet": (cl.build_tri, pick(cl.BATCHES, "mosi_b32_k10_d128", "mosei_b64_k50_d256"), False),
         "fd_cmdie_contrastive_loss": (cl.build_fd, pick(cl.BATCHES, "mosi_b32_k10_d128", "mosei_b64_k50_d256"),
                                       False),
-        "mine_pairs": (_mining_build, {"mosi_train": (1284, 256, 10), "n4096": (4096, 256, 50)}, True),
+        "mine_pairs": (mining.build, {"mosi_train": (1284, 256, 10), "n4096": (4096, 256, 50)}, True),
     }
 
 

@@ -77,6 +77,22 @@ def make_inputs(n: int, d: int, device: str = "cpu", seed: int = SEED, dtype: st
     return features.to(device=device, dtype=getattr(torch, dtype)), sentiment_classes(y, "7").to(device)
 
 
+def build(shape, device, dtype):
+    """``(inputs, call)`` in the op benchmarks' protocol (``bench_auto.py``, the compile gate):
+    ``shape = (N, D, k)``, features standard normal, 7 classes; ``call(backend)`` mines every row."""
+    import msa_fast
+
+    n, d, k = shape
+    g = torch.Generator().manual_seed(SEED)
+    features = torch.randn(n, d, generator=g).to(device=device, dtype=dtype)
+    labels = torch.randint(0, 7, (n,), generator=g).to(device)
+
+    def call(backend):
+        return lambda: msa_fast.ops.mine_pairs(features, labels, k, backend=backend)
+
+    return [], call
+
+
 def check_rows(n: int) -> torch.Tensor:
     """The query rows checked against the reference: spread evenly, first and last included."""
     return torch.linspace(0, n - 1, min(CHECK_ROWS, n)).round().long().unique()

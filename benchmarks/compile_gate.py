@@ -71,20 +71,7 @@ def _cases(quick: bool, ops: set[str] | None = None):
     import bench_dual_gate
     import bench_gap
     import bench_layer_norm
-    import torch
-
-    import msa_fast
-
-    def mining_build(shape, device, dtype):
-        n, d, k = shape
-        g = torch.Generator().manual_seed(0)
-        f = torch.randn(n, d, generator=g).to(device=device, dtype=dtype)
-        labels = torch.randint(0, 7, (n,), generator=g).to(device)
-
-        def call(backend):
-            return lambda: msa_fast.ops.mine_pairs(f, labels, k, backend=backend)
-
-        return [], call
+    import bench_pair_mining
 
     groups = [
         ("dual_gate", bench_dual_gate.SHAPES, bench_dual_gate.build),
@@ -92,7 +79,7 @@ def _cases(quick: bool, ops: set[str] | None = None):
         ("add_layer_norm", bench_layer_norm.SHAPES, bench_layer_norm.build),
         ("attention", bench_attention.SHAPES, bench_attention.build),
         ("mine_pairs", {"mosi_n1284_d256_k10": (1284, 256, 10), "mosei_n16326_d877_k10": (16326, 877, 10),
-                        "mosei_n16326_d877_k50": (16326, 877, 50)}, mining_build),
+                        "mosei_n16326_d877_k50": (16326, 877, 50)}, bench_pair_mining.build),
     ]
     for op, (build, _traffic, shapes) in bench_contrastive.OPS.items():
         groups.append((op, shapes, build))

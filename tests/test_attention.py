@@ -295,6 +295,20 @@ def test_triton_add_layer_norm_opcheck_and_compile():
 # --------------------------------------------------------------------------- #
 
 
+def _matches_fp64_reference(q, k, v, mask, backend, cot, tol, gtol):
+    """``backend``'s output and its q/k/v gradients (for the cotangent ``cot``) against the
+    reference in fp64, within ``tol`` / ``gtol`` = (rtol, atol); finite gradients."""
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = ops.attention(q, k, v, mask, backend=backend)
+    want = R.attention(*ref_in, mask)
+    torch.testing.assert_close(out.double(), want, rtol=tol[0], atol=tol[1])
+    got = torch.autograd.grad(out, (q, k, v), cot)
+    for a, b in zip(got, torch.autograd.grad(want, ref_in, cot.double())):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=gtol[0], atol=gtol[1])
+    return out, got
+
+
 def test_auto_attention_on_cpu_is_sdpa():
     from msa_fast import _backend
 
@@ -317,19 +331,10 @@ def test_sdpa_attention_matches_reference(B, H, Lq, Lk, Dh, dtype, masked):
     k = torch.randn(B, H, Lk, Dh, dtype=dtype, requires_grad=True)
     v = torch.randn(B, H, Lk, Dh, dtype=dtype, requires_grad=True)
     mask = None if masked == "none" else _kpm(B, Lk, full_row=0 if masked == "full_row" else None)
-    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out = ops.attention(q, k, v, mask, backend="sdpa")
-    want = R.attention(*ref_in, mask)
+    fp32 = dtype == torch.float32
+    out, got = _matches_fp64_reference(q, k, v, mask, "sdpa", torch.randn(B, H, Lq, Dh, dtype=dtype),
+                                       (1e-5, 1e-5) if fp32 else (2e-2, 2e-2), (1e-4, 1e-5) if fp32 else (5e-2, 5e-2))
     assert out.dtype == dtype
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(out.double(), want, **tol)
-    cot = torch.randn(out.shape, dtype=dtype)
-    got = torch.autograd.grad(out, (q, k, v), cot)
-    exp = torch.autograd.grad(want, ref_in, cot.double())
-    gtol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
-    for a, b in zip(got, exp):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a.double(), b, **gtol)
     if masked == "full_row":
         assert torch.equal(out[0], torch.zeros_like(out[0]))
         for g in got:
@@ -407,19 +412,10 @@ def test_triton_attention_matches_reference(B, H, Lq, Lk, Dh, dtype):
     v = torch.randn(B, H, Lk, Dh, dtype=dtype, requires_grad=True)
     mask = torch.rand(B, Lk) < 0.3
     mask[0] = True  # a sequence whose keys are all padding: its queries output zeros
-    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out = msa_fast.ops.attention(q, k, v, mask, backend="triton")
-    want = R.attention(*ref_in, mask)
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(out.double(), want, **tol)
+    fp32 = dtype == torch.float32
+    out, got = _matches_fp64_reference(q, k, v, mask, "triton", torch.ones((), dtype=dtype).expand(B, H, Lq, Dh),
+                                       (1e-4, 1e-5) if fp32 else (2e-2, 2e-2), (1e-4, 1e-4) if fp32 else (5e-2, 5e-2))
     assert torch.equal(out[0], torch.zeros_like(out[0]))
-    cot = torch.ones((), dtype=dtype).expand_as(out)
-    got = torch.autograd.grad(out, (q, k, v), cot)
-    exp = torch.autograd.grad(want, ref_in, cot.double())
-    gtol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
-    for a, b in zip(got, exp):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a.double(), b, **gtol)
     assert torch.equal(got[0][0], torch.zeros_like(got[0][0]))
 
 

@@ -158,6 +158,51 @@ inline void scan(TopK<scalar_t, true>& p, TopK<scalar_t, false>& g, const scalar
   }
 }
 
+// The tiling of both passes: the tiles (I, J) of qm x fm^T, kBlock x kBlock, with at::mm
+// (MKL / oneDNN, multithreaded; J >= I only when symmetric), each consumed at once:
+// visit(r, row, len, j0) for every query row r of the tile (its similarities to keys
+// j0 .. j0 + len - 1), in parallel over rows. An off-diagonal symmetric tile also feeds
+// its columns, transposed into a second buffer, to the queries of block J. Flat tile
+// buffers are reused for every tile; edge tiles view a prefix so that the mm output (and
+// the transposed copy) stay contiguous. Memory: two tiles.
+template <typename T, typename Visit>
+void for_each_tile_row(const at::Tensor& qm, const at::Tensor& fm, bool symmetric, const Visit& visit) {
+  const int64_t n = fm.size(0);
+  const int64_t q = qm.size(0);
+  const int64_t qb_max = std::min(kBlock, q);
+  const int64_t kb_max = std::min(kBlock, n);
+  at::Tensor tile_buf = at::empty({qb_max * kb_max}, fm.options());
+  at::Tensor tile_t_buf = symmetric ? at::empty({qb_max * kb_max}, fm.options()) : at::Tensor();
+  for (int64_t q0 = 0; q0 < q; q0 += kBlock) {
+    const int64_t qb = std::min(kBlock, q - q0);
+    const at::Tensor qblock = qm.narrow(0, q0, qb);
+    for (int64_t j0 = symmetric ? q0 : 0; j0 < n; j0 += kBlock) {
+      const int64_t kb = std::min(kBlock, n - j0);
+      at::Tensor tile = tile_buf.narrow(0, 0, qb * kb).view({qb, kb});
+      at::mm_out(tile, qblock, fm.narrow(0, j0, kb).t());
+      const T* s = tile.const_data_ptr<T>();
+      // Columns of an off-diagonal tile are the rows of the mirrored tile (J, I).
+      const bool mirror = symmetric && j0 != q0;
+      const T* st = nullptr;
+      if (mirror) {
+        at::Tensor tile_t = tile_t_buf.narrow(0, 0, kb * qb).view({kb, qb});
+        tile_t.copy_(tile.t());
+        st = tile_t.const_data_ptr<T>();
+      }
+      const int64_t work = mirror ? qb + kb : qb;
+      at::parallel_for(0, work, 8, [&](int64_t w0, int64_t w1) {
+        for (int64_t w = w0; w < w1; ++w) {
+          if (w < qb) {
+            visit(q0 + w, s + w * kb, kb, j0);  // query q0 + w against keys j0 ..
+          } else {
+            visit(j0 + (w - qb), st + (w - qb) * qb, qb, q0);  // query j0 + c against keys q0 ..
+          }
+        }
+      });
+    }
+  }
+}
+
 // Streams the similarity matrix tile by tile into the per-query lists.
 //
 // symmetric == true (the queries are the feature rows, the default call): S is
@@ -184,44 +229,9 @@ void mine_blocked(const at::Tensor& fn, const at::Tensor& qn, bool symmetric,
     pos[r].reset(pos_buf.data() + r * cap, cap);
     neg[r].reset(neg_buf.data() + r * cap, cap);
   }
-  // Flat tile buffers reused for every tile; edge tiles view a prefix so that
-  // the mm output (and the transposed copy) stay contiguous.
-  const int64_t qb_max = std::min(kBlock, q);
-  const int64_t kb_max = std::min(kBlock, n);
-  at::Tensor tile_buf = at::empty({qb_max * kb_max}, fn.options());
-  at::Tensor tile_t_buf = symmetric ? at::empty({qb_max * kb_max}, fn.options()) : at::Tensor();
-
-  for (int64_t q0 = 0; q0 < q; q0 += kBlock) {
-    const int64_t qb = std::min(kBlock, q - q0);
-    const at::Tensor qblock = qn.narrow(0, q0, qb);
-    for (int64_t j0 = symmetric ? q0 : 0; j0 < n; j0 += kBlock) {
-      const int64_t kb = std::min(kBlock, n - j0);
-      at::Tensor tile = tile_buf.narrow(0, 0, qb * kb).view({qb, kb});
-      at::mm_out(tile, qblock, fn.narrow(0, j0, kb).t());
-      const scalar_t* s = tile.const_data_ptr<scalar_t>();
-      // Columns of an off-diagonal tile are the rows of the mirrored tile (J, I).
-      const bool mirror = symmetric && j0 != q0;
-      const scalar_t* st = nullptr;
-      if (mirror) {
-        at::Tensor tile_t = tile_t_buf.narrow(0, 0, kb * qb).view({kb, qb});
-        tile_t.copy_(tile.t());
-        st = tile_t.const_data_ptr<scalar_t>();
-      }
-      const int64_t work = mirror ? qb + kb : qb;
-      at::parallel_for(0, work, 8, [&](int64_t w0, int64_t w1) {
-        for (int64_t w = w0; w < w1; ++w) {
-          if (w < qb) {  // query q0 + w against keys j0 ..
-            const int64_t r = q0 + w;
-            scan(pos[r], neg[r], s + w * kb, kb, j0, labels + j0, qlabels[r], qindex[r] - j0);
-          } else {  // query j0 + c against keys q0 .. (transposed tile)
-            const int64_t c = w - qb;
-            const int64_t r = j0 + c;
-            scan(pos[r], neg[r], st + c * qb, qb, q0, labels + q0, qlabels[r], qindex[r] - q0);
-          }
-        }
-      });
-    }
-  }
+  for_each_tile_row<scalar_t>(qn, fn, symmetric, [&](int64_t r, const scalar_t* row, int64_t len, int64_t j0) {
+    scan(pos[r], neg[r], row, len, j0, labels + j0, qlabels[r], qindex[r] - j0);
+  });
   at::parallel_for(0, q, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       pos[r].write(pos_idx + r * k, pos_sim + r * k, k);
@@ -413,42 +423,10 @@ void mine_screened(const at::Tensor& fn, const at::Tensor& qn, bool symmetric, c
   }
 
   // pass 1: the bf16 tiles (mine_blocked's tiling and symmetric half)
-  const int64_t qb_max = std::min(kBlock, q);
-  const int64_t kb_max = std::min(kBlock, n);
-  at::Tensor tile_buf = at::empty({qb_max * kb_max}, fb.options());
-  at::Tensor tile_t_buf = symmetric ? at::empty({qb_max * kb_max}, fb.options()) : at::Tensor();
-  for (int64_t q0 = 0; q0 < q; q0 += kBlock) {
-    const int64_t qb = std::min(kBlock, q - q0);
-    const at::Tensor qblock = qb16.narrow(0, q0, qb);
-    for (int64_t j0 = symmetric ? q0 : 0; j0 < n; j0 += kBlock) {
-      const int64_t kb = std::min(kBlock, n - j0);
-      at::Tensor tile = tile_buf.narrow(0, 0, qb * kb).view({qb, kb});
-      at::mm_out(tile, qblock, fb.narrow(0, j0, kb).t());
-      const at::BFloat16* s = tile.const_data_ptr<at::BFloat16>();
-      const bool mirror = symmetric && j0 != q0;
-      const at::BFloat16* st = nullptr;
-      if (mirror) {
-        at::Tensor tile_t = tile_t_buf.narrow(0, 0, kb * qb).view({kb, qb});
-        tile_t.copy_(tile.t());
-        st = tile_t.const_data_ptr<at::BFloat16>();
-      }
-      const int64_t work = mirror ? qb + kb : qb;
-      at::parallel_for(0, work, 8, [&](int64_t w0, int64_t w1) {
-        for (int64_t w = w0; w < w1; ++w) {
-          if (w < qb) {
-            const int64_t r = q0 + w;
-            scan_screen(state[r], s + w * kb, kb, j0, labels + j0, qlabels[r], qindex[r] - j0, tols[r],
-                        rf, rf_max, k);
-          } else {
-            const int64_t c = w - qb;
-            const int64_t r = j0 + c;  // symmetric: query r is feature row r
-            scan_screen(state[r], st + c * qb, qb, q0, labels + q0, qlabels[r], qindex[r] - q0, tols[r],
-                        rf, rf_max, k);
-          }
-        }
-      });
-    }
-  }
+  for_each_tile_row<at::BFloat16>(qb16, fb, symmetric,
+                                  [&](int64_t r, const at::BFloat16* row, int64_t len, int64_t j0) {
+    scan_screen(state[r], row, len, j0, labels + j0, qlabels[r], qindex[r] - j0, tols[r], rf, rf_max, k);
+  });
 
   // the final bound of every list, then pass 2: exact rescoring, bucketed by blocks
   at::parallel_for(0, q, 64, [&](int64_t r0, int64_t r1) {
