@@ -184,3 +184,31 @@ def test_kill_9_and_resume_is_bit_identical(tmp_path):
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     ra, rb = (json.load(open(d / "results.json"))["per_seed"][0] for d in (ref, run))
     assert ra["test"]["MAE"] == rb["test"]["MAE"] and ra["best_epoch"] == rb["best_epoch"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_run_files_follow_the_umask(tmp_path, umask, mode):
+    """Atomic writes (temp file + rename) keep the mode a plain open() would give."""
+    from msa_fast.train.checkpoint import atomic_write_bytes, save_json
+
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(str(tmp_path / "w.bin"), b"x")
+        save_json(str(tmp_path / "s.json"), {"a": 1})
+    finally:
+        os.umask(old)
+    for name in ("w.bin", "s.json"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == mode, name
+
+
+def test_a_runs_files_are_0644_under_umask_022(tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert main(["train", "--model", "lf_dnn", "--data", "synthetic:tiny:limit=48", "--seeds", "1",
+                     "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    finally:
+        os.umask(old)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "run") for f in fs]
+    assert any(f.endswith(".safetensors") for f in files) and any(f.endswith("state.json") for f in files)
+    for f in files:
+        assert os.stat(f).st_mode & 0o777 == 0o644, f
