@@ -48,6 +48,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"msa-fast: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _number(kind, lo: float, lo_name: str, hi: float | None = None):
+    """An argparse ``type``: ``kind`` (int / float) in [lo, hi], finite; the error names the
+    range (argparse puts the flag in front of it), so ``--max-length -5`` or ``--limit 0``
+    is a one-line error, never a silent default or a server that refuses every request."""
+    def convert(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} "
+                                             f"{lo_name}, got {text!r}") from None
+        if v != v or v in (float("inf"), float("-inf")) or v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} "
+                                             f"{lo_name}, got {text!r}")
+        return v
+    convert.__name__ = kind.__name__  # argparse's "invalid <name> value" wording for other failures
+    return convert
+
+
+_POSITIVE = _number(int, 1, ">= 1")
+_SECONDS = _number(float, 0.0, ">= 0 (seconds, finite)")
+_PORT = _number(int, 1, "in [1, 65535]", 65535)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="msa-fast", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -90,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="data to evaluate on (default: the training data)")
     e.add_argument("--split", default="test", choices=SPLITS)
     e.add_argument("--device", default="auto")
-    e.add_argument("--batch-size", type=int)
+    e.add_argument("--batch-size", type=_POSITIVE)
     e.add_argument("--missing-rate", type=float, nargs="+")
     e.add_argument("--drop-rate", type=float)
     e.add_argument("--weights", choices=("best", "last"), default="best")
@@ -111,8 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--data", help="data to analyse (default: the training data)")
     a.add_argument("--split", default="test", choices=SPLITS)
     a.add_argument("--device", default="auto")
-    a.add_argument("--batch-size", type=int)
-    a.add_argument("--limit", type=int, help="tsne: at most N samples of the split (default 500)")
+    a.add_argument("--batch-size", type=_POSITIVE)
+    a.add_argument("--limit", type=_POSITIVE, help="tsne: at most N samples of the split (default 500)")
 
     pr = sub.add_parser("predict", help="predict a split with a run directory's weights (CSV)")
     pr.add_argument("--checkpoint", required=True, help="run directory (out/seed_<seed>)")
@@ -121,19 +144,19 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="CSV file: id, prediction, label")
     pr.add_argument("--device", default="auto")
     pr.add_argument("--weights", choices=("best", "last"), default="best")
-    pr.add_argument("--max-batch", type=int, default=64, help="largest batch bucket")
+    pr.add_argument("--max-batch", type=_POSITIVE, default=64, help="largest batch bucket")
     pr.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile on the CPU (default: the per-model table)")
 
     sv = sub.add_parser("serve", help="HTTP JSON inference server (LitServe, the serve extra)")
     sv.add_argument("--checkpoint", required=True, help="run directory (out/seed_<seed>)")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-batch", type=int, default=64, help="dynamic batching: most requests per batch")
-    sv.add_argument("--batch-timeout", type=float, default=0.005,
+    sv.add_argument("--port", type=_PORT, default=8000)
+    sv.add_argument("--max-batch", type=_POSITIVE, default=64, help="dynamic batching: most requests per batch")
+    sv.add_argument("--batch-timeout", type=_SECONDS, default=0.005,
                     help="dynamic batching: seconds to wait for a batch to fill")
     sv.add_argument("--device", default="auto")
-    sv.add_argument("--max-length", type=int, help="longest sequence accepted (default 512)")
+    sv.add_argument("--max-length", type=_POSITIVE, help="longest sequence accepted (default 512)")
     sv.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile on the CPU (default: the per-model table)")
 
@@ -144,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--unaligned", action="store_true")
-    s.add_argument("--limit", type=int)
+    s.add_argument("--limit", type=_POSITIVE)
     s.add_argument("--pid", action="store_true",
                    help="the redundant/unique/synergy generator (synthetic:<preset>:pid)")
     i = dsub.add_parser("inspect", help="summarise a pickle (splits, shapes, labels, NaN/-inf)")
@@ -348,8 +371,6 @@ def cmd_predict(args) -> int:
     from msa_fast.metrics import format_metrics, mosi_regression_metrics
     from msa_fast.train.config import TrainConfig
 
-    if args.max_batch < 1:
-        raise UserError(f"--max-batch: expected a positive integer, got {args.max_batch}")
     pred = Predictor.from_checkpoint(args.checkpoint, device=args.device, weights=args.weights,
                                      max_batch=args.max_batch, compile=_compile_flag(args.compile))
     state = pred.state
@@ -393,10 +414,6 @@ def cmd_predict(args) -> int:
 def cmd_serve(args) -> int:
     if not os.path.isfile(os.path.join(args.checkpoint, "state.json")):
         raise UserError(f"no checkpoint in {args.checkpoint} (state.json not found)")
-    if args.max_batch < 1:
-        raise UserError(f"--max-batch: expected a positive integer, got {args.max_batch}")
-    if args.batch_timeout < 0:
-        raise UserError(f"--batch-timeout: expected seconds >= 0, got {args.batch_timeout}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port: expected 1-65535, got {args.port}")
     try:

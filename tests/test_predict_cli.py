@@ -57,6 +57,16 @@ def test_predict_other_data(run_dir, capsys):
     (["predict", "--checkpoint", "RUN", "--out", "/proc/nope/preds.csv", "--no-compile"], "--out"),
     (["serve", "--checkpoint", "/nonexistent/run"], "no checkpoint in /nonexistent/run"),
     (["serve", "--checkpoint", "RUN", "--batch-timeout", "-1"], "--batch-timeout"),
+    # SPEC 10: every number flag checked, no silent 0 = default (issue 27)
+    (["serve", "--checkpoint", "RUN", "--max-length", "-5"], "argument --max-length: expected an integer >= 1, got '-5'"),
+    (["serve", "--checkpoint", "RUN", "--max-length", "0"], "argument --max-length: expected an integer >= 1, got '0'"),
+    (["serve", "--checkpoint", "RUN", "--batch-timeout", "nan"], "argument --batch-timeout: expected a number >= 0"),
+    (["serve", "--checkpoint", "RUN", "--port", "70000"], "argument --port: expected an integer in [1, 65535]"),
+    (["serve", "--checkpoint", "RUN", "--max-batch", "x"], "argument --max-batch: expected an integer >= 1, got 'x'"),
+    (["analyze", "--checkpoint", "RUN", "--what", "tsne", "--out", "o", "--limit", "0"], "argument --limit"),
+    (["analyze", "--checkpoint", "RUN", "--what", "tsne", "--out", "o", "--limit", "-3"], "argument --limit"),
+    (["eval", "--checkpoint", "RUN", "--batch-size", "0"], "argument --batch-size"),
+    (["data", "synth", "--out", "o.pkl", "--limit", "0"], "argument --limit"),
 ])
 def test_bad_input_one_line(run_dir, capsys, argv, message):
     argv = [str(run_dir) if a == "RUN" else a for a in argv]
