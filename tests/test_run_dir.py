@@ -125,6 +125,41 @@ def test_eval_names_a_truncated_best_checkpoint(tmp_path, capsys):
     assert "best.safetensors" in _err(capsys)
 
 
+@pytest.mark.parametrize("name", ["best.safetensors", "epoch1.safetensors"])
+def test_flipped_weight_bytes_are_refused_on_load(tmp_path, capsys, name):
+    """Bytes flipped behind an intact safetensors header used to load and predict nonsense
+    (exit 0): state.json records every weights file's SHA-256 and a load verifies it."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    state = json.load(open(out / "seed_1" / "state.json"))
+    assert set(state["checksums"]) == {"best.safetensors", "epoch1.safetensors"}
+    path = out / "seed_1" / name
+    data = bytearray(path.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])  # the last float's bytes: the header stays valid
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    argv = ["eval", "--checkpoint", str(out / "seed_1")] + (["--weights", "last"] if name.startswith("epoch") else [])
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert name in err and "checksum" in err and "Traceback" not in err
+    if name.startswith("epoch"):
+        assert main(["train", *TINY, "--epochs", "2", "--out", str(out), "--resume"]) == 2
+        assert name in _err(capsys)
+
+
+def test_weights_that_do_not_fit_name_the_model_and_keys(tmp_path):
+    from torch import nn
+
+    from msa_fast.train.checkpoint import CheckpointError, load_weights, save_weights
+
+    save_weights(str(tmp_path / "w.safetensors"), nn.Linear(3, 2))
+    with pytest.raises(CheckpointError, match=r"weights do not fit the model Sequential \(missing 2 keys: "
+                                              r"0\.weight, 0\.bias; unexpected 2 keys: weight, bias\)"):
+        load_weights(str(tmp_path / "w.safetensors"), nn.Sequential(nn.Linear(3, 2)))
+    with pytest.raises(CheckpointError, match=r"other shapes \(file vs model\): weight \(2, 3\) vs \(4, 3\)"):
+        load_weights(str(tmp_path / "w.safetensors"), nn.Linear(3, 4))
+
+
 _HOLD = """
 import fcntl, os, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)

@@ -17,6 +17,7 @@ stored as ``null``, so ``results.json`` and ``state.json`` are valid JSON for an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -24,7 +25,7 @@ import os
 import tempfile
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 
@@ -96,25 +97,62 @@ def json_safe(obj):
     return obj
 
 
-def save_weights(path: str, module: torch.nn.Module) -> None:
+def save_weights(path: str, module: torch.nn.Module) -> str:
+    """Write the module's weights (safetensors, atomically); returns their SHA-256 (hex), which
+    the run's ``state.json`` records under ``checksums`` so that a load can verify them."""
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    atomic_write_bytes(path, st_save(state))
+    data = st_save(state)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _recorded_checksum(path: str) -> str | None:
+    """The SHA-256 that the ``state.json`` beside ``path`` records for it, if any (runs from
+    before checksums were recorded have none, and load unverified)."""
+    state_path = os.path.join(os.path.dirname(os.path.abspath(path)), "state.json")
+    try:
+        with open(state_path) as fh:
+            sums = json.load(fh).get("checksums") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    value = sums.get(os.path.basename(path)) if isinstance(sums, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def load_weights(path: str, module: torch.nn.Module) -> None:
+    """Load a weights file into ``module``: verified against the checksum its run recorded
+    (a flipped byte behind an intact header would otherwise load and predict nonsense),
+    upgraded from an earlier parameter layout, every key checked. Errors are one-line
+    :class:`CheckpointError` naming the file."""
     with _reading(path, "checkpoint weights"):
-        tensors = load_file(path)
+        with open(path, "rb") as fh:
+            data = fh.read()
+        want = _recorded_checksum(path)
+        if want is not None and hashlib.sha256(data).hexdigest() != want:
+            raise CheckpointError(f"{path}: the weights do not match the checksum recorded in "
+                                  f"{os.path.join(os.path.dirname(path) or '.', 'state.json')}: "
+                                  "the file is corrupt or was replaced")
+        tensors = st_load(data)
     upgrade = getattr(module, "upgrade_state_dict", None)
     if upgrade is not None:  # an earlier parameter layout (see msa_fast.models)
         try:
             tensors = upgrade(tensors)
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
-    try:
-        module.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model "
-                              f"({str(e).splitlines()[0]})") from None
+    own = module.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    misshaped = [f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                 if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or unexpected or misshaped:
+        def few(keys):
+            return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+        parts = [f"missing {len(missing)} keys: {few(missing)}" if missing else "",
+                 f"unexpected {len(unexpected)} keys: {few(unexpected)}" if unexpected else "",
+                 f"other shapes (file vs model): {few(misshaped)}" if misshaped else ""]
+        raise CheckpointError(f"{path}: weights do not fit the model {type(module).__name__} ("
+                              + "; ".join(p for p in parts if p) + ")")
+    module.load_state_dict(tensors)
 
 
 def save_torch(path: str, obj) -> None:
@@ -144,11 +182,15 @@ def read_state(run_dir: str) -> dict:
 
 
 def save_checkpoint(run_dir: str, epoch: int, model, optimizer, state: dict) -> None:
+    """Epoch ``epoch``'s weights and optimizer state, then ``state.json`` (the commit record)
+    with the SHA-256 of the weights under ``checksums`` (next to ``best.safetensors``'s,
+    which the caller puts in ``state["checksums"]``)."""
     weights, optim = f"epoch{epoch}.safetensors", f"epoch{epoch}.optim.pt"
-    save_weights(os.path.join(run_dir, weights), model)
+    sums = {k: v for k, v in (state.get("checksums") or {}).items() if not k.startswith("epoch")}
+    sums[weights] = save_weights(os.path.join(run_dir, weights), model)
     save_torch(os.path.join(run_dir, optim), optimizer.state_dict())
     save_json(os.path.join(run_dir, "state.json"),
-              dict(state, epoch=epoch, weights=weights, optimizer=optim))
+              dict(state, epoch=epoch, weights=weights, optimizer=optim, checksums=sums))
     for name in os.listdir(run_dir):  # older epochs, now unreferenced
         if name.startswith("epoch") and name not in (weights, optim):
             with contextlib.suppress(FileNotFoundError):

@@ -333,7 +333,8 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
             ranks = dist.all_gather_object(rng) if dist.active else None
             if main:
                 if better:
-                    ckpt.save_weights(os.path.join(run_dir, "best.safetensors"), model)
+                    state.setdefault("checksums", {})["best.safetensors"] = ckpt.save_weights(
+                        os.path.join(run_dir, "best.safetensors"), model)
                 extra = {"rng_ranks": ranks} if ranks else {}
                 kept = {k: v for k, v in state.items() if k != "best_weights"}
                 ckpt.save_checkpoint(run_dir, epoch, model, optimizer,
