@@ -58,6 +58,22 @@ def _pickle(aligned=True):
     return {s: _split(n, aligned=aligned, rng=rng) for s, n in (("train", 5), ("valid", 3), ("test", 4))}
 
 
+def test_labels_outside_mmsa_range_warn_once_at_load(tmp_path, caplog):
+    pkl = _pickle()
+    pkl["train"]["regression_labels"] = pkl["train"]["regression_labels"] * 50  # a scaled label set
+    path = tmp_path / "scaled.pkl"
+    path.write_bytes(pickle.dumps(pkl))
+    with caplog.at_level("WARNING", logger="msa_fast.data"):
+        load_pickle(str(path))
+    hits = [r for r in caplog.records if "outside MMSA's [-3, 3]" in r.message]
+    assert len(hits) == 1 and "train: " in hits[0].message and "valid" not in hits[0].message
+    caplog.clear()
+    path.write_bytes(pickle.dumps(_pickle()))
+    with caplog.at_level("WARNING", logger="msa_fast.data"):
+        load_pickle(str(path))
+    assert "outside MMSA" not in caplog.text
+
+
 def test_aligned_loader_cleans_and_reports(tmp_path, caplog):
     pkl = _pickle()
     pkl["train"]["audio"][0, 1, 2] = -np.inf

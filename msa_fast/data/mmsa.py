@@ -186,6 +186,13 @@ def from_pickle_dict(pkl: dict, source: str = "", limit: int | None = None) -> M
         parts = [f"{s}/{m}: " + ", ".join(f"{v} {k}" for k, v in c.items() if v)
                  for s, r in bad.items() for m, c in r.items()]
         log.warning("%s: non-finite feature values set to 0 (%s)", source or "data", "; ".join(parts))
+    outside = {s: (int((d.labels.abs() > 3).sum()), float(d.labels.abs().max()) if d.labels.numel() else 0.0)
+               for s, d in splits.items()}
+    outside = {s: v for s, v in outside.items() if v[0]}
+    if outside:  # MMSA's labels lie in [-3, 3]; metrics clip to it (Mult_acc_7), MAE does not
+        log.warning("%s: regression labels outside MMSA's [-3, 3] (%s): a scaled or foreign label set? "
+                    "MAE and Corr are computed on them as they are", source or "data",
+                    "; ".join(f"{s}: {n}, max |y| {m:.4g}" for s, (n, m) in outside.items()))
     meta = pkl.get("synthetic", {}) if isinstance(pkl.get("synthetic"), dict) else {}
     return MMSAData(splits=splits, aligned=aligned, dims=dims, report=report, source=source, meta=meta)
 
