@@ -21,7 +21,28 @@ for the ``Non0_*`` keys, where MMSA would raise.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+
+# An implausible prediction: over this many times the largest training |label|.
+IMPLAUSIBLE_FACTOR = 100.0
+_warned_implausible: set[str] = set()
+
+
+def warn_if_implausible(preds, label_absmax: float | None, where: str) -> bool:
+    """Warn once per process and ``where`` when a prediction exceeds ``IMPLAUSIBLE_FACTOR`` x
+    the largest training |label| (MMSA's 3 when unknown): the sign of corrupt weights or of
+    data on another scale, which metrics alone report as a bad MAE. Returns whether it did."""
+    bound = IMPLAUSIBLE_FACTOR * (label_absmax if label_absmax and label_absmax > 0 else 3.0)
+    worst = float(np.max(np.abs(np.asarray(preds, dtype=np.float64)))) if np.size(preds) else 0.0
+    if not worst > bound or where in _warned_implausible:
+        return False
+    _warned_implausible.add(where)
+    warnings.warn(f"{where}: a prediction of magnitude {worst:.4g} is over {IMPLAUSIBLE_FACTOR:g}x the "
+                  f"largest training |label| ({bound / IMPLAUSIBLE_FACTOR:.4g}): corrupt weights, or "
+                  "inputs on another scale than the training data?", RuntimeWarning, stacklevel=2)
+    return True
 
 METRIC_KEYS = (
     "Has0_acc_2",

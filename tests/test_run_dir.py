@@ -247,3 +247,38 @@ def test_a_runs_files_are_0644_under_umask_022(tmp_path):
     assert any(f.endswith(".safetensors") for f in files) and any(f.endswith("state.json") for f in files)
     for f in files:
         assert os.stat(f).st_mode & 0o777 == 0o644, f
+
+
+def test_implausible_predictions_warn_once(tmp_path, capsys):
+    """Weights that load (a run from before checksums, or edited) but predict far outside the
+    training labels: eval and the Predictor warn once each, naming the scale."""
+    import warnings as W
+
+    from safetensors.torch import load_file, save_file
+
+    from msa_fast import metrics
+    from msa_fast.inference import Predictor
+
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    run = out / "seed_1"
+    state = json.load(open(run / "state.json"))
+    assert 0 < state["label_absmax"] <= 3
+    del state["checksums"]  # as a run written before checksums were recorded
+    (run / "state.json").write_text(json.dumps(state))
+    w = load_file(str(run / "best.safetensors"))
+    w = {k: v * 1e4 for k, v in w.items()}  # every weight scaled: the output explodes
+    save_file(w, str(run / "best.safetensors"))
+    metrics._warned_implausible.clear()
+    with pytest.warns(RuntimeWarning, match="over 100x the largest training") as rec:
+        assert main(["eval", "--checkpoint", str(run)]) == 0
+        assert main(["eval", "--checkpoint", str(run)]) == 0  # once per process
+    assert len([r for r in rec if "largest training" in str(r.message)]) == 1
+    pred = Predictor.from_checkpoint(str(run), compile=False)
+    from msa_fast.data import load_data
+
+    with pytest.warns(RuntimeWarning, match="Predictor of lf_dnn"):
+        pred.predict(load_data("synthetic:tiny:limit=48")["test"])
+    with W.catch_warnings():
+        W.simplefilter("error")
+        assert not metrics.warn_if_implausible([0.5, -2.9], 3.0, "fine")

@@ -57,6 +57,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from msa_fast.metrics import warn_if_implausible
+
 MODALITIES = ("text", "audio", "vision")
 CLS_ID, SEP_ID, UNK_ID = 101, 102, 100
 # powers of two, plus MMSA's padded lengths (aligned 50; unaligned MOSI audio 375, vision and
@@ -364,6 +366,7 @@ class Predictor:
         self.batch_buckets = tuple(1 << i for i in range(top.bit_length()))
         self.length_buckets = tuple(buckets)
         self.model_name = model_name
+        self.state: dict | None = None  # the run's state.json (from_checkpoint)
         self.model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
         unpack_lstms(self.model)
         if compile == "auto":
@@ -481,7 +484,10 @@ class Predictor:
                 # CUDA graph is specialised on besides the bucket's shapes
                 sig = tuple((name, v.dtype) for name, v in sorted(padded.items()))
                 outs.append(self._run((*key, sig), padded)[:k])
-        return torch.cat(outs).float().cpu()
+        pred = torch.cat(outs).float().cpu()
+        warn_if_implausible(pred.numpy(), (self.state or {}).get("label_absmax"),
+                            f"Predictor of {self.model_name or type(self.model).__name__}")
+        return pred
 
     def _eager(self, batch: dict) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

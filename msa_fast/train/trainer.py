@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from msa_fast.data.loader import gather_batch, make_loader
 from msa_fast.data.missing import MissingProtocol
 from msa_fast.data.mmsa import MMSAData, SplitData
-from msa_fast.metrics import mosi_regression_metrics
+from msa_fast.metrics import mosi_regression_metrics, warn_if_implausible
 from msa_fast.models import build_model
 from msa_fast.train import checkpoint as ckpt
 from msa_fast.train.config import TrainConfig
@@ -139,6 +139,8 @@ def evaluate(model, data: MMSAData, split: str, cfg: TrainConfig, device, seed: 
     t0 = time.perf_counter()
     p, y = predict(model, loader, device, cfg.amp, current())
     dt = time.perf_counter() - t0
+    warn_if_implausible(p.numpy(), float(data["train"].labels.abs().max()) if len(data["train"]) else None,
+                        f"{type(model).__name__} on {split}")
     metrics = mosi_regression_metrics(p, y)
     metrics["Loss"] = round(float((p - y).abs().mean()), 4)
     metrics["samples_per_s"] = round(len(y) / max(dt, 1e-9), 1)
@@ -257,6 +259,7 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
             set_rng_state(ranks[dist.rank] if dist.active and len(ranks) == dist.world else state["rng"])
             start_epoch = state["epoch"] + 1
     meta = {"model": cfg.model, "model_cfg": cfg.model_cfg, "dims": data.dims, "data": cfg.data,
+            "label_absmax": float(data["train"].labels.abs().max()),
             "aligned": data.aligned, "seed": seed, "config": cfg.to_dict()}
 
     stop = state["finished"]
