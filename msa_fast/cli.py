@@ -122,7 +122,9 @@ def _parser() -> argparse.ArgumentParser:
                    "Gaussian noise; writes --out JSON and --plot PNG")
     e.add_argument("--seeds", type=int, nargs="+",
                    help="protocol seeds of --robustness (default: the checkpoint's seed)")
-    e.add_argument("--out", help="robustness JSON (default: CHECKPOINT/robustness.json)")
+    e.add_argument("--out", help="robustness JSON (default: CHECKPOINT/robustness.json); an existing "
+                   "one of this checkpoint is merged into by protocol")
+    e.add_argument("--overwrite", action="store_true", help="replace --out instead of merging into it")
     e.add_argument("--plot", help="robustness PNG (default: the --out path with .png)")
     e.add_argument("--reference", help="run directory (or robustness JSON) of a reference "
                    "model, e.g. lf_dnn: adds effective robustness to the noise sweep")
@@ -142,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", help="data to predict (default: the training data)")
     pr.add_argument("--split", default="test", choices=SPLITS)
     pr.add_argument("--out", help="CSV file: id, prediction, label")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     pr.add_argument("--device", default="auto")
     pr.add_argument("--weights", choices=("best", "last"), default="best")
     pr.add_argument("--max-batch", type=_POSITIVE, default=64, help="largest batch bucket")
@@ -165,6 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     s = dsub.add_parser("synth", help="write a synthetic MMSA pickle")
     s.add_argument("--preset", default="mosi")
     s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--unaligned", action="store_true")
     s.add_argument("--limit", type=_POSITIVE)
@@ -306,6 +310,13 @@ def cmd_eval_robustness(args) -> int:
 
     if args.missing_rate or args.drop_rate is not None:
         raise UserError("--robustness: --missing-rate / --drop-rate do not combine with a sweep")
+    out = args.out or os.path.join(args.checkpoint, "robustness.json")
+    png = args.plot or os.path.splitext(out)[0] + ".png"
+    inputs = [_data_path(args.data), args.reference if args.reference and os.path.isfile(args.reference) else None]
+    # an existing sweep file is merged into (by protocol), never replaced wholesale
+    check_output("--out", out, inputs, exists_ok=True)
+    check_output("--plot", png, inputs, exists_ok=True)
+    previous = _previous_sweep(out, args.checkpoint, args.overwrite)
     model, state, data, cfg = R.load_run(args.checkpoint, args.data, args.weights, args.device,
                                          args.batch_size)
     protocols = R.PROTOCOLS if args.robustness == "all" else (args.robustness,)
@@ -326,8 +337,10 @@ def cmd_eval_robustness(args) -> int:
                    **R.run_robustness(rmodel, data, **dict(kw, protocols=("noise",)))}
         R.add_effective_robustness(result, ref)
         result["reference"] = {k: ref[k] for k in ("checkpoint", "model", "noise") if k in ref}
-    out = args.out or os.path.join(args.checkpoint, "robustness.json")
-    png = args.plot or os.path.splitext(out)[0] + ".png"
+    kept = [p for p in R.PROTOCOLS if p in previous and p not in result]
+    result = {**{p: previous[p] for p in kept}, **result}
+    if kept:
+        result["merged_from_earlier_sweeps"] = kept
     R.save_json(out, result)
     R.plot(result, png)
     name = f"{state['model']} on {cfg.data} [{args.split}], seeds {seeds}"
@@ -346,13 +359,76 @@ def cmd_eval_robustness(args) -> int:
     return 0
 
 
+def _previous_sweep(out: str, checkpoint: str, overwrite: bool) -> dict:
+    """The sweeps already in ``out`` to merge with (another protocol run before, e.g. ``drop``
+    then ``missing``); ``{}`` when there is none or ``--overwrite``. A JSON of another
+    checkpoint, or not a sweep, is refused rather than mixed in."""
+    if overwrite or not os.path.exists(out):
+        return {}
+    try:
+        with open(out) as f:
+            prev = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--out: {out} exists and is not a robustness JSON ({type(e).__name__}); "
+                        "pass --overwrite to replace it") from None
+    if not isinstance(prev, dict) or "checkpoint" not in prev:
+        raise UserError(f"--out: {out} exists and is not a robustness JSON; pass --overwrite to replace it")
+    if os.path.abspath(prev["checkpoint"]) != os.path.abspath(checkpoint):
+        raise UserError(f"--out: {out} holds the sweeps of another checkpoint ({prev['checkpoint']}); "
+                        "pass --overwrite to replace it")
+    return prev
+
+
 def cmd_analyze(args) -> int:
     from msa_fast import analysis
 
+    if _is_run_file(os.path.join(args.out, "state.json")):
+        raise UserError(f"--out: {args.out} is a run directory; write the analysis elsewhere")
     paths = analysis.analyze(args.checkpoint, args.what, args.out, data=args.data, split=args.split,
                              device=args.device, batch_size=args.batch_size, limit=args.limit)
     print("wrote " + " and ".join(paths))
     return 0
+
+
+# the files that make a run directory (msa_fast.train.checkpoint / run_dir): never an output
+_RUN_FILES = ("state.json", "run.json", "results.json", "best.safetensors", ".lock")
+
+
+def _is_run_file(path: str) -> bool:
+    name = os.path.basename(path)
+    d = os.path.dirname(os.path.abspath(path))
+    is_run_dir = any(os.path.exists(os.path.join(d, f)) for f in ("state.json", "run.json"))
+    return is_run_dir and (name in _RUN_FILES or name.endswith((".safetensors", ".optim.pt"))
+                           or name.startswith("epoch"))
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output(flag: str, path: str, inputs=(), overwrite: bool = False, exists_ok: bool = False) -> None:
+    """Refuse an output ``path`` that would destroy an input (issue 27): one of ``inputs``
+    (the data pickle, a reference file), a file of a run directory (weights, ``state.json``,
+    ``run.json``, ``results.json``), or -- unless ``overwrite`` / ``exists_ok`` -- an existing
+    file. One-line :class:`UserError` naming the file."""
+    for src in inputs:
+        if src and os.path.exists(src) and os.path.exists(path) and _same_file(path, src):
+            raise UserError(f"{flag}: {path} is an input of this command ({src}); choose another output path")
+    if _is_run_file(path):
+        raise UserError(f"{flag}: {path} is a file of the run directory {os.path.dirname(os.path.abspath(path))}; "
+                        "writing it would break the run (choose another output path)")
+    if os.path.isdir(path) and not exists_ok:
+        raise UserError(f"{flag}: {path} is a directory, expected a file path")
+    if os.path.exists(path) and not (overwrite or exists_ok):
+        raise UserError(f"{flag}: {path} exists; pass --overwrite to replace it")
+
+
+def _data_path(spec: str | None) -> str | None:
+    """The file behind a data spec (``synthetic:...`` names none)."""
+    return spec if spec and not spec.startswith("synthetic:") else None
 
 
 def _compile_flag(value):
@@ -371,9 +447,13 @@ def cmd_predict(args) -> int:
     from msa_fast.metrics import format_metrics, mosi_regression_metrics
     from msa_fast.train.config import TrainConfig
 
+    if args.out:  # before any work (the run's own data path is known after the state is read)
+        check_output("--out", args.out, [_data_path(args.data)], exists_ok=True)
     pred = Predictor.from_checkpoint(args.checkpoint, device=args.device, weights=args.weights,
                                      max_batch=args.max_batch, compile=_compile_flag(args.compile))
     state = pred.state
+    if args.out:
+        check_output("--out", args.out, [_data_path(args.data or state["data"])], overwrite=args.overwrite)
     cfg = TrainConfig.from_dict(state["config"])
     data = load_data(args.data or state["data"], limit=cfg.limit if not args.data else None)
     if data.dims != state["dims"]:
@@ -434,6 +514,7 @@ def cmd_data_synth(args) -> int:
     if args.preset not in synthetic.PRESETS:
         raise UserError(f"unknown preset {args.preset!r} (choose from {sorted(synthetic.PRESETS)})")
     gen = synthetic_pid if getattr(args, "pid", False) else synthetic
+    check_output("--out", args.out, overwrite=args.overwrite)
     try:
         gen.write(args.out, args.preset, args.seed, not args.unaligned, args.limit)
     except OSError as e:
