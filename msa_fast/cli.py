@@ -33,7 +33,7 @@ from msa_fast.data.schema import SPLITS, SchemaError
 
 _FLAG_KEYS = ("model", "data", "limit", "seeds", "epochs", "patience", "batch_size", "lr",
               "weight_decay", "grad_clip", "device", "backend", "out", "resume", "missing_rate",
-              "drop_rate", "num_workers", "threads", "stop_after_epoch", "overwrite")
+              "drop_rate", "num_workers", "threads", "stop_after_epoch", "overwrite", "allow_data_change")
 
 
 class UserError(Exception):
@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue the run in --out (its configuration must match)")
     t.add_argument("--overwrite", action="store_true", default=None,
                    help="replace the run already in --out")
+    t.add_argument("--allow-data-change", action="store_true", default=None,
+                   help="with --resume: continue although the data (or the number of ranks) changed")
     t.add_argument("--config", help="YAML or JSON file whose keys mirror these flags")
     t.add_argument("--missing-rate", type=float, nargs="+",
                    help="MMSA token/frame missing rate: one value or three (t a v)")
@@ -203,6 +205,8 @@ def _config_from_args(args) -> TrainConfig:  # noqa: F821 - lazy import below
         d["missing_rate"] = d["missing_rate"][0]
     if isinstance(d.get("seeds"), int):
         d["seeds"] = [d["seeds"]]
+    if isinstance(d.get("data"), str) and not d["data"].startswith("synthetic:") and os.path.isfile(d["data"]):
+        d["data"] = os.path.abspath(d["data"])  # eval / predict / resume from any folder
     if d.get("resume") and not d.get("out"):
         raise UserError("--resume needs --out (the run directory to resume)")
     return TrainConfig.from_dict(d)

@@ -10,6 +10,7 @@ import tempfile
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 os.environ.setdefault("MSA_FAST_CACHE", os.path.join(tempfile.gettempdir(), "msa_fast_test_cache"))
@@ -154,7 +155,7 @@ def test_weights_that_do_not_fit_name_the_model_and_keys(tmp_path):
 
     save_weights(str(tmp_path / "w.safetensors"), nn.Linear(3, 2))
     with pytest.raises(CheckpointError, match=r"weights do not fit the model Sequential \(missing 2 keys: "
-                                              r"0\.weight, 0\.bias; unexpected 2 keys: weight, bias\)"):
+                                              r"0\.weight, 0\.bias; unexpected 2 keys: bias, weight\)"):
         load_weights(str(tmp_path / "w.safetensors"), nn.Sequential(nn.Linear(3, 2)))
     with pytest.raises(CheckpointError, match=r"other shapes \(file vs model\): weight \(2, 3\) vs \(4, 3\)"):
         load_weights(str(tmp_path / "w.safetensors"), nn.Linear(3, 4))
@@ -282,3 +283,55 @@ def test_implausible_predictions_warn_once(tmp_path, capsys):
     with W.catch_warnings():
         W.simplefilter("error")
         assert not metrics.warn_if_implausible([0.5, -2.9], 3.0, "fine")
+
+
+def test_resume_on_regenerated_data_is_refused(tmp_path, capsys):
+    """run.json records the data's identity; a resume after `data synth` rewrote the pickle
+    (another seed) is refused naming it, the same data resumes bit-identically, and
+    --allow-data-change continues deliberately. The stored path is absolute."""
+    pkl = tmp_path / "tinyA.pkl"
+    assert main(["data", "synth", "--preset", "tiny", "--limit", "40", "--seed", "1", "--out", str(pkl)]) == 0
+    out = tmp_path / "run"
+    base = ["train", "--model", "lf_dnn", "--data", os.path.relpath(pkl), "--seeds", "1", "--epochs", "2",
+            "--batch-size", "16", "--no-progress", "--out", str(out)]
+    assert main([*base, "--stop-after-epoch", "1"]) == 0
+    run = json.load(open(out / "run.json"))
+    assert run["config"]["data"] == str(pkl) and run["data"]["path"] == str(pkl) and run["world_size"] == 1
+    assert run["data"]["size"] == os.path.getsize(pkl) and len(run["data"]["sha256"]) == 64
+    import shutil
+
+    shutil.copy(pkl, tmp_path / "keep.pkl")
+    assert main(["data", "synth", "--preset", "tiny", "--limit", "40", "--seed", "7", "--out", str(pkl),
+                 "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--resume"]) == 2
+    err = _err(capsys)
+    assert "trained on other data" in err and "sha256" in err and "--allow-data-change" in err
+    assert main([*base, "--resume", "--allow-data-change"]) == 0
+    # the same data: resumes as before, bit-identical to an uninterrupted run
+    shutil.copy(tmp_path / "keep.pkl", pkl)
+    out2, full = tmp_path / "run2", tmp_path / "full"
+    b2 = [a if a != str(out) else str(out2) for a in base]
+    assert main([*b2, "--stop-after-epoch", "1"]) == 0
+    assert main([*b2, "--resume"]) == 0
+    assert main([a if a != str(out) else str(full) for a in base]) == 0
+    a, b = load_file(str(out2 / "seed_1" / "best.safetensors")), load_file(str(full / "seed_1" / "best.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    from msa_fast.train.config import TrainConfig
+    from msa_fast.train.run_dir import RunDirError, claim
+
+    cfg = TrainConfig(model="lf_dnn", data="synthetic:tiny:limit=48", seeds=[1], out=str(tmp_path / "r"),
+                      progress=False)
+    with claim(cfg, world=2):
+        pass
+    (tmp_path / "r" / "seed_1").mkdir()  # a run is there now
+    resume = TrainConfig(**dict(cfg.to_dict(), resume=True))
+    with pytest.raises(RunDirError, match="data-parallel ranks: stored 2, now 1"), claim(resume, world=1):
+        pass
+    notes = []
+    with claim(TrainConfig(**dict(cfg.to_dict(), resume=True, allow_data_change=True)), notes.append, world=1):
+        pass
+    assert any("allow-data-change" in n for n in notes)

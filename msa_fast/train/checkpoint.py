@@ -141,7 +141,7 @@ def load_weights(path: str, module: torch.nn.Module) -> None:
             raise CheckpointError(f"{path}: {e}") from None
     own = module.state_dict()
     missing = [k for k in own if k not in tensors]
-    unexpected = [k for k in tensors if k not in own]
+    unexpected = sorted(k for k in tensors if k not in own)
     misshaped = [f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}" for k in own
                  if k in tensors and tensors[k].shape != own[k].shape]
     if missing or unexpected or misshaped:

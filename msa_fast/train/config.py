@@ -44,6 +44,7 @@ class TrainConfig:
     threads: int = 1
     stop_after_epoch: int | None = None  # stop (as if interrupted) after this epoch
     overwrite: bool = False  # replace the run already in ``out`` (else: refuse, or --resume)
+    allow_data_change: bool = False  # --resume on other data / another world size, deliberately
 
     def __post_init__(self):
         self.validate()
@@ -146,6 +147,7 @@ _RULES = {
     "threads": ("an integer", (lambda v: v >= 0, ">= 0")),
     "stop_after_epoch": ("an integer or None", (lambda v: v is None or v >= 1, ">= 1")),
     "overwrite": ("a bool", None),
+    "allow_data_change": ("a bool", None),
 }
 def read_config_file(path: str) -> dict:
     """A YAML (``.yaml``/``.yml``) or JSON file of config keys; dashes in keys become underscores."""

@@ -64,7 +64,7 @@ def run_experiment(cfg: TrainConfig, log=print, data: MMSAData | None = None) ->
         error = None
         if dist.is_main:
             try:
-                stack.enter_context(claim(cfg, log))
+                stack.enter_context(claim(cfg, log, world=dist.world))
             except RunDirError as e:
                 error = str(e)
         error = dist.broadcast_object(error)

@@ -12,6 +12,10 @@ trained on, what a new ``train`` may do with it:
   :data:`RESULT_KEYS` (what changes the result); the differing keys are named. ``epochs`` may
   grow (see the trainer: a run stopped by the epoch cap continues, one stopped early does
   not); ``device``, ``backend``, ``progress``, ``threads``, ``num_workers`` may change.
+  The data must be the same (:func:`data_identity`: the synthetic spec, or the pickle's
+  absolute path, size and content hash) and so must the number of data-parallel ranks;
+  ``--allow-data-change`` resumes on changed data (or another world size) deliberately,
+  and says so.
 
 A lock file ``out/.lock`` (``fcntl.flock``, holding the owner's pid and host) keeps two
 processes from writing one directory: the second gets a :class:`RunDirError` naming the
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -36,6 +41,39 @@ RESULT_KEYS = ("model", "data", "limit", "seeds", "patience", "batch_size", "lr"
                "grad_clip", "amp", "missing_rate", "drop_rate", "model_cfg")
 
 
+_FULL_HASH_BYTES = 256 * 2**20  # hash the whole pickle up to this size, else samples of it
+_SAMPLE = 32 * 2**20
+
+
+def data_identity(spec: str) -> dict:
+    """What a run was trained on: ``{"synthetic": spec}`` (the spec fixes the data: preset,
+    seed, limit), or for a pickle its absolute path, size and SHA-256 -- of the whole file up
+    to 256 MiB, else of its first, middle and last 32 MiB (``"hash": "sampled"``; a
+    regenerated pickle differs in all of them), so that a resume on other data is caught."""
+    if spec.startswith("synthetic:"):
+        return {"synthetic": spec}
+    path = os.path.abspath(spec)
+    if not os.path.isfile(path):  # the loader says so, in its words, right after
+        return {"path": path}
+    size = os.path.getsize(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if size <= _FULL_HASH_BYTES:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        else:
+            for at in (0, size // 2 - _SAMPLE // 2, size - _SAMPLE):
+                fh.seek(at)
+                h.update(fh.read(_SAMPLE))
+    return {"path": path, "size": size, "sha256": h.hexdigest(),
+            "hash": "full" if size <= _FULL_HASH_BYTES else "sampled"}
+
+
+def _identity_diff(stored: dict, now: dict) -> list[str]:
+    keys = ("synthetic", "path", "size", "sha256")
+    return [f"{k}: stored {stored.get(k)!r}, now {now.get(k)!r}" for k in keys if stored.get(k) != now.get(k)]
+
+
 class RunDirError(ValueError):
     """The run directory cannot be used as asked; the message says why and what to do."""
 
@@ -47,9 +85,18 @@ def config_diff(stored: dict, cfg: TrainConfig, keys=RESULT_KEYS) -> list[str]:
     out = []
     for k in keys:
         old = stored.get(k, default[k])
+        if k == "data" and _same_data_path(old, now[k]):
+            continue
         if _norm(old) != _norm(now[k]):
             out.append(f"{k}: stored {old!r}, now {now[k]!r}")
     return out
+
+
+def _same_data_path(a, b) -> bool:
+    """Two data specs naming one pickle (a run stored before paths were made absolute)."""
+    if not (isinstance(a, str) and isinstance(b, str)) or a.startswith("synthetic:") or b.startswith("synthetic:"):
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _norm(v):
@@ -62,6 +109,22 @@ def _norm(v):
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return float(v)
     return v
+
+
+def _check_same_data(out: str, cfg: TrainConfig, world: int, log) -> None:
+    """A resume continues on the data and the world size it started with (module doc)."""
+    stored = _stored_run(out)
+    changes = []
+    if "data" in stored:  # runs from before data identities: nothing to compare
+        changes += _identity_diff(stored["data"], data_identity(cfg.data))
+    if stored.get("world_size", world) != world:
+        changes.append(f"data-parallel ranks: stored {stored['world_size']}, now {world}")
+    if not changes:
+        return
+    if not cfg.allow_data_change:
+        raise RunDirError(f"--resume: the run in {out} was trained on other data or ranks ({'; '.join(changes)}); "
+                          "pass --allow-data-change to continue on these deliberately, or use a new --out")
+    log(f"--resume --allow-data-change: continuing {out} although {'; '.join(changes)}")
 
 
 def holds_run(out: str) -> bool:
@@ -118,9 +181,19 @@ class RunLock:
             self.fd = None
 
 
+def _stored_run(out: str) -> dict:
+    path = os.path.join(out, RUN_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 @contextlib.contextmanager
-def claim(cfg: TrainConfig, log=print):
-    """Check, lock and prepare ``cfg.out`` for this run (module doc); yields the lock."""
+def claim(cfg: TrainConfig, log=print, world: int = 1):
+    """Check, lock and prepare ``cfg.out`` for this run (module doc); yields the lock.
+    ``world``: the number of data-parallel ranks of this run."""
     out = cfg.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunDirError(f"out (--out): {out} is a file, expected a run directory")
@@ -155,11 +228,13 @@ def claim(cfg: TrainConfig, log=print):
                         f"--resume: the configuration differs from the run in {out} in "
                         f"{len(diff)} key(s) that change the result: {'; '.join(diff)} "
                         f"(use a new --out, or --overwrite)")
+                _check_same_data(out, cfg, world, log)
         elif cfg.resume:
             log(f"--resume: no run in {out} yet; starting one")
         from msa_fast.train.checkpoint import save_json
 
-        save_json(os.path.join(out, RUN_FILE), {"config": cfg.to_dict()})
+        save_json(os.path.join(out, RUN_FILE), {"config": cfg.to_dict(), "data": data_identity(cfg.data),
+                                                "world_size": world})
         yield lock
     finally:
         lock.release()
