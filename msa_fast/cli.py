@@ -135,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--checkpoint", required=True, help="run directory (out/seed_<seed>)")
     a.add_argument("--what", required=True, choices=("gates", "tsne", "location-error"))
     a.add_argument("--out", required=True, help="directory for the JSON and the PNG")
+    a.add_argument("--overwrite", action="store_true", help="replace an earlier <what>.json / .png in --out")
     a.add_argument("--data", help="data to analyse (default: the training data)")
     a.add_argument("--split", default="test", choices=SPLITS)
     a.add_argument("--device", default="auto")
@@ -388,6 +389,9 @@ def cmd_analyze(args) -> int:
 
     if _is_run_file(os.path.join(args.out, "state.json")):
         raise UserError(f"--out: {args.out} is a run directory; write the analysis elsewhere")
+    for ext in (".json", ".png"):  # analysis.analyze writes OUT/<what>.json and .png
+        check_output("--out", os.path.join(args.out, args.what + ext), [_data_path(args.data)],
+                     overwrite=args.overwrite)
     paths = analysis.analyze(args.checkpoint, args.what, args.out, data=args.data, split=args.split,
                              device=args.device, batch_size=args.batch_size, limit=args.limit)
     print("wrote " + " and ".join(paths))

@@ -97,9 +97,16 @@ def test_sweeps_merge_into_the_default_json(tiny, capsys):
     assert "missing" in res and "drop" not in res
 
 
-def test_analyze_refuses_a_run_directory(tiny, capsys):
+def test_analyze_refuses_a_run_directory_and_needs_overwrite(tiny, tmp_path, capsys):
     pkl, out = tiny
     capsys.readouterr()
-    assert main(["analyze", "--checkpoint", str(out / "seed_1"), "--what", "location-error",
-                 "--out", str(out / "seed_1")]) == 2
+    argv = ["analyze", "--checkpoint", str(out / "seed_1"), "--what", "location-error"]
+    assert main([*argv, "--out", str(out / "seed_1")]) == 2
     assert "is a run directory" in _one_line(capsys)
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    before = _digest(tmp_path / "a" / "location-error.json")
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2
+    assert "location-error.json exists; pass --overwrite" in _one_line(capsys)
+    assert _digest(tmp_path / "a" / "location-error.json") == before
+    assert main([*argv, "--out", str(tmp_path / "a"), "--overwrite"]) == 0
