@@ -13,8 +13,9 @@ checks, its dtype policy under autocast, and each fused backend (:class:`Fused`)
 with the dtypes and shapes it takes and where ``auto`` may pick it. :func:`dispatch`
 then does for every op: autocast -> checks -> backend choice -> run. ``"auto"`` takes,
 per device type, the first fused backend of :data:`AUTO_ORDER` (the order measured by
-``benchmarks/bench_auto.py`` and stored in ``msa_fast/auto_order.json``; the specs'
-declared order for a (op, device) the measurement does not cover) that is available and accepts the input's dtype and shape, else the
+``benchmarks/bench_auto.py`` and stored in ``msa_fast/_auto_order.py``; the specs'
+declared order for an (op, device) the measurement does not cover) that is available
+and accepts the input's dtype and shape, else the
 reference -- it never fails, and it never hands fp64 (or any dtype a kernel does
 not declare) to a kernel. An explicitly requested backend that cannot run raises
 ``RuntimeError`` with the reason; one that does not take the dtype raises
@@ -103,12 +104,13 @@ def _compile_reason(device_type: str) -> str | None:
 
 
 def compiled_reference(reference: Callable[..., Any]) -> Callable[..., Any]:
-    """``reference`` under ``torch.compile(fullgraph=True)``, compiled on its first call (2-25 s
-    on a CPU: once per process and input signature -- dtype, which inputs need grad, which
-    optionals are given). PyTorch's default ``dynamic=None``: the first sizes are static
-    (the fastest kernels and guards: 30 vs 70 us a call for the dual gate at MOSI's batch),
-    a second size recompiles once with symbolic sizes, which then serve every size; past
-    dynamo's recompile limit the reference runs as it is (same values). Inside a graph that is being compiled (a user's
+    """``reference`` under ``torch.compile``, compiled on its first call (2-25 s on a CPU: once
+    per process and input signature -- dtype, which inputs need grad, which optionals are
+    given). PyTorch's default ``dynamic=None``: the first sizes are static (the fastest
+    kernels and guards: 30 vs 70 us a call for the dual gate at MOSI's batch), a second size
+    recompiles once with symbolic sizes, which then serve every size. Not ``fullgraph``:
+    past dynamo's recompile limit (8 signatures) the reference then runs as it is, same
+    values, where ``fullgraph`` would raise. Inside a graph that is being compiled (a user's
     ``torch.compile(model)``, the Predictor) it is the plain reference, which that compile
     inlines and fuses with its neighbours."""
     state: dict[str, Callable[..., Any]] = {}
