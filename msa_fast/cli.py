@@ -53,14 +53,14 @@ def _number(kind, lo: float, lo_name: str, hi: float | None = None):
     range (argparse puts the flag in front of it), so ``--max-length -5`` or ``--limit 0``
     is a one-line error, never a silent default or a server that refuses every request."""
     def convert(text: str):
+        bad = argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} "
+                                         f"{lo_name}, got {text!r}")
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} "
-                                             f"{lo_name}, got {text!r}") from None
+            raise bad from None
         if v != v or v in (float("inf"), float("-inf")) or v < lo or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} "
-                                             f"{lo_name}, got {text!r}")
+            raise bad
         return v
     convert.__name__ = kind.__name__  # argparse's "invalid <name> value" wording for other failures
     return convert
@@ -317,7 +317,8 @@ def cmd_eval_robustness(args) -> int:
         raise UserError("--robustness: --missing-rate / --drop-rate do not combine with a sweep")
     out = args.out or os.path.join(args.checkpoint, "robustness.json")
     png = args.plot or os.path.splitext(out)[0] + ".png"
-    inputs = [_data_path(args.data), args.reference if args.reference and os.path.isfile(args.reference) else None]
+    inputs = [*_data_inputs(args.checkpoint, args.data),
+              args.reference if args.reference and os.path.isfile(args.reference) else None]
     # an existing sweep file is merged into (by protocol), never replaced wholesale
     check_output("--out", out, inputs, exists_ok=True)
     check_output("--plot", png, inputs, exists_ok=True)
@@ -390,7 +391,7 @@ def cmd_analyze(args) -> int:
     if _is_run_file(os.path.join(args.out, "state.json")):
         raise UserError(f"--out: {args.out} is a run directory; write the analysis elsewhere")
     for ext in (".json", ".png"):  # analysis.analyze writes OUT/<what>.json and .png
-        check_output("--out", os.path.join(args.out, args.what + ext), [_data_path(args.data)],
+        check_output("--out", os.path.join(args.out, args.what + ext), _data_inputs(args.checkpoint, args.data),
                      overwrite=args.overwrite)
     paths = analysis.analyze(args.checkpoint, args.what, args.out, data=args.data, split=args.split,
                              device=args.device, batch_size=args.batch_size, limit=args.limit)
@@ -439,6 +440,19 @@ def _data_path(spec: str | None) -> str | None:
     return spec if spec and not spec.startswith("synthetic:") else None
 
 
+def _data_inputs(checkpoint: str, data: str | None) -> list[str | None]:
+    """The data file a command on ``checkpoint`` reads: ``--data``, else the run's own (from its
+    ``state.json``; a missing or unreadable one is left to the command's load to report)."""
+    if data is None:
+        from msa_fast.train.checkpoint import read_state
+
+        try:
+            data = read_state(checkpoint)["data"]
+        except (OSError, ValueError, KeyError):
+            return []
+    return [_data_path(data)]
+
+
 def _compile_flag(value):
     return "auto" if value is None else bool(value)
 
@@ -455,13 +469,11 @@ def cmd_predict(args) -> int:
     from msa_fast.metrics import format_metrics, mosi_regression_metrics
     from msa_fast.train.config import TrainConfig
 
-    if args.out:  # before any work (the run's own data path is known after the state is read)
-        check_output("--out", args.out, [_data_path(args.data)], exists_ok=True)
+    if args.out:  # before any work
+        check_output("--out", args.out, _data_inputs(args.checkpoint, args.data), overwrite=args.overwrite)
     pred = Predictor.from_checkpoint(args.checkpoint, device=args.device, weights=args.weights,
                                      max_batch=args.max_batch, compile=_compile_flag(args.compile))
     state = pred.state
-    if args.out:
-        check_output("--out", args.out, [_data_path(args.data or state["data"])], overwrite=args.overwrite)
     cfg = TrainConfig.from_dict(state["config"])
     data = load_data(args.data or state["data"], limit=cfg.limit if not args.data else None)
     if data.dims != state["dims"]:
@@ -502,8 +514,6 @@ def cmd_predict(args) -> int:
 def cmd_serve(args) -> int:
     if not os.path.isfile(os.path.join(args.checkpoint, "state.json")):
         raise UserError(f"no checkpoint in {args.checkpoint} (state.json not found)")
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port: expected 1-65535, got {args.port}")
     try:
         import litserve  # noqa: F401
     except ImportError:

@@ -46,6 +46,10 @@ def test_predict_refuses_its_data_as_out(tiny, capsys):
     assert main(["predict", "--checkpoint", str(out / "seed_1"), "--out", str(pkl), "--no-compile",
                  "--overwrite", "--data", str(pkl)]) == 2  # --overwrite never covers an input
     assert f"{pkl} is an input of this command" in _one_line(capsys)
+    # the run's own data is an input of eval --robustness too, with or without --data
+    assert main(["eval", "--checkpoint", str(out / "seed_1"), "--robustness", "drop", "--out", str(pkl),
+                 "--overwrite"]) == 2
+    assert f"{pkl} is an input of this command" in _one_line(capsys)
     assert _digest(pkl) == before
 
 
