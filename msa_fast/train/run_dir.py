@@ -111,12 +111,13 @@ def _norm(v):
     return v
 
 
-def _check_same_data(out: str, cfg: TrainConfig, world: int, log) -> None:
-    """A resume continues on the data and the world size it started with (module doc)."""
+def _check_same_data(out: str, cfg: TrainConfig, identity: dict, world: int, log) -> None:
+    """A resume continues on the data (``identity``: :func:`data_identity` of ``cfg.data``) and
+    the world size it started with (module doc)."""
     stored = _stored_run(out)
     changes = []
     if "data" in stored:  # runs from before data identities: nothing to compare
-        changes += _identity_diff(stored["data"], data_identity(cfg.data))
+        changes += _identity_diff(stored["data"], identity)
     if stored.get("world_size", world) != world:
         changes.append(f"data-parallel ranks: stored {stored['world_size']}, now {world}")
     if not changes:
@@ -207,6 +208,7 @@ def claim(cfg: TrainConfig, log=print, world: int = 1):
                           f"({e.strerror or type(e).__name__})") from None
     lock = RunLock(out).acquire()
     try:
+        identity = data_identity(cfg.data)  # hashes the pickle: once, for the check and run.json
         if holds_run(out):
             if cfg.overwrite:
                 for name in os.listdir(out):
@@ -228,12 +230,12 @@ def claim(cfg: TrainConfig, log=print, world: int = 1):
                         f"--resume: the configuration differs from the run in {out} in "
                         f"{len(diff)} key(s) that change the result: {'; '.join(diff)} "
                         f"(use a new --out, or --overwrite)")
-                _check_same_data(out, cfg, world, log)
+                _check_same_data(out, cfg, identity, world, log)
         elif cfg.resume:
             log(f"--resume: no run in {out} yet; starting one")
         from msa_fast.train.checkpoint import save_json
 
-        save_json(os.path.join(out, RUN_FILE), {"config": cfg.to_dict(), "data": data_identity(cfg.data),
+        save_json(os.path.join(out, RUN_FILE), {"config": cfg.to_dict(), "data": identity,
                                                 "world_size": world})
         yield lock
     finally:
