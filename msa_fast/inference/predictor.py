@@ -28,11 +28,10 @@ Numeric and layout choices:
   ids between CLS and SEP) of the length of the sample's longest present modality (so aligned
   samples stay aligned), valid under the mask, and ``present[b, m] = False``.
 - **LSTM encoders** (:class:`~msa_fast.models.encoders.SLSTMEncoder`, unidirectional) run
-  unpacked in the Predictor's copy of the model: an LSTM is causal, so the output at valid
-  step ``l`` of the padded sequence equals the packed one, the final hidden state is the output
-  at step ``length - 1``, and padded steps are zeroed as ``pad_packed_sequence`` does. This
-  removes ``pack_padded_sequence`` (a host sync and a graph break) from the graph so that the
-  whole forward compiles into one graph and can be captured in a CUDA graph.
+  on the padded batch, as the encoder itself does (an LSTM is causal: the valid steps equal
+  the packed run's), but in the Predictor's copy of the model through ``torch.lstm`` rather
+  than the ``nn.LSTM`` module, which dynamo will not trace, so that the whole forward
+  compiles into one graph and can be captured in a CUDA graph.
 - **CPU:** ``compile="auto"`` uses ``torch.compile(dynamic=False)`` (no freezing: at batch 64 it made FD-CMDIE
   slower, 132 vs 114 ms, and at batch 1 it changed nothing) for the models in
   :data:`COMPILE_DEFAULT` (decided by ``benchmarks/bench_inference.py``, see the README); a
@@ -93,19 +92,15 @@ def _next_pow2(n: int) -> int:
 # -- LSTM without packing -------------------------------------------------------------------
 
 def _unpacked_slstm_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-    """SLSTMEncoder.forward without packing (unidirectional only; see the module docstring)."""
-    B, L, _ = x.shape
-    lengths = (L - mask.sum(1)) if mask is not None else torch.full((B,), L, device=x.device)
-    lengths = lengths.clamp(min=1)
+    """SLSTMEncoder.forward's padded run (unidirectional), with the LSTM called as its aten op:
+    dynamo traces ``torch.lstm`` but refuses to touch an ``nn.LSTM`` module, hence the weights
+    kept aside by :func:`unpack_lstms`."""
+    from msa_fast.models.encoders import lstm_lengths, valid_outputs
+
     flat, bias, layers, hidden = self._unpacked_lstm
-    h0 = x.new_zeros(layers, B, hidden)
-    # the aten op nn.LSTM calls for unpacked input; dynamo traces it but refuses to touch an
-    # nn.LSTM module, hence the weights kept aside by unpack_lstms
+    h0 = x.new_zeros(layers, x.shape[0], hidden)
     out = torch.lstm(x, (h0, h0), flat, bias, layers, 0.0, False, False, True)[0]
-    keep = torch.arange(L, device=x.device)[None, :] < lengths[:, None]
-    seq = out * keep.unsqueeze(-1).to(out.dtype)
-    pooled = out.gather(1, (lengths - 1).view(B, 1, 1).expand(B, 1, out.shape[-1])).squeeze(1)
-    return seq, pooled
+    return valid_outputs(out, lstm_lengths(x, mask))
 
 
 def unpack_lstms(model: nn.Module) -> int:

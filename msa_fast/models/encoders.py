@@ -10,7 +10,8 @@
 - :class:`HFTextEncoder`: any Hugging Face encoder from a local directory
   (``transformers.AutoModel``, ``local_files_only=True``, never downloads) fine-tuned on
   ``text_bert`` ids; ``seq`` is a projection of the last hidden state, ``pooled`` its CLS row.
-- :func:`masked_mean`.
+- :func:`masked_mean`, and :func:`lstm_lengths` / :func:`valid_outputs`, the padded LSTM run
+  that the Predictor's traceable copy shares.
 """
 
 from __future__ import annotations
@@ -26,6 +27,22 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return x.mean(1)
     keep = (~mask).unsqueeze(-1).to(x.dtype)
     return (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+
+def lstm_lengths(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Valid frames per sequence of ``x (B, L, d)``, at least 1 (an empty one reads frame 0)."""
+    B, L, _ = x.shape
+    lengths = (L - mask.sum(1)) if mask is not None else torch.full((B,), L, device=x.device)
+    return lengths.clamp(min=1)
+
+
+def valid_outputs(out: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A unidirectional LSTM's padded-batch output ``(B, L, H)`` as the packed run gives it:
+    steps past each length zeroed (``pad_packed_sequence``), and the last valid step, which
+    is the final hidden state of the last layer -> ``(seq, pooled)``."""
+    B, L, _ = out.shape
+    keep = torch.arange(L, device=out.device)[None, :] < lengths[:, None]
+    return out * keep[..., None].to(out.dtype), out[torch.arange(B, device=out.device), lengths - 1]
 
 
 class SLSTMEncoder(nn.Module):
@@ -44,14 +61,10 @@ class SLSTMEncoder(nn.Module):
         allocates and zero-fills the whole packed buffer once per time step (O(L^2): 80 %
         of an FD-CMDIE step at MOSI unaligned), while the padded one is one fused kernel.
         Bidirectional: packed (the reverse direction must start at each sequence's end)."""
-        B, L, _ = x.shape
-        lengths = (L - mask.sum(1)) if mask is not None else torch.full((B,), L, device=x.device)
-        lengths = lengths.clamp(min=1)
+        lengths = lstm_lengths(x, mask)
         if not self.lstm.bidirectional:
-            out, _ = self.lstm(x)
-            keep = torch.arange(L, device=x.device)[None, :] < lengths[:, None]
-            pooled = out[torch.arange(B, device=x.device), lengths - 1]
-            return out * keep[..., None].to(out.dtype), pooled
+            return valid_outputs(self.lstm(x)[0], lengths)
+        L = x.shape[1]
         lengths = lengths.cpu()
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         out, (h, _) = self.lstm(packed)
