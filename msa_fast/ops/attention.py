@@ -7,8 +7,8 @@ memory-efficient / cuDNN as PyTorch picks; see :func:`_run_sdpa`) and ``triton``
 recomputing backward), registered as ``torch.ops.msa_fast.attention_triton`` with a
 fake kernel and autograd.
 
-``auto`` on the CPU: ``sdpa`` (measured, ``benchmarks/bench_auto.py``: 10-15x the eager
-reference forward + backward at FD-CMDIE's shapes). On CUDA: ``sdpa`` before ``triton``
+``auto`` on the CPU: ``sdpa`` (measured, ``benchmarks/bench_auto.py``: forward + backward
+9.2x the eager reference at FD-CMDIE's unaligned shape, 1.6x at MOSI's aligned one). On CUDA: ``sdpa`` before ``triton``
 until ``benchmarks/gpu_check.sh`` measures our kernel faster on a GPU (none has run it yet:
 PyTorch's kernels are the safe default, SPEC 2's rule).
 """
@@ -109,7 +109,6 @@ def _run_sdpa(q, k, v, key_padding_mask, scale):
     """
     dtype = q.dtype
     if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        # autocast would cast them back: SDPA is on the CPU autocast's bf16 list
         with torch.autocast("cpu", enabled=False):
             return _sdpa_masked(q.float(), k.float(), v.float(), key_padding_mask, scale).to(dtype)
     return _sdpa_masked(q, k, v, key_padding_mask, scale)
