@@ -308,14 +308,7 @@ struct Screen {
              const float* rf) {
     if (s > T) {
       top.push_back(s);
-      if (static_cast<int64_t>(top.size()) == 2 * k) {
-        std::nth_element(top.begin(), top.begin() + (k - 1), top.end(), std::greater<float>());
-        T = top[k - 1];
-        top.resize(k);
-        // the k keys at or above T have exact >= s - tol(s) >= T - tol(rf_max, |T|): x - rel |x|
-        // is increasing, so the smallest of them bounds all
-        L = std::max(L, T - tol.of(rf_max, std::fabs(T)));
-      }
+      if (static_cast<int64_t>(top.size()) == 2 * k) settle(k, tol, rf_max);
     }
     if (s + tol_j < L) return;
     buf.push_back(Kept{s, idx});
@@ -325,7 +318,9 @@ struct Screen {
     }
   }
 
-  // The exact k-th best of the values seen (for the final bound): compacts `top` once more.
+  // Compacts `top` to its best k, so that T is the exact k-th best value seen, and raises L
+  // from it: the k keys at or above T have exact >= s - tol(s) >= T - tol(rf_max, |T|)
+  // (x - rel |x| is increasing, so the smallest of them bounds all). No-op below k values.
   void settle(int64_t k, const ScreenTol& tol, float rf_max) {
     if (static_cast<int64_t>(top.size()) < k) return;
     std::nth_element(top.begin(), top.begin() + (k - 1), top.end(), std::greater<float>());
