@@ -103,7 +103,8 @@ def _compile_reason(device_type: str) -> str | None:
     return None
 
 
-def compiled_reference(reference: Callable[..., Any]) -> Callable[..., Any]:
+def compiled_reference(reference: Callable[..., Any],
+                       check: Callable[..., None] | None = None) -> Callable[..., Any]:
     """``reference`` under ``torch.compile``, compiled on its first call (2-25 s on a CPU: once
     per process and input signature -- dtype, which inputs need grad, which optionals are
     given). PyTorch's default ``dynamic=None``: the first sizes are static (the fastest
@@ -112,16 +113,27 @@ def compiled_reference(reference: Callable[..., Any]) -> Callable[..., Any]:
     past dynamo's recompile limit (8 signatures) the reference then runs as it is, same
     values, where ``fullgraph`` would raise. Inside a graph that is being compiled (a user's
     ``torch.compile(model)``, the Predictor) it is the plain reference, which that compile
-    inlines and fuses with its neighbours."""
-    state: dict[str, Callable[..., Any]] = {}
+    inlines and fuses with its neighbours.
+
+    ``check``: the op's argument check, compiled with it. Dynamo runs it while tracing and
+    keeps no trace of it in the graph: the guards it leaves (shapes, dtypes, devices, the
+    float arguments) are the ones the graph has anyway, so a call the compiled graph serves
+    is checked for free (the Python check costs 10-30 us, 10 % of a dual-gate step); a bad
+    input fails a guard, is traced again and raises the check's ``ValueError``."""
+    def checked(*args):
+        if check is not None:
+            check(*args)
+        return reference(*args)
+
+    compiled = None
 
     def run(*args):
+        nonlocal compiled
         if torch.compiler.is_compiling():
-            return reference(*args)
-        fn = state.get("fn")
-        if fn is None:
-            fn = state["fn"] = torch.compile(reference)
-        return fn(*args)
+            return checked(*args)
+        if compiled is None:
+            compiled = torch.compile(checked)
+        return compiled(*args)
 
     return run
 
@@ -193,7 +205,9 @@ class Fused:
     ``dtypes``: the floating dtypes of the first argument it takes. ``limit(*args)``
     says why these arguments are beyond the kernel (``None``: within), and
     ``limit_doc`` says the limit for the README. ``auto``: the device types on which
-    ``auto`` may pick it; ``rank`` orders fused backends there (lower first).
+    ``auto`` may pick it; ``rank`` orders fused backends there (lower first). ``checks``:
+    ``run`` checks its own arguments (the ``compile`` backend), so :func:`dispatch` may skip
+    the Python check when it picks this one.
     """
 
     backend: str
@@ -203,6 +217,7 @@ class Fused:
     limit_doc: str = ""
     auto: tuple[str, ...] = ("cuda",)
     rank: int = 0
+    checks: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,8 +239,14 @@ class OpSpec:
 
     def __post_init__(self):
         if self.compile:  # frozen: the derived backend is set once, here
-            fused = (*self.fused, Fused("compile", compiled_reference(self.reference), auto=()))
+            compiled = Fused("compile", compiled_reference(self.reference, self.check), auto=(), checks=True)
+            fused = (*self.fused, compiled)
             object.__setattr__(self, "fused", fused)
+
+    @property
+    def compiled(self) -> Fused | None:
+        """The ``compile`` backend, when the op has one."""
+        return self.fused[-1] if self.compile else None
 
     def implementation(self, backend: str) -> Fused | None:
         return next((f for f in self.fused if f.backend == backend), None)
@@ -306,8 +327,45 @@ def choose(spec: OpSpec, args: tuple, backend: str | None) -> Fused | None:
     return f
 
 
+def _self_checking(spec: OpSpec, x: torch.Tensor, name: str) -> Fused | None:
+    """The backend to run on a first argument ``x`` (a tensor) when it is one that checks
+    its own arguments and the choice needs nothing the check would vouch for: the
+    ``compile`` backend, asked for or first in the ``auto`` order, and ``x`` of a dtype it
+    takes. Else ``None``."""
+    if name == "auto":
+        if AUTO_ORDER.get((spec.name, x.device.type), ("eager",))[0] != "compile":
+            return None
+    elif name != "compile":
+        return None
+    f = spec.compiled
+    if f is None or x.dtype not in f.dtypes or _reason(spec.name, "compile", x.device) is not None:
+        return None
+    return f
+
+
+# (op, backend name, dtype, device type, auto order) -> _self_checking's answer: that
+# answer is fixed for a process given these (availability does not change), and the
+# lookup costs a third of computing it
+_SELF_CHECKING: dict[tuple, Fused | None] = {}
+
+
 def dispatch(spec: OpSpec, args: tuple, backend: str | None):
-    """Run op ``spec`` on positional ``args``: autocast, check, choose the backend, run."""
+    """Run op ``spec`` on positional ``args``: autocast, check, choose the backend, run.
+
+    The ``compile`` backend checks inside its graph (:func:`compiled_reference`): outside
+    autocast, when it is the pick, it is called straight away, as the user's own
+    ``torch.compile`` of the reference would be. Each microsecond counts there: these ops
+    take 50-250 us, and the checks and choice cost 15-25 us in Python."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and not torch._C._is_any_autocast_enabled():
+        name = backend if backend is not None else _default
+        dev = x.device.type
+        key = (spec.name, name, x.dtype, dev, AUTO_ORDER.get((spec.name, dev)))
+        f = _SELF_CHECKING.get(key, False)
+        if f is False:
+            f = _SELF_CHECKING[key] = _self_checking(spec, x, name)
+        if f is not None:
+            return f.run(*args)
     args = _autocast(spec, tuple(args))
     spec.check(*args)
     f = choose(spec, args, backend)

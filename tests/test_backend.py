@@ -129,3 +129,35 @@ def test_compile_backend_is_the_compiled_reference_and_inlines_under_compile():
     # fp64 is not a compiled dtype: auto runs the reference, an explicit request says so
     with pytest.raises(ValueError, match="backend 'compile' takes dtypes"):
         ops.dual_gate(h.double(), u.double(), w.double(), b.double(), gl.double(), 0.5, backend="compile")
+
+
+@pytest.mark.parametrize("backend", ["compile", "auto"])
+def test_compile_backend_checks_inside_its_graph(backend):
+    """The ``compile`` backend runs the op's check inside the compiled function (so a call the
+    graph serves skips the Python check): a bad input after good ones -- a wrong shape, a
+    wrong tau, a mismatched dtype -- is still the check's ValueError, and good input of a new
+    size still computes the reference's values."""
+    from msa_fast import ops
+
+    if backend == "auto" and _backend.AUTO_ORDER[("dual_gate", "cpu")][0] != "compile":
+        pytest.skip("auto does not pick compile for dual_gate on this CPU's measured order")
+    g = torch.Generator().manual_seed(1)
+
+    def args(b, m=3, d=8, c=5):
+        return (torch.randn(b, m, d, generator=g), torch.randn(b, m, c, generator=g),
+                torch.randn(m, d, generator=g), torch.randn(m, generator=g), torch.randn(b, m, generator=g))
+
+    good = args(4)
+    ops.dual_gate(*good, 0.5, backend=backend)
+    h, u, w, b, gl = good
+    with pytest.raises(ValueError, match=r"dual_gate: w_z: expected shape \(3, 8\)"):
+        ops.dual_gate(h, u, w[:2], b, gl, 0.5, backend=backend)
+    with pytest.raises(ValueError, match="dual_gate: tau"):
+        ops.dual_gate(h, u, w, b, gl, -1.0, backend=backend)
+    with pytest.raises(ValueError, match="dual_gate: u: .*dtype torch.float32"):
+        ops.dual_gate(h, u.half(), w, b, gl, 0.5, backend=backend)
+    for n in (4, 6):
+        other = args(n)
+        got = ops.dual_gate(*other, 0.5, backend=backend)
+        for a, e in zip(got, ops.dual_gate(*other, 0.5, backend="eager")):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
