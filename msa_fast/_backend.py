@@ -31,6 +31,7 @@ import functools
 import importlib.util
 import os
 import shutil
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -125,6 +126,13 @@ def compiled_reference(reference: Callable[..., Any],
             check(*args)
         return reference(*args)
 
+    # Dynamo caches compiled graphs per code object, with a recompile limit per code object:
+    # every op's ``checked`` would share one code object and so one limit (8 signatures for
+    # all ops together; past it, silently the reference). A copy of the code per op keeps
+    # each op's cache its own.
+    name = f"{getattr(reference, '__name__', 'op')}_checked"
+    checked = types.FunctionType(checked.__code__.replace(co_name=name, co_qualname=name),
+                                 checked.__globals__, name, None, checked.__closure__)
     compiled = None
 
     def run(*args):
@@ -135,6 +143,7 @@ def compiled_reference(reference: Callable[..., Any],
             compiled = torch.compile(checked)
         return compiled(*args)
 
+    run.checked = checked  # what is compiled (tests: one code object per op)
     return run
 
 
