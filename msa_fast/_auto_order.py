@@ -3,7 +3,7 @@ measured by ``benchmarks/bench_auto.py --write-order`` (generated: do not edit b
 rerun the benchmark). An (op, device) missing here uses the order its descriptor
 declares (``Fused.auto`` / ``rank``, see ``msa_fast/_backend.py``).
 
-Last written from: AMD EPYC, 1 thread(s), torch 2.14.1+cu130, commit 0cd1855.
+Last written from: AMD EPYC, 1 thread(s), torch 2.14.1+cu130, commit af92e03.
 """
 
 MEASURED: dict[str, dict[str, tuple[str, ...]]] = {'cpu': {'add_layer_norm': ('eager', 'compile'),

@@ -258,7 +258,33 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pred.predict(batch)  # no second warning
-    assert not pred.compile
+    # the failing bucket runs eagerly from now on, counted; compilation stays on for the rest
+    assert pred.compile and pred.fallbacks["torch.compile"] == 1 and len(pred._eager_keys) == 1
+
+
+def test_compiled_stays_compiled_on_mixed_lengths():
+    """Samples of lengths 45, 40, 49, 50, 8, 50 (one at a bucket's own length, whose rows
+    would be views of the caller's tensors without the collation's fresh copies): every
+    request keeps its bucket's compiled graph, two buckets compile once each, nothing falls
+    back and nothing recompiles."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model("lf_dnn")
+    pred = Predictor(model, DIMS, compile=True, model_name="lf_dnn")
+    g = torch.Generator().manual_seed(3)
+    for L in (45, 40, 49, 50, 8, 50):
+        sample = {"text": torch.randn(L, DIMS["text"], generator=g), "audio": torch.randn(L, DIMS["audio"], generator=g),
+                  "vision": torch.randn(L, DIMS["vision"], generator=g)}
+        got = pred.predict([sample])
+        batch = {m: sample[m][None] for m in ("text", "audio", "vision")}
+        batch.update({f"{m}_mask": torch.zeros(1, L, dtype=torch.bool) for m in ("text", "audio", "vision")})
+        torch.testing.assert_close(got, _ref(model, batch), atol=1e-5, rtol=1e-5)
+    assert pred.compile and not pred.fallbacks and not pred._eager_keys
+    assert len(pred._compiled_keys) == 2  # (1, 50, 50, 50) and (1, 8, 8, 8)
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 @pytest.mark.parametrize("name", available_models())

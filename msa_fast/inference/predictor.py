@@ -29,9 +29,10 @@ Numeric and layout choices:
   samples stay aligned), valid under the mask, and ``present[b, m] = False``.
 - **LSTM encoders** (:class:`~msa_fast.models.encoders.SLSTMEncoder`, unidirectional) run
   on the padded batch, as the encoder itself does (an LSTM is causal: the valid steps equal
-  the packed run's), but in the Predictor's copy of the model through ``torch.lstm`` rather
-  than the ``nn.LSTM`` module, which dynamo will not trace, so that the whole forward
-  compiles into one graph and can be captured in a CUDA graph.
+  the packed run's), but in the Predictor's copy of the model through the registered op
+  :func:`msa_fast.inference.lstm.lstm` rather than the ``nn.LSTM`` module, which dynamo will
+  not trace, so that the whole forward compiles into one graph, can be captured in a CUDA
+  graph and exports to ONNX with dynamic batch and lengths.
 - **CPU:** ``compile="auto"`` uses ``torch.compile(dynamic=False)`` (no freezing: at batch 64 it made FD-CMDIE
   slower, 132 vs 114 ms, and at batch 1 it changed nothing) for the models in
   :data:`COMPILE_DEFAULT` (decided by ``benchmarks/bench_inference.py``, see the README); a
@@ -45,7 +46,9 @@ Everything runs under ``torch.inference_mode()``: no autograd state is kept.
 
 from __future__ import annotations
 
+import collections
 import copy
+import logging
 import math
 import os
 import types
@@ -58,6 +61,7 @@ from torch import nn
 
 from msa_fast.metrics import warn_if_implausible
 
+_LOG = logging.getLogger("msa_fast.inference")
 MODALITIES = ("text", "audio", "vision")
 CLS_ID, SEP_ID, UNK_ID = 101, 102, 100
 # powers of two, plus MMSA's padded lengths (aligned 50; unaligned MOSI audio 375, vision and
@@ -92,28 +96,30 @@ def _next_pow2(n: int) -> int:
 # -- LSTM without packing -------------------------------------------------------------------
 
 def _unpacked_slstm_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-    """SLSTMEncoder.forward's padded run (unidirectional), with the LSTM called as its aten op:
-    dynamo traces ``torch.lstm`` but refuses to touch an ``nn.LSTM`` module, hence the weights
-    kept aside by :func:`unpack_lstms`."""
+    """SLSTMEncoder.forward's padded run (unidirectional), with the LSTM called as the
+    registered op :func:`msa_fast.inference.lstm.lstm`: dynamo refuses to trace an ``nn.LSTM``
+    module, and the op is one node in every runtime's graph (ONNX's ``LSTM``, ATen's fused
+    kernel under torch.compile), hence the weights kept aside by :func:`unpack_lstms`."""
+    from msa_fast.inference.lstm import lstm
     from msa_fast.models.encoders import lstm_lengths, valid_outputs
 
-    flat, bias, layers, hidden = self._unpacked_lstm
-    h0 = x.new_zeros(layers, x.shape[0], hidden)
-    out = torch.lstm(x, (h0, h0), flat, bias, layers, 0.0, False, False, True)[0]
-    return valid_outputs(out, lstm_lengths(x, mask))
+    flat, hidden = self._unpacked_lstm
+    return valid_outputs(lstm(x, flat, hidden), lstm_lengths(x, mask))
 
 
 def unpack_lstms(model: nn.Module) -> int:
-    """Switch every unidirectional SLSTMEncoder of ``model`` (in place) to the unpacked forward;
-    returns how many were switched."""
+    """Switch every unidirectional SLSTMEncoder of ``model`` (in place; LSTMs with biases and
+    no projection, as the encoder builds them) to the unpacked forward; returns how many were
+    switched."""
     from msa_fast.models.encoders import SLSTMEncoder
 
     n = 0
     for mod in model.modules():
-        if isinstance(mod, SLSTMEncoder) and not mod.lstm.bidirectional:
+        if isinstance(mod, SLSTMEncoder):
             lstm = mod.lstm
-            mod._unpacked_lstm = (list(lstm._flat_weights), lstm.bias, lstm.num_layers,
-                                  lstm.hidden_size)
+            if lstm.bidirectional or not lstm.bias or lstm.proj_size:
+                continue
+            mod._unpacked_lstm = (list(lstm._flat_weights), lstm.hidden_size)
             mod.forward = types.MethodType(_unpacked_slstm_forward, mod)
             n += 1
     return n
@@ -313,7 +319,12 @@ def _pad_rows(batch: dict, rows: slice, Bp: int, Ls: dict) -> dict:
         # present, so the common case skips the masking work that "present" costs
         pres = pres[rows].bool()
         out["present"] = torch.cat([pres, pres.new_ones(Bp - n, 3)]) if Bp > n else pres
-    return out
+    # Every input of a bucket reaches the runtime as the same kind of tensor: fresh,
+    # contiguous, made under inference mode. A row already at the bucket's length would
+    # otherwise be a (possibly strided) view of the caller's ordinary tensor while a padded
+    # one is a new inference tensor, and a compiled graph's guards tell the two apart.
+    return {k: v if v.is_inference() and v.is_contiguous() else v.clone(memory_format=torch.contiguous_format)
+            for k, v in out.items()}
 
 
 def _batch_lengths(batch: Mapping, rows: slice) -> dict:
@@ -370,6 +381,10 @@ class Predictor:
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         self._compiled = None
         self._compiled_keys: set[tuple] = set()
+        # buckets whose compile failed: eager from then on (counted in ``fallbacks``), the
+        # other buckets stay compiled
+        self._eager_keys: set[tuple] = set()
+        self.fallbacks: collections.Counter = collections.Counter()
         self._graphs: dict = {}
         self._warned: set = set()
 
@@ -488,6 +503,12 @@ class Predictor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         return self.model(batch)["pred"]
 
+    def _fallback(self, what: str, err: BaseException) -> None:
+        """Count and log a runtime's fallback (``self.fallbacks[what]``): never silent."""
+        self.fallbacks[what] += 1
+        _LOG.info("Predictor of %s: %s (%s: %s)", self.model_name or "the model", what,
+                  type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+
     def _warn(self, what: str, err: BaseException) -> None:
         if what not in self._warned:
             self._warned.add(what)
@@ -503,22 +524,30 @@ class Predictor:
                 self.cuda_graphs = False
                 self._graphs.clear()
                 self._warn("CUDA graph capture", e)
-        if self.compile:
+        if self.compile and key not in self._eager_keys:
+            fn = self._compiled_fn()
             try:
-                fn = self._compiled_fn()
                 if key in self._compiled_keys:
                     # A bucket compiled before: every input of that bucket has its shapes,
                     # dtypes and devices, and the frozen weights never change, so only the
                     # guards that tell the compiled buckets apart are needed. Full guard
                     # evaluation over the model's parameters costs ~0.5 ms per call on a CPU,
                     # a fifth of a batch-1 forward.
-                    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                        return fn(batch)
+                    try:
+                        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                            return fn(batch)
+                    except RuntimeError as e:
+                        if "skip_guard_eval_unsafe" not in str(e):
+                            raise
+                        # an input the guards did not expect: count it, compile it with full
+                        # guards (below) and keep the compiled runtime
+                        self._fallback("recompile", e)
                 out = fn(batch)  # first call of this bucket: compiles with the full guards
                 self._compiled_keys.add(key)
                 return out
-            except Exception as e:  # noqa: BLE001 - any compile failure: eager, once warned
-                self.compile = False
+            except Exception as e:  # noqa: BLE001 - this bucket runs eagerly from now on
+                self._eager_keys.add(key)
+                self._fallback("torch.compile", e)
                 self._warn("torch.compile", e)
         return self._eager(batch)
 

@@ -36,7 +36,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if weight.dim() == 2:
         return F.linear(x, weight, bias)
     n, i = x.shape[0], x.shape[-1]
-    flat = x.reshape(n, x.shape[1:-1].numel(), i)
+    flat = x.reshape(n, math.prod(x.shape[1:-1]), i)
     w = weight.transpose(1, 2)
     if bias is None:
         y = torch.bmm(flat, w)
@@ -87,7 +87,7 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     come out of a bf16 GEMM.
     """
     k, v = k.to(q.dtype), v.to(q.dtype)
-    n = q.shape[:-2].numel()
+    n = math.prod(q.shape[:-2])  # not Size.numel(), which fixes a symbolic batch in torch.export
     mask = None if key_padding_mask is None else key_padding_mask.reshape(n, key_padding_mask.shape[-1])
     out = ops.attention(_split(q, n, heads), _split(k, n, heads), _split(v, n, heads), mask, backend=backend)
     return out.transpose(1, 2).flatten(2).view(q.shape)
