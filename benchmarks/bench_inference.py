@@ -4,7 +4,10 @@ vs the HTTP server.
 For every registered model (random weights from the registry at the data's widths: latency
 needs no training), batch 1, 8 and 64, at synthetic MOSI and MOSEI shapes, aligned (every
 modality 50 steps) and unaligned (text 50, audio / vision at the preset's full lengths; the
-longest sample of a batch decides its padded length, so every row is full length):
+longest sample of a batch decides its padded length, so every row is full length), and
+``mosi_mixed`` (MOSI aligned widths, every call a new batch of random lengths 8..50, as real
+requests come: ``model.eval()`` and ONNX Runtime get it padded to its own longest sample, the
+Predictor pads it to its bucket):
 
 - ``eager``: ``model.eval()`` under ``torch.inference_mode()`` on the padded batch dict;
 - ``eager_cmdie_loop`` (FD-CMDIE only): the same with its CMDIE run DIPU by DIPU
@@ -13,6 +16,15 @@ longest sample of a batch decides its padded length, so every row is full length
 - ``predictor_eager``: ``Predictor(compile=False)`` (buckets, unpacked LSTMs, no compile);
 - ``predictor_compiled`` (CPU): ``Predictor(compile=True)`` (torch.compile per bucket);
 - ``predictor_cuda_graphs`` (GPU): ``Predictor(cuda_graphs=True)``, one graph per bucket;
+- ``predictor_onnxruntime`` / ``predictor_aoti`` (CPU): ``Predictor(runtime=...)``;
+- ``predictor`` : ``Predictor`` with its defaults (``runtime="auto"``: what
+  ``Predictor.from_checkpoint(run)`` gives);
+- ``onnxruntime`` (CPU, the ``[onnx]`` extra): the file ``msa-fast export --format onnx`` writes
+  (dynamic batch and lengths, every input incl. ``present``) in a plain
+  ``onnxruntime.InferenceSession`` (``ORT_ENABLE_ALL``, ``--threads`` intra-op threads), fed the
+  padded batch as numpy arrays -- what a deployer who leaves our API runs;
+- ``aoti`` (CPU): the AOTInductor package ``msa-fast export --format aoti`` writes, loaded with
+  ``torch._inductor.aoti_load_package`` and fed the padded batch;
 - ``server`` (``--clients 1 8 32``): ``msa-fast serve`` on 127.0.0.1 (a run directory with the
   same random weights), ``clients`` concurrent localhost clients each sending single-sample
   ``POST /predict`` requests for ``--server-seconds``; latency per request, throughput of all.
@@ -37,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import shutil
@@ -59,22 +72,39 @@ from msa_fast.models import available_models, build_model
 SHAPES = {  # name: (preset, aligned)
     "mosi_aligned": ("mosi", True), "mosi_unaligned": ("mosi", False),
     "mosei_aligned": ("mosei", True), "mosei_unaligned": ("mosei", False),
+    "mosi_mixed": ("mosi", True),
 }
+PREDICTORS = {"predictor_eager": {"runtime": "eager", "cuda_graphs": False},
+              "predictor_compiled": {"runtime": "compiled"},
+              "predictor_cuda_graphs": {"cuda_graphs": True}, "predictor": {},
+              "predictor_onnxruntime": {"runtime": "onnxruntime"}, "predictor_aoti": {"runtime": "aoti"}}
+MIXED_POOL = 16  # distinct random-length batches a mixed row cycles through
 TEXT_LEN = 50
 
 
-def make_batch(preset: str, aligned: bool, B: int, seed: int = 0) -> tuple[dict, dict]:
+def make_batch(preset: str, aligned: bool, B: int, seed: int = 0, mixed: bool = False) -> tuple[dict, dict]:
+    """A full-length batch, or (``mixed``) one of random lengths 8..50 per row, every modality
+    of a row the same length (aligned), padded to the batch's longest row."""
     p = PRESET_DIMS[preset]
     dims = {"text": 768, "audio": p["audio"], "vision": p["vision"], "text_input": "features"}
     L = {"text": TEXT_LEN, "audio": TEXT_LEN if aligned else p["audio_len"],
          "vision": TEXT_LEN if aligned else p["vision_len"]}
     g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(8, TEXT_LEN + 1, (B,), generator=g) if mixed else None
+    if mixed:
+        L = dict.fromkeys(L, int(lens.max()))
     batch = {"present": torch.ones(B, 3, dtype=torch.bool)}
     for m in ("text", "audio", "vision"):
-        batch[m] = torch.randn(B, L[m], dims[m], generator=g)
-        batch[f"{m}_mask"] = torch.zeros(B, L[m], dtype=torch.bool)
-        batch[f"{m}_lengths"] = torch.full((B,), L[m])
+        batch[f"{m}_lengths"] = lens.clone() if mixed else torch.full((B,), L[m])
+        batch[f"{m}_mask"] = torch.arange(L[m])[None] >= batch[f"{m}_lengths"][:, None]
+        batch[m] = torch.randn(B, L[m], dims[m], generator=g) * (~batch[f"{m}_mask"])[..., None]
     return batch, dims
+
+
+def _graph_inputs(batch: dict, dims: dict) -> tuple:
+    from msa_fast.inference.export import input_names
+
+    return tuple(batch[n] for n in input_names(dims))
 
 
 def _stats(times: list[float], B: int) -> dict:
@@ -196,6 +226,106 @@ def _server_rows(name, model, dims, batch, clients_list, seconds, compile_flag) 
     return rows
 
 
+def _runner(prov: str, name: str, model, dims: dict, device, aligned: bool, max_batch: int):
+    """``fn(batch)`` of one provider, or None where it does not apply."""
+    if prov in PREDICTORS:
+        cpu_only = prov in ("predictor_compiled", "predictor_onnxruntime", "predictor_aoti")
+        if (prov == "predictor_cuda_graphs" and device.type != "cuda") or (cpu_only and device.type != "cpu"):
+            return None
+        pr = Predictor(model, dims, device=device, max_batch=max_batch, model_name=name, **PREDICTORS[prov])
+        return _Callable(pr.predict, predictor=pr)
+    if prov in ("eager", "eager_cmdie_loop"):
+        if prov == "eager_cmdie_loop":
+            # on unaligned data CMDIE's batched="auto" always runs the loop (and on aligned
+            # data above 512 tokens a unit, e.g. batch 64)
+            if not hasattr(model, "cmdie") or not aligned:
+                return None
+            m = copy.deepcopy(model)
+            m.cmdie.batched = False  # the per-DIPU loop, same weights
+        else:
+            m = model
+
+        def run(b, m=m):
+            with torch.inference_mode():
+                return m(b)["pred"]
+        return run
+    if prov in ("onnxruntime", "aoti") and device.type == "cpu":
+        from msa_fast.inference import export as E
+
+        # the Predictor's copy (eval, unpacked LSTMs) is what `msa-fast export` exports
+        copy_ = Predictor(model, dims, device="cpu", runtime="eager", model_name=name).model
+        common = {"model_name": name, "aligned": aligned, "length_buckets": (50,)}
+        if prov == "onnxruntime":
+            data, _ = E.export_onnx(copy_, dims, **common)
+            session = E.ort_session(data, torch.get_num_threads())
+            names = E.input_names(dims)
+
+            def run_ort(b):
+                return session.run(None, {n: b[n].numpy() for n in names})[0]
+            return run_ort
+        path = os.path.join(tempfile.mkdtemp(prefix="bench_aoti_"), f"{name}.pt2")
+        E.export_aoti(copy_, dims, path, **common)
+        loaded = torch._inductor.aoti_load_package(path)
+
+        def run_aoti(b):
+            with torch.inference_mode():
+                return loaded(*_graph_inputs(b, dims))
+        return run_aoti
+    return None
+
+
+class _Callable:
+    def __init__(self, fn, **attrs):
+        self.fn = fn
+        self.__dict__.update(attrs)
+
+    def __call__(self, *a):
+        return self.fn(*a)
+
+
+class _Zero(torch.nn.Module):
+    """A model that returns zeros: the Predictor's own cost is all that is left."""
+
+    def forward(self, batch):
+        return {"pred": torch.zeros(batch["audio"].shape[0])}
+
+
+def overhead_rows(iters: int, rounds: int) -> list[dict]:
+    """The Predictor's own cost at batch 1 on MOSI aligned (validation, bucketing, padding,
+    collation, conversion): p50 of ``Predictor(_Zero()).predict`` on a list of one sample dict
+    (numpy arrays, as a server decodes them) and on a loader batch dict, minus the zero model's
+    own call, interleaved."""
+    batch, dims = make_batch("mosi", True, 1)
+    sample = [{m: batch[m][0].numpy() for m in ("text", "audio", "vision")}]
+    pr = Predictor(_Zero(), dims, runtime="eager")
+    zero, padded = _Zero(), {k: v for k, v in batch.items()}
+
+    def model_only():
+        with torch.inference_mode():
+            return zero(padded)["pred"].numpy()
+    fns = {"zero_model": model_only, "sample_list": lambda: pr.predict(sample),
+           "batch_dict": lambda: pr.predict(batch)}
+    times = _time_interleaved(fns, iters, max(10, iters // 10), rounds, torch.device("cpu"))
+    base = statistics.median(times["zero_model"])
+    return [{"model": "zero", "shape": "mosi_aligned", "batch": 1, "provider": f"predictor_overhead_{k}",
+             **_stats(times[k], 1), "overhead_us": round((statistics.median(times[k]) - base) * 1e6, 1)}
+            for k in ("sample_list", "batch_dict")]
+
+
+def auto_table(payload: dict, shape: str = "mosi_aligned") -> dict:
+    """The Predictor's ``auto`` table (``msa_fast.inference.runtimes.AUTO_CPU``) these results
+    give: per model and batch, the fastest of the Predictor's own runtimes (p50 on ``shape``)."""
+    cands = {"predictor_eager": "eager", "predictor_compiled": "compiled",
+             "predictor_onnxruntime": "onnxruntime", "predictor_aoti": "aoti"}
+    best: dict = {}
+    for r in payload["results"]:
+        if r.get("shape") == shape and r["provider"] in cands and "p50_ms" in r:
+            cur = best.setdefault(r["model"], {}).get(r["batch"])
+            if cur is None or r["p50_ms"] < cur[1]:
+                best[r["model"]][r["batch"]] = (cands[r["provider"]], r["p50_ms"])
+    return {m: tuple((b, rt) for b, (rt, _) in sorted(by.items())) for m, by in sorted(best.items())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None)
@@ -203,7 +333,8 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--providers", nargs="+", default=None,
-                   help="eager eager_cmdie_loop predictor_eager predictor_compiled "
+                   help="eager eager_cmdie_loop onnxruntime aoti predictor predictor_eager "
+                        "predictor_compiled predictor_onnxruntime predictor_aoti "
                         "predictor_cuda_graphs server (eager_cmdie_loop: FD-CMDIE eager with its "
                         "CMDIE run DIPU by DIPU, batched=False, against eager's default)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
@@ -225,9 +356,10 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"
-    providers = args.providers or ["eager", "eager_cmdie_loop", "predictor_eager",
-                                   "predictor_cuda_graphs" if gpu else "predictor_compiled",
-                                   "server"]
+    providers = args.providers or (
+        ["eager", "eager_cmdie_loop", "predictor_eager", "predictor_cuda_graphs", "predictor", "server"] if gpu else
+        ["eager", "eager_cmdie_loop", "onnxruntime", "aoti", "predictor_eager", "predictor_compiled",
+         "predictor_onnxruntime", "predictor", "server"])
     models = args.models or available_models()
     shapes, batches = args.shapes, args.batches
     if args.quick:
@@ -241,6 +373,10 @@ def main() -> None:
                        "where --row-seconds ran out); server: single-sample requests from N "
                        "concurrent localhost clients"}
     path = args.out or os.path.join(RESULTS, f"inference_{device.type}.json")
+    if device.type == "cpu" and not args.quick and (args.providers is None or "predictor_overhead" in args.providers):
+        for row in overhead_rows(max(args.iters, 2000), args.rounds):
+            print(row, flush=True)
+            payload["results"].append(row)
     for shape in shapes:
         preset, aligned = SHAPES[shape]
         for name in models:
@@ -262,40 +398,37 @@ def main() -> None:
                     payload["results"].append(row)
                 model.to(device)
             runners = {}
+            build_s = {}
             for prov in providers:
-                if prov in ("predictor_eager", "predictor_compiled", "predictor_cuda_graphs"):
-                    pr = Predictor(model, dims, device=device, max_batch=max(batches),
-                                   compile=prov == "predictor_compiled",
-                                   cuda_graphs=prov == "predictor_cuda_graphs", model_name=name)
-                    runners[prov] = lambda b, pr=pr: pr.predict(b)
-                elif prov in ("eager", "eager_cmdie_loop"):
-                    if prov == "eager_cmdie_loop":
-                        # on unaligned data CMDIE's batched="auto" always runs the loop (and on
-                        # aligned data above 512 tokens a unit, e.g. batch 64)
-                        if not hasattr(model, "cmdie") or not aligned:
-                            continue
-                        m = copy.deepcopy(model)
-                        m.cmdie.batched = False  # the per-DIPU loop, same weights
-                    else:
-                        m = model
-
-                    def run(b, m=m):
-                        with torch.inference_mode():
-                            return m(b)["pred"]
+                t0 = time.perf_counter()
+                try:
+                    run = _runner(prov, name, model, dims, device, aligned, max(batches))
+                except Exception as exc:  # recorded, not fatal (e.g. an export that fails)
+                    run = exc
+                if run is not None:
                     runners[prov] = run
+                    build_s[prov] = round(time.perf_counter() - t0, 2)
             for B in batches:
-                batch, _ = make_batch(preset, aligned, B)
-                # model.eval() gets the batch on its device; the Predictor takes host tensors
-                dev_batch = {k: v.to(device) for k, v in batch.items()}
+                mixed = shape == "mosi_mixed"
+                pool = [make_batch(preset, aligned, B, seed=i, mixed=mixed)[0]
+                        for i in range(MIXED_POOL if mixed else 1)]
                 rows, fns = {}, {}
                 for prov, run in runners.items():
                     rows[prov] = {"model": name, "shape": shape, "batch": B, "provider": prov}
-                    b = dev_batch if prov.startswith("eager") else batch
+                    if prov in ("onnxruntime", "aoti") and B == batches[0]:
+                        rows[prov]["export_s"] = build_s[prov]  # export + check against eager
+                    if isinstance(run, Exception):
+                        rows[prov]["error"] = f"{type(run).__name__}: {run}"[:300]
+                        continue
+                    # model.eval() gets the batch on its device; the others take host tensors
+                    bs = [{k: v.to(device) for k, v in b.items()} for b in pool] if prov.startswith("eager") else pool
                     try:  # the first call (a compile / capture of the bucket) is timed apart
                         t0 = time.perf_counter()
-                        run(b)
+                        for b in bs:
+                            run(b)
                         rows[prov]["first_call_s"] = round(time.perf_counter() - t0, 2)
-                        fns[prov] = lambda run=run, b=b: run(b)
+                        it = itertools.cycle(bs)
+                        fns[prov] = lambda run=run, it=it: run(next(it))
                     except Exception as exc:  # recorded, not fatal
                         rows[prov]["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 times = _time_interleaved(fns, args.iters, args.warmup, args.rounds, device,
@@ -303,17 +436,56 @@ def main() -> None:
                 for prov, row in rows.items():
                     if prov in times:
                         row.update(_stats(times[prov], B))
+                    if prov.startswith("predictor") and not isinstance(runners[prov], Exception):
+                        pr = runners[prov].predictor
+                        row["runtime"] = pr.runtime_for(pr.bucket_of(B, [TEXT_LEN] * 3)[0])
+                        if pr.fallbacks:
+                            row["fallbacks"] = dict(pr.fallbacks)
                     print(row, flush=True)
                     payload["results"].append(row)
             write("inference", payload, path)  # after every model: nothing lost on interruption
     payload["speedup"] = _speedups(payload["results"])
+    payload["auto_cpu"] = {m: [list(e) for e in v] for m, v in auto_table(payload).items()} if not gpu else None
     write("inference", payload, path)
     print(json.dumps(payload["speedup"], indent=1))
     with open(os.path.splitext(path)[0] + ".md", "w") as f:
         f.write(table(payload))
     with open(os.path.splitext(path)[0] + "_summary.md", "w") as f:
         f.write(summary(payload))
+    with open(os.path.splitext(path)[0] + "_runtimes.md", "w") as f:
+        f.write(runtime_table(payload))
     _plot(payload, path)
+
+
+RUNTIME_COLUMNS = ("eager", "onnxruntime", "aoti", "predictor_eager", "predictor_compiled",
+                   "predictor_onnxruntime", "predictor_aoti", "predictor")
+
+
+def runtime_table(payload: dict) -> str:
+    """The README's runtime table: p50 ms per model, shape and batch for every provider measured,
+    the runtime ``auto`` ran, and the default Predictor's p50 over ONNX Runtime's."""
+    rows = [r for r in payload["results"] if "p50_ms" in r and "clients" not in r and r["model"] != "zero"]
+    cols = [c for c in RUNTIME_COLUMNS if any(r["provider"] == c for r in rows)]
+    lines = [f"{payload['env']['device']}, {payload['env']['threads']} threads, torch "
+             f"{payload['env']['torch']}, commit {str(payload['env']['commit'])[:10]}; p50 ms; "
+             "predictor = the Predictor's defaults (runtime auto)", "",
+             "| model | shape | batch | " + " | ".join(cols) + " | auto ran | predictor / onnxruntime |",
+             "|---|---|---|" + "---|" * (len(cols) + 2)]
+    for key in dict.fromkeys((r["model"], r["shape"], r["batch"]) for r in rows):
+        got = {r["provider"]: r for r in rows if (r["model"], r["shape"], r["batch"]) == key}
+        cells = [f"{got[c]['p50_ms']:.3f}" if c in got else "" for c in cols]
+        best = min((got[c]["p50_ms"], c) for c in cols if c in got)[1]
+        cells = [f"**{v}**" if c == best and v else v for c, v in zip(cols, cells)]
+        ratio = (f"{got['predictor']['p50_ms'] / got['onnxruntime']['p50_ms']:.2f}"
+                 if "predictor" in got and "onnxruntime" in got else "")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells)
+                     + f" | {got.get('predictor', {}).get('runtime', '')} | {ratio} |")
+    over = [r for r in payload["results"] if "overhead_us" in r]
+    if over:
+        lines += ["", "The Predictor's own cost at batch 1 (a model that returns zeros): "
+                  + "; ".join(f"{r['provider'].removeprefix('predictor_overhead_').replace('_', ' ')} "
+                              f"{r['overhead_us']:.1f} us" for r in over)]
+    return "\n".join(lines) + "\n"
 
 
 def summary(payload: dict) -> str:

@@ -72,6 +72,8 @@ _PORT = _number(int, 1, "in [1, 65535]", 65535)
 
 
 def _parser() -> argparse.ArgumentParser:
+    from msa_fast.inference.runtimes import RUNTIMES
+
     p = _Parser(prog="msa-fast", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
@@ -153,6 +155,17 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-batch", type=_POSITIVE, default=64, help="largest batch bucket")
     pr.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile on the CPU (default: the per-model table)")
+    pr.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                    help="how the model runs (default: the fastest measured for the model and batch)")
+
+    ex = sub.add_parser("export", help="export a run's model: ONNX or an AOTInductor package, checked against eager")
+    ex.add_argument("--checkpoint", required=True, help="run directory (out/seed_<seed>)")
+    ex.add_argument("--format", required=True, choices=("onnx", "aoti"))
+    ex.add_argument("--out", required=True, help="output file (.onnx / .pt2); its metadata also in <out>.json")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    ex.add_argument("--weights", choices=("best", "last"), default="best")
+    ex.add_argument("--layout", choices=("auto", "aligned", "unaligned"), default="auto",
+                    help="one length for all modalities (aligned) or three (default: the run's data)")
 
     sv = sub.add_parser("serve", help="HTTP JSON inference server (LitServe, the serve extra)")
     sv.add_argument("--checkpoint", required=True, help="run directory (out/seed_<seed>)")
@@ -165,6 +178,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-length", type=_POSITIVE, help="longest sequence accepted (default 512)")
     sv.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile on the CPU (default: the per-model table)")
+    sv.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                    help="how the model runs (default: the fastest measured for the model and batch)")
 
     d = sub.add_parser("data", help="synthetic data and pickle inspection")
     dsub = d.add_subparsers(dest="data_cmd", required=True, parser_class=_Parser)
@@ -472,7 +487,8 @@ def cmd_predict(args) -> int:
     if args.out:  # before any work
         check_output("--out", args.out, _data_inputs(args.checkpoint, args.data), overwrite=args.overwrite)
     pred = Predictor.from_checkpoint(args.checkpoint, device=args.device, weights=args.weights,
-                                     max_batch=args.max_batch, compile=_compile_flag(args.compile))
+                                     max_batch=args.max_batch, compile=_compile_flag(args.compile),
+                                     runtime=args.runtime)
     state = pred.state
     cfg = TrainConfig.from_dict(state["config"])
     data = load_data(args.data or state["data"], limit=cfg.limit if not args.data else None)
@@ -511,6 +527,51 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from msa_fast.data.source import load_data
+    from msa_fast.inference import Predictor
+    from msa_fast.inference import export as E
+    from msa_fast.train.checkpoint import atomic_write_bytes
+    from msa_fast.train.config import TrainConfig
+
+    check_output("--out", args.out, _data_inputs(args.checkpoint, None), overwrite=args.overwrite)
+    check_output("--out", args.out + ".json", overwrite=args.overwrite)
+    if args.format == "aoti":
+        check_output("--out", args.out + ".ops.py", overwrite=args.overwrite)
+    pred = Predictor.from_checkpoint(args.checkpoint, device="cpu", weights=args.weights, runtime="eager")
+    state = pred.state
+    want = {"aligned": True, "unaligned": False}.get(args.layout)
+    aligned, real = want, None
+    try:  # the run's own test samples are the real inputs the export is checked on
+        cfg = TrainConfig.from_dict(state["config"])
+        data = load_data(state["data"], limit=cfg.limit)
+        split = data["test"] if len(data["test"]) else data["train"]
+        got = [pred.export_inputs(split, n) for n in (1, min(8, len(split)))]
+        if aligned is None:
+            aligned = got[0][0]
+        real = [inputs for is_aligned, inputs in got if is_aligned == aligned] or None
+    except (OSError, ValueError, KeyError) as e:
+        if aligned is None:
+            raise UserError(f"--layout: the run's data cannot be read ({str(e).splitlines()[0]}); pass "
+                            "--layout aligned or unaligned") from None
+        print(f"msa-fast: note: checked on random inputs only (the run's data: {str(e).splitlines()[0]})",
+              file=sys.stderr)
+    common = {"model_name": state["model"], "aligned": aligned, "length_buckets": pred.length_buckets, "real": real}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if args.format == "onnx":
+        data_bytes, meta = E.export_onnx(pred.model, state["dims"], **common)
+        atomic_write_bytes(args.out, data_bytes)
+    else:
+        meta = E.export_aoti(pred.model, state["dims"], args.out, **common)
+        with open(E.LSTM_OP_SOURCE, "rb") as f:  # the one op the package calls by name
+            atomic_write_bytes(args.out + ".ops.py", f.read())
+    meta["msa_fast.checked_on"] = "random and the run's test samples" if real else "random inputs"
+    atomic_write_bytes(args.out + ".json", (json.dumps(meta, indent=2) + "\n").encode())
+    print(f"{state['model']} -> {args.out} ({args.format}, {'aligned' if aligned else 'unaligned'}, "
+          f"inputs {meta['msa_fast.inputs']}; max |exported - eager| {meta['msa_fast.checked_max_abs_diff']})")
+    return 0
+
+
 def cmd_serve(args) -> int:
     if not os.path.isfile(os.path.join(args.checkpoint, "state.json")):
         raise UserError(f"no checkpoint in {args.checkpoint} (state.json not found)")
@@ -522,7 +583,7 @@ def cmd_serve(args) -> int:
 
     serve(args.checkpoint, host=args.host, port=args.port, max_batch=args.max_batch,
           batch_timeout=args.batch_timeout, device=args.device,
-          compile=_compile_flag(args.compile), max_length=args.max_length)
+          compile=_compile_flag(args.compile), max_length=args.max_length, runtime=args.runtime)
     return 0
 
 
@@ -599,6 +660,8 @@ def main(argv=None) -> int:
             return cmd_predict(args)
         if args.cmd == "serve":
             return cmd_serve(args)
+        if args.cmd == "export":
+            return cmd_export(args)
         if args.data_cmd == "synth":
             return cmd_data_synth(args)
         return cmd_data_inspect(args)

@@ -35,7 +35,8 @@ def warn_if_implausible(preds, label_absmax: float | None, where: str) -> bool:
     the largest training |label| (MMSA's 3 when unknown): the sign of corrupt weights or of
     data on another scale, which metrics alone report as a bad MAE. Returns whether it did."""
     bound = IMPLAUSIBLE_FACTOR * (label_absmax if label_absmax and label_absmax > 0 else 3.0)
-    worst = float(np.max(np.abs(np.asarray(preds, dtype=np.float64)))) if np.size(preds) else 0.0
+    preds = np.asarray(preds)
+    worst = float(np.abs(preds).max()) if preds.size else 0.0
     if not worst > bound or where in _warned_implausible:
         return False
     _warned_implausible.add(where)

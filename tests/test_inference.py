@@ -319,3 +319,25 @@ def test_cuda_graphs_equal_eager(name):
     out2 = pred.predict({k: v.flip(0) for k, v in batch.items()})  # same bucket: a replay
     assert static["audio"].data_ptr() == ptr and len(pred._graphs) == 1
     torch.testing.assert_close(out2, ref.flip(0), atol=1e-4, rtol=1e-4)
+
+
+def test_unaligned_stays_unaligned_in_equal_buckets():
+    """Unaligned lengths 5, 7, 3 pad to the buckets 8, 8, 8, where FD-CMDIE would read three
+    equal lengths as aligned data (its 'auto' global feature: mean instead of concat): the
+    Predictor passes the layout (batch["aligned"]), so the bucket runs the concat path that
+    model.eval() runs on the unpadded batch. (The concat path itself is not padding-invariant:
+    the sinusoidal positions of G count the padded steps of the modalities before it.)"""
+    model = _model("fd_cmdie")
+    batch = _batch(2, 5, 7, 3, seed=4)
+    pred = Predictor(model, DIMS, compile=False, model_name="fd_cmdie", length_buckets=(8,))
+    assert pred.bucket_of(2, {"text": 5, "audio": 7, "vision": 3}) == (2, 8, 8, 8)
+    padded = {}
+    for m, L in (("text", 5), ("audio", 7), ("vision", 3)):
+        padded[m] = torch.cat([batch[m], torch.zeros(2, 8 - L, DIMS[m])], 1)
+        padded[f"{m}_mask"] = torch.cat([batch[f"{m}_mask"], torch.ones(2, 8 - L, dtype=torch.bool)], 1)
+    concat = _ref(model, dict(padded, aligned=False))
+    mean = _ref(model, padded)  # three equal lengths, no layout given: aligned
+    assert (concat - mean).abs().max() > 1e-3
+    torch.testing.assert_close(pred.predict(batch), concat, atol=1e-5, rtol=1e-5)
+    # the same samples padded to one length by their caller are aligned data: mean, as eager
+    torch.testing.assert_close(pred.predict(padded), mean, atol=1e-5, rtol=1e-5)

@@ -65,6 +65,8 @@ def test_outputs_refuse_a_run_directorys_files(tiny, capsys, name):
     assert "is a file of the run directory" in _one_line(capsys)
     assert main(["predict", "--checkpoint", str(out / "seed_1"), "--out", str(target), "--no-compile"]) == 2
     assert "is a file of the run directory" in _one_line(capsys)
+    assert main(["export", "--checkpoint", str(out / "seed_1"), "--format", "onnx", "--out", str(target)]) == 2
+    assert "is a file of the run directory" in _one_line(capsys)
     assert main(["data", "synth", "--preset", "tiny", "--out", str(target), "--overwrite"]) == 2
     assert "is a file of the run directory" in _one_line(capsys)
     assert _digest(target) == before

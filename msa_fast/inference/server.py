@@ -143,17 +143,18 @@ class PredictorAPI(ls.LitAPI):
     """The LitAPI of a run directory: a Predictor per worker, a batch per Predictor call."""
 
     def __init__(self, checkpoint: str, device: str = "auto", backend: str = "auto",
-                 compile="auto", max_batch: int = 64, batch_timeout: float = 0.005):
+                 compile="auto", max_batch: int = 64, batch_timeout: float = 0.005,
+                 runtime: str = "auto"):
         super().__init__(max_batch_size=max_batch, batch_timeout=batch_timeout)
         self.checkpoint, self.device_name, self.backend = checkpoint, device, backend
-        self.compile_flag, self.max_batch = compile, max_batch
+        self.compile_flag, self.max_batch, self.runtime = compile, max_batch, runtime
 
     def setup(self, device):
         from msa_fast.inference.predictor import Predictor
 
         self.predictor = Predictor.from_checkpoint(self.checkpoint, device=self.device_name,
                                                    backend=self.backend, max_batch=self.max_batch,
-                                                   compile=self.compile_flag)
+                                                   compile=self.compile_flag, runtime=self.runtime)
         self.text_key = "text_bert" if self.predictor.dims["text_input"] == "bert" else "text"
 
     def decode_request(self, request: PredictRequest):
@@ -175,7 +176,7 @@ class PredictorAPI(ls.LitAPI):
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 64,
           batch_timeout: float = 0.005, device: str = "auto", backend: str = "auto",
-          compile="auto", max_length: int | None = None) -> None:
+          compile="auto", max_length: int | None = None, runtime: str = "auto") -> None:
     """Run the server until interrupted (one worker; see the module docstring)."""
     import torch
 
@@ -187,7 +188,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
     os.environ[LIMITS_ENV] = json.dumps({
         "text": dims["text"], "audio": dims["audio"], "vision": dims["vision"],
         "text_input": dims["text_input"], "max_length": max_length or max(DEFAULT_LENGTH_BUCKETS)})
-    api = PredictorAPI(checkpoint, device, backend, compile, max_batch, batch_timeout)
+    api = PredictorAPI(checkpoint, device, backend, compile, max_batch, batch_timeout, runtime)
     accel = "cuda" if (device == "auto" and torch.cuda.is_available()) or device.startswith("cuda") \
         else "cpu"
     server = ls.LitServer(api, accelerator=accel, devices=1, workers_per_device=1, timeout=60)

@@ -319,12 +319,15 @@ class FDCMDIE(nn.Module):
             neg_feats = neg_feats.index_put((neg_mask,), p_both[inverse[n_pos:], 0])
         return self.cl_loss(sim, diff, pos_feats, neg_feats, pos_mask, neg_mask)
 
-    def _global_feature(self, sims: list[torch.Tensor], masks: list[torch.Tensor]):
-        """``G_s`` and its mask from ``T_s, A_s, V_s`` (``global_feature``, module docstring)."""
+    def _global_feature(self, sims: list[torch.Tensor], masks: list[torch.Tensor], aligned: bool | None = None):
+        """``G_s`` and its mask from ``T_s, A_s, V_s`` (``global_feature``, module docstring).
+        ``aligned``: the batch's layout where its producer knows it (``batch["aligned"]``, set
+        by the Predictor, whose length buckets can give unaligned data three equal lengths);
+        None: equal lengths mean aligned."""
         same = sims[0].shape[1] == sims[1].shape[1] == sims[2].shape[1]
         mode = self.global_mode
         if mode == "auto":
-            mode = "mean" if same else "concat"
+            mode = "mean" if (same if aligned is None else aligned and same) else "concat"
         if mode == "concat":
             return CMDIE.global_feature(*sims, *masks)
         if not same:
@@ -362,7 +365,7 @@ class FDCMDIE(nn.Module):
         if self.cmdie is None:
             fused = torch.cat([masked_mean(s, m) for s, m in zip(sims + diffs, masks + masks)], dim=-1)
         else:
-            G, g_mask = self._global_feature(sims, masks)
+            G, g_mask = self._global_feature(sims, masks, batch.get("aligned"))
             G, T_d, A_d, V_d = self.cmdie(G, *diffs, g_mask, *masks)
             fused = torch.cat([masked_mean(x, m) for x, m in zip((G, T_d, A_d, V_d), (g_mask, *masks))], dim=-1)
         out = {"pred": self.head(fused).squeeze(-1)}

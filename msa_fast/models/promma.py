@@ -131,7 +131,7 @@ def _window_mean(x: torch.Tensor, pad: torch.Tensor, stride: int):
     if stride == 1:
         return x, pad
     B, L, d = x.shape
-    n = -(-L // stride)
+    n = (L + stride - 1) // stride  # not -(-L // stride): ONNX exports floor division of a negative symbolic size as truncation
     keep = (~pad).to(x.dtype)
     if n * stride != L:
         x = F.pad(x, (0, 0, 0, n * stride - L))
