@@ -312,18 +312,31 @@ def overhead_rows(iters: int, rounds: int) -> list[dict]:
             for k in ("sample_list", "batch_dict")]
 
 
-def auto_table(payload: dict, shape: str = "mosi_aligned") -> dict:
+def auto_table(payload: dict, shape: str = "mosi_aligned", margin: float = 0.05) -> dict:
     """The Predictor's ``auto`` table (``msa_fast.inference.runtimes.AUTO_CPU``) these results
-    give: per model and batch, the fastest of the Predictor's own runtimes (p50 on ``shape``)."""
+    give: per model and batch, the fastest of the Predictor's own runtimes (p50 on ``shape``),
+    keeping the table's current choice unless another is ``margin`` faster (so that noise
+    between two close runtimes does not flip the table from run to run)."""
+    from msa_fast.inference.runtimes import AUTO_CPU, auto_runtime
+
+    # "aoti" is not a candidate: its package compiles for minutes on a layout's first request
     cands = {"predictor_eager": "eager", "predictor_compiled": "compiled",
-             "predictor_onnxruntime": "onnxruntime", "predictor_aoti": "aoti"}
-    best: dict = {}
+             "predictor_onnxruntime": "onnxruntime"}
+    p50: dict = {}
     for r in payload["results"]:
         if r.get("shape") == shape and r["provider"] in cands and "p50_ms" in r:
-            cur = best.setdefault(r["model"], {}).get(r["batch"])
-            if cur is None or r["p50_ms"] < cur[1]:
-                best[r["model"]][r["batch"]] = (cands[r["provider"]], r["p50_ms"])
-    return {m: tuple((b, rt) for b, (rt, _) in sorted(by.items())) for m, by in sorted(best.items())}
+            p50.setdefault(r["model"], {}).setdefault(r["batch"], {})[cands[r["provider"]]] = r["p50_ms"]
+    out = {}
+    for model, by in sorted(p50.items()):
+        entries = []
+        for batch, times in sorted(by.items()):
+            best = min(times, key=times.get)
+            cur = auto_runtime(model, batch, "eager") if model in AUTO_CPU else None
+            if cur in times and times[cur] <= (1 + margin) * times[best]:
+                best = cur
+            entries.append((batch, best))
+        out[model] = tuple(entries)
+    return out
 
 
 def main() -> None:

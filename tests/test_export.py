@@ -119,7 +119,7 @@ def _graph_feeds(pred, samples, path):
     rows = P._sample_rows(samples, pred.dims)
     lengths, present = P._row_lengths(rows, False)
     for k in range(len(rows)):
-        longest = lengths[k].tolist()
+        longest = lengths[k]
         key = pred.bucket_of(1, longest)
         padded = P._fill_rows(rows[k:k + 1], lengths[k:k + 1], present[k:k + 1], pred.dims, key[0], key[1:])
         padded.setdefault("present", np.ones((1, 3), bool))
@@ -222,9 +222,9 @@ def test_auto_follows_the_table_and_falls_back_without_onnxruntime(monkeypatch):
 
 
 def test_auto_table_is_the_benchmark():
-    """AUTO_CPU is what benchmarks/results/inference_cpu.json measured (bench_inference.py
+    """AUTO_CPU is what benchmarks/results/inference_cpu_mosi.json measured (bench_inference.py
     writes it as "auto_cpu")."""
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "inference_cpu.json")
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "inference_cpu_mosi.json")
     with open(path) as f:
         measured = json.load(f)["auto_cpu"]
     table = {m: [list(e) for e in v] for m, v in runtimes.AUTO_CPU.items()}

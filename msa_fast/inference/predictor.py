@@ -154,8 +154,10 @@ def _finite(a: np.ndarray) -> bool:
     torch, on torch's intra-op threads: numpy's dot would run on OpenBLAS's own thread pool,
     whose spinning threads then compete with the model's (measured: a batch-64 Predictor call
     of lf_dnn 2x slower)."""
+    if a.size <= 2048:  # tiny: the sum, one direct ufunc call
+        return math.isfinite(np.add.reduce(a, axis=None)) or bool(np.isfinite(a).all())
     if a.size <= 1 << 16:  # small: the exact check's temporary is cheap (4 us for 50 x 768)
-        return bool(np.isfinite(a).all())
+        return bool(np.logical_and.reduce(np.isfinite(a), axis=None))
     t = torch.from_numpy(a)
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
@@ -250,8 +252,9 @@ def _sample_rows(samples: Sequence, dims: dict) -> list[dict]:
     return rows
 
 
-def _row_lengths(rows: list[dict], bert: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``lengths (B, 3)`` int64 and ``present (B, 3)`` bool of validated rows; a missing
+def _row_lengths(rows: list[dict], bert: bool) -> tuple[list[list[int]], list[list[bool]]]:
+    """Per row, the lengths ``[Lt, La, Lv]`` and ``present`` flags of validated rows (plain
+    lists: at batch 1, numpy's per-element access costs more than the arithmetic); a missing
     modality gets the length of the row's longest present one (text_bert: at least 2, CLS and
     SEP)."""
     lens, pres = [], []
@@ -263,13 +266,13 @@ def _row_lengths(rows: list[dict], bert: bool) -> tuple[np.ndarray, np.ndarray]:
             pres.append([g > 0 for g in got])
             got = [g or max(longest, 2 if (mi == 0 and bert) else 1) for mi, g in enumerate(got)]
         else:
-            pres.append((True, True, True))
+            pres.append([True, True, True])
         lens.append(got)
-    return np.array(lens, np.int64), np.array(pres, bool)
+    return lens, pres
 
 
-def _fill_rows(rows: list[dict], lengths: np.ndarray, present: np.ndarray, dims: dict, Bp: int,
-               Ls: Sequence[int]) -> dict:
+def _fill_rows(rows: list[dict], lengths: list[list[int]], present: list[list[bool]], dims: dict,
+               Bp: int, Ls: Sequence[int]) -> dict:
     """The padded numpy batch (``Bp`` rows, lengths ``Ls``) of validated rows, every array
     contiguous (a lone sample already at the bucket's shape: a view of it, no copy); pad rows
     are zeros, valid at position 0."""
@@ -277,23 +280,23 @@ def _fill_rows(rows: list[dict], lengths: np.ndarray, present: np.ndarray, dims:
     B = len(rows)
     out = {}
     Ls = [int(x) for x in Ls]
-    full = B == Bp and (lengths[0].tolist() if B == 1 else lengths.min(0).tolist()) == Ls
+    full = B == Bp and all(row == Ls for row in lengths)
     if full:  # no padding: one allocation for the three (all-False) masks
         masks = np.zeros((3, Bp, Ls[0]), bool) if Ls[0] == Ls[1] == Ls[2] else \
             [np.zeros((Bp, L), bool) for L in Ls]
     for mi, m in enumerate(MODALITIES):
-        L = int(Ls[mi])
-        col = lengths[:, mi]
+        L = Ls[mi]
         key = "text_bert" if (m == "text" and bert) else m
-        if full and B == 1 and m in rows[0]:
+        if full and B == 1 and present[0][mi]:
             # reshape, not [None]: numpy gives a new axis stride 0, which a compiled
             # graph's stride guards tell apart from a padded array's
-            out[key] = np.ascontiguousarray(rows[0][m]).reshape(1, *rows[0][m].shape)
+            x = rows[0][m]
+            out[key] = (x if x.flags.c_contiguous else np.ascontiguousarray(x)).reshape(1, *x.shape)
         elif key == "text_bert":
             t = np.zeros((Bp, 3, L), np.int64)
             for b, row in enumerate(rows):
-                n = int(col[b])
-                if present[b, mi]:
+                n = lengths[b][mi]
+                if present[b][mi]:
                     t[b, :, :n] = row["text"]
                 else:  # the drop protocol's removed text: [UNK] between CLS and SEP
                     t[b, 0, :n] = UNK_ID
@@ -303,16 +306,16 @@ def _fill_rows(rows: list[dict], lengths: np.ndarray, present: np.ndarray, dims:
         else:
             t = np.zeros((Bp, L, dims[m]), np.float32)
             for b, row in enumerate(rows):
-                if present[b, mi]:
+                if present[b][mi]:
                     t[b, : row[m].shape[0]] = row[m]
             out[key] = t
         if full:
             out[f"{m}_mask"] = masks[mi]
         else:
             lens = np.ones(Bp, np.int64)
-            lens[:B] = col
+            lens[:B] = [row[mi] for row in lengths]
             out[f"{m}_mask"] = np.arange(L)[None, :] >= lens[:, None]
-    if not (present[0].all() if B == 1 else present.all()):
+    if not all(all(p) for p in present):
         pres = np.ones((Bp, 3), bool)
         pres[:B] = present
         out["present"] = pres
@@ -328,10 +331,10 @@ def collate_samples(samples: Sequence[Mapping], dims: Mapping) -> dict:
     dims = _check_dims(dims)
     rows = _sample_rows(samples, dims)
     lengths, present = _row_lengths(rows, dims["text_input"] == "bert")
-    out = _fill_rows(rows, lengths, present, dims, len(rows), lengths.max(0))
-    out.setdefault("present", present)
+    out = _fill_rows(rows, lengths, present, dims, len(rows), [max(col) for col in zip(*lengths)])
+    out.setdefault("present", np.array(present, bool))
     for mi, m in enumerate(MODALITIES):
-        out[f"{m}_lengths"] = lengths[:, mi].copy()
+        out[f"{m}_lengths"] = np.array([row[mi] for row in lengths], np.int64)
     return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
@@ -385,6 +388,9 @@ def _seq_dim(key: str) -> int:
     return 2 if key == "text_bert" else 1
 
 
+_ROW_MAJOR: dict = {}
+
+
 def _canonical(a: np.ndarray) -> np.ndarray:
     """``a`` contiguous with the row-major strides of its shape: numpy leaves any stride on a
     size-1 axis (a new axis has stride 0), and a compiled graph guards on every stride."""
@@ -392,11 +398,14 @@ def _canonical(a: np.ndarray) -> np.ndarray:
         a = np.ascontiguousarray(a)
     if 1 not in a.shape:  # a contiguous array's strides are row-major but on size-1 axes
         return a
-    want, step = [], a.itemsize
-    for n in reversed(a.shape):
-        want.append(step)
-        step *= n
-    want = tuple(reversed(want))
+    key = (a.shape, a.itemsize)
+    want = _ROW_MAJOR.get(key)
+    if want is None:
+        strides, step = [], a.itemsize
+        for n in reversed(a.shape):
+            strides.append(step)
+            step *= n
+        want = _ROW_MAJOR[key] = tuple(reversed(strides))
     return a if a.strides == want else np.lib.stride_tricks.as_strided(a, a.shape, want)
 
 
@@ -525,7 +534,8 @@ class Predictor:
         self.fallbacks: collections.Counter = collections.Counter()
         self._graphs: dict = {}
         self._warned: set = set()
-        self._exported: dict = {}  # (runtime, aligned) -> runner, or None where it failed
+        self._exported: dict = {}  # (runtime, aligned, present) -> runner, or None where it failed
+        self._exported_failed: set = set()  # (runtime, aligned): on torch, bucket-padded
         self._runtime_of: dict = {}  # batch bucket -> runtime
         self._ones3: dict = {}
         self._aoti_dir = None
@@ -627,10 +637,9 @@ class Predictor:
 
         batch = _check_batch(gather_batch(split, torch.arange(min(n, len(split)))), self.dims)
         k = batch["audio"].shape[0]
-        aligned, key = self._bucket(batch, slice(0, k), k)
+        aligned, lengths, key = self._bucket(batch, slice(0, k), k)
         if key is None:
-            lengths = _batch_lengths(batch, slice(0, k))
-            key = (k, *([max(lengths)] * 3 if aligned else lengths))
+            key = (k, *lengths)
         padded = _pad_rows(batch, slice(0, k), key[0], key[1:])
         padded.setdefault("present", np.ones((key[0], 3), bool))
         return aligned, tuple(torch.from_numpy(padded[name]) for name in input_names(self.dims))
@@ -658,16 +667,16 @@ class Predictor:
         for s in range(0, len(rows), self.max_batch):
             chunk = slice(s, min(len(rows), s + self.max_batch))
             k = chunk.stop - chunk.start
-            longest = (lengths[s] if k == 1 else lengths[chunk].max(0)).tolist()
+            longest = lengths[s] if k == 1 else [max(col) for col in zip(*lengths[chunk])]
             aligned = longest[0] == longest[1] == longest[2]
             key = self.bucket_of(k, longest)
-            Bp, Ls = (k, longest) if key is None else (key[0], key[1:])
+            Bp, Ls = (k, longest) if key is None or self._dynamic(key, aligned) else (key[0], key[1:])
             padded = _fill_rows(rows[chunk], lengths[chunk], present[chunk], self.dims, Bp, Ls)
             outs.append(self._run_bucket(key, aligned, padded, k))
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
-    def _bucket(self, batch: dict, rows: slice, k: int) -> tuple[bool, tuple | None]:
-        """``(aligned, bucket or None)`` of rows ``rows`` of a numpy batch."""
+    def _bucket(self, batch: dict, rows: slice, k: int) -> tuple[bool, list[int], tuple | None]:
+        """``(aligned, longest lengths, bucket or None)`` of rows ``rows`` of a numpy batch."""
         text_key = "text_bert" if "text_bert" in batch else "text"
         # aligned input (one padded length for every modality) stays aligned: one common
         # length bucket, since a model may read equal lengths as aligned data (FD-CMDIE's
@@ -676,21 +685,27 @@ class Predictor:
         lengths = _batch_lengths(batch, rows)
         if aligned:
             lengths = [max(lengths)] * 3
-        return aligned, self.bucket_of(k, lengths)
+        return aligned, lengths, self.bucket_of(k, lengths)
 
     def _predict_batch(self, batch: dict, n: int) -> np.ndarray:
         outs = []
         for s in range(0, n, self.max_batch):
             rows = slice(s, min(n, s + self.max_batch))
             k = rows.stop - rows.start
-            aligned, key = self._bucket(batch, rows, k)
-            if key is None:  # outside the buckets: eager at the chunk's own shape
-                lengths = _batch_lengths(batch, rows)
-                padded = _pad_rows(batch, rows, k, [max(lengths)] * 3 if aligned else lengths)
+            aligned, lengths, key = self._bucket(batch, rows, k)
+            if key is None or self._dynamic(key, aligned):  # eager outside the buckets / a dynamic graph
+                padded = _pad_rows(batch, rows, k, lengths)
             else:
                 padded = _pad_rows(batch, rows, key[0], key[1:])
             outs.append(self._run_bucket(key, aligned, padded, k))
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _dynamic(self, key: tuple, aligned: bool) -> bool:
+        """Whether bucket ``key`` runs an exported graph with dynamic batch and lengths (ONNX
+        Runtime, AOTInductor), which needs no padding to the bucket: the chunk runs at its own
+        batch and longest lengths, as a caller of that runtime would run it."""
+        rt = self._runtime_of.get(key[0]) or self.runtime_for(key[0])
+        return rt in ("onnxruntime", "aoti") and (rt, aligned) not in self._exported_failed
 
     def _run_bucket(self, key: tuple | None, aligned: bool, padded: dict, k: int) -> np.ndarray:
         """Predictions (float32 numpy) of the first ``k`` rows of a padded numpy batch of
@@ -704,9 +719,10 @@ class Predictor:
             run = self._exported_runner(rt, aligned, present)
             if run is not None:
                 try:
-                    return run(padded, key[0])[:k]
+                    return run(padded, padded["audio"].shape[0])[:k]
                 except Exception as e:  # noqa: BLE001 - this layout runs on torch from now on
                     self._exported[(rt, aligned, present)] = None
+                    self._exported_failed.add((rt, aligned))
                     self._fallback(rt, e)
                     self._warn(rt, e)
             rt = self.torch_runtime
@@ -744,6 +760,7 @@ class Predictor:
                 self._exported[key] = self._build_exported(rt, aligned, present)
             except Exception as e:  # noqa: BLE001 - runs on torch instead, logged and counted
                 self._exported[key] = None
+                self._exported_failed.add((rt, aligned))
                 self._fallback(f"{rt} export", e)
                 self._warn(f"{rt} export", e)
         return self._exported[key]
