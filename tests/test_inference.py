@@ -341,3 +341,15 @@ def test_unaligned_stays_unaligned_in_equal_buckets():
     torch.testing.assert_close(pred.predict(batch), concat, atol=1e-5, rtol=1e-5)
     # the same samples padded to one length by their caller are aligned data: mean, as eager
     torch.testing.assert_close(pred.predict(padded), mean, atol=1e-5, rtol=1e-5)
+
+
+def test_two_compiled_predictors_keep_their_own_graphs():
+    """Two compiled Predictors of one model class (other weights, same buckets) in one
+    process, called in turns: each runs its own weights, on the skip-guard fast path too."""
+    models = [_model("lf_dnn", seed=s) for s in (0, 1)]
+    preds = [Predictor(m, DIMS, compile=True, model_name="lf_dnn", length_buckets=(8,)) for m in models]
+    batch = _batch(2, 6, 6, 6, seed=5)
+    for _ in range(3):
+        for m, p in zip(models, preds):
+            torch.testing.assert_close(p.predict(batch), _ref(m, batch), atol=1e-5, rtol=1e-5)
+    assert all(not p.fallbacks and p._compiled_keys for p in preds)

@@ -875,6 +875,13 @@ class Predictor:
             def forward(batch):
                 return model(batch)["pred"]
 
+            # One code object per Predictor: Dynamo keeps its compiled graphs on the code
+            # object, and with skip_guard_eval_unsafe it checks only the guards that tell the
+            # cached graphs apart, which two Predictors of one model share but for the closure's
+            # weights (measured: a second compiled ProMMA Predictor in one process hit a guard
+            # miss and recompiled).
+            code = forward.__code__.replace(co_name=f"predictor_forward_{id(self):x}")
+            forward = types.FunctionType(code, forward.__globals__, code.co_name, None, forward.__closure__)
             self._compiled = torch.compile(forward, dynamic=False)
         return self._compiled
 
