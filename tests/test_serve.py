@@ -471,8 +471,9 @@ def _bindable(port) -> bool:
             return False
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_sigterm_under_load_drains_and_leaves_nothing(agfn_run, workers):
+@pytest.mark.parametrize("workers, sig", [("1", signal.SIGTERM), ("2", signal.SIGTERM), ("1", signal.SIGINT)],
+                         ids=["sigterm", "sigterm-2-workers", "ctrl-c"])
+def test_sigterm_under_load_drains_and_leaves_nothing(agfn_run, workers, sig):
     proc, url, port = _start(agfn_run, "--max-batch", "64", "--max-length", "64", "--runtime", "eager",
                              "--warmup", "none", "--workers", workers)
     pred = Predictor.from_checkpoint(str(agfn_run), max_batch=64, runtime="eager")
@@ -497,7 +498,7 @@ def test_sigterm_under_load_drains_and_leaves_nothing(agfn_run, workers):
         t.start()
     time.sleep(0.3)
     t_term = time.perf_counter()
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, sig)  # the whole group, as a terminal's Ctrl-C or a service manager does
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
@@ -508,7 +509,7 @@ def test_sigterm_under_load_drains_and_leaves_nothing(agfn_run, workers):
         t.join(5)
     log = proc.stdout.read().decode()
     assert proc.returncode == 0, log[-3000:]
-    assert "Traceback" not in log, log[-3000:]
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
     assert exited < 10
     assert all(a is not None and a[0] == 200 for a in answers), [a and a[0] for a in answers]
     assert max(done_at) > t_term, "no request was in flight at SIGTERM"
@@ -550,3 +551,16 @@ def test_port_in_use_and_bad_checkpoint_are_one_line_errors(agfn_run, tmp_path):
 
     code, lines = _serve_error("--checkpoint", str(agfn_run), "--warmup", "many")
     assert code == 2 and lines[-1].startswith("msa-fast: error: --warmup"), lines
+
+
+def test_missing_extra_is_one_line(agfn_run, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # find_spec: not installed
+    assert main(["serve", "--checkpoint", str(agfn_run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["msa-fast: error: serve needs prometheus_client: pip install 'msa_fast[serve]'"]
+
+
+def test_unknown_path_is_protocol_error(server):
+    url = server[0]
+    status, _, content = _request(url, "/v2/nothing", method="GET")
+    assert status == 404 and "error" in json.loads(content)

@@ -204,7 +204,8 @@ class ServeApp:
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
         ]
-        self.app = Starlette(routes=routes, lifespan=self._lifespan)
+        self.app = Starlette(routes=routes, lifespan=self._lifespan,
+                             exception_handlers={404: self._http_error, 405: self._http_error})
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
@@ -214,8 +215,9 @@ class ServeApp:
             yield
         finally:
             watch.cancel()
-            # uvicorn calls this after the connections in flight were answered
-            await run_in_threadpool(self.batcher.stop)
+            # uvicorn calls this after the connections in flight were answered, so the queue is
+            # empty; a warm-up still running is not waited for (exit within 10 s of SIGTERM)
+            await run_in_threadpool(self.batcher.stop, 1.0)
 
     async def _watch_warmup(self):
         while not self.batcher.ready.is_set() and self.batcher.failed is None:
@@ -224,6 +226,10 @@ class ServeApp:
             self.on_warmup_failure(self.batcher.failed)
         elif self.batcher.ready.is_set():
             _LOG.warning("msa-fast serve: ready (model %r)", self.name)
+
+    async def _http_error(self, request, exc):
+        """An unknown path or method in the protocol's error shape, not Starlette's text."""
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
     # -- the model -------------------------------------------------------------------------
 
@@ -408,8 +414,19 @@ def _run_one(cfg: ServeConfig, sock: socket.socket, predictor=None, limits=None)
     return state["code"]
 
 
+def _die_with_parent() -> None:
+    """SIGTERM this process when its parent dies (Linux ``PR_SET_PDEATHSIG``), so that a
+    killed ``--workers`` parent leaves no worker listening on the port."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _worker_main(cfg_dict: dict, sock: socket.socket) -> None:
     """The entry point of a spawned ``--workers`` process."""
+    _die_with_parent()
     code = 1
     try:
         code = _run_one(ServeConfig(**cfg_dict), sock)
