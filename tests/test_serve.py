@@ -564,3 +564,26 @@ def test_unknown_path_is_protocol_error(server):
     url = server[0]
     status, _, content = _request(url, "/v2/nothing", method="GET")
     assert status == 404 and "error" in json.loads(content)
+
+
+def test_v2_parsing_text_bert_nested_json_and_present():
+    """The parser alone: TEXT_BERT ids for a model on BERT ids, nested JSON data, a modality
+    absent in every row left out under PRESENT, per-row lengths."""
+    from msa_fast.inference.serve_limits import ServeLimits
+    from msa_fast.inference.v2_protocol import ProtocolError, parse_infer
+
+    lim = ServeLimits(768, 5, 20, "bert", 64, 8, 1 << 24)
+    ids = np.ones((2, 3, 6), np.int64)
+    audio = np.zeros((2, 4, 5), np.float32)
+    head = {"inputs": [
+        {"name": "TEXT_BERT", "datatype": "INT64", "shape": [2, 3, 6], "data": ids.tolist()},
+        {"name": "AUDIO", "datatype": "FP32", "shape": [2, 4, 5], "data": audio.tolist()},
+        {"name": "TEXT_LENGTHS", "datatype": "INT64", "shape": [2], "data": [6, 3]},
+        {"name": "PRESENT", "datatype": "BOOL", "shape": [2, 3], "data": [[True, True, False], [True, False, False]]}]}
+    req = parse_infer(json.dumps(head).encode(), None, lim)
+    assert [sorted(s) for s in req.samples] == [["audio", "text_bert"], ["text_bert"]]
+    assert req.samples[0]["text_bert"].shape == (3, 6) and req.samples[1]["text_bert"].shape == (3, 3)
+    assert req.outputs == [("SENTIMENT", False), ("CLASS_7", False)]
+    head["inputs"][0]["name"] = "TEXT"
+    with pytest.raises(ProtocolError, match="TEXT: unknown input .*TEXT_BERT"):
+        parse_infer(json.dumps(head).encode(), None, lim)
