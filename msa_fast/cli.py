@@ -23,6 +23,7 @@ good checkpoint intact; no traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -167,19 +168,28 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--layout", choices=("auto", "aligned", "unaligned"), default="auto",
                     help="one length for all modalities (aligned) or three (default: the run's data)")
 
-    sv = sub.add_parser("serve", help="HTTP JSON inference server (LitServe, the serve extra)")
+    sv = sub.add_parser("serve", help="HTTP inference server: KServe v2 (binary tensors) and JSON (the serve extra)")
     sv.add_argument("--checkpoint", required=True, help="run directory (out/seed_<seed>)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=_PORT, default=8000)
-    sv.add_argument("--max-batch", type=_POSITIVE, default=64, help="dynamic batching: most requests per batch")
+    sv.add_argument("--max-batch", type=_POSITIVE, default=64, help="dynamic batching: most samples per batch")
     sv.add_argument("--batch-timeout", type=_SECONDS, default=0.005,
-                    help="dynamic batching: seconds to wait for a batch to fill")
+                    help="dynamic batching: most seconds a batch waits for requests still arriving")
     sv.add_argument("--device", default="auto")
     sv.add_argument("--max-length", type=_POSITIVE, help="longest sequence accepted (default 512)")
     sv.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile on the CPU (default: the per-model table)")
     sv.add_argument("--runtime", choices=RUNTIMES, default="auto",
                     help="how the model runs (default: the fastest measured for the model and batch)")
+    sv.add_argument("--name", help="the model's name in /v2/models/{name} (default: the checkpoint's model)")
+    sv.add_argument("--workers", type=_POSITIVE, default=1,
+                    help="processes accepting on the port, each with its own Predictor (many-core hosts)")
+    sv.add_argument("--max-body", type=_POSITIVE,
+                    help="largest request body in bytes, refused (413) before reading (default: from "
+                         "--max-length, --max-batch and the widths)")
+    sv.add_argument("--warmup", default="1,max",
+                    help="buckets run before /v2/health/ready: 'none' or comma-separated B, BxL or "
+                         "BxLt/La/Lv (B a number or 'max'; default 1,max at the checkpoint's data lengths)")
 
     d = sub.add_parser("data", help="synthetic data and pickle inspection")
     dsub = d.add_subparsers(dest="data_cmd", required=True, parser_class=_Parser)
@@ -575,16 +585,16 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     if not os.path.isfile(os.path.join(args.checkpoint, "state.json")):
         raise UserError(f"no checkpoint in {args.checkpoint} (state.json not found)")
-    try:
-        import litserve  # noqa: F401
-    except ImportError:
-        raise UserError("serve needs LitServe: pip install 'msa_fast[serve]'") from None
+    missing = [m for m in ("uvicorn", "starlette", "prometheus_client")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"serve needs {', '.join(missing)}: pip install 'msa_fast[serve]'")
     from msa_fast.inference.server import serve
 
-    serve(args.checkpoint, host=args.host, port=args.port, max_batch=args.max_batch,
-          batch_timeout=args.batch_timeout, device=args.device,
-          compile=_compile_flag(args.compile), max_length=args.max_length, runtime=args.runtime)
-    return 0
+    return serve(args.checkpoint, host=args.host, port=args.port, max_batch=args.max_batch,
+                 batch_timeout=args.batch_timeout, device=args.device,
+                 compile=_compile_flag(args.compile), max_length=args.max_length, runtime=args.runtime,
+                 name=args.name, workers=args.workers, max_body=args.max_body, warmup=args.warmup)
 
 
 def cmd_data_synth(args) -> int:

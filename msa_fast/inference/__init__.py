@@ -1,5 +1,5 @@
-"""Low-latency batched inference: :class:`Predictor` (SPEC §7) and the LitServe API
-(:mod:`msa_fast.inference.server`, the ``serve`` extra)."""
+"""Low-latency batched inference: :class:`Predictor` (SPEC §7) and the HTTP server
+(:mod:`msa_fast.inference.server`: KServe v2 and JSON, the ``serve`` extra)."""
 
 from msa_fast.inference.predictor import (
                                           COMPILE_DEFAULT,
