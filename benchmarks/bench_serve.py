@@ -7,6 +7,8 @@ Modes (each a real server process on a free port of 127.0.0.1, started and stopp
 - ``binary``: ``POST /v2/models/{name}/infer`` with the KServe v2 binary tensor extension
   (the JSON header, then the raw float32 tensors; binary outputs), what ``tritonclient.http``
   sends with ``binary_data=True``;
+- ``tritonclient``: the same requests through the stock ``tritonclient.http`` client, binary
+  tensors both ways (the issue's bar: one client p50 <= 5 ms, >= 150 samples/s at 16 clients);
 - ``json``: ``POST /predict`` with the sample as nested JSON lists (0.8 MB);
 - ``litserve_json`` (``--litserve``, needs ``litserve`` installed): the same JSON requests to
   LitServe 0.2 around the same Predictor, with its faster options (``fast_queue=True``, its
@@ -126,10 +128,14 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _samples(n: int) -> list[dict]:
+    g = np.random.default_rng(0)
+    return [{m: g.standard_normal((L, w), dtype=np.float32) for m, w in WIDTHS.items()} for _ in range(n)]
+
+
 def _bodies(n: int, name: str) -> dict:
     """``n`` distinct samples, pre-encoded for each mode: (path, body, headers)."""
-    g = np.random.default_rng(0)
-    samples = [{m: g.standard_normal((L, w), dtype=np.float32) for m, w in WIDTHS.items()} for _ in range(n)]
+    samples = _samples(n)
     js = [json.dumps({k: v.tolist() for k, v in s.items()}).encode() for s in samples]
     binary = []
     for s in samples:
@@ -195,11 +201,58 @@ def _load(port: int, reqs: list, clients: int, seconds: float) -> dict:
             "requests_per_s": round(all_lat.size / wall, 1)}
 
 
+def _load_triton(port: int, name: str, samples: list[dict], clients: int, seconds: float) -> dict:
+    """``_load`` through the stock ``tritonclient.http`` client, binary tensors both ways (what
+    a KServe / Triton user runs unchanged): one client object (one connection) per thread."""
+    import tritonclient.http as th
+
+    def inputs_of(s):
+        ins = []
+        for m in WIDTHS:
+            i = th.InferInput(m.upper(), [1, *s[m].shape], "FP32")
+            i.set_data_from_numpy(s[m][None], binary_data=True)
+            ins.append(i)
+        return ins
+
+    prepared = [inputs_of(s) for s in samples]
+    outputs = [th.InferRequestedOutput("SENTIMENT", binary_data=True)]
+    stop_at = time.perf_counter() + seconds
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+
+    def client(k: int) -> None:
+        c = th.InferenceServerClient(f"127.0.0.1:{port}")
+        j = k
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                c.infer(name, prepared[j % len(prepared)], outputs=outputs)
+                lat[k].append(time.perf_counter() - t0)
+            except Exception:  # noqa: BLE001 - counted
+                errors[k] += 1
+            j += clients
+        c.close()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    all_lat = np.array([x for li in lat for x in li]) * 1e3
+    return {"clients": clients, "requests": int(all_lat.size), "errors": int(sum(errors)),
+            "p50_ms": round(float(np.percentile(all_lat, 50)), 3) if all_lat.size else None,
+            "p99_ms": round(float(np.percentile(all_lat, 99)), 3) if all_lat.size else None,
+            "requests_per_s": round(all_lat.size / wall, 1)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="run directory (default: AGFN trained 1 epoch on synthetic:tiny)")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--modes", nargs="+", default=["binary", "json"], choices=["binary", "json", "litserve_json"])
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16, 32])
+    p.add_argument("--modes", nargs="+", default=["binary", "tritonclient", "json"],
+                   choices=["binary", "tritonclient", "json", "litserve_json"])
     p.add_argument("--litserve", action="store_true", help="add the litserve_json mode")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--max-batch", type=int, default=32)
@@ -213,6 +266,7 @@ def main() -> int:
     run = _checkpoint(args.checkpoint)
     name = json.load(open(os.path.join(run, "state.json")))["model"]
     bodies = _bodies(64, name)
+    samples = _samples(64)
     rows = []
     for server in dict.fromkeys("litserve" if m == "litserve_json" else "msa_fast" for m in modes):
         port = _free_port()
@@ -228,9 +282,13 @@ def main() -> int:
         proc = _start(cmd, health)
         try:
             for mode in [m for m in modes if (m == "litserve_json") == (server == "litserve")]:
-                _load(port, bodies[mode], max(args.clients), min(2.0, args.seconds))  # warm-up
+                if mode == "tritonclient":
+                    load = lambda c, s, port=port: _load_triton(port, name, samples, c, s)  # noqa: E731
+                else:
+                    load = lambda c, s, mode=mode, port=port: _load(port, bodies[mode], c, s)  # noqa: E731
+                load(max(args.clients), min(2.0, args.seconds))  # warm-up
                 for c in args.clients:
-                    r = {"mode": mode, **_load(port, bodies[mode], c, args.seconds)}
+                    r = {"mode": mode, **load(c, args.seconds)}
                     r["samples_per_s"] = r["requests_per_s"]
                     print(json.dumps(r), flush=True)
                     rows.append(r)

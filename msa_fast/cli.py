@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     from msa_fast.inference.runtimes import RUNTIMES
 
     p = _Parser(prog="msa-fast", description=__doc__.split("\n\n")[0])
+    p.add_argument("--traceback", action="store_true",
+                   help="show the full traceback of an error (also MSA_FAST_DEBUG=1)")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model over one or more seeds")
@@ -675,18 +677,52 @@ def main(argv=None) -> int:
         if args.data_cmd == "synth":
             return cmd_data_synth(args)
         return cmd_data_inspect(args)
-    except NonFiniteLossError as e:
-        print(f"msa-fast: error: {e}", file=sys.stderr)
-        return 3
-    except (UserError, SchemaError, UnknownModelError, OSError, ValueError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, OSError) and e.filename and e.strerror:
-            msg = f"{e.filename}: {e.strerror}"
-        print(f"msa-fast: error: {msg}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("msa-fast: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
+        if args.traceback or os.environ.get("MSA_FAST_DEBUG") == "1":
+            raise
+        if isinstance(e, NonFiniteLossError):
+            print(f"msa-fast: error: {e}", file=sys.stderr)
+            return 3
+        if _is_user_error(e, (UserError, SchemaError, UnknownModelError)):
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if isinstance(e, OSError) and e.filename and e.strerror:
+                msg = f"{e.filename}: {e.strerror}"
+            print(f"msa-fast: error: {msg}", file=sys.stderr)
+            return 2
+        # a bug or a resource failure (out of memory, a library's internal error): never
+        # dressed as a user error
+        import traceback
+
+        traceback.print_exc()
+        print(f"msa-fast: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(the traceback above; please report it)", file=sys.stderr)
+        return 1
+
+
+def _is_user_error(e: BaseException, ours: tuple) -> bool:
+    """Bad input or a bad environment, said in one line: our own error types, every
+    ``ValueError`` (the project's convention for bad input: it names the argument) and
+    ``OSError`` (a missing or unwritable file), and a ``RuntimeError`` that a ``raise`` of
+    msa_fast itself threw (a backend or device that is not available); a ``RuntimeError``
+    from inside torch or another library is not, even when its innermost Python frame is ours
+    (a C++ error surfaces at the line that called the op): that is a bug or out of memory."""
+    import linecache
+
+    if isinstance(e, (*ours, ValueError, OSError)):
+        return True
+    if isinstance(e, RuntimeError):
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is None:
+            return False
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).strip()
+        return (module == "msa_fast" or module.startswith("msa_fast.")) and line.startswith("raise")
+    return False
 
 
 if __name__ == "__main__":

@@ -77,7 +77,11 @@ def test_gates_against_independent_means(data):
         n = res["noise"][mod]
         assert n["e_clean"] == pytest.approx(res["clean"]["e"][("text", "audio", "vision").index(mod)])
         assert n["e_noised"] != pytest.approx(n["e_clean"], abs=1e-6)
-    assert fig is not None
+    # the figure plots these numbers: the first bar group of each panel is the clean mean
+    (ax_e, ax_g) = fig.axes
+    for ax, key in ((ax_e, "e"), (ax_g, "g")):
+        heights = [p.get_height() for p in ax.patches[:3]]
+        assert heights == pytest.approx(res["clean"][key], abs=1e-6)
 
 
 def test_location_error_against_independent_pearson(data):

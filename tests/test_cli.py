@@ -225,3 +225,27 @@ def test_synthetic_limit_zero_is_one_line_and_leaves_no_cache(tmp_path, capsys, 
     assert "limit must be a positive integer" in _one_line(capsys)
     assert not (tmp_path / "cache").exists() or not any(
         f for _, _, files in os.walk(tmp_path / "cache") for f in files)
+
+
+def test_bugs_are_not_dressed_as_user_errors(monkeypatch, tmp_path, capsys):
+    """A RuntimeError raised inside a library (a bug, out of memory) prints its traceback and
+    exits 1; msa_fast's own RuntimeError (an unavailable device) stays one line, exit 2;
+    --traceback and MSA_FAST_DEBUG=1 show the traceback of any error."""
+    import msa_fast.cli as cli
+
+    def library_bug(args):
+        import torch
+
+        torch.empty(2, 3) @ torch.empty(4, 5)  # RuntimeError from inside torch
+    monkeypatch.setattr(cli, "cmd_data_inspect", library_bug)
+    assert main(["data", "inspect", "x.pkl"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "msa-fast: internal error: RuntimeError" in err
+    assert main(["train", "--model", "lf_dnn", *TINY, "--device", "cuda", "--out", str(tmp_path / "r1")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA is not available" in err[0], err
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        main(["--traceback", "train", "--model", "lf_dnn", *TINY, "--device", "cuda", "--out", str(tmp_path / "r2")])
+    monkeypatch.setenv("MSA_FAST_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        main(["train", "--model", "lf_dnn", *TINY, "--device", "cuda", "--out", str(tmp_path / "r3")])

@@ -163,7 +163,8 @@ def test_synthetic_schema_determinism_and_prefix():
     assert tr["text"].dtype == np.float32 and tr["text"].shape == (40, 50, 768)
     assert tr["text_bert"].shape == (40, 3, 50) and tr["audio"].shape == (40, 50, 5)
     assert tr["noise_level"].shape == (40, 3)
-    assert np.isneginf(tr["audio"]).sum() >= 0 and np.abs(tr["regression_labels"]).max() <= 3
+    # MMSA's audio carries -inf frames, and so does the generator's (the loader zeroes them)
+    assert np.isneginf(tr["audio"]).sum() > 0 and np.abs(tr["regression_labels"]).max() <= 3
     data = from_pickle_dict(a)
     assert data.aligned
 

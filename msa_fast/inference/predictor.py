@@ -852,7 +852,11 @@ class Predictor:
                         # an input the guards did not expect: count it, compile it with full
                         # guards (below) and keep the compiled runtime
                         self._fallback("recompile", e)
-                out = fn(batch)  # first call of this bucket: compiles with the full guards
+                # first call of this bucket: compiles with the full guards, under a recompile
+                # limit for this call only (one graph per bucket: batch buckets x length
+                # buckets^3 at most; Dynamo's default of 8 would send the ninth to eager)
+                with self._compile_limits():
+                    out = fn(batch)
                 self._compiled_keys.add(key)
                 return out
             except Exception as e:  # noqa: BLE001 - this bucket runs eagerly from now on
@@ -861,15 +865,19 @@ class Predictor:
                 self._warn("torch.compile", e)
         return self._eager(batch)
 
+    @staticmethod
+    def _compile_limits():
+        """``torch._dynamo.config.patch`` of the recompile limit (its name differs across torch
+        versions) for one call: the process-wide setting stays the user's."""
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        limits = {name: max(getattr(cfg, name), 1024) for name in ("recompile_limit", "cache_size_limit")
+                  if hasattr(cfg, name)}
+        return cfg.patch(**limits)
+
     def _compiled_fn(self):
         if self._compiled is None:
-            import torch._dynamo
-
-            # one graph per bucket: (batch buckets) x (length buckets)^3 at most, compiled lazily
-            cfg = torch._dynamo.config
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(cfg, name):
-                    setattr(cfg, name, max(getattr(cfg, name), 256))
             model = self.model
 
             def forward(batch):
