@@ -152,40 +152,25 @@ def _bodies(n: int, name: str) -> dict:
             "binary": binary}
 
 
-def _load(port: int, reqs: list, clients: int, seconds: float) -> dict:
+def _drive(clients: int, seconds: float, make_client) -> dict:
+    """``clients`` threads for ``seconds``, each calling its ``make_client(k)`` -> ``send(j)``
+    (True when answered 200) with requests ``k, k + clients, ...``; latency per answered
+    request, p50 / p99 over all, throughput = answered / wall time."""
     stop_at = time.perf_counter() + seconds
     lat: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
 
-    def connect() -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        conn.connect()
-        # http.client sends the headers and the body in two writes: without TCP_NODELAY
-        # Nagle holds the body back until the headers' delayed ACK (a few ms a request)
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
-
     def client(k: int) -> None:
-        conn = connect()
+        send, close = make_client(k)
         j = k
         while time.perf_counter() < stop_at:
-            path, body, headers = reqs[j % len(reqs)]
-            j += clients
             t0 = time.perf_counter()
-            try:
-                conn.request("POST", path, body, headers)
-                r = conn.getresponse()
-                r.read()
-                ok = r.status == 200
-            except OSError:
-                ok = False
-                conn.close()
-                conn = connect()
-            if ok:
+            if send(j):
                 lat[k].append(time.perf_counter() - t0)
             else:
                 errors[k] += 1
-        conn.close()
+            j += clients
+        close()
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
@@ -201,8 +186,37 @@ def _load(port: int, reqs: list, clients: int, seconds: float) -> dict:
             "requests_per_s": round(all_lat.size / wall, 1)}
 
 
+def _load(port: int, reqs: list, clients: int, seconds: float) -> dict:
+    """Pre-encoded requests on one persistent ``http.client`` connection per client."""
+    def connect() -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.connect()
+        # http.client sends the headers and the body in two writes: without TCP_NODELAY
+        # Nagle holds the body back until the headers' delayed ACK (a few ms a request)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def make_client(k: int):
+        state = {"conn": connect()}
+
+        def send(j: int) -> bool:
+            path, body, headers = reqs[j % len(reqs)]
+            try:
+                state["conn"].request("POST", path, body, headers)
+                r = state["conn"].getresponse()
+                r.read()
+                return r.status == 200
+            except OSError:
+                state["conn"].close()
+                state["conn"] = connect()
+                return False
+        return send, lambda: state["conn"].close()
+
+    return _drive(clients, seconds, make_client)
+
+
 def _load_triton(port: int, name: str, samples: list[dict], clients: int, seconds: float) -> dict:
-    """``_load`` through the stock ``tritonclient.http`` client, binary tensors both ways (what
+    """The same through the stock ``tritonclient.http`` client, binary tensors both ways (what
     a KServe / Triton user runs unchanged): one client object (one connection) per thread."""
     import tritonclient.http as th
 
@@ -216,35 +230,19 @@ def _load_triton(port: int, name: str, samples: list[dict], clients: int, second
 
     prepared = [inputs_of(s) for s in samples]
     outputs = [th.InferRequestedOutput("SENTIMENT", binary_data=True)]
-    stop_at = time.perf_counter() + seconds
-    lat: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
 
-    def client(k: int) -> None:
+    def make_client(k: int):
         c = th.InferenceServerClient(f"127.0.0.1:{port}")
-        j = k
-        while time.perf_counter() < stop_at:
-            t0 = time.perf_counter()
+
+        def send(j: int) -> bool:
             try:
                 c.infer(name, prepared[j % len(prepared)], outputs=outputs)
-                lat[k].append(time.perf_counter() - t0)
-            except Exception:  # noqa: BLE001 - counted
-                errors[k] += 1
-            j += clients
-        c.close()
+                return True
+            except Exception:  # noqa: BLE001 - counted as an error
+                return False
+        return send, c.close
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    all_lat = np.array([x for li in lat for x in li]) * 1e3
-    return {"clients": clients, "requests": int(all_lat.size), "errors": int(sum(errors)),
-            "p50_ms": round(float(np.percentile(all_lat, 50)), 3) if all_lat.size else None,
-            "p99_ms": round(float(np.percentile(all_lat, 99)), 3) if all_lat.size else None,
-            "requests_per_s": round(all_lat.size / wall, 1)}
+    return _drive(clients, seconds, make_client)
 
 
 def main() -> int:
