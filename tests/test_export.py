@@ -58,17 +58,18 @@ def run_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("layers", [1, 2])
 def test_lstm_op_equals_nn_lstm(layers):
-    from msa_fast.inference.lstm import lstm
+    from msa_fast.ops.lstm import lstm, lstm_weights
 
     torch.manual_seed(layers)
     ref = torch.nn.LSTM(7, 5, num_layers=layers, batch_first=True).eval()
     x = torch.randn(3, 11, 7)
     with torch.no_grad():
         want = ref(x)[0]
-    got = lstm(x, list(ref._flat_weights), 5)
+    assert [w.data_ptr() for w in lstm_weights(ref)] == [w.data_ptr() for w in ref._flat_weights]
+    got = lstm(x, lstm_weights(ref), 5)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     assert got.is_contiguous()
-    torch.library.opcheck(torch.ops.msa_fast.lstm.default, (x, [w.detach() for w in ref._flat_weights], 5),
+    torch.library.opcheck(torch.ops.msa_fast.lstm.default, (x, [w.detach() for w in lstm_weights(ref)], 5),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -11,7 +11,7 @@ modality (a missing one: valid zeros).
 
 **One graph, dynamic shapes.** Batch and lengths are symbolic (``torch.export`` dynamic
 shapes). The LSTM encoders export as ONNX ``LSTM`` nodes through the registered op
-:func:`msa_fast.inference.lstm.lstm` (``aten.lstm`` would be unrolled per step with its length
+:func:`msa_fast.ops.lstm.lstm` (``aten.lstm`` would be unrolled per step with its length
 fixed). Aligned and unaligned data are two graphs: a model may read equal lengths as aligned
 data (FD-CMDIE's global feature), so an ``aligned`` export has one length ``L`` for all three
 modalities (``Lt = La = Lv``) and an unaligned one three free lengths.
@@ -24,7 +24,7 @@ without ``present`` (``present=False``) for buckets whose rows have every modali
 **AOTInductor and the LSTM op.** The package calls ``msa_fast::lstm`` by name (ATen's LSTM
 would fix every length in the graph), so a loader registers that op first: ``msa-fast export
 --format aoti`` writes ``<out>.ops.py`` beside the package, a copy of
-:mod:`msa_fast.inference.lstm` that imports torch alone (``runpy.run_path(out + ".ops.py")``).
+:mod:`msa_fast.ops.lstm` that imports torch alone (``runpy.run_path(out + ".ops.py")``).
 A C++ loader needs the same op registered (a ``TORCH_LIBRARY`` wrapping ``at::lstm``), which we
 do not ship yet.
 
@@ -54,7 +54,7 @@ MODALITIES = ("text", "audio", "vision")
 # the file that registers ``msa_fast::lstm`` with torch alone (no other import): an AOTInductor
 # package calls the op by name, so a loader runs this file first (``msa-fast export`` copies it
 # beside the package as ``<out>.ops.py``)
-LSTM_OP_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lstm.py")
+LSTM_OP_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ops", "lstm.py")
 
 
 def input_names(dims: Mapping, present: bool = True) -> tuple[str, ...]:
@@ -184,7 +184,7 @@ def verify(run, forward: nn.Module, dims: Mapping, aligned: bool, *, real: Seque
 
 def onnx_program(forward: ExportForward, dims: Mapping, aligned: bool, present: bool = True):
     """``torch.onnx.export`` (dynamo) of ``forward``: an ``ONNXProgram``."""
-    from msa_fast.inference.lstm import onnx_translations
+    from msa_fast.ops.lstm import onnx_translations
 
     try:
         import onnxscript  # noqa: F401

@@ -34,7 +34,7 @@ Numeric and layout choices:
 - **LSTM encoders** (:class:`~msa_fast.models.encoders.SLSTMEncoder`, unidirectional) run
   on the padded batch, as the encoder itself does (an LSTM is causal: the valid steps equal
   the packed run's), but in the Predictor's copy of the model through the registered op
-  :func:`msa_fast.inference.lstm.lstm` rather than the ``nn.LSTM`` module, which dynamo will
+  :func:`msa_fast.ops.lstm.lstm` rather than the ``nn.LSTM`` module, which dynamo will
   not trace, so that the whole forward compiles into one graph, can be captured in a CUDA
   graph and exports to ONNX with dynamic batch and lengths.
 - **Runtimes** (``runtime=``, :mod:`msa_fast.inference.runtimes`): on the CPU ``"auto"`` picks
@@ -111,34 +111,14 @@ def _next_pow2(n: int) -> int:
 
 # -- LSTM without packing -------------------------------------------------------------------
 
-def _unpacked_slstm_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-    """SLSTMEncoder.forward's padded run (unidirectional), with the LSTM called as the
-    registered op :func:`msa_fast.inference.lstm.lstm`: dynamo refuses to trace an ``nn.LSTM``
-    module, and the op is one node in every runtime's graph (ONNX's ``LSTM``, ATen's fused
-    kernel under torch.compile), hence the weights kept aside by :func:`unpack_lstms`."""
-    from msa_fast.inference.lstm import lstm
-    from msa_fast.models.encoders import lstm_lengths, valid_outputs
-
-    flat, hidden = self._unpacked_lstm
-    return valid_outputs(lstm(x, flat, hidden), lstm_lengths(x, mask))
-
-
 def unpack_lstms(model: nn.Module) -> int:
     """Switch every unidirectional SLSTMEncoder of ``model`` (in place; LSTMs with biases and
-    no projection, as the encoder builds them) to the unpacked forward; returns how many were
+    no projection, as the encoder builds them) to the registered op ``msa_fast::lstm``
+    (:meth:`~msa_fast.models.encoders.SLSTMEncoder.use_inference_op`); returns how many were
     switched."""
     from msa_fast.models.encoders import SLSTMEncoder
 
-    n = 0
-    for mod in model.modules():
-        if isinstance(mod, SLSTMEncoder):
-            lstm = mod.lstm
-            if lstm.bidirectional or not lstm.bias or lstm.proj_size:
-                continue
-            mod._unpacked_lstm = (list(lstm._flat_weights), lstm.hidden_size)
-            mod.forward = types.MethodType(_unpacked_slstm_forward, mod)
-            n += 1
-    return n
+    return sum(mod.use_inference_op() for mod in model.modules() if isinstance(mod, SLSTMEncoder))
 
 
 # -- sample validation and collation (numpy: a few microseconds a sample) ------------------
@@ -730,7 +710,7 @@ class Predictor:
         # as the same kind of tensor, so a compiled graph's guards never tell them apart
         batch = {name: torch.from_numpy(v) for name, v in padded.items()}
         for m in MODALITIES:  # the loader layout's lengths, for models that read them
-            batch[f"{m}_lengths"] = self._lengths(padded[f"{m}_mask"])
+            batch[f"{m}_lengths"] = self._lengths(m, padded[f"{m}_mask"])
         # the layout, which the length buckets can hide: unaligned data padded to three equal
         # buckets is still unaligned (FD-CMDIE reads equal lengths as aligned otherwise)
         batch["aligned"] = aligned
@@ -794,12 +774,15 @@ class Predictor:
                 return loaded(*args).numpy()
         return run_aoti
 
-    def _lengths(self, mask: np.ndarray) -> torch.Tensor:
+    def _lengths(self, modality: str, mask: np.ndarray) -> torch.Tensor:
         if mask.any():
             return torch.from_numpy(mask.shape[1] - mask.sum(1))
-        full = self._full_lengths.get(mask.shape)  # no padding: one shared tensor per shape
+        # no padding: one shared tensor per modality and shape (per modality: the same tensor
+        # as two inputs would be an alias, which a compiled graph's guards tell apart)
+        key = (modality, mask.shape)
+        full = self._full_lengths.get(key)
         if full is None:
-            full = self._full_lengths[mask.shape] = torch.full(mask.shape[:1], mask.shape[1])
+            full = self._full_lengths[key] = torch.full(mask.shape[:1], mask.shape[1])
         return full
 
     def _all_present(self, Bp: int) -> np.ndarray:

@@ -20,6 +20,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from msa_fast.ops.lstm import lstm as lstm_op
+from msa_fast.ops.lstm import lstm_weights
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over dim 1 of ``x (B, L, H)`` ignoring ``mask`` True positions; all-padding -> 0."""
@@ -52,6 +55,21 @@ class SLSTMEncoder(nn.Module):
         self.lstm = nn.LSTM(in_dim, hidden, num_layers=layers, batch_first=True,
                             dropout=dropout if layers > 1 else 0.0, bidirectional=bidirectional)
         self.out_dim = hidden * (2 if bidirectional else 1)
+        self.inference_op = False
+        self._op_args: tuple | None = None
+
+    def use_inference_op(self, on: bool = True) -> bool:
+        """Inference only (no autograd): run the padded LSTM as the registered op
+        ``msa_fast::lstm`` (:mod:`msa_fast.ops.lstm`), one node that torch.compile,
+        torch.export and ONNX see whole, where Dynamo refuses to touch an ``nn.LSTM`` module at
+        all. The weights are kept aside here (the same parameters), since the forward must not
+        reach ``self.lstm``. Unidirectional LSTMs with biases only; returns whether it is on.
+        The Predictor sets it on its copy of the model."""
+        lstm = self.lstm
+        ok = on and not lstm.bidirectional and lstm.bias and not lstm.proj_size
+        self.inference_op = bool(ok)
+        self._op_args = (lstm_weights(lstm), lstm.hidden_size) if ok else None
+        return self.inference_op
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         """Unidirectional: the LSTM runs over the padded batch and the outputs past each
@@ -62,6 +80,8 @@ class SLSTMEncoder(nn.Module):
         of an FD-CMDIE step at MOSI unaligned), while the padded one is one fused kernel.
         Bidirectional: packed (the reverse direction must start at each sequence's end)."""
         lengths = lstm_lengths(x, mask)
+        if self.inference_op:
+            return valid_outputs(lstm_op(x, *self._op_args), lengths)
         if not self.lstm.bidirectional:
             return valid_outputs(self.lstm(x)[0], lengths)
         L = x.shape[1]

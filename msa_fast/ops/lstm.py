@@ -1,5 +1,8 @@
-"""``msa_fast::lstm``: the unidirectional, batch-first LSTM of the Predictor's model copy, as one
-registered op (``torch.library.custom_op``) that every runtime sees whole.
+"""``msa_fast::lstm``: the unidirectional, batch-first LSTM of an encoder in inference mode
+(:class:`msa_fast.models.encoders.SLSTMEncoder` with ``inference_op=True``, which the Predictor
+sets on its copy of the model), as one registered op (``torch.library.custom_op``) that every
+runtime sees whole. This file imports torch alone: an AOTInductor package calls the op by name,
+and ``msa-fast export`` copies this file beside it for loaders without msa_fast.
 
 ``lstm(x (B, L, I), weights [w_ih, w_hh, b_ih, b_hh] * layers, hidden) -> (B, L, hidden)``, the
 top layer's outputs at every step, zero initial state; PyTorch's gate order (i, f, g, o) and
@@ -39,6 +42,13 @@ def _lstm_fake(x, weights, hidden):
     return x.new_empty(x.shape[0], x.shape[1], hidden)
 
 
+def lstm_weights(module: torch.nn.LSTM) -> list[torch.Tensor]:
+    """``[w_ih, w_hh, b_ih, b_hh] * layers`` of a unidirectional ``nn.LSTM`` with biases and no
+    projection, from its public parameters."""
+    return [getattr(module, f"{kind}_l{k}") for k in range(module.num_layers)
+            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+
 def onnx_translations() -> dict:
     """``{op: onnxscript function}`` for ``torch.onnx.export(custom_translation_table=...)``
     (needs ``onnxscript``, the ``[onnx]`` extra)."""
@@ -62,4 +72,4 @@ def onnx_translations() -> dict:
     return {torch.ops.msa_fast.lstm.default: lstm_onnx}
 
 
-__all__ = ["lstm", "onnx_translations"]
+__all__ = ["lstm", "lstm_weights", "onnx_translations"]
