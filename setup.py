@@ -129,7 +129,7 @@ setup(
     packages=find_packages(include=["msa_fast", "msa_fast.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.8",
+        "torch>=2.11",
         "numpy",
         "transformers",
         "safetensors",

@@ -7,7 +7,7 @@ cannot show register spills or shared memory. This script closes that gap with n
 1. **Capture** (a child process with ``TRITON_INTERPRET=1``): the public ops
    (``msa_fast.ops.*``, ``backend="triton"``) run forward and backward at the shapes of
    the benchmarks (``benchmarks/bench_*.py`` ``SHAPES``, plus mining at MOSI / MOSEI
-   size and attention at Dh = 128) in fp32 / fp16 / bf16, with the interpreter's launch
+   size and attention at Dh = 128, 96 and 48) in fp32 / fp16 / bf16, with the interpreter's launch
    intercepted: each launch is recorded (kernel, arguments, constexprs, grid, warps)
    and skipped, so that no kernel is interpreted and the large shapes cost nothing.
 2. **Compile** (this process, no interpreter): each distinct launch goes through
@@ -77,7 +77,10 @@ def _cases(quick: bool, ops: set[str] | None = None):
         ("dual_gate", bench_dual_gate.SHAPES, bench_dual_gate.build),
         ("gated_attention_pool", bench_gap.SHAPES, bench_gap.build),
         ("add_layer_norm", bench_layer_norm.SHAPES, bench_layer_norm.build),
-        ("attention", bench_attention.SHAPES, bench_attention.build),
+        # head dims between the benchmarks' powers of two: DP pads 48 -> 64 and 96 -> 128, so
+        # they must compile as the Dh = 64 / 128 kernels do (their masked lanes included)
+        ("attention", {**bench_attention.SHAPES, "mosei_self_dh96": (32, 4, 500, 500, 96),
+                       "mosei_self_dh48": (32, 8, 500, 500, 48)}, bench_attention.build),
         ("mine_pairs", {"mosi_n1284_d256_k10": (1284, 256, 10), "mosei_n16326_d877_k10": (16326, 877, 10),
                         "mosei_n16326_d877_k50": (16326, 877, 50)}, bench_pair_mining.build),
     ]

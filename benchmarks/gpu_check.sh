@@ -22,36 +22,100 @@
 #      and MOSI aligned), and inference (bench_inference.py: model.eval() vs the Predictor
 #      eager vs CUDA graphs, MOSI aligned and MOSEI unaligned, batch 1 and 64).
 #
+# Made so that a lease cannot end with nothing to show (the device tool kills a command
+# at its timeout and brings back only what is under $OUT by then):
+#
+#   * a self-deadline, GPU_CHECK_DEADLINE seconds from the start (default 500, under the
+#     device tool's 540 s timeout with room for the transfer): every step runs under its
+#     own `timeout`, the smaller of its cap and the time left before the deadline, and a
+#     step with under 10 s left is skipped, so the script itself ends in time;
+#   * after every step the folder is packed again and summary.json rewritten, so a kill
+#     between steps loses at most the step in flight;
+#   * summary.json records each step as passed / failed / skipped / timed_out (with its
+#     exit code, seconds and, when skipped, why), "finished": false until the end.
+#
 # Output: the folder $GPU_CHECK_OUT (default benchmarks/results/gpu_check), packed
 # into gpu_check.tgz beside it; with $OUT set (the device tool's folder, which brings
 # back at most 8 files) the folder is a scratch one and $OUT gets the .tgz plus
-# summary.json. summary.json says what each step returned. Steps run on when one fails
-# and the script exits 1 if any failed. The benchmarks share a time budget
-# (BENCH_BUDGET, default 240 s; bf16 first): a script that would start past it is
-# skipped and says so. --quick (no GPU needed):
-# a CPU-only build of the extension into a scratch folder, pytest -m gpu (which
-# skips without a GPU), and the CPU benchmarks' --quick smoke.
+# summary.json. Steps run on when one fails; the exit status is 0 when no step failed or
+# timed out, 1 otherwise, 2 without a GPU (without --quick: one line says so, nothing
+# else runs). The benchmarks also share a time budget (BENCH_BUDGET, default 240 s;
+# bf16 first). --quick (no GPU needed): a CPU-only build of the extension into a scratch
+# folder, pytest -m gpu (which skips without a GPU), and the CPU benchmarks' --quick smoke;
+# the GPU-only steps are listed as skipped.
 set -uo pipefail
 QUICK=0
 [ "${1:-}" = "--quick" ] && QUICK=1
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+start=$(date +%s)
+DEADLINE=${GPU_CHECK_DEADLINE:-500}
+
+if [ "$QUICK" = 0 ] && [ "$(timeout 60 "$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)" != 1 ]; then
+  echo "gpu_check: no CUDA GPU here (torch.cuda.is_available() is not True); run with --quick for the CPU-side parts"
+  exit 2
+fi
+
 if [ -n "${GPU_CHECK_OUT:-}" ]; then DIR=$GPU_CHECK_OUT
 elif [ -n "${OUT:-}" ]; then DIR=$(mktemp -d)/gpu_check
 else DIR=$ROOT/benchmarks/results/gpu_check; fi
 PACK=${OUT:+$OUT/gpu_check.tgz}
 PACK=${PACK:-$DIR.tgz}
 mkdir -p "$DIR"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-start=$(date +%s)
-declare -A RC
-step() { printf '\n=== [%4ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
-record() { RC[$1]=$2; [ "$2" = 0 ] || echo "--- step $1 returned $2"; }
+declare -A STATUS RCODE SECS WHY
+ORDER=()
+elapsed() { echo $(( $(date +%s) - start )); }
+banner() { printf '\n=== [%4ss] %s\n' "$(elapsed)" "$*"; }
 
-step "versions"
-{
-  $PY - <<'PY'
+summary() {  # $1: true once every step has run
+  {
+    printf '{"quick": %s, "finished": %s, "seconds": %s, "deadline_s": %s, "steps": {' \
+      "$([ "$QUICK" = 1 ] && echo true || echo false)" "$1" "$(elapsed)" "$DEADLINE"
+    local sep="" k
+    for k in "${ORDER[@]}"; do
+      printf '%s\n  "%s": {"status": "%s", "rc": %s, "seconds": %s' "$sep" "$k" "${STATUS[$k]}" \
+        "${RCODE[$k]:-null}" "${SECS[$k]:-0}"
+      [ -n "${WHY[$k]:-}" ] && printf ', "reason": "%s"' "${WHY[$k]//\"/\'}"
+      printf '}'
+      sep=","
+    done
+    printf '\n}}\n'
+  } > "$DIR/summary.json.tmp" && mv "$DIR/summary.json.tmp" "$DIR/summary.json"
+  tar czf "$PACK.tmp" -C "$(dirname "$DIR")" "$(basename "$DIR")" 2>/dev/null && mv "$PACK.tmp" "$PACK"
+  [ -n "${OUT:-}" ] && cp "$DIR/summary.json" "$OUT/summary.json"
+  return 0
+}
+
+note() {  # name, status, reason: a step that did not run
+  STATUS[$1]=$2; WHY[$1]=$3; ORDER+=("$1")
+  echo "--- $1: $2 ($3)"
+  summary false
+}
+
+# run NAME CAP_S CMD...: CMD under `timeout` (the smaller of CAP_S and the time left),
+# output to the console and $DIR/NAME.log; status from the exit code, then pack
+run() {
+  local name=$1 cap=$2; shift 2
+  local left=$(( DEADLINE - $(elapsed) - 5 ))
+  if [ "$left" -lt 10 ]; then note "$name" skipped "the ${DEADLINE} s deadline is reached"; return; fi
+  local limit=$(( cap < left ? cap : left )) t0; t0=$(date +%s)
+  banner "$name (timeout ${limit} s)"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$DIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  RCODE[$name]=$rc; SECS[$name]=$(( $(date +%s) - t0 )); ORDER+=("$name")
+  case $rc in
+    0) STATUS[$name]=passed ;;
+    124|137) STATUS[$name]=timed_out; WHY[$name]="killed after ${limit} s" ;;
+    *) STATUS[$name]=failed ;;
+  esac
+  echo "--- $name: ${STATUS[$name]} (rc $rc, ${SECS[$name]} s)"
+  summary false
+}
+
+versions() {
+  "$PY" - <<'PY'
 import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 try:
@@ -64,39 +128,31 @@ print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no
 PY
   command -v nvcc >/dev/null && nvcc --version | tail -2
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-} 2>&1 | tee "$DIR/versions.txt"
-HAS_GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
-if [ "$QUICK" = 0 ] && [ "$HAS_GPU" != 1 ]; then
-  echo "no CUDA GPU here: run with --quick for the CPU-side parts"; exit 2
-fi
+  return 0
+}
 
-step "build the extension"
-if [ "$QUICK" = 1 ]; then
-  # CPU-only, into a scratch folder: the installed extension of this tree stays as it is
-  scratch=$(mktemp -d)
-  MSA_FAST_BUILD_CUDA=0 $PY setup.py -q build_ext --build-lib "$scratch/lib" --build-temp "$scratch/tmp" \
-    > "$DIR/build.log" 2>&1
-  rc=$?
-  [ $rc = 0 ] && ls "$scratch"/lib/msa_fast/_C*.so
-  rm -rf "$scratch"
-else
-  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-    TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
-    export TORCH_CUDA_ARCH_LIST
+build() {
+  if [ "$QUICK" = 1 ]; then
+    # CPU-only, into a scratch folder: the installed extension of this tree stays as it is
+    local scratch rc; scratch=$(mktemp -d)
+    MSA_FAST_BUILD_CUDA=0 "$PY" setup.py -q build_ext --build-lib "$scratch/lib" --build-temp "$scratch/tmp" \
+      > "$DIR/build_output.log" 2>&1
+    rc=$?
+    [ $rc = 0 ] && ls "$scratch"/lib/msa_fast/_C*.so
+    rm -rf "$scratch"
+  else
+    if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+      TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
+      export TORCH_CUDA_ARCH_LIST
+    fi
+    MSA_FAST_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} "$PY" setup.py build_ext --inplace > "$DIR/build_output.log" 2>&1
+    rc=$?
   fi
-  MSA_FAST_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace > "$DIR/build.log" 2>&1
-  rc=$?
-fi
-record build $rc
-[ $rc = 0 ] || tail -40 "$DIR/build.log"
-$PY -c "import json, msa_fast; print(json.dumps(msa_fast.build_info()))" 2>&1 | tee "$DIR/build_info.json"
+  [ $rc = 0 ] || tail -40 "$DIR/build_output.log"
+  return $rc
+}
 
-step "pytest -m gpu -x"
-$PY -m pytest -m gpu -x -q -p no:cacheprovider --junitxml="$DIR/pytest_gpu.xml" 2>&1 | tee "$DIR/pytest_gpu.log"
-record pytest_gpu "${PIPESTATUS[0]}"
-
-step "compute-sanitizer on mine_pairs"
-if [ "$QUICK" = 0 ] && command -v compute-sanitizer >/dev/null; then
+sanitize() {
   cat > "$DIR/sanitize_mine_pairs.py" <<'PY'
 import sys, torch, msa_fast
 for name in sys.argv[1:]:
@@ -109,81 +165,81 @@ for name in sys.argv[1:]:
     torch.cuda.synchronize()
     print(name, "ok", tuple(out.pos_idx.shape), tuple(q.pos_idx.shape))
 PY
-  san_rc=0
+  local san_rc=0 tool rc
   for tool in memcheck racecheck; do  # one process per tool, one call per dtype in it
     MSA_FAST_MINE_PAIRS_SPLITS=2 compute-sanitizer --tool "$tool" --error-exitcode 1 \
-      $PY "$DIR/sanitize_mine_pairs.py" float32 float16 bfloat16 float64 > "$DIR/sanitizer_$tool.log" 2>&1
+      "$PY" "$DIR/sanitize_mine_pairs.py" float32 float16 bfloat16 float64 > "$DIR/sanitizer_$tool.log" 2>&1
     rc=$?
     echo "$tool: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|ok' "$DIR/sanitizer_$tool.log" | tr '\n' ' ')"
     [ $rc = 0 ] || san_rc=$rc
   done
-  record sanitizer $san_rc
-else
-  echo "skipped: $([ "$QUICK" = 1 ] && echo '--quick' || echo 'compute-sanitizer not found')"
-fi
+  return $san_rc
+}
 
-step "benchmarks"
+export -f versions build sanitize
+export PY DIR QUICK
+
+run versions 60 bash -c versions
+run build 240 bash -c build
+run build_info 60 "$PY" -c "import json, msa_fast; print(json.dumps(msa_fast.build_info()))"
+cp "$DIR/build_info.log" "$DIR/build_info.json" 2>/dev/null
+run pytest_gpu 180 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider --junitxml="$DIR/pytest_gpu.xml"
+if [ "$QUICK" = 1 ]; then note sanitizer skipped "--quick"
+elif ! command -v compute-sanitizer >/dev/null; then note sanitizer skipped "compute-sanitizer not found"
+else run sanitizer 120 bash -c sanitize; fi
+
 bench_start=$(date +%s)
 BUDGET=${BENCH_BUDGET:-240}
 bench() {  # name, then the command; the scripts share the time budget
-  local name=$1; shift
+  local name=bench_$1; shift
   local left=$(( BUDGET - ($(date +%s) - bench_start) ))
-  if [ "$left" -lt 20 ]; then
-    echo "$name: skipped (the ${BUDGET} s benchmark budget is spent)" | tee "$DIR/bench_$name.log"
-    return
-  fi
-  timeout "$left" "$@" > "$DIR/bench_$name.log" 2>&1
-  local rc=$?
-  echo "$name: rc=$rc ($(grep -c . "$DIR/bench_$name.log") lines; JSON is written after every shape)"
-  record "bench_$name" $rc
+  if [ "$left" -lt 20 ]; then note "$name" skipped "the ${BUDGET} s benchmark budget is spent"; return; fi
+  run "$name" "$left" "$@"
 }
 if [ "$QUICK" = 1 ]; then
-  bench auto $PY benchmarks/bench_auto.py --quick --device cpu --out "$DIR/auto_cpu.json"
-  bench pair_mining $PY benchmarks/bench_pair_mining.py --quick --device cpu --out "$DIR/pair_mining_cpu.json"
+  bench auto "$PY" benchmarks/bench_auto.py --quick --device cpu --out "$DIR/auto_cpu.json"
+  bench pair_mining "$PY" benchmarks/bench_pair_mining.py --quick --device cpu --out "$DIR/pair_mining_cpu.json"
   for op in dual_gate gap layer_norm attention; do
-    bench "$op" $PY "benchmarks/bench_$op.py" --quick --device cpu --out "$DIR/${op}_cpu.json"
+    bench "$op" "$PY" "benchmarks/bench_$op.py" --quick --device cpu --out "$DIR/${op}_cpu.json"
   done
-  bench contrastive $PY benchmarks/bench_contrastive.py --quick --device cpu --out "$DIR/contrastive_cpu.json"
-  bench train_step $PY benchmarks/bench_train_step.py --quick --device cpu --out "$DIR/train_step_cpu.json"
-  bench inference $PY benchmarks/bench_inference.py --quick --device cpu --out "$DIR/inference_cpu.json"
+  bench contrastive "$PY" benchmarks/bench_contrastive.py --quick --device cpu --out "$DIR/contrastive_cpu.json"
+  bench train_step "$PY" benchmarks/bench_train_step.py --quick --device cpu --out "$DIR/train_step_cpu.json"
+  bench inference "$PY" benchmarks/bench_inference.py --quick --device cpu --out "$DIR/inference_cpu.json"
 else
   # what auto should pick on this GPU: every op at its model shapes, each backend vs eager and
   # SDPA, interleaved (no compiling: its minutes go to the scripts below)
-  bench auto $PY benchmarks/bench_auto.py --device cuda --no-compile --rounds 3 --seconds 0.2 \
+  bench auto "$PY" benchmarks/bench_auto.py --device cuda --no-compile --rounds 3 --seconds 0.2 \
     --out "$DIR/auto_cuda.json"
   for dt in bfloat16 float32; do
-    bench "dual_gate_$dt" $PY benchmarks/bench_dual_gate.py --device cuda --dtype $dt \
+    bench "dual_gate_$dt" "$PY" benchmarks/bench_dual_gate.py --device cuda --dtype $dt \
       --shapes mosei_b1024,train_b16384 --out "$DIR/dual_gate_$dt.json"
-    bench "gap_$dt" $PY benchmarks/bench_gap.py --device cuda --dtype $dt \
+    bench "gap_$dt" "$PY" benchmarks/bench_gap.py --device cuda --dtype $dt \
       --shapes mosei_unaligned,train_large --out "$DIR/gap_$dt.json"
-    bench "layer_norm_$dt" $PY benchmarks/bench_layer_norm.py --device cuda --dtype $dt \
+    bench "layer_norm_$dt" "$PY" benchmarks/bench_layer_norm.py --device cuda --dtype $dt \
       --shapes mosei_unaligned,train_large --out "$DIR/layer_norm_$dt.json"
-    bench "attention_$dt" $PY benchmarks/bench_attention.py --device cuda --dtype $dt \
+    bench "attention_$dt" "$PY" benchmarks/bench_attention.py --device cuda --dtype $dt \
       --shapes mosei_self_unaligned,train_large,mosei_self_dh128 --out "$DIR/attention_$dt.json"
-    bench "contrastive_$dt" $PY benchmarks/bench_contrastive.py --device cuda --dtype $dt \
+    bench "contrastive_$dt" "$PY" benchmarks/bench_contrastive.py --device cuda --dtype $dt \
       --shapes mosei_b64_k50_d256,large_b1024_k50_d256 --out "$DIR/contrastive_$dt.json"
-    bench "pair_mining_$dt" $PY benchmarks/bench_pair_mining.py --device cuda --dtype $dt --n 16326 --d 877 \
+    bench "pair_mining_$dt" "$PY" benchmarks/bench_pair_mining.py --device cuda --dtype $dt --n 16326 --d 877 \
       --k 10 50 --providers eager-chunked torch.compile triton cuda --out "$DIR/pair_mining_$dt.json"
   done
   # inference: model.eval() vs the Predictor eager vs its CUDA graphs (one graph per bucket),
   # fp32, batch 1 and 64 (targets: batch-1 p50 < 1 ms with CUDA graphs and >= 3x eager)
-  bench inference $PY benchmarks/bench_inference.py --device cuda --models agfn fd_cmdie promma lf_dnn \
+  bench inference "$PY" benchmarks/bench_inference.py --device cuda --models agfn fd_cmdie promma lf_dnn \
     --shapes mosi_aligned mosei_unaligned --batches 1 64 \
     --providers eager predictor_eager predictor_cuda_graphs --iters 50 --out "$DIR/inference_cuda.json"
   # one training step of every model at MOSEI unaligned, bf16 autocast (the trainer's GPU mode)
-  bench train_step $PY benchmarks/bench_train_step.py --device cuda --shapes mosei_unaligned,mosi_aligned \
+  bench train_step "$PY" benchmarks/bench_train_step.py --device cuda --shapes mosei_unaligned,mosi_aligned \
     --steps 20 --out "$DIR/train_step_cuda.json"
 fi
 
-step "summary"
-{
-  printf '{"quick": %s, "seconds": %s, "steps": {' "$([ $QUICK = 1 ] && echo true || echo false)" \
-    "$(( $(date +%s) - start ))"
-  sep=""
-  for k in "${!RC[@]}"; do printf '%s"%s": %s' "$sep" "$k" "${RC[$k]}"; sep=", "; done
-  printf '}}\n'
-} | tee "$DIR/summary.json"
-tar czf "$PACK" -C "$(dirname "$DIR")" "$(basename "$DIR")" && echo "packed $PACK"
-[ -n "${OUT:-}" ] && cp "$DIR/summary.json" "$OUT/summary.json"
-for k in "${!RC[@]}"; do [ "${RC[$k]}" = 0 ] || exit 1; done
-exit 0
+banner "summary"
+summary true
+cat "$DIR/summary.json"
+echo "packed $PACK"
+bad=0
+for k in "${ORDER[@]}"; do
+  case ${STATUS[$k]} in failed|timed_out) echo "gpu_check: $k ${STATUS[$k]}"; bad=1 ;; esac
+done
+exit $bad

@@ -26,7 +26,17 @@ needs_triton = pytest.mark.skipif(
     "triton" not in _backend.available("mine_pairs", "cuda" if torch.cuda.is_available() else "cpu"),
     reason="triton is not installed, or no GPU and TRITON_INTERPRET is not 1",
 )
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(params=[pytest.param("cpu", marks=pytest.mark.interpret, id="interpreted"),
+                        pytest.param("cuda", marks=pytest.mark.gpu, id="compiled")])
+def dev(request):
+    """The device of a Triton mining test, each test once per world: CPU tensors through
+    the interpreter (``interpret``), CUDA tensors through the compiled kernel (``gpu``, so
+    that ``pytest -m gpu`` -- gpu_check.sh -- runs them). One module-level device would
+    have made the compiled runs invisible to ``-m gpu`` and the interpreted ones vanish on
+    a GPU machine."""
+    return request.param
 
 SIM_TOL = 1e-5  # fp32 cosine of unit vectors: the kernels' GEMM tiles round differently
 TIE_TOL = 1e-6  # two similarities this close may legitimately swap order
@@ -424,31 +434,31 @@ TRITON_CASES = {
 
 @needs_triton
 @pytest.mark.parametrize("case", list(TRITON_CASES), ids=list(TRITON_CASES))
-def test_triton_matches_reference(case):
+def test_triton_matches_reference(case, dev):
     from msa_fast.kernels.triton.pair_mining import mine_pairs_forward
 
     n, d, classes, k, dtype, dup, zeros, blocks = TRITON_CASES[case]
     f, labels = _data(n, d, classes, dtype, dup=dup, zeros=zeros)
-    f, labels = f.to(DEV), labels.to(DEV)
+    f, labels = f.to(dev), labels.to(dev)
     if blocks is None:
         got = mine_pairs(f, labels, k, backend="triton")
     else:
-        got = R.MinedPairs(*mine_pairs_forward(f, labels, f, labels, torch.arange(n, device=DEV), k,
+        got = R.MinedPairs(*mine_pairs_forward(f, labels, f, labels, torch.arange(n, device=dev), k,
                                                block_q=blocks[0], block_n=blocks[1]))
     want = R.mine_pairs(f, labels, k)
     assert_triton_equal(got, want, f)
-    assert_valid(got, labels, labels, torch.arange(n, device=DEV))
+    assert_valid(got, labels, labels, torch.arange(n, device=dev))
 
 
 @needs_triton
-def test_triton_quantised_ties_and_tiny_classes():
+def test_triton_quantised_ties_and_tiny_classes(dev):
     # Entries in {-1, 0, 1}: many exactly equal dot products; classes of size 1, 2
     # and 3 (k larger than the class) next to two big ones.
     g = torch.Generator().manual_seed(4)
     f = torch.randint(-1, 2, (190, 6), generator=g).float()
     labels = torch.randint(0, 2, (190,), generator=g)
     labels[[3, 100, 150, 7, 189, 0]] = torch.tensor([2, 3, 3, 4, 4, 4])
-    f, labels = f.to(DEV), labels.to(DEV)
+    f, labels = f.to(dev), labels.to(dev)
     got = mine_pairs(f, labels, 5, backend="triton")
     assert_triton_equal(got, R.mine_pairs(f, labels, 5), f)
     assert (got.pos_idx[3] == -1).all() and got.pos_sim[3].isnan().all()
@@ -457,7 +467,7 @@ def test_triton_quantised_ties_and_tiny_classes():
 
 
 @needs_triton
-def test_triton_exact_ties():
+def test_triton_exact_ties(dev):
     # Rows 2^p * e_c (and zero rows): every similarity is exactly 0 or 1, so the
     # lower-index rule alone decides, across query and key tile boundaries.
     from msa_fast.kernels.triton.pair_mining import mine_pairs_forward
@@ -469,17 +479,17 @@ def test_triton_exact_ties():
     f[torch.arange(n), c] = 2.0 ** torch.randint(-3, 4, (n,), generator=g).float()
     f[::37] = 0
     labels = torch.randint(0, 3, (n,), generator=g)
-    f, labels = f.to(DEV), labels.to(DEV)
+    f, labels = f.to(dev), labels.to(dev)
     want = R.mine_pairs(f, labels, 9)
     for blocks in ((None, None), (16, 32)):
-        got = mine_pairs_forward(f, labels, f, labels, torch.arange(n, device=DEV), 9,
+        got = mine_pairs_forward(f, labels, f, labels, torch.arange(n, device=dev), 9,
                                  block_q=blocks[0], block_n=blocks[1])
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 @needs_triton
-def test_triton_external_queries_and_shards():
+def test_triton_external_queries_and_shards(dev):
     f, labels = _data(230, 21, 4, dup=10, zeros=2)
     g = torch.Generator().manual_seed(3)
     queries = torch.randn(37, 21, generator=g)
@@ -487,44 +497,44 @@ def test_triton_external_queries_and_shards():
     queries[6] = 0
     qlabels = torch.randint(0, 4, (37,), generator=g)
     qlabels[5] = labels[100]
-    f, labels, queries, qlabels = f.to(DEV), labels.to(DEV), queries.to(DEV), qlabels.to(DEV)
+    f, labels, queries, qlabels = f.to(dev), labels.to(dev), queries.to(dev), qlabels.to(dev)
     got = mine_pairs(f, labels, 8, queries, qlabels, backend="triton")
     assert_triton_equal(got, R.mine_pairs(f, labels, 8, queries, qlabels), f, queries)
-    assert_valid(got, labels, qlabels, torch.full((37,), -1, device=DEV))
+    assert_valid(got, labels, qlabels, torch.full((37,), -1, device=dev))
     assert got.pos_idx[5, 0] == 100 and got.pos_sim[5, 0] == pytest.approx(1.0, abs=1e-6)
     assert (got.pos_sim[6][got.pos_idx[6] >= 0] == 0).all() and (got.neg_sim[6] == 0).all()
     # Shards of the data set's own rows (query_index: row i excluded, -1: nothing
     # excluded) are exactly the rows of the full call.
     full = mine_pairs(f, labels, 8, backend="triton")
     for a, b in ((0, 1), (50, 133), (200, 230)):
-        rows = torch.arange(a, b, device=DEV)
+        rows = torch.arange(a, b, device=dev)
         shard = mine_pairs(f, labels, 8, f[a:b], labels[a:b], rows, backend="triton")
-        if DEV == "cuda":  # a row's arithmetic does not depend on its position in a tile
+        if dev == "cuda":  # a row's arithmetic does not depend on its position in a tile
             for x, y in zip(shard, full):
                 torch.testing.assert_close(x, y[a:b], rtol=0, atol=0, equal_nan=True)
         else:  # the interpreter's numpy matmul may round a row by its position in the tile
             assert_triton_equal(shard, R.MinedPairs(*(y[a:b] for y in full)), f, f[a:b])
-    qi = torch.arange(60, 90, device=DEV)
+    qi = torch.arange(60, 90, device=dev)
     qi[::2] = -1
     mixed = mine_pairs(f, labels, 8, f[60:90], labels[60:90], qi, backend="triton")
     assert_triton_equal(mixed, R.mine_pairs(f, labels, 8, f[60:90], labels[60:90], qi), f, f[60:90])
 
 
 @needs_triton
-def test_triton_empty():
-    f = torch.zeros(0, 4, device=DEV)
-    out = mine_pairs(f, torch.zeros(0, dtype=torch.long, device=DEV), 3, torch.randn(2, 4, device=DEV),
-                     torch.tensor([0, 1], device=DEV), backend="triton")
+def test_triton_empty(dev):
+    f = torch.zeros(0, 4, device=dev)
+    out = mine_pairs(f, torch.zeros(0, dtype=torch.long, device=dev), 3, torch.randn(2, 4, device=dev),
+                     torch.tensor([0, 1], device=dev), backend="triton")
     assert out.pos_idx.shape == (2, 3) and (out.pos_idx == -1).all() and out.neg_sim.isnan().all()
     f, labels = _data(20, 4, 2)
-    out = mine_pairs(f.to(DEV), labels.to(DEV), 3, f[:0].to(DEV), labels[:0].to(DEV), backend="triton")
+    out = mine_pairs(f.to(dev), labels.to(dev), 3, f[:0].to(dev), labels[:0].to(dev), backend="triton")
     assert out.pos_idx.shape == (0, 3) and out.neg_sim.dtype == torch.float32
 
 
 @needs_triton
-def test_triton_limits(monkeypatch):
+def test_triton_limits(monkeypatch, dev):
     f, labels = _data(70, 5, 2)
-    f, labels = f.to(DEV), labels.to(DEV)
+    f, labels = f.to(dev), labels.to(dev)
     with pytest.raises(RuntimeError, match="k <= 64"):
         mine_pairs(f, labels, 65, backend="triton")
     with pytest.raises(ValueError, match="backend 'triton' takes dtypes .* got torch.float64"):
@@ -538,13 +548,13 @@ def test_triton_limits(monkeypatch):
 
 
 @needs_triton
-def test_triton_opcheck():
+def test_triton_opcheck(dev):
     f, labels = _data(40, 6, 3, dup=3, zeros=1)
     q = torch.randn(5, 6)
     # No missing slots: opcheck compares outputs without equal_nan.
     for args in ((f, labels, f, labels, torch.arange(40), 4),
                  (f, labels, q, torch.tensor([0, 1, 2, 0, 1]), torch.tensor([-1, 3, -1, 0, 39]), 3)):
-        args = tuple(a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args)
+        args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
         torch.library.opcheck(torch.ops.msa_fast.mine_pairs_triton, args)
 
 

@@ -106,7 +106,15 @@ def _run_sdpa(q, k, v, key_padding_mask, scale):
     backward at MOSI's aligned shape (96, 4, 50, 16) and no faster at 875 keys (measured),
     and it made ``--amp bf16`` training steps 2-4x slower. Autocast is off for the fp32 call
     (SDPA is on the CPU autocast's bf16 list: it would cast the inputs straight back).
+
+    Inputs with no elements (``B``, ``H`` or ``Lq`` zero) take the reference's eager math,
+    which has nothing to compute: torch 2.11's CPU SDPA dies of SIGFPE (a division by the
+    zero head count) at ``H = 0`` -- the whole process, not an exception -- and the supported
+    range starts at 2.11. Checked on the shape, not on the version, so a torch that still
+    crashes elsewhere is covered and one that does not loses nothing.
     """
+    if q.numel() == 0:
+        return reference.attention(q, k, v, key_padding_mask, scale)
     dtype = q.dtype
     if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         with torch.autocast("cpu", enabled=False):
