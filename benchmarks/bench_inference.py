@@ -233,7 +233,7 @@ def _runner(prov: str, name: str, model, dims: dict, device, aligned: bool, max_
         if (prov == "predictor_cuda_graphs" and device.type != "cuda") or (cpu_only and device.type != "cpu"):
             return None
         pr = Predictor(model, dims, device=device, max_batch=max_batch, model_name=name, **PREDICTORS[prov])
-        return _Callable(pr.predict, predictor=pr)
+        return pr.predict  # a bound method: the rows read its Predictor as run.__self__
     if prov in ("eager", "eager_cmdie_loop"):
         if prov == "eager_cmdie_loop":
             # on unaligned data CMDIE's batched="auto" always runs the loop (and on aligned
@@ -272,15 +272,6 @@ def _runner(prov: str, name: str, model, dims: dict, device, aligned: bool, max_
                 return loaded(*_graph_inputs(b, dims))
         return run_aoti
     return None
-
-
-class _Callable:
-    def __init__(self, fn, **attrs):
-        self.fn = fn
-        self.__dict__.update(attrs)
-
-    def __call__(self, *a):
-        return self.fn(*a)
 
 
 class _Zero(torch.nn.Module):
@@ -450,7 +441,7 @@ def main() -> None:
                     if prov in times:
                         row.update(_stats(times[prov], B))
                     if prov.startswith("predictor") and not isinstance(runners[prov], Exception):
-                        pr = runners[prov].predictor
+                        pr = runners[prov].__self__
                         row["runtime"] = pr.runtime_for(pr.bucket_of(B, [TEXT_LEN] * 3)[0])
                         if pr.fallbacks:
                             row["fallbacks"] = dict(pr.fallbacks)

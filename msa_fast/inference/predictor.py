@@ -75,6 +75,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from msa_fast._backend import get_backend, use_backend
 from msa_fast.metrics import warn_if_implausible
 
 _LOG = logging.getLogger("msa_fast.inference")
@@ -93,17 +94,6 @@ DEFAULT_LENGTH_BUCKETS = (8, 16, 32, 50, 64, 128, 256, 375, 500, 512)
 # stay eager (and skip a 5-40 s compile). A model not listed: eager.
 COMPILE_DEFAULT = {"agfn": True, "fd_cmdie": True, "promma": True, "lf_dnn": False,
                    "text_only": False}
-
-_SAMPLE_KEYS = ("text", "text_bert", "audio", "vision")
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """``isfinite(t).all()``, through the sum first: a sum is non-finite whenever an element is
-    (NaN / inf propagate, inf - inf is NaN), so a finite sum proves every element finite with
-    one vectorised reduction and no (B, L, D) bool temporary; only a non-finite sum (an element,
-    or an overflow of large finite values) pays the exact check."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
@@ -221,10 +211,9 @@ def _sample_rows(samples: Sequence, dims: dict) -> list[dict]:
         if s.get(text_key) is not None:
             row["text"] = (_as_bert(s[text_key], f"samples[{i}].text_bert") if bert
                            else _as_float(s[text_key], f"samples[{i}].text", dims["text"], "Lt"))
-        if s.get("audio") is not None:
-            row["audio"] = _as_float(s["audio"], f"samples[{i}].audio", dims["audio"], "La")
-        if s.get("vision") is not None:
-            row["vision"] = _as_float(s["vision"], f"samples[{i}].vision", dims["vision"], "Lv")
+        for m, lead in (("audio", "La"), ("vision", "Lv")):
+            if s.get(m) is not None:
+                row[m] = _as_float(s[m], f"samples[{i}].{m}", dims[m], lead)
         if not row:
             raise ValueError(f"samples[{i}]: expected at least one of {text_key!r}, 'audio', "
                              f"'vision', got keys {sorted(s)}")
@@ -684,15 +673,13 @@ class Predictor:
         """Whether bucket ``key`` runs an exported graph with dynamic batch and lengths (ONNX
         Runtime, AOTInductor), which needs no padding to the bucket: the chunk runs at its own
         batch and longest lengths, as a caller of that runtime would run it."""
-        rt = self._runtime_of.get(key[0]) or self.runtime_for(key[0])
+        rt = self.runtime_for(key[0])
         return rt in ("onnxruntime", "aoti") and (rt, aligned) not in self._exported_failed
 
     def _run_bucket(self, key: tuple | None, aligned: bool, padded: dict, k: int) -> np.ndarray:
         """Predictions (float32 numpy) of the first ``k`` rows of a padded numpy batch of
         bucket ``key`` (None: outside the buckets, eager)."""
-        from msa_fast._backend import get_backend, use_backend
-
-        rt = "eager" if key is None else (self._runtime_of.get(key[0]) or self.runtime_for(key[0]))
+        rt = "eager" if key is None else self.runtime_for(key[0])
         if rt in ("onnxruntime", "aoti"):
             # _pad_rows / _fill_rows leave "present" out where every row has every modality
             present = rt == "aoti" or "present" in padded
