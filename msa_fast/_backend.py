@@ -104,6 +104,14 @@ def _compile_reason(device_type: str) -> str | None:
     return None
 
 
+# torch 2.11's CPU inductor miscompiles the vectorised C++ of fd_cmdie_contrastive_loss's
+# backward (the heap is corrupted: "double free or corruption", the process dies; found by
+# benchmarks/gpu_rehearsal.sh, gone by torch 2.14, 2.12 / 2.13 untested): before 2.14 the
+# compile backend's CPU kernels are scalar C++ (``cpp.simdlen = 0``, per compile, not global)
+_COMPILE_OPTIONS = ({"cpp.simdlen": 0}
+                    if torch.torch_version.TorchVersion(torch.__version__) < (2, 14) else None)
+
+
 def compiled_reference(reference: Callable[..., Any],
                        check: Callable[..., None] | None = None) -> Callable[..., Any]:
     """``reference`` under ``torch.compile``, compiled on its first call (2-25 s on a CPU: once
@@ -140,7 +148,7 @@ def compiled_reference(reference: Callable[..., Any],
         if torch.compiler.is_compiling():
             return checked(*args)
         if compiled is None:
-            compiled = torch.compile(checked)
+            compiled = torch.compile(checked, options=_COMPILE_OPTIONS)
         return compiled(*args)
 
     run.checked = checked  # what is compiled (tests: one code object per op)

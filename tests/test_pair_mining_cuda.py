@@ -15,6 +15,8 @@ emulation mirrors the CUDA code statement by statement: change both together.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,18 @@ needs_cuda_kernel = pytest.mark.skipif(
     not _INFO["extension"] or "mine_pairs" not in _INFO.get("cuda_ops", []),
     reason="msa_fast._C has no CUDA mine_pairs kernel (build with nvcc: pip install -e .)",
 )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_cuda_kernel_was_built_where_gpu_check_requires_it():
+    """On the GPU machine (``gpu_check.sh`` exports MSA_FAST_REQUIRE_CUDA_KERNELS=1) a build that
+    lost the CUDA kernel is a failure, not a row of skipped tests."""
+    if os.environ.get("MSA_FAST_REQUIRE_CUDA_KERNELS") != "1":
+        pytest.skip("MSA_FAST_REQUIRE_CUDA_KERNELS is not 1 (only gpu_check.sh requires the build)")
+    assert _INFO["extension"], _INFO
+    assert "mine_pairs" in _INFO.get("cuda_ops", []), _INFO
+
 
 # Kernel constants (csrc/cuda/pair_mining.cu) the emulation and the shapes use.
 LANES = 32
