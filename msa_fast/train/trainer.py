@@ -48,7 +48,7 @@ from msa_fast.train import checkpoint as ckpt
 from msa_fast.train.config import TrainConfig
 from msa_fast.train.distributed import Dist, current, shard_batch
 from msa_fast.train.run_dir import RESULT_KEYS, RunDirError, config_diff
-from msa_fast.train.seed import rng_state, set_rng_state, set_seed
+from msa_fast.train.seed import cudnn_deterministic, rng_state, set_rng_state, set_seed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -156,7 +156,8 @@ def train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None)
     if cfg.threads > 0 and resolve_device(cfg.device).type == "cpu":
         torch.set_num_threads(cfg.threads)
     try:
-        with use_backend(cfg.backend):  # the run's backend, restored afterwards
+        # the run's backend and MMSA's deterministic cuDNN, both restored afterwards
+        with use_backend(cfg.backend), cudnn_deterministic():
             return _train_seed(cfg, data, seed, run_dir)
     finally:
         torch.set_num_threads(previous)
