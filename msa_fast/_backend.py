@@ -407,7 +407,10 @@ def backend_table() -> str:
 
     Every op declares itself when :mod:`msa_fast.ops` is imported, and no one can reach this
     module without that: importing ``msa_fast._backend`` runs the package's ``__init__``,
-    which imports ``msa_fast.ops`` (``_backend`` itself imports nothing above it)."""
+    which imports ``msa_fast.ops`` (``_backend`` itself imports nothing above it). Rows
+    follow the ops' modules in name order (``ops/attention.py``, ``ops/contrastive.py``, ...,
+    the module of each op's check), then declaration order within one: not the order the
+    modules happen to be imported in, which one op importing another changes."""
 
     def cell(spec: OpSpec, backend: str) -> str:
         f = spec.implementation(backend)
@@ -421,7 +424,7 @@ def backend_table() -> str:
 
     rows = ["| op | eager | cpp | cuda | triton | sdpa | compile | `auto` on CPU | `auto` on GPU |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for name, spec in SPECS.items():
+    for name, spec in sorted(SPECS.items(), key=lambda item: item[1].check.__module__):
         order = {dev: " > ".join(AUTO_ORDER[(name, dev)]) + ("" if name in MEASURED.get(dev, {}) else " (declared)")
                  for dev in ("cpu", "cuda")}
         cells = " | ".join(cell(spec, b) for b in ("cpp", "cuda", "triton", "sdpa", "compile"))
