@@ -306,12 +306,33 @@ def _first_tensor(args) -> torch.Tensor:
     return next(a for a in args if isinstance(a, torch.Tensor))
 
 
-def _autocast(spec: OpSpec, args: tuple) -> tuple:
-    from msa_fast.ops import _validate as V
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
 
+
+def autocast_inputs(*ts, dtype: torch.dtype | None = None):
+    """Mixed precision: inside ``torch.autocast`` for the first tensor's device type, cast
+    every fp32/fp16/bf16 tensor among ``ts`` to ``dtype`` (default: the autocast dtype);
+    outside autocast return ``ts`` unchanged.
+
+    Why: under autocast a module hands an op activations in bf16 (from Linear layers) and
+    its own parameters in fp32, while every fused op needs one dtype. GEMM-like and
+    normalisation ops take the autocast dtype (their kernels accumulate in fp32 anyway);
+    losses pass ``dtype=torch.float32``, as autocast does for softmax / cosine losses.
+    fp64 and non-floating tensors, and non-tensors (left for validation to reject), pass
+    through. Outside autocast, mismatched dtypes stay a ValueError (SPEC 10).
+    """
+    first = next((t for t in ts if isinstance(t, torch.Tensor)), None)
+    if first is None or not torch.is_autocast_enabled(first.device.type):
+        return ts
+    dt = dtype or torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FROM else t
+                 for t in ts)
+
+
+def _autocast(spec: OpSpec, args: tuple) -> tuple:
     if spec.autocast is None:
         return args
-    return V.autocast_inputs(*args, dtype=None if spec.autocast == "autocast" else spec.autocast)
+    return autocast_inputs(*args, dtype=None if spec.autocast == "autocast" else spec.autocast)
 
 
 def choose(spec: OpSpec, args: tuple, backend: str | None) -> Fused | None:
@@ -390,8 +411,14 @@ def dispatch(spec: OpSpec, args: tuple, backend: str | None):
 
 
 def backend_table() -> str:
-    """The README's backend table, from the descriptors."""
-    import msa_fast.ops  # noqa: F401  (every op declares itself on import)
+    """The README's backend table, from the descriptors.
+
+    Every op declares itself when :mod:`msa_fast.ops` is imported, and no one can reach this
+    module without that: importing ``msa_fast._backend`` runs the package's ``__init__``,
+    which imports ``msa_fast.ops`` (``_backend`` itself imports nothing above it). Rows
+    follow the ops' modules in name order (``ops/attention.py``, ``ops/contrastive.py``, ...,
+    the module of each op's check), then declaration order within one: not the order the
+    modules happen to be imported in, which one op importing another changes."""
 
     def cell(spec: OpSpec, backend: str) -> str:
         f = spec.implementation(backend)
@@ -405,7 +432,7 @@ def backend_table() -> str:
 
     rows = ["| op | eager | cpp | cuda | triton | sdpa | compile | `auto` on CPU | `auto` on GPU |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for name, spec in SPECS.items():
+    for name, spec in sorted(SPECS.items(), key=lambda item: item[1].check.__module__):
         order = {dev: " > ".join(AUTO_ORDER[(name, dev)]) + ("" if name in MEASURED.get(dev, {}) else " (declared)")
                  for dev in ("cpu", "cuda")}
         cells = " | ".join(cell(spec, b) for b in ("cpp", "cuda", "triton", "sdpa", "compile"))

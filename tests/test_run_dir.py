@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 import torch
@@ -202,24 +201,31 @@ def test_kill_9_and_resume_is_bit_identical(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     ref, run = tmp_path / "ref", tmp_path / "run"
     subprocess.run(_train_cmd(ref), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(_train_cmd(run), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    state = run / "seed_1" / "state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text())["epoch"] >= 1:
-            break
-        time.sleep(0.02)
-    killed_at = json.loads(state.read_text())["epoch"]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert killed_at < 4, "the run ended before it could be killed"
+    # the trainer kills itself (SIGKILL) right after epoch 1's checkpoint: no race with a poll
+    proc = subprocess.run(_train_cmd(run), env=dict(env, MSA_FAST_KILL_AFTER_EPOCH="1"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert json.loads((run / "seed_1" / "state.json").read_text())["epoch"] == 1
+    assert not (run / "results.json").exists()
     subprocess.run(_train_cmd(run, "--resume"), check=True, env=env, capture_output=True)
     a, b = load_file(str(ref / "seed_1" / "epoch4.safetensors")), load_file(
         str(run / "seed_1" / "epoch4.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     ra, rb = (json.load(open(d / "results.json"))["per_seed"][0] for d in (ref, run))
     assert ra["test"]["MAE"] == rb["test"]["MAE"] and ra["best_epoch"] == rb["best_epoch"]
+
+
+def test_the_kill_hook_takes_an_epoch_and_is_off_when_unset(monkeypatch):
+    from msa_fast.train.trainer import KILL_ENV, _kill_after_epoch
+
+    monkeypatch.delenv(KILL_ENV, raising=False)
+    assert _kill_after_epoch() is None
+    monkeypatch.setenv(KILL_ENV, "3")
+    assert _kill_after_epoch() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(KILL_ENV, bad)
+        with pytest.raises(ValueError, match=KILL_ENV):
+            _kill_after_epoch()
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

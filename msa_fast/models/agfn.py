@@ -102,7 +102,7 @@ from msa_fast.models.encoders import SLSTMEncoder, build_text_encoder, encode_te
 from msa_fast.nn.attention import AddNorm, MultiheadAttention
 from msa_fast.nn.dual_gate import ENTROPY_SOURCES, DualGateFusion
 from msa_fast.ops import _validate as V
-from msa_fast.ops.reference import sentiment_classes
+from msa_fast.ops._common import sentiment_classes
 
 __all__ = ["AGFN", "CrossModalBlock"]
 

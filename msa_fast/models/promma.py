@@ -113,7 +113,7 @@ from msa_fast.models import register_model
 from msa_fast.models.encoders import SLSTMEncoder, build_text_encoder, encode_text, masked_mean
 from msa_fast.nn.attention import AddNorm, MultiheadAttention, StackedLinear
 from msa_fast.ops import _validate as V
-from msa_fast.ops.reference import sinusoidal_position_encoding
+from msa_fast.ops._common import sinusoidal_position_encoding
 
 __all__ = ["ProMMA"]
 

@@ -1,9 +1,9 @@
 """``MultiheadAttention`` and ``AddNorm``: the one multi-head attention of every model (SPEC 3.3).
 
 DIPU / CMDIE, AGFN's cross-modal blocks and ProMMA's backbone all use these, and
-``msa_fast.ops.dipu`` uses the functional core (:func:`multihead_attention`,
-:func:`linear`, :func:`add_norm`), so that attention always runs through
-:func:`msa_fast.ops.attention` and residual + LayerNorm through
+``msa_fast.ops.dipu`` uses their functional core (:mod:`msa_fast.ops.multihead`:
+:func:`multihead_attention`, :func:`linear`, :func:`add_norm`, re-exported here), so
+that attention always runs through :func:`msa_fast.ops.attention` and residual + LayerNorm through
 :func:`msa_fast.ops.add_layer_norm` -- every fused backend of those two ops speeds every
 model up. The GEMMs stay in cuBLAS / MKL.
 
@@ -20,77 +20,10 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from msa_fast import ops
+from msa_fast.ops.multihead import add_norm, linear, multihead_attention
 
 __all__ = ["AddNorm", "MultiheadAttention", "StackedLinear", "add_norm", "linear", "multihead_attention"]
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x W^T + b``; ``weight (out, in)`` for one stream, ``(n, out, in)`` stacked.
-
-    Stacked: ``x: (n, ..., in) -> (n, ..., out)``, stream ``i`` with ``weight[i], bias[i]``
-    (one batched GEMM, ``baddbmm``).
-    """
-    if weight.dim() == 2:
-        return F.linear(x, weight, bias)
-    n, i = x.shape[0], x.shape[-1]
-    flat = x.reshape(n, math.prod(x.shape[1:-1]), i)
-    w = weight.transpose(1, 2)
-    if bias is None:
-        y = torch.bmm(flat, w)
-    elif torch.compiler.is_compiling():
-        # inductor runs baddbmm as a copy of the broadcast bias into the output, then the GEMM;
-        # a separate add fuses into the kernel that reads y next (same values)
-        y = torch.bmm(flat, w) + bias[:, None, :]
-    else:
-        y = torch.baddbmm(bias[:, None, :], flat, w)
-    return y.view(*x.shape[:-1], weight.shape[1])
-
-
-def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-             eps: float = 1e-5, backend: str | None = None) -> torch.Tensor:
-    """``LayerNorm(x + residual)`` through :func:`msa_fast.ops.add_layer_norm`.
-
-    ``weight, bias: (d,)``, or ``(n, d)`` stacked for ``x: (n, ..., d)`` (then the op
-    normalises without affine and the per-stream affine follows: the op takes one
-    ``(d,)`` affine). Under autocast the residual is cast to ``x``'s dtype (the op wants
-    one dtype; a residual from an fp32 parameter meets a bf16 GEMM output).
-    """
-    dt = x.dtype
-    residual = residual.to(dt)
-    if weight.dim() == 1:
-        return ops.add_layer_norm(x, residual, weight.to(dt), bias.to(dt), eps, backend=backend)
-    d = x.shape[-1]
-    y = ops.add_layer_norm(x, residual, x.new_ones(d), x.new_zeros(d), eps, backend=backend)
-    shape = (weight.shape[0],) + (1,) * (x.dim() - 2) + (d,)
-    return torch.addcmul(bias.to(dt).view(shape), y, weight.to(dt).view(shape))
-
-
-def _split(x: torch.Tensor, n: int, heads: int) -> torch.Tensor:
-    # (..., L, d) -> (n, H, L, Dh), n the product of the leading dims (given: it may be 0)
-    return x.reshape(n, *x.shape[-2:]).unflatten(-1, (heads, x.shape[-1] // heads)).transpose(1, 2)
-
-
-def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        key_padding_mask: torch.Tensor | None, heads: int,
-                        backend: str | None = None) -> torch.Tensor:
-    """Multi-head attention of projected inputs, before the output projection.
-
-    ``q: (..., Lq, d)``, ``k, v: (..., Lk, d)`` with the same number of leading
-    elements, ``key_padding_mask: (..., Lk)`` bool (True = not a key) or None ->
-    ``(..., Lq, d)``: ``d`` split into ``heads`` heads of ``d / heads``, each
-    ``softmax(q k^T / sqrt(Dh)) v`` by :func:`msa_fast.ops.attention` (all leading
-    dims and heads in one launch; a query with no key gets 0). ``k, v`` are cast to
-    ``q``'s dtype: under autocast keys may come from fp32 parameters while the queries
-    come out of a bf16 GEMM.
-    """
-    k, v = k.to(q.dtype), v.to(q.dtype)
-    n = math.prod(q.shape[:-2])  # not Size.numel(), which fixes a symbolic batch in torch.export
-    mask = None if key_padding_mask is None else key_padding_mask.reshape(n, key_padding_mask.shape[-1])
-    out = ops.attention(_split(q, n, heads), _split(k, n, heads), _split(v, n, heads), mask, backend=backend)
-    return out.transpose(1, 2).flatten(2).view(q.shape)
 
 
 class StackedLinear(nn.Module):

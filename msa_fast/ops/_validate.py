@@ -98,29 +98,6 @@ def choice(op: str, name: str, v: object, options: Sequence[str]) -> str:
     return v  # type: ignore[return-value]
 
 
-_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def autocast_inputs(*ts, dtype: torch.dtype | None = None):
-    """Mixed precision: inside ``torch.autocast`` for the first tensor's device type, cast
-    every fp32/fp16/bf16 tensor among ``ts`` to ``dtype`` (default: the autocast dtype);
-    outside autocast return ``ts`` unchanged.
-
-    Why: under autocast a module hands an op activations in bf16 (from Linear layers) and
-    its own parameters in fp32, while every fused op needs one dtype. GEMM-like and
-    normalisation ops take the autocast dtype (their kernels accumulate in fp32 anyway);
-    losses pass ``dtype=torch.float32``, as autocast does for softmax / cosine losses.
-    fp64 and non-floating tensors, and non-tensors (left for validation to reject), pass
-    through. Outside autocast, mismatched dtypes stay a ValueError (SPEC 10).
-    """
-    first = next((t for t in ts if isinstance(t, torch.Tensor)), None)
-    if first is None or not torch.is_autocast_enabled(first.device.type):
-        return ts
-    dt = dtype or torch.get_autocast_dtype(first.device.type)
-    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FROM else t
-                 for t in ts)
-
-
 def config_int(op: str, name: str, v: object, minimum: int) -> int:
     """A model / module hyper-parameter that must be an int >= ``minimum`` (bools refused)."""
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:

@@ -23,7 +23,7 @@ Backends:
 
 Zero rows: every ``reduction="mean"`` of zero rows (``P = 0`` / ``B = 0``: a batch
 without pairs) is 0, not the NaN of ``0 / 0``, and its backward gives zero gradients
-(SPEC 10; ``reference._reduce``), on every backend.
+(SPEC 10; ``_common.reduce_loss``), on every backend.
 
 ``auto`` on CUDA tensors: triton, else eager; on the CPU: eager (Triton runs there
 only interpreted, with ``TRITON_INTERPRET=1``, for the tests).
@@ -38,6 +38,7 @@ import torch
 from msa_fast import _backend
 from msa_fast.ops import _validate as V
 from msa_fast.ops import reference
+from msa_fast.ops._common import reduce_loss
 
 __all__ = ["fd_cmdie_contrastive_loss", "nt_xent", "triplet"]
 
@@ -223,7 +224,7 @@ def _check_nt_xent(anchor, positive, negatives, negatives_mask, tau, reduction) 
 
 def _nt_xent_run(anchor, positive, negatives, negatives_mask, tau, reduction):
     rows = _nt_xent_triton(anchor, positive, negatives, negatives_mask, float(tau))[0]
-    return reference._reduce(rows, reduction).to(anchor.dtype)
+    return reduce_loss(rows, reduction).to(anchor.dtype)
 
 
 # The kernels compute in fp32 from fp32 / fp16 / bf16 inputs; fp64 stays on the reference.
@@ -243,7 +244,7 @@ def _check_triplet(anchor, positive, negative, margin, reduction) -> None:
 
 
 def _triplet_run(anchor, positive, negative, margin, reduction):
-    return reference._reduce(_triplet_triton(anchor, positive, negative, float(margin)), reduction).to(anchor.dtype)
+    return reduce_loss(_triplet_triton(anchor, positive, negative, float(margin)), reduction).to(anchor.dtype)
 
 
 _TRIPLET = _backend.declare(_backend.OpSpec(
@@ -278,7 +279,7 @@ def _fd_cmdie_run(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, t
                   pos_partner_mask, neg_partner_mask, reduction):
     rows = _fd_cmdie_triton(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, pos_partner_mask,
                             neg_partner_mask, float(tau), float(margin), float(lambda_tri))[0]
-    return reference._reduce(rows, reduction).to(sim_feats.dtype)
+    return reduce_loss(rows, reduction).to(sim_feats.dtype)
 
 
 _FD_CMDIE = _backend.declare(_backend.OpSpec(

@@ -17,7 +17,9 @@ from torch.nn import functional as F
 
 from msa_fast import _backend
 from msa_fast.ops import _validate as V
+from msa_fast.ops import multihead as A
 from msa_fast.ops import reference
+from msa_fast.ops._common import sinusoidal_position_encoding
 
 __all__ = ["dipu", "dipu_composite", "dipu_param_shapes"]
 
@@ -109,9 +111,6 @@ def dipu_composite(
     and to each FFN output. Computes in the input dtype (the ops take fp16 / bf16 in
     fp32 internally); under autocast the GEMMs follow autocast.
     """
-    from msa_fast.nn import attention as A  # the functional multi-head core (nn imports ops)
-    from msa_fast.ops.reference import sinusoidal_position_encoding
-
     p, d = params, G.shape[-1]
     if g_mask is not None:
         G = G.masked_fill(g_mask[..., None], 0.0)

@@ -27,9 +27,9 @@ import sys
 import torch
 
 from msa_fast import _backend, _ext
+from msa_fast.ops import _common, reference
 from msa_fast.ops import _validate as V
-from msa_fast.ops import reference
-from msa_fast.ops.reference import MinedPairs
+from msa_fast.ops._common import MinedPairs
 
 __all__ = ["MinedPairs", "mine_pairs", "mine_pairs_chunked", "sentiment_classes"]
 
@@ -94,7 +94,7 @@ def _check_query_index(query_index: torch.Tensor, n: int) -> None:
 
 def sentiment_classes(y, scheme: str = "7") -> torch.Tensor:
     """Regression labels to int64 class ids (SPEC 3.4): see
-    :func:`msa_fast.ops.reference.sentiment_classes` for the schemes.
+    :func:`msa_fast.ops._common.sentiment_classes` for the schemes.
 
     ``y``: a tensor, a numpy array, a Python list or a number (converted with
     ``torch.as_tensor``; integer and bool labels are read as floats). NaN labels
@@ -114,7 +114,7 @@ def sentiment_classes(y, scheme: str = "7") -> torch.Tensor:
     if bool(torch.isnan(y).any()):
         V.fail(op, "y", "labels without NaN (a NaN label has no class)",
                f"{int(torch.isnan(y).sum())} NaN of {y.numel()} in shape {tuple(y.shape)}")
-    return reference.sentiment_classes(y, scheme)
+    return _common.sentiment_classes(y, scheme)
 
 
 def _k_limit(features, labels, k, *_queries) -> str | None:
@@ -125,8 +125,8 @@ def _k_limit(features, labels, k, *_queries) -> str | None:
 
 def _fused_runner(op_of_backend):
     def run(features, labels, k, queries, query_labels, query_index):
-        queries, query_labels, query_index = reference.mining_queries(features, labels, queries, query_labels,
-                                                                      query_index)
+        queries, query_labels, query_index = _common.mining_queries(features, labels, queries, query_labels,
+                                                                    query_index)
         out = op_of_backend()(features.detach(), labels, queries.detach(), query_labels, query_index, k)
         return MinedPairs(*out)
 

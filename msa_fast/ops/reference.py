@@ -13,24 +13,17 @@ dual gate follows SPEC 3.1.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
-
-class MinedPairs(NamedTuple):
-    """Result of :func:`mine_pairs`: four ``(Q, k)`` tensors.
-
-    ``pos_idx`` / ``neg_idx`` are int64 row indices into ``features`` (``-1`` where
-    fewer than ``k`` candidates exist); ``pos_sim`` / ``neg_sim`` the cosine
-    similarities (``nan`` in the missing slots).
-    """
-
-    pos_idx: torch.Tensor
-    pos_sim: torch.Tensor
-    neg_idx: torch.Tensor
-    neg_sim: torch.Tensor
-
+# shared with the production ops (not oracles): defined once in _common, re-exported here
+from msa_fast.ops._common import (  # noqa: F401
+    MinedPairs,
+    mining_queries,
+    reduce_loss,
+    sentiment_classes,
+    sinusoidal_position_encoding,
+)
 
 # --------------------------------------------------------------------------- #
 # Pair mining (FD-CMDIE eq. 7-8, SPEC 3.4)
@@ -74,19 +67,6 @@ def _pad_k(idx: torch.Tensor, val: torch.Tensor, k: int) -> tuple[torch.Tensor, 
         idx = torch.cat([idx, idx.new_full((idx.shape[0], missing), -1)], dim=1)
         val = torch.cat([val, val.new_full((val.shape[0], missing), float("nan"))], dim=1)
     return idx, val
-
-
-def mining_queries(features, labels, queries=None, query_labels=None, query_index=None):
-    """The explicit ``(queries, query_labels, query_index)`` of a ``mine_pairs`` call:
-    no queries means every row of ``features`` (row i excludes itself); queries without
-    an index exclude nothing (-1)."""
-    if queries is None:
-        queries, query_labels = features, labels
-        if query_index is None:
-            query_index = torch.arange(features.shape[0], device=features.device)
-    elif query_index is None:
-        query_index = torch.full((queries.shape[0],), -1, dtype=torch.long, device=features.device)
-    return queries, query_labels, query_index
 
 
 def mine_pairs(
@@ -137,22 +117,6 @@ def mine_pairs(
         pos_idx, pos_sim = _pad_k(pos_idx, pos_sim, k)
         neg_idx, neg_sim = _pad_k(neg_idx, neg_sim, k)
     return MinedPairs(pos_idx, pos_sim, neg_idx, neg_sim)
-
-
-def sentiment_classes(y: torch.Tensor, scheme: str = "7") -> torch.Tensor:
-    """Regression labels in [-3, 3] to int64 class ids (SPEC 3.4).
-
-    ``"7"``: ``round(clip(y, -3, 3)) + 3`` in 0..6 (round half to even, as numpy
-    and MMSA); ``"3"``: ``sign(y) + 1`` in 0..2 (negative, neutral, positive);
-    ``"2"``: ``y >= 0`` in 0..1 (MMSA's Has0 split).
-    """
-    if scheme == "7":
-        return torch.round(y.clamp(-3.0, 3.0)).long() + 3
-    if scheme == "3":
-        return torch.sign(y).long() + 1
-    if scheme == "2":
-        return (y >= 0).long()
-    raise ValueError(f"sentiment_classes: scheme: expected one of ('7', '3', '2'), got {scheme!r}")
 
 
 # --------------------------------------------------------------------------- #
@@ -326,19 +290,6 @@ def add_layer_norm(
     return _F.layer_norm(s, (s.shape[-1],), weight.to(acc), bias.to(acc), eps).to(dtype)
 
 
-def sinusoidal_position_encoding(length: int, d: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """The fixed sinusoidal PE of eq. 13-14 (Vaswani et al.): ``(length, d)``.
-
-    ``PE[p, 2i] = sin(p / 10000^(2i/d))``, ``PE[p, 2i+1] = cos(p / 10000^(2i/d))``,
-    positions counted from 0 (padding is at the end of a sequence, so real
-    positions are 0..len-1); an odd ``d`` drops the last cosine column.
-    """
-    pos = torch.arange(length, device=device, dtype=dtype)
-    two_i = torch.arange(0, d, 2, device=device, dtype=dtype)
-    angles = pos[:, None] * torch.exp(two_i * (-9.210340371976184 / d))[None, :]  # ln(10000)
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[:, :d]
-
-
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, L, d) -> (B, H, L, Dh)
 
@@ -469,20 +420,6 @@ def unit_vectors(x: torch.Tensor) -> torch.Tensor:
     return x * inv
 
 
-def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    """``"mean"`` / ``"sum"`` over rows, or the rows (``"none"``).
-
-    The mean of zero rows is 0, not NaN (``0 / 0``): a batch without a single pair
-    contributes nothing to the loss, and its backward gives zero (empty) gradients.
-    """
-    if reduction == "mean":
-        # sum() of no rows is 0 and keeps the graph; the shape test is static under compile
-        return loss.mean() if loss.numel() else loss.sum()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
-
-
 def nt_xent(
     anchor: torch.Tensor,
     positive: torch.Tensor,
@@ -515,7 +452,7 @@ def nt_xent(
     if negatives_mask is not None:
         c_neg = c_neg.masked_fill(~negatives_mask, float("-inf"))
     loss = torch.logsumexp(torch.cat([c_pos[:, None], c_neg], dim=1), dim=1) - c_pos
-    return _reduce(loss, reduction).to(anchor.dtype)
+    return reduce_loss(loss, reduction).to(anchor.dtype)
 
 
 def triplet(
@@ -537,7 +474,7 @@ def triplet(
     d_pos = 1 - (a * unit_vectors(positive.to(ct))).sum(-1)
     d_neg = 1 - (a * unit_vectors(negative.to(ct))).sum(-1)
     loss = torch.relu(d_pos - d_neg + margin)
-    return _reduce(loss, reduction).to(anchor.dtype)
+    return reduce_loss(loss, reduction).to(anchor.dtype)
 
 
 def _anchor_group_nt_xent(logits: torch.Tensor, is_pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -655,4 +592,4 @@ def fd_cmdie_contrastive_loss(
     d_neg = 1 - torch.einsum("bd,bnd->bn", s[:, 0], d)  # (B, 3)
     l_tri = torch.relu(d_pos[:, :, None] - d_neg[:, None, :] + margin).sum(dim=(1, 2))
 
-    return _reduce(l_nt + lambda_tri * l_tri, reduction).to(sim_feats.dtype)
+    return reduce_loss(l_nt + lambda_tri * l_tri, reduction).to(sim_feats.dtype)

@@ -1,10 +1,14 @@
 """MMSA's seed setup (``setup_seed``): python ``random``, numpy, torch (CPU and every CUDA
-device) seeded with the same value, cuDNN deterministic and not benchmarking. Plus
-capture / restore of every RNG state, for checkpoints (JSON-safe)."""
+device) seeded with the same value (:func:`set_seed`), and cuDNN deterministic and not
+benchmarking for the span of a run (:func:`cudnn_deterministic`, a scope: torch's flags are
+restored afterwards instead of being left changed for the whole process). Plus capture /
+restore of every RNG state, for checkpoints (JSON-safe)."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import inspect
 import random
 
 import numpy as np
@@ -16,8 +20,19 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
+def cudnn_deterministic():
+    """cuDNN deterministic and not benchmarking inside the ``with`` (MMSA's setting), every
+    other cuDNN flag as it was; all restored on exit. Through ``torch.backends.cudnn.flags``,
+    whose defaults would reset the flags it is not given, so it gets each one's current
+    value (the set of flags differs between torch versions)."""
+    cudnn = torch.backends.cudnn
+    current = {name: getattr(cudnn, name) for name in inspect.signature(cudnn.flags).parameters
+               if hasattr(cudnn, name)}
+    with cudnn.flags(**{**current, "benchmark": False, "deterministic": True}):
+        yield
 
 
 def _b64(t: torch.Tensor) -> str:

@@ -25,6 +25,11 @@ keys). A larger ``epochs`` continues a seed stopped by the epoch cap, not one st
 early stopping (said in the log); a smaller one than already trained is refused. Checkpoint
 files without a ``state.json`` are refused, never silently restarted over. On CUDA the
 forward runs under ``torch.autocast(dtype=torch.bfloat16)`` when ``amp`` is set.
+
+Crash tests: with the environment variable ``MSA_FAST_KILL_AFTER_EPOCH=N`` (:data:`KILL_ENV`)
+every process of the run kills itself with ``SIGKILL`` once epoch ``N``'s checkpoint is on
+disk -- the ``kill -9`` that resume must survive, at a known point instead of a race between
+a test's poll and the training loop. Unset, nothing happens.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -48,7 +54,7 @@ from msa_fast.train import checkpoint as ckpt
 from msa_fast.train.config import TrainConfig
 from msa_fast.train.distributed import Dist, current, shard_batch
 from msa_fast.train.run_dir import RESULT_KEYS, RunDirError, config_diff
-from msa_fast.train.seed import rng_state, set_rng_state, set_seed
+from msa_fast.train.seed import cudnn_deterministic, rng_state, set_rng_state, set_seed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -156,10 +162,24 @@ def train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None)
     if cfg.threads > 0 and resolve_device(cfg.device).type == "cpu":
         torch.set_num_threads(cfg.threads)
     try:
-        with use_backend(cfg.backend):  # the run's backend, restored afterwards
+        # the run's backend and MMSA's deterministic cuDNN, both restored afterwards
+        with use_backend(cfg.backend), cudnn_deterministic():
             return _train_seed(cfg, data, seed, run_dir)
     finally:
         torch.set_num_threads(previous)
+
+
+KILL_ENV = "MSA_FAST_KILL_AFTER_EPOCH"
+
+
+def _kill_after_epoch() -> int | None:
+    """The epoch after whose checkpoint the process kills itself (:data:`KILL_ENV`), or None."""
+    value = os.environ.get(KILL_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{KILL_ENV}: expected an epoch >= 1, got {value!r}")
+    return int(value)
 
 
 def check_splits(data: MMSAData) -> None:
@@ -249,6 +269,7 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
     valid_loader = make_loader(data["valid"], cfg.batch_size, shuffle=False, seed=seed,
                                aligned=data.aligned, protocol=protocol, name="valid")
 
+    kill_after = _kill_after_epoch()
     state = {"best_valid": float("inf"), "best_epoch": 0, "history": [], "finished": False}
     start_epoch = 1
     if run_dir:
@@ -343,6 +364,10 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
                 ckpt.save_checkpoint(run_dir, epoch, model, optimizer,
                                      dict(kept, **meta, **extra, rng=rng, finished=stop))
             state["epoch"] = epoch  # the last checkpoint on disk
+            if kill_after == epoch:  # a crash at a known point (crash tests)
+                if dist.active:
+                    dist.broadcast_object(None)  # every rank waits for rank 0's checkpoint
+                os.kill(os.getpid(), signal.SIGKILL)
         if better and (not run_dir or dist.active):  # DDP: no rank waits for rank 0's file
             state["best_weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch and not stop:

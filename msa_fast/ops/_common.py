@@ -1,0 +1,84 @@
+"""Helpers shared by the ops, their references and the models (not oracles).
+
+:mod:`msa_fast.ops.reference` holds the eager ground truth of every op; the few things
+both it and the production code need -- the :class:`MinedPairs` result type, the
+explicit queries of a mining call, the sentiment class schemes, the sinusoidal position
+encoding, the loss reduction -- live here, so that production code never imports the
+oracles for them. ``reference`` re-exports them under the same names.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class MinedPairs(NamedTuple):
+    """Result of :func:`mine_pairs`: four ``(Q, k)`` tensors.
+
+    ``pos_idx`` / ``neg_idx`` are int64 row indices into ``features`` (``-1`` where
+    fewer than ``k`` candidates exist); ``pos_sim`` / ``neg_sim`` the cosine
+    similarities (``nan`` in the missing slots).
+    """
+
+    pos_idx: torch.Tensor
+    pos_sim: torch.Tensor
+    neg_idx: torch.Tensor
+    neg_sim: torch.Tensor
+
+
+def mining_queries(features, labels, queries=None, query_labels=None, query_index=None):
+    """The explicit ``(queries, query_labels, query_index)`` of a ``mine_pairs`` call:
+    no queries means every row of ``features`` (row i excludes itself); queries without
+    an index exclude nothing (-1)."""
+    if queries is None:
+        queries, query_labels = features, labels
+        if query_index is None:
+            query_index = torch.arange(features.shape[0], device=features.device)
+    elif query_index is None:
+        query_index = torch.full((queries.shape[0],), -1, dtype=torch.long, device=features.device)
+    return queries, query_labels, query_index
+
+
+def sentiment_classes(y: torch.Tensor, scheme: str = "7") -> torch.Tensor:
+    """Regression labels in [-3, 3] to int64 class ids (SPEC 3.4).
+
+    ``"7"``: ``round(clip(y, -3, 3)) + 3`` in 0..6 (round half to even, as numpy
+    and MMSA); ``"3"``: ``sign(y) + 1`` in 0..2 (negative, neutral, positive);
+    ``"2"``: ``y >= 0`` in 0..1 (MMSA's Has0 split).
+    """
+    if scheme == "7":
+        return torch.round(y.clamp(-3.0, 3.0)).long() + 3
+    if scheme == "3":
+        return torch.sign(y).long() + 1
+    if scheme == "2":
+        return (y >= 0).long()
+    raise ValueError(f"sentiment_classes: scheme: expected one of ('7', '3', '2'), got {scheme!r}")
+
+
+def sinusoidal_position_encoding(length: int, d: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The fixed sinusoidal PE of eq. 13-14 (Vaswani et al.): ``(length, d)``.
+
+    ``PE[p, 2i] = sin(p / 10000^(2i/d))``, ``PE[p, 2i+1] = cos(p / 10000^(2i/d))``,
+    positions counted from 0 (padding is at the end of a sequence, so real
+    positions are 0..len-1); an odd ``d`` drops the last cosine column.
+    """
+    pos = torch.arange(length, device=device, dtype=dtype)
+    two_i = torch.arange(0, d, 2, device=device, dtype=dtype)
+    angles = pos[:, None] * torch.exp(two_i * (-9.210340371976184 / d))[None, :]  # ln(10000)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[:, :d]
+
+
+def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``"mean"`` / ``"sum"`` over rows, or the rows (``"none"``).
+
+    The mean of zero rows is 0, not NaN (``0 / 0``): a batch without a single pair
+    contributes nothing to the loss, and its backward gives zero (empty) gradients.
+    """
+    if reduction == "mean":
+        # sum() of no rows is 0 and keeps the graph; the shape test is static under compile
+        return loss.mean() if loss.numel() else loss.sum()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
