@@ -1,4 +1,4 @@
-"""Shared helpers of the op benchmarks (SPEC 8): timing, memory, environment, JSON, plots.
+"""Shared helpers of the op benchmarks (contract §8): timing, memory, environment, JSON, plots.
 
 GPU timing uses CUDA events through ``triton.testing.do_bench`` (median, ms); CPU
 timing uses ``torch.utils.benchmark.Timer.blocked_autorange`` (median, ms). Peak

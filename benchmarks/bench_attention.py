@@ -1,4 +1,4 @@
-"""Benchmark of ``attention`` with a key padding mask (SPEC 3.3) vs eager, torch.compile,
+"""Benchmark of ``attention`` with a key padding mask (contract §3.3) vs eager, torch.compile,
 Triton and ``F.scaled_dot_product_attention`` given the same mask.
 
 Shapes ``(B, H, Lq, Lk, Dh)``: DIPU self/cross attention for MOSI / MOSEI aligned

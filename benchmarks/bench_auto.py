@@ -1,4 +1,4 @@
-"""What ``backend="auto"`` picks on this device, measured (SPEC 2's rule): every op against
+"""What ``backend="auto"`` picks on this device, measured (contract §2's rule): every op against
 every alternative a user could call instead, side by side in one process, interleaved.
 
 For each op at its model shapes (the first MOSI / MOSEI rows of ``bench_<op>.py``, and for

@@ -1,4 +1,4 @@
-"""Benchmark of the FD-CMDIE contrastive losses (SPEC 3.4): eager vs torch.compile vs Triton.
+"""Benchmark of the FD-CMDIE contrastive losses (contract §3.4): eager vs torch.compile vs Triton.
 
 Three ops, one JSON + PNG each (``benchmarks/results/contrastive_<op>_<device>``):
 

@@ -1,4 +1,4 @@
-"""Benchmark of ``dual_gate`` (AGFN dual gate, SPEC 3.1): eager vs torch.compile vs Triton.
+"""Benchmark of ``dual_gate`` (AGFN dual gate, contract §3.1): eager vs torch.compile vs Triton.
 
 Shapes ``(rows, M, D, C)``: one utterance vector per modality and sample and its
 ``C`` entropy logits -- ``C = 7`` (``entropy_source="classes"``, the default) at MOSI /

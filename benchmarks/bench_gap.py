@@ -1,4 +1,4 @@
-"""Benchmark of ``gated_attention_pool`` (GAP, FD-CMDIE eq. 25-29, SPEC 3.2).
+"""Benchmark of ``gated_attention_pool`` (GAP, FD-CMDIE eq. 25-29, contract §3.2).
 
 Shapes ``(M, B, L, d)`` with GateMLP / attention-MLP hidden ``d // 2``: the three
 enhanced global features of one CMDIE layer for MOSI / MOSEI aligned (L = 50),

@@ -1,4 +1,4 @@
-"""Inference latency and throughput (SPEC 8, issue 13): ``model.eval()`` vs the ``Predictor``
+"""Inference latency and throughput (contract §8, issue 13): ``model.eval()`` vs the ``Predictor``
 vs the HTTP server.
 
 For every registered model (random weights from the registry at the data's widths: latency

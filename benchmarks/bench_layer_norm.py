@@ -1,4 +1,4 @@
-"""Benchmark of ``add_layer_norm`` (``LayerNorm(x + residual)``, SPEC 3.3).
+"""Benchmark of ``add_layer_norm`` (``LayerNorm(x + residual)``, contract §3.3).
 
 Shapes ``(B, L, d)``: DIPU activations for MOSI / MOSEI aligned (L = 50) and
 unaligned (L = 500) and a large-batch training shape. Memory bound: forward reads

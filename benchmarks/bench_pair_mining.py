@@ -1,4 +1,4 @@
-"""Benchmark of ``mine_pairs`` (SPEC 3.4, 8): eager (one call and chunked), torch.compile, cpp, triton, cuda.
+"""Benchmark of ``mine_pairs`` (contract §3.4, 8): eager (one call and chunked), torch.compile, cpp, triton, cuda.
 
 Shapes: ``N`` in {1,284 (MOSI train); 16,326 (MOSEI train); 100,000}, ``D`` in
 {256, 877 (the FD-CMDIE fused feature width)}, ``k`` in {10, 50}; every row of

@@ -1,4 +1,4 @@
-"""``msa-fast serve`` latency and throughput (SPEC 8, issue 28): 1 / 8 / 32 concurrent
+"""``msa-fast serve`` latency and throughput (contract §8, issue 28): 1 / 8 / 32 concurrent
 localhost clients, one MOSI-aligned sample (text 50 x 768, audio 50 x 5, vision 50 x 20) per
 request, JSON and binary, p50 / p99 and requests/s, in one run.
 

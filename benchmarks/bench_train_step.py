@@ -1,7 +1,7 @@
-"""Benchmark of one training step (SPEC 8): forward, L1 + ``loss_extra``, backward, AdamW step.
+"""Benchmark of one training step (contract §8): forward, L1 + ``loss_extra``, backward, AdamW step.
 
 For every registered model at the synthetic MOSI and MOSEI shapes, aligned and unaligned
-(the widths and sequence lengths of SPEC 5; the batch is a fixed, real loader batch of
+(the widths and sequence lengths of contract §5; the batch is a fixed, real loader batch of
 ``--batch`` samples), the providers:
 
 - ``eager``: ``--backend eager``, the reference ops;
@@ -44,7 +44,7 @@ from msa_fast.data import load_data
 from msa_fast.data.loader import gather_batch
 from msa_fast.models import available_models, build_model
 
-# label -> (synthetic spec, batch size): SPEC 5's shapes (MOSI aligned 50 tokens; unaligned
+# label -> (synthetic spec, batch size): contract §5's shapes (MOSI aligned 50 tokens; unaligned
 # audio 375 / vision 500 frames; MOSEI 74-d audio, 35-d vision, 500 / 500 frames).
 SHAPES = {
     "mosi_aligned": ("synthetic:mosi:aligned:limit=256", 32),

@@ -1,4 +1,4 @@
-"""Compile gate (SPEC 9): every Triton kernel the public ops launch, compiled for real GPUs.
+"""Compile gate (contract §9): every Triton kernel the public ops launch, compiled for real GPUs.
 
 The interpreter (``TRITON_INTERPRET=1``, how the tests run Triton on the CPU) accepts
 what a GPU compile rejects -- non-constexpr globals, loop-carried type changes -- and

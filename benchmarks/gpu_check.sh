@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU validation in one call (SPEC 8): build, tests, sanitizers, benchmarks, JSON out.
+# GPU validation in one call (contract §8): build, tests, sanitizers, benchmarks, JSON out.
 #
 #   bash benchmarks/gpu_check.sh            # on a GPU machine: under 8 minutes on an H200
 #   bash benchmarks/gpu_check.sh --quick    # anywhere (CI, no GPU): the CPU-side parts

@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(msa_fast, m) {
-  // SPEC 3.4. Cosine similarity of each query row with every feature row and a
+  // contract §3.4. Cosine similarity of each query row with every feature row and a
   // label-aware running top-k: pos = k most similar rows with the query's label
   // (the query's own row, query_index >= 0, excluded), neg = k least similar
   // rows with another label. Sorted (pos descending, neg ascending), ties to the

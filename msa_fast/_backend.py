@@ -1,4 +1,4 @@
-"""Backend selection and the one dispatch every op uses (SPEC section 2).
+"""Backend selection and the one dispatch every op uses (contract §2).
 
 Backends: ``eager`` (``ops/reference.py``, any device, the ground truth),
 ``triton`` (CUDA GPUs; CPU tensors too when ``TRITON_INTERPRET=1``), ``cuda``
@@ -243,7 +243,7 @@ class OpSpec:
 
     ``autocast``: under ``torch.autocast`` the floating inputs are cast to one dtype --
     ``"autocast"`` (the autocast dtype), a fixed dtype (fp32 for the losses) or ``None``
-    (no cast). ``check(*args)`` raises ``ValueError`` on bad input (SPEC 10).
+    (no cast). ``check(*args)`` raises ``ValueError`` on bad input (contract §10).
     ``compile``: the op also gets a ``compile`` backend, :func:`compiled_reference`.
     """
 
@@ -319,7 +319,7 @@ def autocast_inputs(*ts, dtype: torch.dtype | None = None):
     normalisation ops take the autocast dtype (their kernels accumulate in fp32 anyway);
     losses pass ``dtype=torch.float32``, as autocast does for softmax / cosine losses.
     fp64 and non-floating tensors, and non-tensors (left for validation to reject), pass
-    through. Outside autocast, mismatched dtypes stay a ValueError (SPEC 10).
+    through. Outside autocast, mismatched dtypes stay a ValueError (contract §10).
     """
     first = next((t for t in ts if isinstance(t, torch.Tensor)), None)
     if first is None or not torch.is_autocast_enabled(first.device.type):

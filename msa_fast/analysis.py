@@ -1,4 +1,4 @@
-"""Feature analyses of a trained model (SPEC 11): ``gates``, ``tsne``, ``location-error``.
+"""Feature analyses of a trained model (contract §11): ``gates``, ``tsne``, ``location-error``.
 
 Each writes ``OUT/<what>.json`` and ``OUT/<what>.png`` (matplotlib, Agg) for one split
 (``test`` by default) of a seed's run directory, the model in eval mode:

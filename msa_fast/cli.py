@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--drop-rate", type=float)
     e.add_argument("--weights", choices=("best", "last"), default="best")
     e.add_argument("--robustness", choices=("missing", "drop", "noise", "all"),
-                   help="robustness sweep (SPEC 11): LNLN missing rates, MPLMM drop patterns, "
+                   help="robustness sweep (contract §11): LNLN missing rates, MPLMM drop patterns, "
                    "Gaussian noise; writes --out JSON and --plot PNG")
     e.add_argument("--seeds", type=int, nargs="+",
                    help="protocol seeds of --robustness (default: the checkpoint's seed)")

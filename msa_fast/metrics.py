@@ -1,4 +1,4 @@
-"""MMSA's MOSI/MOSEI regression metrics (``metricsTop.__eval_mosei_regression``), SPEC 6.
+"""MMSA's MOSI/MOSEI regression metrics (``metricsTop.__eval_mosei_regression``), contract §6.
 
 With ``p`` the flattened predictions and ``y`` the flattened labels:
 

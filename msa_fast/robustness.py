@@ -1,4 +1,4 @@
-"""Robustness evaluation of a trained model (SPEC 11): missing rates, drop patterns, noise.
+"""Robustness evaluation of a trained model (contract §11): missing rates, drop patterns, noise.
 
 Three protocols, each applied to every batch of one split (``test`` by default) of a
 trained model in eval mode, MMSA's metrics (:func:`msa_fast.metrics.mosi_regression_metrics`,

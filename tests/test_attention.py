@@ -1,4 +1,4 @@
-"""attention and add_layer_norm (SPEC 3.3): reference, public op, validation, compile."""
+"""attention and add_layer_norm (contract §3.3): reference, public op, validation, compile."""
 
 import math
 
@@ -149,7 +149,7 @@ _TRITON = pytest.param("triton", marks=pytest.mark.interpret)
     ("scale_bool", "scale", r"a finite float > 0, got True"),
 ])
 def test_attention_empty_keys_heads_and_bad_scale(backend, case, arg, what):
-    """SPEC 10: no key at all, an empty head and a non-finite scale are ValueErrors (not
+    """contract §10: no key at all, an empty head and a non-finite scale are ValueErrors (not
     IndexError / ZeroDivisionError / NaN), on every backend."""
     q, k, v = _rand(2, 3, 4, 8), _rand(2, 3, 5, 8), _rand(2, 3, 5, 8)
     kw = {"key_padding_mask": None, "scale": None}

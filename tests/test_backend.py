@@ -1,4 +1,4 @@
-"""Backend selection (SPEC 2) and build facts."""
+"""Backend selection (contract §2) and build facts."""
 
 import pytest
 import torch

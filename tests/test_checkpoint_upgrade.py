@@ -55,5 +55,5 @@ def test_old_agfn_checkpoint_is_refused_with_the_reason(tmp_path):
     state["cross.0.q_proj.weight"] = torch.zeros(32, 32)  # the old layout's marker
     path = str(tmp_path / "agfn_old.safetensors")
     save_file(state, path)
-    with pytest.raises(CheckpointError, match="before the SPEC 3.1 dual gate.*retrain"):
+    with pytest.raises(CheckpointError, match="before the contract §3.1 dual gate.*retrain"):
         load_weights(path, model)

@@ -1,4 +1,4 @@
-"""The compile gate (benchmarks/compile_gate.py, SPEC 9) and the op descriptors it guards.
+"""The compile gate (benchmarks/compile_gate.py, contract §9) and the op descriptors it guards.
 
 * the gate rejects what the interpreter accepts: a float global, a loop-carried type
   change, register spills (compiled for sm_90a in a process without the interpreter);

@@ -1,4 +1,4 @@
-"""Contrastive losses (FD-CMDIE eq. 9-12, SPEC 3.4): nt_xent, triplet,
+"""Contrastive losses (FD-CMDIE eq. 9-12, contract §3.4): nt_xent, triplet,
 fd_cmdie_contrastive_loss and the FDCMDIEContrastiveLoss module."""
 
 import math
@@ -351,7 +351,7 @@ def _zero_row_cases(dtype):
 @pytest.mark.parametrize("case", ["nt_xent", "nt_xent_masked", "triplet", "fd_cmdie"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_zero_rows_mean_is_zero_with_zero_grads(backend, case, reduction):
-    """SPEC 10 policy: the mean over zero rows (a batch without pairs) is 0, not NaN,
+    """contract §10 policy: the mean over zero rows (a batch without pairs) is 0, not NaN,
     and its backward runs, giving (empty) zero gradients."""
     dtype = torch.float32
     fn, args = _zero_row_cases(dtype)[case]

@@ -262,7 +262,7 @@ def test_modality_drop_mplmm():
         MissingProtocol(0.0, 1.5)
 
 
-# --- untrusted pickles (SPEC 5, last bullet) -------------------------------------------------
+# --- untrusted pickles (contract §5, last bullet) -------------------------------------------------
 
 class _Payload:
     """Unpickling this calls ``func(*args)``: what a malicious pickle does."""

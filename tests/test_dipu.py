@@ -1,4 +1,4 @@
-"""DIPU (eq. 13-24) and CMDIE (SPEC 3.3): reference by hand, module == reference, masks, CMDIE."""
+"""DIPU (eq. 13-24) and CMDIE (contract §3.3): reference by hand, module == reference, masks, CMDIE."""
 
 import math
 import re
@@ -254,7 +254,7 @@ def test_dipu_bad_input(case, arg):
     ("eps_inf", "eps", r"a finite float > 0, got inf"),
 ])
 def test_dipu_empty_sequences_raise(case, arg, what):
-    """SPEC 10: an empty sequence leaves the other's cross-attention without keys: a
+    """contract §10: an empty sequence leaves the other's cross-attention without keys: a
     ValueError naming it (not an IndexError from the softmax)."""
     mod = _unit(d=8, heads=2, ffn=5, dtype=torch.float32)
     params = dict(mod.named_parameters())

@@ -1,4 +1,4 @@
-"""Data-parallel training (SPEC 7, distributed) with 2 gloo ranks on the CPU: 2 ranks x half
+"""Data-parallel training (contract §7, distributed) with 2 gloo ranks on the CPU: 2 ranks x half
 a batch equal 1 rank x the batch (weights, metrics, mined pairs), resume after a kill under
 torchrun, and a dead rank ends the run with a non-zero exit in bounded time."""
 

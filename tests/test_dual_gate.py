@@ -1,4 +1,4 @@
-"""dual_gate (SPEC 3.1): reference by hand, public op, validation, compile, DualGateFusion."""
+"""dual_gate (contract §3.1): reference by hand, public op, validation, compile, DualGateFusion."""
 
 import math
 
@@ -34,7 +34,7 @@ def _entropy(row):
 
 
 def _spec_formula(h, u, w_z, b_z, gl, tau):
-    """SPEC 3.1 written out with plain softmax / log (fine on moderate fp64 inputs)."""
+    """contract §3.1 written out with plain softmax / log (fine on moderate fp64 inputs)."""
     q = torch.softmax(u, -1)
     H = -(q * q.log()).sum(-1) / math.log(u.shape[-1])
     e = torch.softmax((h * w_z).sum(-1) + b_z - H / tau, -1)
@@ -84,7 +84,7 @@ def test_dual_gate_default_tau_is_half():
 
 
 def test_higher_entropy_lowers_the_weight_whatever_the_sign_of_z():
-    """SPEC 3.1's property: raising H_m (a flatter softmax(u_m)) lowers e_m for any z_m,
+    """contract §3.1's property: raising H_m (a flatter softmax(u_m)) lowers e_m for any z_m,
     negative included. The v1 gate softmax(z * exp(-H / tau)) fails this for z_m < 0
     (a higher entropy pulled the logit towards 0, i.e. up), which this test checks too."""
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of every public op against its eager reference (SPEC 9, 10).
+"""Property-based fuzzing of every public op against its eager reference (contract §9, 10).
 
 For each op of ``msa_fast.ops`` and each fused backend that runs on this machine
 (``cpp``; ``triton`` under ``TRITON_INTERPRET=1``, marked ``interpret``), hypothesis
@@ -14,7 +14,7 @@ sliced (a strided view at an offset) or expanded (a stride-0 view). Then either
   so does every input gradient (under a random upstream gradient or the stride-0
   one of ``out.sum()``).
 
-Tolerances (SPEC 9): fp32 1e-5 relative, 1e-4 where a dot product or a backward is
+Tolerances (contract §9): fp32 1e-5 relative, 1e-4 where a dot product or a backward is
 involved; fp16 2e-2 (forward) / 5e-2 (backward).
 
 Cost: values come from a seeded ``torch.Generator`` (hypothesis draws shapes, flags
@@ -73,7 +73,7 @@ def _fused(op: str) -> list:
 
 
 def _dtypes(backend: str) -> list[torch.dtype]:
-    # the interpreter cannot do bf16 math (SPEC 9); the kernels take no fp64
+    # the interpreter cannot do bf16 math (contract §9); the kernels take no fp64
     return [F32, F16] if backend == "triton" else [F32, F64, F16, BF16]
 
 
@@ -453,7 +453,7 @@ def test_fuzz_mine_pairs(backend, data):
     f, labels = random_mining_data(n, d, classes, dtype=F64, dup=n // 4, zeros=int(n > 3),
                                    seed=draw(st.integers(0, 10**6)))
     f = f.to(dtype)
-    if n and d and draw(st.booleans()):  # the SPEC 10 policy: non-finite rows are neither mined nor mining
+    if n and d and draw(st.booleans()):  # the contract §10 policy: non-finite rows are neither mined nor mining
         f[draw(st.integers(0, n - 1)), draw(st.integers(0, d - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
     layout = draw(st.sampled_from(["contiguous", "transposed", "sliced", "expanded"]))
     if layout == "transposed":
@@ -487,7 +487,7 @@ def test_fuzz_mine_pairs(backend, data):
         return
     want = ops.mine_pairs(*args, backend="eager")
     _assert_mined(got, want, f, qargs[0] if qargs else None)
-    # and mined in chunks, the same rows (SPEC 3.4 sharding)
+    # and mined in chunks, the same rows (contract §3.4 sharding)
     if mode == "all" and n > 1 and k:
         chunked = ops.mine_pairs_chunked(f, labels, k, chunk_size=max(1, n // 3), backend=backend, progress=False)
         _assert_mined(chunked, want, f, None)

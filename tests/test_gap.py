@@ -1,4 +1,4 @@
-"""gated_attention_pool (SPEC 3.2, eq. 25-29): reference by hand, op, masks, module."""
+"""gated_attention_pool (contract §3.2, eq. 25-29): reference by hand, op, masks, module."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Predictor (SPEC 7, inference): equal to model.eval() for every registered model, bucket
+"""Predictor (contract §7, inference): equal to model.eval() for every registered model, bucket
 independence, per-sample dicts of any lengths with a missing modality, SplitData, bad input,
 from_checkpoint, one compiled bucket, and the CUDA-graph path (gpu)."""
 

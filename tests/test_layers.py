@@ -153,7 +153,7 @@ def test_the_layer_check_sees_function_level_and_relative_imports(tmp_path):
 REFERENCE = "msa_fast.ops.reference"
 # The files that may import the reference, each because an op's backend *is* it: the op's
 # descriptor (``_backend.OpSpec``) takes ``reference.<op>`` as its ``eager`` implementation
-# (SPEC 2: eager is the ground truth and the fallback of ``auto``). Not for helpers: those
+# (contract §2: eager is the ground truth and the fallback of ``auto``). Not for helpers: those
 # come from ``ops/_common.py`` (checked below).
 EAGER_IS_THE_REFERENCE = {
     "msa_fast.ops.attention",  # eager attention = reference.attention
@@ -163,7 +163,7 @@ EAGER_IS_THE_REFERENCE = {
     "msa_fast.ops.gap",  # eager gated_attention_pool
     "msa_fast.ops.layer_norm",  # eager add_layer_norm
     "msa_fast.ops.pair_mining",  # eager mine_pairs
-    "msa_fast.ops",  # re-exports the module as the public ``msa_fast.ops.reference`` (SPEC 2)
+    "msa_fast.ops",  # re-exports the module as the public ``msa_fast.ops.reference`` (contract §2)
 }
 
 

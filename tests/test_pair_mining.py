@@ -1,4 +1,4 @@
-"""mine_pairs (SPEC 3.4): the eager reference on a hand-computed case, the C++
+"""mine_pairs (contract §3.4): the eager reference on a hand-computed case, the C++
 (``cpp``), Triton (``triton``, interpreted on the CPU) and CUDA (``cuda``) kernels
 against the reference, sharding, the chunked helper, validation, opcheck,
 torch.compile, and ``sentiment_classes``."""
@@ -400,7 +400,7 @@ def test_torch_compile_fullgraph():
 
 
 def assert_triton_equal(got, want, features, queries=None):
-    """``assert_mined_equal`` plus the tie rule the fused kernels keep (SPEC 3.4 as
+    """``assert_mined_equal`` plus the tie rule the fused kernels keep (contract §3.4 as
     documented on ``kernels/triton/pair_mining.py``): equal *computed* similarities are
     ranked by the lower index. Copies of one row have bit-equal norms (``_inv_norm``)
     and, on a GPU, bit-equal dot products; under the interpreter numpy's matmul may
@@ -648,7 +648,7 @@ def test_query_index_out_of_range_every_backend(backend, query_index):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_rows_never_mined_nor_mining(backend, dtype, bad):
-    """SPEC 10 policy: a row with a NaN / inf entry has no valid similarity."""
+    """contract §10 policy: a row with a NaN / inf entry has no valid similarity."""
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("triton takes no fp64")
     f, labels = _data(23, 6, 3, dtype=torch.float64)

@@ -57,7 +57,7 @@ def test_predict_other_data(run_dir, capsys):
     (["predict", "--checkpoint", "RUN", "--out", "/proc/nope/preds.csv", "--no-compile"], "--out"),
     (["serve", "--checkpoint", "/nonexistent/run"], "no checkpoint in /nonexistent/run"),
     (["serve", "--checkpoint", "RUN", "--batch-timeout", "-1"], "--batch-timeout"),
-    # SPEC 10: every number flag checked, no silent 0 = default (issue 27)
+    # contract §10: every number flag checked, no silent 0 = default (issue 27)
     (["serve", "--checkpoint", "RUN", "--max-length", "-5"], "argument --max-length: expected an integer >= 1, got '-5'"),
     (["serve", "--checkpoint", "RUN", "--max-length", "0"], "argument --max-length: expected an integer >= 1, got '0'"),
     (["serve", "--checkpoint", "RUN", "--batch-timeout", "nan"], "argument --batch-timeout: expected a number >= 0"),

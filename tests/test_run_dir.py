@@ -1,4 +1,4 @@
-"""A run directory belongs to one run (SPEC 7): refuse / --overwrite / --resume with the same
+"""A run directory belongs to one run (contract §7): refuse / --overwrite / --resume with the same
 configuration, epochs extension, missing state.json, the lock file, kill -9 + resume."""
 
 import json

@@ -1,4 +1,4 @@
-// CPU kernel of msa_fast::mine_pairs (SPEC 3.4, FD-CMDIE eq. 7-8).
+// CPU kernel of msa_fast::mine_pairs (contract §3.4, FD-CMDIE eq. 7-8).
 //
 //   sim(i, j) = <q_i / |q_i|, f_j / |f_j|>        (0 when either row is zero)
 //   pos_i = the k rows j with labels[j] == query_labels[i], j != query_index[i],

@@ -1,4 +1,4 @@
-// CUDA kernel of msa_fast::mine_pairs (SPEC 3.4, FD-CMDIE eq. 7-8): a tiled
+// CUDA kernel of msa_fast::mine_pairs (contract §3.4, FD-CMDIE eq. 7-8): a tiled
 // normalised GEMM whose epilogue feeds a per-row running top-k.
 //
 //   sim(i, j) = (<q_i, f_j> * inv_q[i]) * inv_f[j],   inv_x[r] = 1 / |x_r|  (0 for a zero row)

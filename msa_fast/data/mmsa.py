@@ -1,6 +1,6 @@
 """Load an MMSA processed pickle into tensors: clean, check, derive lengths.
 
-Cleaning (SPEC 5): every non-finite feature value (audio ``-inf`` from COVAREP, ``NaN`` in
+Cleaning (contract §5): every non-finite feature value (audio ``-inf`` from COVAREP, ``NaN`` in
 any modality, ``+inf``) becomes 0. The counts per split and modality are kept in
 :attr:`MMSAData.report` and logged once, as one warning line, when the pickle is loaded.
 

@@ -1,4 +1,4 @@
-"""Load untrusted pickles without running their code (SPEC 5, last bullet).
+"""Load untrusted pickles without running their code (contract §5, last bullet).
 
 A pickle is a program: ``GLOBAL`` / ``STACK_GLOBAL`` opcodes import any callable and
 ``REDUCE`` calls it, so ``pickle.load`` of a downloaded ``aligned_50.pkl`` can run

@@ -1,4 +1,4 @@
-"""The MMSA processed-pickle schema (SPEC 5) and its check.
+"""The MMSA processed-pickle schema (contract §5) and its check.
 
 ``pkl[split]`` for split in ``train / valid / test`` is a dict with
 
@@ -26,7 +26,7 @@ SPLITS = ("train", "valid", "test")
 MODALITIES = ("text", "audio", "vision")
 REQUIRED = ("audio", "vision", "regression_labels")
 
-# Feature widths and real sequence lengths of the two presets (SPEC 5).
+# Feature widths and real sequence lengths of the two presets (contract §5).
 PRESET_DIMS = {
     "mosi": {"text": 768, "audio": 5, "vision": 20, "audio_len": 375, "vision_len": 500},
     "mosei": {"text": 768, "audio": 74, "vision": 35, "audio_len": 500, "vision_len": 500},

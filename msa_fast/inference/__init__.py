@@ -1,4 +1,4 @@
-"""Low-latency batched inference: :class:`Predictor` (SPEC §7) and the HTTP server
+"""Low-latency batched inference: :class:`Predictor` (contract §7) and the HTTP server
 (:mod:`msa_fast.inference.server`: KServe v2 and JSON, the ``serve`` extra)."""
 
 from msa_fast.inference.predictor import (

@@ -1,4 +1,4 @@
-"""Low-latency batched prediction: :class:`Predictor` (SPEC §7, inference).
+"""Low-latency batched prediction: :class:`Predictor` (contract §7, inference).
 
 ``Predictor.predict(samples)`` takes
 

@@ -1,4 +1,4 @@
-"""AGFN: Adaptive Gated Fusion Network (Wu et al., 2025, arXiv 2510.01677; SPEC 3.1, 4).
+"""AGFN: Adaptive Gated Fusion Network (Wu et al., 2025, arXiv 2510.01677; contract §3.1, 4).
 
 Pipeline, per batch (``B`` samples, modalities t, a, v in that order):
 
@@ -18,7 +18,7 @@ Pipeline, per batch (``B`` samples, modalities t, a, v in that order):
    :func:`msa_fast.ops.add_layer_norm`, so ``--backend`` changes speed, not results.
 3. **Utterance vectors**: ``U_m = masked_mean_L(Z_m)`` over valid positions -> ``U: (B, 3, d)``.
 4. **Dual-gate fusion**: :class:`msa_fast.nn.DualGateFusion` (entropy gate + importance
-   gate, SPEC 3.1) -> ``(B, d)``. With ``entropy_source="classes"`` (default) each
+   gate, contract §3.1) -> ``(B, d)``. With ``entropy_source="classes"`` (default) each
    modality predicts the 7 sentiment classes from its own utterance vector,
    ``u_m = W_u[m] U_m + b_u[m]``, and the entropy gate weighs modality m by
    ``e = softmax_m(z_m - H_m / tau)``, ``H_m`` the normalised entropy of ``softmax(u_m)``:
@@ -62,7 +62,7 @@ Formulation choices where the paper (or its summary) is vague:
 - Utterance vector = masked mean over time of the interaction output (not the
   first / last token).
 - The entropy / importance gates, ``W_f`` and the mixing scalar ``alpha`` are exactly
-  SPEC 3.1's (:class:`~msa_fast.nn.DualGateFusion`, ``tau`` configurable). The paper's
+  contract §3.1's (:class:`~msa_fast.nn.DualGateFusion`, ``tau`` configurable). The paper's
   entropy gate "suppresses noisy modalities" without saying of which distribution the
   entropy is taken: here of a per-modality 7-class sentiment prediction
   (``entropy_source="classes"``, trained by the auxiliary CE), so that the entropy
@@ -82,7 +82,7 @@ Formulation choices where the paper (or its summary) is vague:
 
 Hyper-parameters (``cfg``; unknown keys ignored): ``d`` 32, ``heads`` 4, ``ffn_dim`` 64
 (0 disables the FFN), ``hidden`` 64 (text encoder width and head width), ``av_hidden`` 32,
-``lstm_layers`` 1, ``dropout`` 0.1, ``tau`` 0.5 (SPEC 3.1), ``gate_hidden`` (default ``d``),
+``lstm_layers`` 1, ``dropout`` 0.1, ``tau`` 0.5 (contract §3.1), ``gate_hidden`` (default ``d``),
 ``entropy_source`` ``"classes"`` (or ``"features"``), ``lambda_u`` 0.1 (weight of the
 auxiliary CE; 0 disables it; unused with ``"features"``), ``vat`` False, ``vat_eps`` 1.0, ``vat_xi`` 1e-3, ``vat_weight`` 1.0, ``backend`` None
 (the global default), and the text-encoder options of the baselines (``text_model``,
@@ -270,11 +270,11 @@ class AGFN(nn.Module):
 
     @staticmethod
     def upgrade_state_dict(state: dict) -> dict:
-        """Checkpoints from before the SPEC 3.1 dual gate (commit d82b6f3 and earlier, recognised by
+        """Checkpoints from before the contract §3.1 dual gate (commit d82b6f3 and earlier, recognised by
         ``cross.0.q_proj.weight``) cannot be mapped: their gate computed another function (no
         class-entropy logits ``W_u``), so this raises instead of loading something else."""
         if "cross.0.q_proj.weight" in state:
-            raise ValueError("an AGFN checkpoint from before the SPEC 3.1 dual gate (msa_fast at "
+            raise ValueError("an AGFN checkpoint from before the contract §3.1 dual gate (msa_fast at "
                              "commit d82b6f3 or earlier): its gate computes another function and "
                              "cannot be upgraded; retrain it with this version")
         return state

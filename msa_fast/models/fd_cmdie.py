@@ -86,7 +86,7 @@ Hyper-parameters (``cfg``; unknown keys ignored): ``d`` 32, ``heads`` 2, ``layer
 run on ``synthetic:mosi``; ``presets["mosi" | "mosei"]`` hold Table 2 (batch size, lr,
 epochs, ``k_cl``, ``tau``, margin, ``layers``, ``lambda_tri``, ``lambda_cl``; AdamW is the
 trainer's optimizer) with all ``k_cl`` partners per step (MOSI, forward) or the memory bank
-(MOSEI, as SPEC 3.4).
+(MOSEI, as contract §3.4).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""ProMMA: prompt-based missing-modality adaptation (paper 002, SPEC 4), ``--model promma``.
+"""ProMMA: prompt-based missing-modality adaptation (paper 002, contract §4), ``--model promma``.
 
-The paper is available to us only as a summary, so SPEC 4 decides what is built; every
+The paper is available to us only as a summary, so contract §4 decides what is built; every
 formulation choice below is ours and is stated as such.
 
 Pipeline (``d = hidden``, ``Lp = prompt_len``, ``Lg = gen_len``, ``s = stride``, streams

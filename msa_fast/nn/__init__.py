@@ -1,4 +1,4 @@
-"""Drop-in ``torch.nn`` modules built on :mod:`msa_fast.ops` (SPEC section 3)."""
+"""Drop-in ``torch.nn`` modules built on :mod:`msa_fast.ops` (contract §3)."""
 
 from msa_fast.nn.attention import AddNorm, MultiheadAttention, StackedLinear
 from msa_fast.nn.contrastive import FDCMDIEContrastiveLoss

@@ -1,4 +1,4 @@
-"""``MultiheadAttention`` and ``AddNorm``: the one multi-head attention of every model (SPEC 3.3).
+"""``MultiheadAttention`` and ``AddNorm``: the one multi-head attention of every model (contract §3.3).
 
 DIPU / CMDIE, AGFN's cross-modal blocks and ProMMA's backbone all use these, and
 ``msa_fast.ops.dipu`` uses their functional core (:mod:`msa_fast.ops.multihead`:

@@ -5,7 +5,7 @@ of two sources:
 
 * ``partner_source="forward"`` (faithful): the caller runs the encoders on the
   partners too and passes their features; gradients flow into them.
-* ``partner_source="bank"`` (fast; the default for MOSEI in SPEC 3.4): the module
+* ``partner_source="bank"`` (fast; the default for MOSEI in contract §3.4): the module
   keeps a detached memory bank ``bank (N, 2, 3, D)`` -- ``[:, 0]`` the similarity
   features ``[T_s, A_s, V_s]``, ``[:, 1]`` the dissimilarity features
   ``[T_d, A_d, V_d]`` of every training sample -- and ``filled (N,)`` (True once a

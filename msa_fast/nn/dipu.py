@@ -1,11 +1,11 @@
-"""``DIPU`` and ``CMDIE``: FD-CMDIE's cross-modal deep interaction enhancement (eq. 13-29, SPEC 3.3).
+"""``DIPU`` and ``CMDIE``: FD-CMDIE's cross-modal deep interaction enhancement (eq. 13-29, contract §3.3).
 
 One implementation: a DIPU's forward is :func:`msa_fast.ops.dipu.dipu_composite` (the
 function :func:`msa_fast.ops.dipu` runs), built from :class:`msa_fast.nn.MultiheadAttention`'s
 functional core on :func:`msa_fast.ops.attention` and :func:`msa_fast.ops.add_layer_norm`,
 so every backend of those ops speeds it up; the GEMMs stay in cuBLAS / MKL. CMDIE keeps
 the three DIPUs of a layer as one ``DIPU(groups=3)`` with stacked weights and runs them
-as one batched call (SPEC 3.3); ``batched=False`` runs the same weights unit by unit.
+as one batched call (contract §3.3); ``batched=False`` runs the same weights unit by unit.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``DualGateFusion``: AGFN's entropy + importance dual-gate fusion (SPEC 3.1) as a module."""
+"""``DualGateFusion``: AGFN's entropy + importance dual-gate fusion (contract §3.1) as a module."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class DualGateFusion(nn.Module):
 
     Parameters: ``w_z: (M, D)`` (init ``N(0, 1/D)``, so that ``z`` starts O(1)),
     ``b_z: (M,)`` (zeros); ``importance`` = Linear(M*D, hidden) - GELU - Dropout -
-    Linear(hidden, M) (the SPEC leaves the activation open: GELU, as the rest of
+    Linear(hidden, M) (the contract leaves the activation open: GELU, as the rest of
     the library); ``W_f`` = ``nn.Linear(M*D, D)`` (with bias); ``alpha`` a scalar,
     initialised to 0 (``a = 0.5``). ``dropout`` acts on the importance MLP's hidden
     layer and on the fused output (train mode only). ``num_classes >= 2``: one class

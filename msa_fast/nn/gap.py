@@ -1,4 +1,4 @@
-"""``GatedAttentionPooling``: FD-CMDIE's GAP (eq. 25-29, SPEC 3.2) as a module."""
+"""``GatedAttentionPooling``: FD-CMDIE's GAP (eq. 25-29, contract §3.2) as a module."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The functional API of msa_fast (SPEC section 3).
+"""The functional API of msa_fast (contract §3).
 
 Every op validates its inputs (``ValueError`` naming the argument), resolves its
 backend (``backend=None`` uses :func:`msa_fast.set_backend`'s default, ``"auto"``

@@ -42,7 +42,7 @@ def mining_queries(features, labels, queries=None, query_labels=None, query_inde
 
 
 def sentiment_classes(y: torch.Tensor, scheme: str = "7") -> torch.Tensor:
-    """Regression labels in [-3, 3] to int64 class ids (SPEC 3.4).
+    """Regression labels in [-3, 3] to int64 class ids (contract §3.4).
 
     ``"7"``: ``round(clip(y, -3, 3)) + 3`` in 0..6 (round half to even, as numpy
     and MMSA); ``"3"``: ``sign(y) + 1`` in 0..2 (negative, neutral, positive);

@@ -1,4 +1,4 @@
-"""Input checks shared by the ops (SPEC section 10).
+"""Input checks shared by the ops (contract §10).
 
 Every failure is a ``ValueError`` that names the argument, what was expected and
 what was received, e.g. ``dual_gate: h: expected a floating tensor of rank >= 2

@@ -1,4 +1,4 @@
-"""``attention``: scaled dot-product attention with a key padding mask (SPEC 3.3).
+"""``attention``: scaled dot-product attention with a key padding mask (contract §3.3).
 
 Backends: ``eager`` (:func:`msa_fast.ops.reference.attention`), ``sdpa`` (PyTorch's
 ``scaled_dot_product_attention``: on the CPU its flash kernel, on CUDA FlashAttention-2 /
@@ -10,7 +10,7 @@ fake kernel and autograd.
 ``auto`` on the CPU: ``sdpa`` (measured, ``benchmarks/bench_auto.py``: forward + backward
 9.2x the eager reference at FD-CMDIE's unaligned shape, 1.6x at MOSI's aligned one). On CUDA: ``sdpa`` before ``triton``
 until ``benchmarks/gpu_check.sh`` measures our kernel faster on a GPU (none has run it yet:
-PyTorch's kernels are the safe default, SPEC 2's rule).
+PyTorch's kernels are the safe default, contract §2's rule).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _run_sdpa(q, k, v, key_padding_mask, scale):
     """``torch.nn.functional.scaled_dot_product_attention`` with the key padding mask as its
     boolean ``attn_mask`` (True = attend, so the mask is inverted, ``(B, 1, 1, Lk)``).
 
-    SPEC 3.3 wants a query whose keys are all masked to output 0 with zero gradient. Not
+    contract §3.3 wants a query whose keys are all masked to output 0 with zero gradient. Not
     every SDPA kernel promises that (the CPU one of torch 2.14 returns 0; older CUDA ones
     gave NaN), so such batch rows are unmasked -- their softmax is then finite -- and their
     output is replaced by 0 with ``torch.where``, whose gradient to the discarded branch is

@@ -1,4 +1,4 @@
-"""Contrastive losses of FD-CMDIE (eq. 9-12, SPEC 3.4), validated and dispatched.
+"""Contrastive losses of FD-CMDIE (eq. 9-12, contract §3.4), validated and dispatched.
 
 ``nt_xent`` (eq. 9), ``triplet`` (eq. 10-11) and ``fd_cmdie_contrastive_loss``
 (the pair sets P^i, N^i of section 2.3.2 and eq. 12). The math, shapes and numeric
@@ -23,7 +23,7 @@ Backends:
 
 Zero rows: every ``reduction="mean"`` of zero rows (``P = 0`` / ``B = 0``: a batch
 without pairs) is 0, not the NaN of ``0 / 0``, and its backward gives zero gradients
-(SPEC 10; ``_common.reduce_loss``), on every backend.
+(contract §10; ``_common.reduce_loss``), on every backend.
 
 ``auto`` on CUDA tensors: triton, else eager; on the CPU: eager (Triton runs there
 only interpreted, with ``TRITON_INTERPRET=1``, for the tests).

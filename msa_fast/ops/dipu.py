@@ -1,4 +1,4 @@
-"""``dipu``: one FD-CMDIE deep interaction promotion unit, eq. 13-24 (SPEC 3.3), functional.
+"""``dipu``: one FD-CMDIE deep interaction promotion unit, eq. 13-24 (contract §3.3), functional.
 
 One implementation: :func:`dipu_composite` runs the unit on :func:`msa_fast.ops.attention`
 and :func:`msa_fast.ops.add_layer_norm` with the requested ``backend`` (so their fused

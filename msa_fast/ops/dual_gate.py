@@ -1,4 +1,4 @@
-"""``dual_gate``: AGFN entropy gate + importance gate (SPEC 3.1), validated and dispatched.
+"""``dual_gate``: AGFN entropy gate + importance gate (contract §3.1), validated and dispatched.
 
 Backends: ``eager`` (:func:`msa_fast.ops.reference.dual_gate`) and ``triton``
 (``msa_fast/kernels/triton/dual_gate.py``: one-pass forward, one-pass fused

@@ -1,4 +1,4 @@
-"""``gated_attention_pool``: GAP, FD-CMDIE eq. 25-29 (SPEC 3.2), validated and dispatched.
+"""``gated_attention_pool``: GAP, FD-CMDIE eq. 25-29 (contract §3.2), validated and dispatched.
 
 Backends: ``eager`` (:func:`msa_fast.ops.reference.gated_attention_pool`) and
 ``triton`` (``msa_fast/kernels/triton/gap.py``: row-local Triton kernels around

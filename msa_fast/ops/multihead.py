@@ -1,4 +1,4 @@
-"""The functional multi-head core every attention module and DIPU runs on (SPEC 3.3).
+"""The functional multi-head core every attention module and DIPU runs on (contract §3.3).
 
 :func:`multihead_attention` (heads split, one :func:`msa_fast.ops.attention` launch),
 :func:`linear` (one stream or ``n`` stacked streams, one GEMM) and :func:`add_norm`

@@ -1,4 +1,4 @@
-"""``mine_pairs``: label-aware cosine top-k mining (SPEC 3.4), validated and dispatched.
+"""``mine_pairs``: label-aware cosine top-k mining (contract §3.4), validated and dispatched.
 
 Backends: ``eager`` (:func:`msa_fast.ops.reference.mine_pairs`, materialises Q x N),
 ``cpp`` (``csrc/cpu/pair_mining.cpp``: blocked similarity + running top-k, OpenMP),
@@ -93,7 +93,7 @@ def _check_query_index(query_index: torch.Tensor, n: int) -> None:
 
 
 def sentiment_classes(y, scheme: str = "7") -> torch.Tensor:
-    """Regression labels to int64 class ids (SPEC 3.4): see
+    """Regression labels to int64 class ids (contract §3.4): see
     :func:`msa_fast.ops._common.sentiment_classes` for the schemes.
 
     ``y``: a tensor, a numpy array, a Python list or a number (converted with
@@ -160,7 +160,7 @@ def mine_pairs(
     """Mine the ``k`` most similar same-label and ``k`` least similar other-label rows.
 
     See :func:`msa_fast.ops.reference.mine_pairs` for the exact contract. Non-finite
-    rows (SPEC 10), on every backend: a row of ``features`` or ``queries`` with a NaN
+    rows (contract §10), on every backend: a row of ``features`` or ``queries`` with a NaN
     or +-inf entry has no valid similarity -- it is never mined for any query, and as
     a query it mines nothing (all ``-1`` / ``nan``); no error is raised (checking would
     cost a host sync and a graph break). ``query_index`` values outside ``[-1, N)``
@@ -194,8 +194,8 @@ def mine_pairs_chunked(
     """:func:`mine_pairs` of every row of ``features``, ``chunk_size`` queries at a time.
 
     Each block of rows ``a:b`` is mined as ``mine_pairs(features, labels, k,
-    features[a:b], labels[a:b], arange(a, b))`` -- the sharding contract of SPEC
-    3.4, so every row's result is the one of the full call: the same candidates,
+    features[a:b], labels[a:b], arange(a, b))`` -- the sharding rule of contract
+    §3.4, so every row's result is the one of the full call: the same candidates,
     order and tie rule. With ``triton`` it is bit-identical (one program per
     block of queries: a row's arithmetic does not depend on its block); with
     ``eager`` / ``cpp`` a BLAS may round a similarity of a short block (or of

@@ -1,13 +1,13 @@
 """Eager PyTorch reference of every msa_fast op: the executable specification.
 
-One vectorised function per op of SPEC section 3, on any device, in fp64 / fp32 /
+One vectorised function per op of contract §3, on any device, in fp64 / fp32 /
 bf16 (half-precision inputs are computed in fp32 where a reduction needs it and
 returned in the input dtype). Every fast path (Triton, C++, CUDA) is tested
 against these functions, forward and backward. No input validation here: the
 public wrappers in ``msa_fast/ops/<op>.py`` validate, then dispatch.
 
 Equation numbers refer to the FD-CMDIE paper (``shared/papers/001_...``); the AGFN
-dual gate follows SPEC 3.1.
+dual gate follows contract §3.1.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from msa_fast.ops._common import (  # noqa: F401
 )
 
 # --------------------------------------------------------------------------- #
-# Pair mining (FD-CMDIE eq. 7-8, SPEC 3.4)
+# Pair mining (FD-CMDIE eq. 7-8, contract §3.4)
 # --------------------------------------------------------------------------- #
 
 
@@ -120,7 +120,7 @@ def mine_pairs(
 
 
 # --------------------------------------------------------------------------- #
-# Dual-gate fusion (AGFN, SPEC 3.1)            -- section owned by the nn-ops work
+# Dual-gate fusion (AGFN, contract §3.1)            -- section owned by the nn-ops work
 # --------------------------------------------------------------------------- #
 
 
@@ -140,7 +140,7 @@ def dual_gate(
     g_logits: torch.Tensor,
     tau: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Entropy gate and importance gate of the AGFN dual-gate fusion (SPEC 3.1).
+    """Entropy gate and importance gate of the AGFN dual-gate fusion (contract §3.1).
 
     Shapes: ``h: (..., M, D)``, ``u: (..., M, C)`` (entropy logits), ``w_z: (M, D)``,
     ``b_z: (M,)``, ``g_logits: (..., M)``.
@@ -173,7 +173,7 @@ def dual_gate(
 
 
 # --------------------------------------------------------------------------- #
-# Gated attention pooling, GAP (eq. 25-29, SPEC 3.2)
+# Gated attention pooling, GAP (eq. 25-29, contract §3.2)
 # --------------------------------------------------------------------------- #
 
 
@@ -192,7 +192,7 @@ def gated_attention_pool(
     mask: torch.Tensor | None = None,
     eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gated attention pooling of M sequences into one (eq. 25-29, SPEC 3.2).
+    """Gated attention pooling of M sequences into one (eq. 25-29, contract §3.2).
 
     Shapes: ``x: (M, B, L, d)``; ``ln_w, ln_b: (M, d)``; ``W1g: (M, h, d)``,
     ``b1g: (M, h)``, ``w2g: (M, h)``, ``b2g: (M,)`` (one GateMLP per modality);
@@ -233,7 +233,7 @@ def gated_attention_pool(
 
 
 # --------------------------------------------------------------------------- #
-# Attention, add + LayerNorm, DIPU (eq. 13-24, SPEC 3.3)
+# Attention, add + LayerNorm, DIPU (eq. 13-24, contract §3.3)
 # --------------------------------------------------------------------------- #
 
 
@@ -244,7 +244,7 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Scaled dot-product attention with a key padding mask (eq. 15 / 18, SPEC 3.3).
+    """Scaled dot-product attention with a key padding mask (eq. 15 / 18, contract §3.3).
 
     Shapes: ``q: (B, H, Lq, Dh)``, ``k, v: (B, H, Lk, Dh)``, ``key_padding_mask:
     (B, Lk)`` bool, True = ignore that key (PyTorch's convention). ``scale``
@@ -393,7 +393,7 @@ def dipu(
 
 
 # --------------------------------------------------------------------------- #
-# Contrastive losses (eq. 9-12, SPEC 3.4)       -- section owned by the loss work
+# Contrastive losses (eq. 9-12, contract §3.4)       -- section owned by the loss work
 # --------------------------------------------------------------------------- #
 
 
@@ -428,7 +428,7 @@ def nt_xent(
     tau: float = 0.5,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """NT-Xent over explicit (anchor, positive, negatives) rows (eq. 9, SPEC 3.4).
+    """NT-Xent over explicit (anchor, positive, negatives) rows (eq. 9, contract §3.4).
 
     Shapes: ``anchor (P, D)``, ``positive (P, D)``, ``negatives (P, K, D)``,
     ``negatives_mask (P, K)`` bool, True = valid (None: all valid). With
@@ -462,7 +462,7 @@ def triplet(
     margin: float = 0.5,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Cosine triplet loss (eq. 10-11, SPEC 3.4).
+    """Cosine triplet loss (eq. 10-11, contract §3.4).
 
     Shapes: ``anchor, positive, negative (P, D)``. Row loss
     ``max(0, d(a, p) - d(a, n) + margin)`` with ``d(x, y) = 1 - cos(x, y)`` (eq. 11;
@@ -524,14 +524,14 @@ def fd_cmdie_contrastive_loss(
 
     * ``Positive_in``: ``(T_s^i, V_s^i), (T_s^i, A_s^i)`` and, for every j,
       ``(T_s^j, V_s^j), (T_s^j, A_s^j)`` (text-anchored, as the paper's examples
-      and SPEC 3.4; ``(A_s, V_s)`` is not a pair);
+      and contract §3.4; ``(A_s, V_s)`` is not a pair);
     * ``Positive_out``: ``(X_s^i, X_s^j)`` for X in {T, A, V}, every j;
     * ``Negative_in``: ``(T_s^i, X_d^i)`` for X in {T, A, V} and, for every j,
       ``(T_s^j, X_d^j)``;
     * ``Negative_out``: ``(X_s^i, X_s^k)`` for X in {T, A, V}, every k in
       ``different^i``.
 
-    Eq. 9 (NT-Xent, as SPEC 3.4 reads it): for each ``(alpha, beta)`` in ``P^i``,
+    Eq. 9 (NT-Xent, as contract §3.4 reads it): for each ``(alpha, beta)`` in ``P^i``,
     ``-log(exp(cos(alpha, beta)/tau) / sum_{(alpha, gamma) in P^i u N^i}
     exp(cos(alpha, gamma)/tau))`` -- the denominator runs over every pair of
     ``P^i u N^i`` with the same anchor, ``beta`` and the other positives included.

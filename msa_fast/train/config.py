@@ -50,7 +50,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Types and ranges of every key, before any data is read or any epoch runs (SPEC 10):
+        """Types and ranges of every key, before any data is read or any epoch runs (contract §10):
         a ``ValueError`` naming the key (and its flag), the expected and the received value."""
         for f in dataclasses.fields(self):
             kind, check = _RULES[f.name]

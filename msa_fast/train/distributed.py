@@ -1,4 +1,4 @@
-"""Data-parallel training under ``torchrun`` (SPEC 7, distributed).
+"""Data-parallel training under ``torchrun`` (contract §7, distributed).
 
 ``torchrun --nproc_per_node=N -m msa_fast train ...`` (or ``msa-fast train`` started by
 torchrun) sets ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK``; :func:`init` then joins the

@@ -1,4 +1,4 @@
-"""A run directory belongs to one run (SPEC 7).
+"""A run directory belongs to one run (contract §7).
 
 ``out/`` holds ``run.json`` (the configuration that made it), ``results.json`` and one
 ``seed_<seed>/`` checkpoint directory per seed. :func:`claim` decides, before any data is

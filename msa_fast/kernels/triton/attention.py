@@ -1,4 +1,4 @@
-"""Flash attention in Triton (SPEC 3.3): online softmax forward, recomputing backward.
+"""Flash attention in Triton (contract §3.3): online softmax forward, recomputing backward.
 
 ``q: (B, H, Lq, Dh)``, ``k, v: (B, H, Lk, Dh)``, optional ``key_padding_mask: (B, Lk)``
 (True = ignore), ``out = softmax(q k^T * scale + mask) v``. ``Lq != Lk`` and any

@@ -1,4 +1,4 @@
-"""Triton kernels of the FD-CMDIE contrastive losses (eq. 9-12, SPEC 3.4), forward and backward.
+"""Triton kernels of the FD-CMDIE contrastive losses (eq. 9-12, contract §3.4), forward and backward.
 
 Three losses, each one forward kernel and one fused backward kernel, one program
 per loss row (``nt_xent``: an anchor; ``fd_cmdie``: a sample) or per block of rows

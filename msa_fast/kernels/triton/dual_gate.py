@@ -1,4 +1,4 @@
-"""Triton kernels of the AGFN dual gate (SPEC 3.1), forward and backward in one pass each.
+"""Triton kernels of the AGFN dual gate (contract §3.1), forward and backward in one pass each.
 
 Shapes (rows flattened): ``h: (R, M, D)``, ``u: (R, M, C)``, ``w_z: (M, D)``,
 ``b_z: (M,)``, ``g_logits: (R, M)``. Per row ``r`` and modality ``m``::

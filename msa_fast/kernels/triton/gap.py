@@ -1,4 +1,4 @@
-"""Triton kernels of gated attention pooling, GAP (FD-CMDIE eq. 25-29, SPEC 3.2).
+"""Triton kernels of gated attention pooling, GAP (FD-CMDIE eq. 25-29, contract §3.2).
 
 Shapes (positions flattened, ``R = B * L``): ``x: (M, R, d)``, ``ln_w, ln_b: (M, d)``,
 ``W1g: (M, h, d)``, ``b1g, w2g: (M, h)``, ``b2g: (M,)``, ``W1a: (ha, d)``,

@@ -1,4 +1,4 @@
-"""Triton kernels of ``add_layer_norm`` (SPEC 3.3): ``y = LayerNorm(x + residual)``.
+"""Triton kernels of ``add_layer_norm`` (contract §3.3): ``y = LayerNorm(x + residual)``.
 
 Shapes (rows flattened): ``x, residual: (R, d)``, ``weight, bias: (d,)``. Per row::
 

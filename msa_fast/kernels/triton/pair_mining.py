@@ -1,4 +1,4 @@
-"""Triton kernel of ``mine_pairs`` (SPEC 3.4, FD-CMDIE eq. 7-8): cosine top-k, never Q x N.
+"""Triton kernel of ``mine_pairs`` (contract §3.4, FD-CMDIE eq. 7-8): cosine top-k, never Q x N.
 
 Shapes: ``features: (N, D)``, ``labels: (N,)`` int64, ``queries: (Q, D)``,
 ``query_labels: (Q,)`` int64, ``query_index: (Q,)`` int64 in ``[-1, N)``. Outputs
@@ -30,7 +30,7 @@ of scope. fp64 is not supported (the keys below hold fp32 bits).
 Exact tie rule through packed keys. Each candidate becomes one int64 key
 ``(order-preserving int32 image of its fp32 similarity) << 32 | (2^32 - 1 - j)``:
 int64 order is similarity order first and, among equal similarities, the lower
-row first -- the SPEC's tie rule -- so plain integer max / min on keys select
+row first -- the contract's tie rule (§3.4) -- so plain integer max / min on keys select
 the exact list, and every key is unique. Negatives use the bitwise complement
 of the similarity image (order reversing, ties stay ties). ``-0.0`` is
 canonicalised to ``+0.0`` first: equal similarities, different bit images.
@@ -166,7 +166,7 @@ def mine_pairs_kernel(
             cand = tl.where(cand == top[:, None], NONE, cand)
             neg_min = tl.reduce(neg, 1, _MIN)
     # Output: k selection steps per list, largest key first; keys are unique, so
-    # this is the exact SPEC order. Placeholders (< NONE + K_P) decode to -1 / NaN.
+    # this is the exact contract order (§3.4). Placeholders (< NONE + K_P) decode to -1 / NaN.
     out = rows64 * k
     for t in range(k):
         top = tl.reduce(pos, 1, _MAX)
@@ -188,7 +188,7 @@ def mine_pairs_kernel(
 def _inv_norm(x: torch.Tensor) -> torch.Tensor:
     """The reference's normalize_rows, as one fp32 factor per row.
 
-    Copies of one row must get bit-equal factors (SPEC 3.4 ranks exact ties by index),
+    Copies of one row must get bit-equal factors (contract §3.4 ranks exact ties by index),
     but a vectorised reduction's order depends on where a row starts in memory: with
     ``D = 877`` consecutive rows start at different alignments and their norms differ
     in the last bit (seen on the CPU; the same holds on a GPU). Padding each row with
@@ -200,7 +200,7 @@ def _inv_norm(x: torch.Tensor) -> torch.Tensor:
     norm = (torch.nn.functional.pad(xf, (0, pad)) if pad else xf).norm(dim=-1)
     inv = torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm))
     # A row with a NaN / inf entry gets a NaN factor, so each of its similarities is NaN,
-    # which the kernel never ranks (SPEC: such a row is neither mined nor mining).
+    # which the kernel never ranks (contract §3.4: such a row is neither mined nor mining).
     return torch.where(torch.isfinite(xf).all(dim=-1), inv, torch.full_like(inv, float("nan"))).contiguous()
 
 
