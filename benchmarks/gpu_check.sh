@@ -168,8 +168,10 @@ sanitize() {
   fi
   local san_rc=0 tool rc
   for tool in memcheck racecheck; do
-    # no caching allocator under memcheck: an overrun inside one of its blocks is invisible
-    PYTORCH_NO_CUDA_MEMORY_CACHING=$([ "$tool" = memcheck ] && echo 1 || echo 0) MSA_FAST_MINE_PAIRS_SPLITS=2 \
+    # no caching allocator under memcheck: an overrun inside one of its blocks is invisible.
+    # Set only there, not to 0 elsewhere: older torch reads the variable's presence, not its value
+    local uncached=(); [ "$tool" = memcheck ] && uncached=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
+    env "${uncached[@]}" MSA_FAST_MINE_PAIRS_SPLITS=2 \
       compute-sanitizer --tool "$tool" --error-exitcode 1 \
       "$PY" benchmarks/sanitize_calls.py --device cuda > "$DIR/sanitizer_$tool.log" 2>&1
     rc=$?

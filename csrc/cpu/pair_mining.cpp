@@ -42,10 +42,11 @@
 // fp32 pass would output is lost, and the output differs from the fp32 path's only
 // where the two fp32 roundings of one similarity (this dot product vs the GEMM's)
 // order an exact tie differently. Measured (N = 16,326, D = 877, k = 50, random
-// rows, 2 threads): 1.9 s against the fp32 pass's 2.3 s, 1.1-1.2 s since a mirrored
-// tile's rows and columns are interleaved between the threads; of it the bf16 GEMM 0.62 s,
-// the scan ~0.8 s (mostly the ~900 offers a query of the streaming top-k: its
-// threshold starts at -inf), the rescoring of ~190 keys a query 0.35 s. The
+// rows, 2 threads): 1.9 s against the fp32 pass's 2.3 s, 1.07-1.17 s since a mirrored
+// tile's rows and columns are interleaved between the threads; of it (instrumented) the
+// bf16 GEMMs and transposes 0.33 s, the scan 0.43-0.57 s (mostly the ~900 offers a query
+// of the streaming top-k: its threshold starts at -inf), the rescoring of ~186 keys a
+// query 0.14 s, bounds, bucketing, final sort and preparation ~0.2 s together. The
 // assumption the bound rests on: ATen's bf16 mm accumulates in fp32 and rounds
 // once (oneDNN's AVX512-BF16 kernels and ATen's fallback both do).
 //
