@@ -346,7 +346,7 @@ def cuda_sources_check(log: str | None = None) -> tuple[list[dict], str | None]:
         gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
         rows = []
         for src in sources:
-            cmd = [nvcc, "-c", os.path.join(ROOT, src), "-o", os.devnull, "-O3", "--use_fast_math", "-std=c++20",
+            cmd = [nvcc, "-c", os.path.join(ROOT, src), "-o", os.devnull, "-O3", "-std=c++20",
                    *gencode, "-Xptxas", "-v", "-DMSA_FAST_WITH_CUDA=1", *includes]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             got = parse_ptxas_log(f"{src}\n" + proc.stdout + proc.stderr)

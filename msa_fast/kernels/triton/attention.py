@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from msa_fast.kernels.triton._common import on_tensor_device, pid64
+
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128  # one (block, Dh) tile per operand; msa_fast/ops/attention.py declares it
 
@@ -58,8 +60,8 @@ def attention_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(1)
-    bh = tl.program_id(0)
+    pid_m = pid64(1)
+    bh = pid64(0)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -124,8 +126,8 @@ def attention_bwd_dkdv_kernel(
     BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(1)
-    bh = tl.program_id(0)
+    pid_n = pid64(1)
+    bh = pid64(0)
     b = bh // H
     h = bh % H
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -160,8 +162,8 @@ def attention_bwd_dq_kernel(
     BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(1)
-    bh = tl.program_id(0)
+    pid_m = pid64(1)
+    bh = pid64(0)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -203,6 +205,7 @@ def _mask_arg(q: torch.Tensor, key_padding_mask: torch.Tensor | None):
     return kpm, kpm.stride(0), True
 
 
+@on_tensor_device
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_padding_mask: torch.Tensor | None, scale: float):
     """Returns ``(out, lse2)``: ``out`` like ``q`` (contiguous), ``lse2: (B, H, Lq)`` fp32."""
@@ -222,6 +225,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse
 
 
+@on_tensor_device
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor,
                        key_padding_mask: torch.Tensor | None, scale: float):
