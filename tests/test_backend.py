@@ -175,7 +175,7 @@ def test_compile_backend_caches_per_op():
 
 def _wide_and_narrow():
     """Per op with a register-resident Triton kernel: (args within its limit, args just past it)."""
-    from msa_fast.ops import contrastive, dual_gate, layer_norm
+    from msa_fast.ops import contrastive, layer_norm
 
     z = torch.zeros
 

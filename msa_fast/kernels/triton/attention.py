@@ -60,7 +60,7 @@ def attention_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = pid64(1)
+    pid_m = tl.program_id(1)  # int32: a block within one (b, h) slice (its offsets stay int32 tiles)
     bh = pid64(0)
     b = bh // H
     h = bh % H
@@ -126,7 +126,7 @@ def attention_bwd_dkdv_kernel(
     BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_n = pid64(1)
+    pid_n = tl.program_id(1)  # int32: a block within one (b, h) slice (its offsets stay int32 tiles)
     bh = pid64(0)
     b = bh // H
     h = bh % H
@@ -148,9 +148,11 @@ def attention_bwd_dkdv_kernel(
                                    qk_scale, HAS_MASK, PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    base = bh * Lk * Dh + offs_n[:, None] * Dh + offs_d[None, :]
-    tl.store(dk_ptr + base, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + base, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    # the slice's int64 start on the pointer, the int32 tile of offsets within it
+    head = bh * Lk * Dh
+    tile = offs_n[:, None] * Dh + offs_d[None, :]
+    tl.store(dk_ptr + head + tile, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + head + tile, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -162,7 +164,7 @@ def attention_bwd_dq_kernel(
     BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = pid64(1)
+    pid_m = tl.program_id(1)  # int32: a block within one (b, h) slice (its offsets stay int32 tiles)
     bh = pid64(0)
     b = bh // H
     h = bh % H
@@ -182,7 +184,7 @@ def attention_bwd_dq_kernel(
         _, ds = _probs_and_dscores(q, k, v, do, lse, delta, kpm_ptr, s_kpm_b, b, offs_n, Lk,
                                    qk_scale, HAS_MASK, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(dq_ptr + bh * Lq * Dh + offs_m[:, None] * Dh + offs_d[None, :],
+    tl.store(dq_ptr + bh * Lq * Dh + (offs_m[:, None] * Dh + offs_d[None, :]),
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
