@@ -60,9 +60,9 @@ Numeric and layout choices:
   dropped past that (:class:`GraphCache`). Replays are serialised by a lock: concurrent
   ``predict`` calls share the static buffers, and the shared pool is safe only because no
   two graphs run at once and each output is cloned before the next replay. fp32 models are
-  captured and replayed with TF32 off (``_full_fp32``, restored afterwards), so a graph
-  equals the eager model run at full fp32 precision within 1e-5; eager with the process's
-  TF32 settings on may differ by TF32's ~1e-3. ``graphs_captured`` counts real captures.
+  captured with TF32 off (``_full_fp32``, restored afterwards; a replay runs the kernels
+  chosen at capture), so a graph equals the eager model run at full fp32 precision within
+  1e-5; eager with TF32 on may differ by TF32's ~1e-3. ``graphs_captured`` counts captures.
 
 Everything runs under ``torch.inference_mode()``: no autograd state is kept.
 """
@@ -964,10 +964,13 @@ class Predictor:
     def _replay(self, key: tuple, batch: dict) -> torch.Tensor:
         """The model's prediction on ``batch`` (CPU tensors of bucket ``key``) by the bucket's
         CUDA graph, captured on its first use. Under the lock: one replay at a time."""
-        with self._graph_lock, torch.cuda.device(self.device), _full_fp32(self._fp32):
+        with self._graph_lock, torch.cuda.device(self.device):
             entry = self._graphs.get(key)
             if entry is None:
-                entry = self._capture(key, batch)
+                # TF32 off for the capture only: a replay runs the kernels chosen then and
+                # reads no flag, and the flags are process-wide (other threads see them)
+                with _full_fp32(self._fp32):
+                    entry = self._capture(key, batch)
             graph, static, pinned, staged, out = entry
             stream = self._graph_stream
             caller = torch.cuda.current_stream(self.device)
