@@ -75,7 +75,8 @@ SHAPES = {  # name: (preset, aligned)
     "mosi_mixed": ("mosi", True),
 }
 PREDICTORS = {"predictor_eager": {"runtime": "eager", "cuda_graphs": False},
-              "predictor_compiled": {"runtime": "compiled"},
+              # cuda_graphs=False: on a GPU the Predictor's CUDA graphs would run the eager model
+              "predictor_compiled": {"runtime": "compiled", "cuda_graphs": False},
               "predictor_cuda_graphs": {"cuda_graphs": True}, "predictor": {},
               "predictor_onnxruntime": {"runtime": "onnxruntime"}, "predictor_aoti": {"runtime": "aoti"}}
 MIXED_POOL = 16  # distinct random-length batches a mixed row cycles through
@@ -445,6 +446,8 @@ def main() -> None:
                         row["runtime"] = pr.runtime_for(pr.bucket_of(B, [TEXT_LEN] * 3)[0])
                         if pr.fallbacks:
                             row["fallbacks"] = dict(pr.fallbacks)
+                        if pr.device.type == "cuda":  # a CUDA-graphs row really replayed graphs
+                            row["graphs_captured"] = pr.graphs_captured
                     print(row, flush=True)
                     payload["results"].append(row)
             write("inference", payload, path)  # after every model: nothing lost on interruption

@@ -171,3 +171,60 @@ def test_compile_backend_caches_per_op():
     compiled = [s.compiled for s in _backend.SPECS.values() if s.compiled is not None]
     assert len(compiled) >= 5
     assert len({f.run.checked.__code__ for f in compiled}) == len(compiled)
+
+
+def _wide_and_narrow():
+    """Per op with a register-resident Triton kernel: (args within its limit, args just past it)."""
+    from msa_fast.ops import contrastive, layer_norm
+
+    z = torch.zeros
+
+    def ln(d):
+        return (z(2, d), z(2, d), z(d), z(d), 1e-5)
+
+    def gate(m, d, c):
+        return (z(1, m, d), z(1, m, c), z(m, d), z(m), z(1, m), 0.5)
+
+    def nt(d):
+        return (z(2, d), z(2, d), z(2, 3, d), None, 0.5, "mean")
+
+    def tri(d):
+        return (z(2, d), z(2, d), z(2, d), 0.5, "mean")
+
+    def fd(d):
+        return (z(1, 3, d), z(1, 3, d), z(1, 2, 2, 3, d), z(1, 2, 3, d), 0.5, 0.5, 0.1, None, None, "mean")
+
+    w = contrastive.MAX_WIDTH
+    return {
+        "add_layer_norm": (ln(layer_norm.MAX_WIDTH), ln(layer_norm.MAX_WIDTH + 1)),
+        "dual_gate": (gate(4, 1024, 7), gate(4, 1025, 7)),
+        "dual_gate (wide C)": (gate(4, 8, 1024), gate(5, 8, 1024)),
+        "nt_xent": (nt(w), nt(w + 1)),
+        "triplet": (tri(w), tri(w + 1)),
+        "fd_cmdie_contrastive_loss": (fd(w), fd(w + 1)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_wide_and_narrow()))
+def test_auto_skips_triton_past_its_width_limit(case, monkeypatch):
+    """``auto`` does not hand a register-resident Triton kernel a width it cannot hold: the
+    next backend of the order takes it; an explicit ``triton`` raises, naming the limit."""
+    import msa_fast.ops  # noqa: F401
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton available on CPU tensors (not run here)
+    op = case.split(" ")[0]
+    spec = _backend.SPECS[op]
+    narrow, wide = _wide_and_narrow()[case]
+    spec.check(*narrow)
+    spec.check(*wide)
+    triton_impl = spec.implementation("triton")
+    assert triton_impl.limit is not None and triton_impl.limit_doc
+    monkeypatch.setitem(_backend.AUTO_ORDER, (op, "cpu"), ("triton", "compile", "eager"))
+    assert _backend.choose(spec, narrow, "auto") is triton_impl
+    picked = _backend.choose(spec, wide, "auto")
+    assert picked is not triton_impl
+    compiled_ok = _backend.unavailable_reason(op, "compile", torch.device("cpu")) is None
+    assert picked is (spec.compiled if compiled_ok else None)
+    with pytest.raises(RuntimeError, match=r"backend 'triton' takes .*<="):
+        _backend.choose(spec, wide, "triton")
+    assert "<=" in _backend.backend_table().split(f"| `{op}` |")[1].split("\n")[0]

@@ -316,7 +316,8 @@ def test_cuda_graphs_equal_eager(name):
     out = pred.predict(batch)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert pred.cuda_graphs and len(pred._graphs) == 1, "no CUDA graph was captured"
-    graph, static, _ = next(iter(pred._graphs.values()))
+    assert pred.graphs_captured == 1
+    graph, static, *_ = next(iter(pred._graphs.values()))
     ptr = static["audio"].data_ptr()
     out2 = pred.predict({k: v.flip(0) for k, v in batch.items()})  # same bucket: a replay
     assert static["audio"].data_ptr() == ptr and len(pred._graphs) == 1
@@ -355,3 +356,117 @@ def test_two_compiled_predictors_keep_their_own_graphs():
         for m, p in zip(models, preds):
             torch.testing.assert_close(p.predict(batch), _ref(m, batch), atol=1e-5, rtol=1e-5)
     assert all(not p.fallbacks and p._compiled_keys for p in preds)
+
+
+def test_graph_cache_is_an_lru():
+    from msa_fast.inference.predictor import GraphCache
+
+    c = GraphCache(2)
+    assert c.put("a", 1) == [] and c.put("b", 2) == []
+    assert c.get("a") == 1  # "a" used last: "b" is the oldest now
+    assert c.put("c", 3) == [("b", 2)]
+    assert list(c.keys()) == ["a", "c"] and "b" not in c and len(c) == 2 and c.evictions == 1
+    assert c.get("b") is None
+    assert c.put("d", 4) == [("a", 1)]
+    c.clear()
+    assert len(c) == 0
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="max_graphs"):
+            GraphCache(bad)
+
+
+def test_predictor_graph_state_on_cpu():
+    """On the CPU no graph is captured; max_graphs is checked and kept; the lock exists."""
+    from msa_fast.inference.predictor import MAX_GRAPHS
+
+    model = _model("lf_dnn")
+    pred = Predictor(model, DIMS, compile=False, model_name="lf_dnn")
+    assert pred._graphs.max_size == MAX_GRAPHS and pred.graphs_captured == 0 and not pred.cuda_graphs
+    assert Predictor(model, DIMS, compile=False, max_graphs=3)._graphs.max_size == 3
+    with pytest.raises(ValueError, match="max_graphs"):
+        Predictor(model, DIMS, compile=False, max_graphs=0)
+    assert pred._graph_lock.acquire(blocking=False)
+    pred._graph_lock.release()
+    pred.predict(_batch(2, 8, 8, 8))
+    assert pred.graphs_captured == 0 and len(pred._graphs) == 0
+
+
+def test_full_fp32_scopes_and_restores_tf32():
+    from msa_fast.inference.predictor import _full_fp32
+
+    prec, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("medium")
+        torch.backends.cudnn.allow_tf32 = True
+        with pytest.raises(KeyError), _full_fp32():
+            assert torch.get_float32_matmul_precision() == "highest"
+            assert not torch.backends.cudnn.allow_tf32
+            raise KeyError  # restored on the way out of an error too
+        assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32
+        with _full_fp32(False):
+            assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(prec)
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_share_one_pool_and_stream_and_equal_eager():
+    """Two buckets: two captures on the Predictor's one stream into its one pool, each equal to
+    eager fp32 (TF32 off, as the graphs run) within 1e-5; an LRU of one graph evicts and
+    recaptures; concurrent predict calls each get their own answer."""
+    import threading
+
+    from msa_fast.inference.predictor import _full_fp32
+
+    name = "agfn"
+    model = _model(name)
+    small, large = _batch(2, 16, 16, 16, seed=1), _batch(5, 37, 21, 45, seed=2)
+    with _full_fp32():
+        ref_small = _ref(model.cuda(), {k: v.cuda() for k, v in small.items()}).cpu()
+        ref_large = _ref(model, {k: v.cuda() for k, v in large.items()}).cpu()
+    pred = Predictor(model, DIMS, device="cuda", cuda_graphs=True, model_name=name)
+    out_small, out_large = pred.predict(small), pred.predict(large)
+    assert pred.cuda_graphs and pred.graphs_captured == 2 and len(pred._graphs) == 2, pred.fallbacks
+    torch.testing.assert_close(out_small, ref_small, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_large, ref_large, atol=1e-5, rtol=1e-5)
+    pools = {entry[0].pool() for entry in pred._graphs.values()}
+    assert pools == {pred._graph_pool}
+    assert pred._graph_stream is not None and pred._graph_stream.device == pred.device
+    stream = pred._graph_stream
+    torch.testing.assert_close(pred.predict(small), ref_small, atol=1e-5, rtol=1e-5)  # a replay
+    assert pred.graphs_captured == 2 and pred._graph_stream is stream
+
+    results, errors = {}, []
+
+    def worker(i):
+        try:
+            results[i] = pred.predict(small if i % 2 else large)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, out in results.items():
+        torch.testing.assert_close(out, ref_small if i % 2 else ref_large, atol=1e-5, rtol=1e-5)
+    assert pred.graphs_captured == 2
+
+    lru = Predictor(model, DIMS, device="cuda", cuda_graphs=True, model_name=name, max_graphs=1)
+    lru.predict(small)
+    lru.predict(large)  # evicts small's graph
+    torch.testing.assert_close(lru.predict(small), ref_small, atol=1e-5, rtol=1e-5)  # recaptured
+    assert lru.graphs_captured == 3 and len(lru._graphs) == 1 and lru._graphs.evictions == 2
+
+
+@pytest.mark.gpu
+def test_compile_on_cuda_is_not_silently_ignored():
+    model = _model("lf_dnn")
+    with pytest.warns(UserWarning, match="not applied on CUDA"):
+        pred = Predictor(model, DIMS, device="cuda", compile=True)
+    assert pred.cuda_graphs and not pred.compile
+    honoured = Predictor(model, DIMS, device="cuda", compile=True, cuda_graphs=False)
+    assert honoured.compile and honoured.runtime_for(1) == "compiled"

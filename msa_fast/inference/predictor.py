@@ -54,7 +54,15 @@ Numeric and layout choices:
   requests.
 - **CUDA:** one CUDA graph per bucket, captured lazily on its first use with static input
   buffers that are reused on every replay; eager outside the buckets or where capture fails
-  (one warning).
+  (one warning). All graphs of a Predictor are captured and replayed on one persistent side
+  stream of its device, share one memory pool (``torch.cuda.graph_pool_handle``), and at most
+  ``max_graphs`` (default :data:`MAX_GRAPHS`) stay captured: the least recently used is
+  dropped past that (:class:`GraphCache`). Replays are serialised by a lock: concurrent
+  ``predict`` calls share the static buffers, and the shared pool is safe only because no
+  two graphs run at once and each output is cloned before the next replay. fp32 models are
+  captured with TF32 off (``_full_fp32``, restored afterwards; a replay runs the kernels
+  chosen at capture), so a graph equals the eager model run at full fp32 precision within
+  1e-5; eager with TF32 on may differ by TF32's ~1e-3. ``graphs_captured`` counts captures.
 
 Everything runs under ``torch.inference_mode()``: no autograd state is kept.
 """
@@ -67,6 +75,7 @@ import copy
 import logging
 import math
 import os
+import threading
 import types
 import warnings
 from collections.abc import Mapping, Sequence
@@ -94,6 +103,74 @@ DEFAULT_LENGTH_BUCKETS = (8, 16, 32, 50, 64, 128, 256, 375, 500, 512)
 # stay eager (and skip a 5-40 s compile). A model not listed: eager.
 COMPILE_DEFAULT = {"agfn": True, "fd_cmdie": True, "promma": True, "lf_dnn": False,
                    "text_only": False}
+
+MAX_GRAPHS = 64  # CUDA graphs a Predictor keeps captured (LRU): 7 batch x 10^3 length buckets exist
+
+
+class GraphCache:
+    """A least-recently-used map of at most ``max_size`` entries (the Predictor's CUDA graphs).
+
+    :meth:`get` marks an entry used; :meth:`put` adds one and returns the entries it evicted
+    (oldest first), so that the caller can release them. Not thread-safe by itself: the
+    Predictor holds its lock around every use."""
+
+    def __init__(self, max_size: int):
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+            raise ValueError(f"max_graphs: expected a positive integer, got {max_size!r}")
+        self.max_size = max_size
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self.evictions = 0
+
+    def get(self, key):
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key, value) -> list:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        evicted = []
+        while len(self._entries) > self.max_size:
+            evicted.append(self._entries.popitem(last=False))
+        self.evictions += len(evicted)
+        return evicted
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
+    def keys(self):
+        return self._entries.keys()
+
+    def values(self):
+        return self._entries.values()
+
+
+@contextlib.contextmanager
+def _full_fp32(enabled: bool = True):
+    """TF32 off for cuBLAS matmuls and cuDNN (the LSTMs) inside, the previous settings restored
+    after. A CUDA graph bakes in the kernels chosen at capture, so an fp32 graph captured
+    under TF32 would stay a TF32 graph; captured here, it equals eager fp32 within 1e-5."""
+    if not enabled:
+        yield
+        return
+    matmul = torch.get_float32_matmul_precision()  # "high" / "medium" allow TF32 (and bf16)
+    cudnn = torch.backends.cudnn
+    torch.set_float32_matmul_precision("highest")
+    try:
+        # cudnn.flags sets every flag it takes: the current ones are passed through
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                         deterministic=cudnn.deterministic, allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
@@ -450,14 +527,18 @@ class Predictor:
     ``runtime`` (:mod:`msa_fast.inference.runtimes`): ``"auto"`` (CPU: per model and batch
     bucket, the runtime measured fastest; CUDA: CUDA graphs), ``"eager"``, ``"compiled"``,
     ``"onnxruntime"`` or ``"aoti"``. ``compile``: the older switch, ``True`` = ``"compiled"``,
-    ``False`` = ``"eager"``, ``"auto"`` = let ``runtime`` decide; ignored on CUDA, where
-    ``cuda_graphs`` decides. ``fallbacks`` counts every runtime that could not run a bucket
-    (each also logged on ``msa_fast.inference``)."""
+    ``False`` = ``"eager"``, ``"auto"`` = let ``runtime`` decide. On CUDA with
+    ``cuda_graphs=True`` the graphs run the eager model and ``"compiled"`` is not applied
+    (one ``UserWarning`` says so: torch.compile's own graphs are not captured inside the
+    Predictor's); with ``cuda_graphs=False`` it is honoured (``torch.compile`` of the model).
+    ``max_graphs``: CUDA graphs kept captured (LRU, default :data:`MAX_GRAPHS`);
+    ``graphs_captured`` counts captures. ``fallbacks`` counts every runtime that could not
+    run a bucket (each also logged on ``msa_fast.inference``)."""
 
     def __init__(self, model: nn.Module, dims: Mapping, *, device="auto", backend: str = "auto",
                  max_batch: int = 64, compile="auto", runtime: str = "auto",
                  cuda_graphs: bool = True, length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
-                 model_name: str | None = None):
+                 model_name: str | None = None, max_graphs: int = MAX_GRAPHS):
         from msa_fast._backend import _check_name
         from msa_fast.inference.runtimes import check_runtime
         from msa_fast.train.trainer import resolve_device
@@ -493,15 +574,28 @@ class Predictor:
         # the torch runtime of "auto", and of an exported runtime that cannot be built
         self.torch_runtime = runtime if runtime in ("eager", "compiled") else \
             ("compiled" if COMPILE_DEFAULT.get(model_name or "", False) else "eager")
-        self.compile = self.device.type == "cpu" and self.torch_runtime == "compiled"
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        # torch.compile where the torch runtime is "compiled": on the CPU; on CUDA only when asked
+        # for explicitly and without CUDA graphs
+        self.compile = self.torch_runtime == "compiled" and (
+            self.device.type == "cpu" or (runtime == "compiled" and not self.cuda_graphs))
+        if self.cuda_graphs and runtime == "compiled":
+            warnings.warn("Predictor: compile=True / runtime='compiled' is not applied on CUDA with "
+                          "cuda_graphs=True: the CUDA graphs capture the eager model (torch.compile's "
+                          "own CUDA graphs are not captured inside them); pass cuda_graphs=False to "
+                          "run torch.compile", UserWarning, stacklevel=2)
         self._compiled = None
         self._compiled_keys: set[tuple] = set()
         # buckets whose compile failed: eager from then on (counted in ``fallbacks``), the
         # other buckets stay compiled
         self._eager_keys: set[tuple] = set()
         self.fallbacks: collections.Counter = collections.Counter()
-        self._graphs: dict = {}
+        self._graphs = GraphCache(max_graphs)
+        self.graphs_captured = 0  # CUDA graphs really captured (evicted ones included)
+        self._graph_lock = threading.Lock()
+        self._graph_stream = None  # torch.cuda.Stream on self.device, made on the first capture
+        self._graph_pool = None  # one torch.cuda.graph_pool_handle() for all of them
+        self._fp32 = all(p.dtype == torch.float32 for p in self.model.parameters())
         self._warned: set = set()
         self._exported: dict = {}  # (runtime, aligned, present) -> runner, or None where it failed
         self._exported_failed: set = set()  # (runtime, aligned): on torch, bucket-padded
@@ -587,7 +681,7 @@ class Predictor:
         rt = self._runtime_of.get(batch_bucket)
         if rt is None:
             if self.device.type != "cpu":
-                rt = "cuda_graphs" if self.cuda_graphs else "eager"
+                rt = "cuda_graphs" if self.cuda_graphs else ("compiled" if self.compile else "eager")
             elif self.runtime == "auto":
                 from msa_fast.inference.runtimes import auto_runtime
 
@@ -778,9 +872,12 @@ class Predictor:
             ones = self._ones3[Bp] = np.ones((Bp, 3), bool)
         return ones
 
+    def _on_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
     def _eager(self, batch: dict) -> torch.Tensor:
         if self.device.type != "cpu":
-            batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = self._on_device(batch)
         return self.model(batch)["pred"]
 
     def _fallback(self, what: str, err: BaseException) -> None:
@@ -806,6 +903,8 @@ class Predictor:
                 self._warn("CUDA graph capture", e)
         if self.compile and key not in self._eager_keys:
             fn = self._compiled_fn()
+            if self.device.type != "cpu":
+                batch = self._on_device(batch)
             try:
                 if key in self._compiled_keys:
                     # A bucket compiled before: every input of that bucket has its shapes,
@@ -864,26 +963,59 @@ class Predictor:
         return self._compiled
 
     def _replay(self, key: tuple, batch: dict) -> torch.Tensor:
-        entry = self._graphs.get(key)
-        if entry is None:
-            static = {k: v.to(self.device).clone() if torch.is_tensor(v) else v for k, v in batch.items()}
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
+        """The model's prediction on ``batch`` (CPU tensors of bucket ``key``) by the bucket's
+        CUDA graph, captured on its first use. Under the lock: one replay at a time."""
+        with self._graph_lock, torch.cuda.device(self.device):
+            entry = self._graphs.get(key)
+            if entry is None:
+                # TF32 off for the capture only: a replay runs the kernels chosen then and
+                # reads no flag, and the flags are process-wide (other threads see them)
+                with _full_fp32(self._fp32):
+                    entry = self._capture(key, batch)
+            graph, static, pinned, staged, out = entry
+            stream = self._graph_stream
+            caller = torch.cuda.current_stream(self.device)
+            stream.wait_stream(caller)
             with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up outside the graph (lazy init, cuBLAS workspaces)
-                    self.model(static)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self.model(static)["pred"]
-            entry = self._graphs[key] = (graph, static, out)
-        graph, static, out = entry
-        for k, v in batch.items():
-            if torch.is_tensor(v):
-                static[k].copy_(v, non_blocking=True)
-        graph.replay()
-        return out.clone()
+                staged.synchronize()  # the previous replay's copies out of the pinned buffers are done
+                for k, v in batch.items():
+                    if torch.is_tensor(v):
+                        src = pinned.get(k)
+                        if src is not None:
+                            src.copy_(v)
+                            static[k].copy_(src, non_blocking=True)
+                        else:
+                            static[k].copy_(v, non_blocking=True)
+                staged.record(stream)
+                graph.replay()
+                result = out.clone()  # before any other graph reuses the shared pool's memory
+            caller.wait_stream(stream)
+            result.record_stream(caller)
+            return result
 
+    def _capture(self, key: tuple, batch: dict) -> tuple:
+        """Capture bucket ``key``'s graph on the Predictor's stream and pool (the lock held)."""
+        if self._graph_stream is None:
+            self._graph_stream = torch.cuda.Stream(device=self.device)
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        stream = self._graph_stream
+        static = {k: v.to(self.device).clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+        # pinned host staging: the host-to-device copies of a replay run asynchronously
+        pinned = {k: torch.empty_like(v, pin_memory=True) for k, v in batch.items()
+                  if torch.is_tensor(v) and v.device.type == "cpu"}
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph, on the capture stream (lazy init, cuBLAS workspaces)
+                self.model(static)
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool, stream=stream, capture_error_mode="thread_local"):
+            out = self.model(static)["pred"]
+        self.graphs_captured += 1
+        entry = (graph, static, pinned, torch.cuda.Event(), out)
+        for _key, old in self._graphs.put(key, entry):
+            old[0].reset()  # an evicted graph never replays: release it
+        return entry
 
 __all__ = ["COMPILE_DEFAULT", "DEFAULT_LENGTH_BUCKETS", "Predictor", "collate_samples",
            "unpack_lstms"]

@@ -222,6 +222,22 @@ def _check_nt_xent(anchor, positive, negatives, negatives_mask, tau, reduction) 
     V.choice(op, "reduction", reduction, _REDUCTIONS)
 
 
+# kernels/triton/contrastive.py keeps feature vectors and (rows >= 2, D) tiles of width
+# D (padded to a power of two) in registers: wider features spill. Beyond it ``auto``
+# takes the next backend; benchmarks/compile_gate.py compiles D = MAX_WIDTH.
+MAX_WIDTH = 1024
+
+
+def _width_limit(x, *_rest) -> str | None:
+    d = x.shape[-1]
+    if d > MAX_WIDTH:
+        return f"takes D <= {MAX_WIDTH} (feature vectors in registers), got D={d}"
+    return None
+
+
+_LIMIT = dict(limit=_width_limit, limit_doc=f"D <= {MAX_WIDTH}")
+
+
 def _nt_xent_run(anchor, positive, negatives, negatives_mask, tau, reduction):
     rows = _nt_xent_triton(anchor, positive, negatives, negatives_mask, float(tau))[0]
     return reduce_loss(rows, reduction).to(anchor.dtype)
@@ -230,7 +246,7 @@ def _nt_xent_run(anchor, positive, negatives, negatives_mask, tau, reduction):
 # The kernels compute in fp32 from fp32 / fp16 / bf16 inputs; fp64 stays on the reference.
 _NT_XENT = _backend.declare(_backend.OpSpec(
     "nt_xent", reference.nt_xent, _check_nt_xent, autocast=torch.float32, compile=True,
-    fused=(_backend.Fused("triton", _nt_xent_run),)))
+    fused=(_backend.Fused("triton", _nt_xent_run, **_LIMIT),)))
 
 
 def _check_triplet(anchor, positive, negative, margin, reduction) -> None:
@@ -249,7 +265,7 @@ def _triplet_run(anchor, positive, negative, margin, reduction):
 
 _TRIPLET = _backend.declare(_backend.OpSpec(
     "triplet", reference.triplet, _check_triplet, autocast=torch.float32, compile=True,
-    fused=(_backend.Fused("triton", _triplet_run),)))
+    fused=(_backend.Fused("triton", _triplet_run, **_LIMIT),)))
 
 
 def _check_fd_cmdie(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, tau, margin, lambda_tri,
@@ -284,7 +300,7 @@ def _fd_cmdie_run(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, t
 
 _FD_CMDIE = _backend.declare(_backend.OpSpec(
     "fd_cmdie_contrastive_loss", reference.fd_cmdie_contrastive_loss, _check_fd_cmdie, autocast=torch.float32, compile=True,
-    fused=(_backend.Fused("triton", _fd_cmdie_run),)))
+    fused=(_backend.Fused("triton", _fd_cmdie_run, **_LIMIT),)))
 
 
 def nt_xent(

@@ -82,10 +82,30 @@ def _check(h, u, w_z, b_z, g_logits, tau) -> None:
     V.positive_float(op, "tau", tau)
 
 
+# kernels/triton/dual_gate.py holds a row's (M, D) and (M, C) tiles, padded to powers of two,
+# in registers (16 warps from 4096 elements in the backward): larger tiles spill. Beyond it
+# ``auto`` takes the next backend; benchmarks/compile_gate.py compiles the limit's shapes.
+MAX_TILE = 4096
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _tile_limit(h, u, *_rest) -> str | None:
+    m, d = h.shape[-2:]
+    c = u.shape[-1]
+    if _pow2(m) * max(_pow2(d), _pow2(c)) > MAX_TILE:
+        return (f"takes pow2(M) * max(pow2(D), pow2(C)) <= {MAX_TILE} (a row's tiles in registers), "
+                f"got M={m}, D={d}, C={c}")
+    return None
+
+
 _SPEC = _backend.declare(_backend.OpSpec(
     "dual_gate", reference.dual_gate, _check, compile=True,
     fused=(_backend.Fused("triton", lambda h, u, w_z, b_z, g_logits, tau: _dual_gate_triton(
-        h, u, w_z, b_z, g_logits, float(tau))),),
+        h, u, w_z, b_z, g_logits, float(tau)), limit=_tile_limit,
+        limit_doc=f"pow2(M) * max(pow2(D), pow2(C)) <= {MAX_TILE}"),),
 ))
 
 

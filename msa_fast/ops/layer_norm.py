@@ -72,10 +72,23 @@ def _check(x, residual, weight, bias, eps) -> None:
     V.positive_float(op, "eps", eps)
 
 
+# kernels/triton/layer_norm.py holds one row of d in registers (4 warps, next power of two):
+# wider rows spill. Beyond it ``auto`` takes the next backend; benchmarks/compile_gate.py
+# compiles d = MAX_WIDTH (its "limit_*" shapes).
+MAX_WIDTH = 2048
+
+
+def _width_limit(x, *_rest) -> str | None:
+    d = x.shape[-1]
+    if d > MAX_WIDTH:
+        return f"takes d <= {MAX_WIDTH} (one row in registers), got d={d}"
+    return None
+
+
 _SPEC = _backend.declare(_backend.OpSpec(
     "add_layer_norm", reference.add_layer_norm, _check, compile=True,
     fused=(_backend.Fused("triton", lambda x, residual, weight, bias, eps: _add_layer_norm_triton(
-        x, residual, weight, bias, float(eps))[0]),),
+        x, residual, weight, bias, float(eps))[0], limit=_width_limit, limit_doc=f"d <= {MAX_WIDTH}"),),
 ))
 
 

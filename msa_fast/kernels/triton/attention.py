@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from msa_fast.kernels.triton._common import on_tensor_device, pid64
+
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128  # one (block, Dh) tile per operand; msa_fast/ops/attention.py declares it
 
@@ -58,8 +60,8 @@ def attention_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(1)
-    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)  # int32: a block within one (b, h) slice (its offsets stay int32 tiles)
+    bh = pid64(0)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -124,8 +126,8 @@ def attention_bwd_dkdv_kernel(
     BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(1)
-    bh = tl.program_id(0)
+    pid_n = tl.program_id(1)  # int32: a block within one (b, h) slice (its offsets stay int32 tiles)
+    bh = pid64(0)
     b = bh // H
     h = bh % H
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -146,9 +148,11 @@ def attention_bwd_dkdv_kernel(
                                    qk_scale, HAS_MASK, PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    base = bh * Lk * Dh + offs_n[:, None] * Dh + offs_d[None, :]
-    tl.store(dk_ptr + base, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + base, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    # the slice's int64 start on the pointer, the int32 tile of offsets within it
+    head = bh * Lk * Dh
+    tile = offs_n[:, None] * Dh + offs_d[None, :]
+    tl.store(dk_ptr + head + tile, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + head + tile, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -160,8 +164,8 @@ def attention_bwd_dq_kernel(
     BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(1)
-    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)  # int32: a block within one (b, h) slice (its offsets stay int32 tiles)
+    bh = pid64(0)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -180,7 +184,7 @@ def attention_bwd_dq_kernel(
         _, ds = _probs_and_dscores(q, k, v, do, lse, delta, kpm_ptr, s_kpm_b, b, offs_n, Lk,
                                    qk_scale, HAS_MASK, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(dq_ptr + bh * Lq * Dh + offs_m[:, None] * Dh + offs_d[None, :],
+    tl.store(dq_ptr + bh * Lq * Dh + (offs_m[:, None] * Dh + offs_d[None, :]),
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
@@ -203,6 +207,7 @@ def _mask_arg(q: torch.Tensor, key_padding_mask: torch.Tensor | None):
     return kpm, kpm.stride(0), True
 
 
+@on_tensor_device
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_padding_mask: torch.Tensor | None, scale: float):
     """Returns ``(out, lse2)``: ``out`` like ``q`` (contiguous), ``lse2: (B, H, Lq)`` fp32."""
@@ -222,6 +227,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse
 
 
+@on_tensor_device
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor,
                        key_padding_mask: torch.Tensor | None, scale: float):

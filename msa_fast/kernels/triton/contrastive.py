@@ -70,6 +70,8 @@ import torch
 import triton
 import triton.language as tl
 
+from msa_fast.kernels.triton._common import on_tensor_device, pid64
+
 NEG_BIG = tl.constexpr(-1e30)  # finite "no candidate yet" max of an online log-sum-exp
 
 
@@ -177,7 +179,7 @@ def _num_warps(d_p: int) -> int:
 def nt_xent_fwd_kernel(a_ptr, p_ptr, n_ptr, m_ptr, loss_ptr, lse_ptr, K, D, tau,
                        HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr, D_P: tl.constexpr):
     """One anchor row: ``loss = logsumexp([z_p, valid z_k]) - z_p``; saves ``lse``."""
-    r = tl.program_id(0).to(tl.int64)
+    r = pid64(0)
     offs_d = tl.arange(0, D_P)
     d_ok = offs_d < D
     # no `_` before the loop: a name assigned before a loop and again inside it is
@@ -204,7 +206,7 @@ def nt_xent_bwd_kernel(g_ptr, g_stride, a_ptr, p_ptr, n_ptr, m_ptr, lse_ptr,
                        HAS_MASK: tl.constexpr, NEED_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, D_P: tl.constexpr):
     """One anchor row: gradients of anchor, positive and (``NEED_N``) negatives."""
-    r = tl.program_id(0).to(tl.int64)
+    r = pid64(0)
     offs_d = tl.arange(0, D_P)
     d_ok = offs_d < D
     gt = tl.load(g_ptr + r * g_stride).to(tl.float32) / tau
@@ -240,6 +242,7 @@ def _nonempty(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t if t.numel() else like
 
 
+@on_tensor_device
 def nt_xent_forward(anchor, positive, negatives, negatives_mask, tau):
     """Returns ``(loss (P,), lse (P,))`` in fp32."""
     P, D = anchor.shape
@@ -257,6 +260,7 @@ def nt_xent_forward(anchor, positive, negatives, negatives_mask, tau):
     return loss, lse
 
 
+@on_tensor_device
 def nt_xent_backward(grad, anchor, positive, negatives, negatives_mask, lse, tau, need_negatives):
     """Returns ``(d_anchor, d_positive, d_negatives)`` in the input dtype (``d_negatives``
     is empty when ``need_negatives`` is False)."""
@@ -286,7 +290,7 @@ def nt_xent_backward(grad, anchor, positive, negatives, negatives_mask, lse, tau
 
 @triton.jit
 def _triplet_rows(a_ptr, p_ptr, n_ptr, P, D, BLOCK_R: tl.constexpr, D_P: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = pid64(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rows < P
     offs_d = tl.arange(0, D_P)
     d_ok = offs_d < D
@@ -329,6 +333,7 @@ def _triplet_launch(P: int, D: int):
     return d_p, block_r, (triton.cdiv(P, block_r),)
 
 
+@on_tensor_device
 def triplet_forward(anchor, positive, negative, margin):
     """Returns ``loss (P,)`` in fp32."""
     P, D = anchor.shape
@@ -340,6 +345,7 @@ def triplet_forward(anchor, positive, negative, margin):
     return loss
 
 
+@on_tensor_device
 def triplet_backward(grad, anchor, positive, negative, margin):
     """Returns ``(d_anchor, d_positive, d_negative)`` in the input dtype."""
     P, D = anchor.shape
@@ -432,7 +438,7 @@ def fd_cmdie_fwd_kernel(s_ptr, d_ptr, ps_ptr, ns_ptr, pm_ptr, nm_ptr, loss_ptr, 
                         HAS_PM: tl.constexpr, HAS_NM: tl.constexpr,
                         BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D_P: tl.constexpr):
     """One sample: ``loss_i = l_G1 + l_G2 + l_G3 + sum_j l_G4j + lam * tri``; saves ``aux``."""
-    i = tl.program_id(0).to(tl.int64)
+    i = pid64(0)
     offs_d = tl.arange(0, D_P)
     d_ok = offs_d < D
     # distinct names, not `_`: the loop below reassigns `_` to blocks (loop-carried type)
@@ -497,7 +503,7 @@ def fd_cmdie_bwd_kernel(g_ptr, g_stride, s_ptr, d_ptr, ps_ptr, ns_ptr, pm_ptr, n
                         HAS_PM: tl.constexpr, HAS_NM: tl.constexpr, NEED_PS: tl.constexpr, NEED_NS: tl.constexpr,
                         BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D_P: tl.constexpr):
     """One sample: every gradient, ``dz_c = g (n_pos w_c - [c positive])`` per group."""
-    i = tl.program_id(0).to(tl.int64)
+    i = pid64(0)
     offs_d = tl.arange(0, D_P)
     d_ok = offs_d < D
     g = tl.load(g_ptr + i * g_stride).to(tl.float32)
@@ -597,6 +603,7 @@ def _fd_launch(Kp: int, Kn: int, D: int, budget: int) -> dict:
                 num_warps=_num_warps(d_p))
 
 
+@on_tensor_device
 def fd_cmdie_forward(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, pos_partner_mask,
                      neg_partner_mask, tau, margin, lambda_tri):
     """Returns ``(loss (B,), aux (B, 4))`` in fp32."""
@@ -613,6 +620,7 @@ def fd_cmdie_forward(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats
     return loss, aux
 
 
+@on_tensor_device
 def fd_cmdie_backward(grad, sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, pos_partner_mask,
                       neg_partner_mask, aux, tau, margin, lambda_tri, need_pos_partners, need_neg_partners):
     """Returns the gradients of the four feature tensors in their dtypes; a partner

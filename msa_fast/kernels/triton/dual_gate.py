@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from msa_fast.kernels.triton._common import on_tensor_device, pid64
+
 
 @triton.jit
 def _row_stats(h, u, w, bz, m_ok, c_ok, tau, inv_log_c):
@@ -80,7 +82,7 @@ def dual_gate_fwd_kernel(
     R, M, D, C, tau, inv_log_c,
     ROWS: tl.constexpr, M_P: tl.constexpr, D_P: tl.constexpr, C_P: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = pid64(0)
     offs_m, offs_d, m_ok, d_ok, c_ok, tile, tile_ok, utile, utile_ok, w, bz = _gate_weights(
         wz_ptr, bz_ptr, M, D, C, M_P, D_P, C_P)
     for i in range(ROWS):
@@ -112,7 +114,7 @@ def dual_gate_bwd_kernel(
     R, M, D, C, tau, inv_log_c,
     ROWS: tl.constexpr, M_P: tl.constexpr, D_P: tl.constexpr, C_P: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = pid64(0)
     offs_m, offs_d, m_ok, d_ok, c_ok, tile, tile_ok, utile, utile_ok, w, bz = _gate_weights(
         wz_ptr, bz_ptr, M, D, C, M_P, D_P, C_P)
     dw_acc = tl.zeros((M_P, D_P), dtype=tl.float32)
@@ -173,6 +175,7 @@ def _inv_log_c(C: int) -> float:
     return 1.0 / math.log(C) if C > 1 else 0.0
 
 
+@on_tensor_device
 def dual_gate_forward(h: torch.Tensor, u: torch.Tensor, w_z: torch.Tensor, b_z: torch.Tensor,
                       g_logits: torch.Tensor, tau: float
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -198,6 +201,7 @@ def dual_gate_forward(h: torch.Tensor, u: torch.Tensor, w_z: torch.Tensor, b_z: 
             ent.view(*lead, M))
 
 
+@on_tensor_device
 def dual_gate_backward(h, u, w_z, b_z, g_logits, tau, d_hent, d_himp, d_e, d_g, d_ent):
     """Launch the fused backward; returns ``(dh, du, dw_z, db_z, dg_logits)``.
 

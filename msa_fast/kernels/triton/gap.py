@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from msa_fast.kernels.triton._common import on_tensor_device, pid64
+
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)  # a plain float global does not compile
 _INV_SQRT2PI = tl.constexpr(0.3989422804014327)
 
@@ -97,8 +99,8 @@ def _vec(ptr, base, W, WP: tl.constexpr):
 def gap_layer_norm_kernel(x_ptr, pad_ptr, lnw_ptr, lnb_ptr, n_ptr, mean_ptr, rstd_ptr, R, D, eps,
                           BP: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr):
     """``n[m] = LayerNorm(x[m]) * ln_w[m] + ln_b[m]`` (fp32) for a block of rows; padded rows read x = 0."""
-    m = tl.program_id(1)
-    rows, r_ok, keep = _rows(pad_ptr, tl.program_id(0), R, BP, HAS_PAD)
+    m = pid64(1)
+    rows, r_ok, keep = _rows(pad_ptr, pid64(0), R, BP, HAS_PAD)
     offs = tl.arange(0, DP)
     d_ok = offs < D
     x = _tile(x_ptr, m * R * D, rows, keep, D, DP)
@@ -136,7 +138,7 @@ def gap_pool_kernel(n_ptr, pg_ptr, na_ptr, pad_ptr, b1g_ptr, w2g_ptr, b2g_ptr, b
                     M: tl.constexpr, M_P: tl.constexpr, BP: tl.constexpr, DP: tl.constexpr,
                     HP: tl.constexpr, AP: tl.constexpr, HAS_PAD: tl.constexpr):
     """Forward: per position, the M gates and scores, an online softmax and ``out = sum alpha g n``."""
-    rows, r_ok, keep = _rows(pad_ptr, tl.program_id(0), R, BP, HAS_PAD)
+    rows, r_ok, keep = _rows(pad_ptr, pid64(0), R, BP, HAS_PAD)
     cols = tl.arange(0, M_P)
     offs_d = tl.arange(0, DP)
     run_max = tl.full((BP,), float("-inf"), dtype=tl.float32)
@@ -179,7 +181,7 @@ def gap_pool_bwd_kernel(n_ptr, pg_ptr, na_ptr, pad_ptr, b1g_ptr, w2g_ptr, b2g_pt
     ``dout`` in ``dn``) and the gate ``g``, all ``(M, R)``, and this program's partial sums of ``dw2g``
     ``(M, h)`` and ``dw2a`` ``(M, ha)``; everything is 0 at padded positions.
     """
-    pid = tl.program_id(0)
+    pid = pid64(0)
     rows, r_ok, keep = _rows(pad_ptr, pid, R, BP, HAS_PAD)
     cols = tl.arange(0, M_P)
     offs_d = tl.arange(0, DP)
@@ -229,8 +231,8 @@ def gap_pool_bwd_kernel(n_ptr, pg_ptr, na_ptr, pad_ptr, b1g_ptr, w2g_ptr, b2g_pt
 def gap_layer_norm_bwd_kernel(dn_ptr, x_ptr, pad_ptr, lnw_ptr, mean_ptr, rstd_ptr, dx_ptr, R, D,
                               BP: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr):
     """``dx`` of ``n = LayerNorm(x) * ln_w + ln_b`` given ``dn`` (fp32), 0 at padded rows."""
-    m = tl.program_id(1)
-    rows, r_ok, keep = _rows(pad_ptr, tl.program_id(0), R, BP, HAS_PAD)
+    m = pid64(1)
+    rows, r_ok, keep = _rows(pad_ptr, pid64(0), R, BP, HAS_PAD)
     offs = tl.arange(0, DP)
     d_ok = offs < D
     mu = tl.load(mean_ptr + m * R + rows, mask=r_ok, other=0.0)
@@ -285,6 +287,7 @@ def _pool_meta(M, D, HG, HA, has_pad) -> dict:
                 HAS_PAD=has_pad)
 
 
+@on_tensor_device
 def gap_forward(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps):
     """Returns ``(out (B, L, d), alpha (M, B, L), g (M, B, L))`` in ``x``'s dtype."""
     x2, pad, ws, dims = _prepare(x, mask, (ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a))
@@ -300,6 +303,7 @@ def gap_forward(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps
     return out.view(B, L, D), alpha.view(M, B, L), g.view(M, B, L)
 
 
+@on_tensor_device
 def gap_backward(dout, dalpha, dg, x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps):
     """Returns the gradients of ``(x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a)``.
 

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from msa_fast.kernels.triton._common import on_tensor_device, pid64
+
 
 @triton.jit
 def add_layer_norm_fwd_kernel(
@@ -33,7 +35,7 @@ def add_layer_norm_fwd_kernel(
     R, D, eps,
     ROWS: tl.constexpr, D_P: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = pid64(0)
     offs = tl.arange(0, D_P)
     ok = offs < D
     w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -63,7 +65,7 @@ def add_layer_norm_bwd_kernel(
     R, D,
     ROWS: tl.constexpr, D_P: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = pid64(0)
     offs = tl.arange(0, D_P)
     ok = offs < D
     w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -94,6 +96,7 @@ def _launch_shape(R: int, D: int) -> tuple[int, int, int]:
     return rows, triton.next_power_of_2(D), triton.cdiv(R, rows)
 
 
+@on_tensor_device
 def add_layer_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                            bias: torch.Tensor, eps: float):
     """Returns ``(y, mean, rstd)``; ``y`` has the shape and dtype of ``x``."""
@@ -112,6 +115,7 @@ def add_layer_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torc
     return y.view(x.shape), mean, rstd
 
 
+@on_tensor_device
 def add_layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
                             weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor):
     """Returns ``(dx, dweight, dbias)``; ``dresidual`` equals ``dx``."""

@@ -59,6 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from msa_fast.kernels.triton._common import on_tensor_device
+
 MAX_K = 64
 
 
@@ -220,6 +222,7 @@ def launch_shape(k: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     return block_q, 64, block_d, k_p, 8
 
 
+@on_tensor_device
 def mine_pairs_forward(features: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor,
                        query_labels: torch.Tensor, query_index: torch.Tensor, k: int, *,
                        block_q: int | None = None, block_n: int | None = None,
