@@ -193,7 +193,22 @@ def cli(description: str):
     parser.add_argument("--quick", action="store_true", help="smallest shape only (CI smoke)")
     parser.add_argument("--shapes", default=None, help="comma-separated shape labels to run (default: all)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<op>_<device>.json)")
+    parser.add_argument("--providers", nargs="+", default=None, metavar="NAME",
+                        help="run only these providers (e.g. eager triton sdpa: no torch.compile "
+                             "warm-up on a lent GPU's minutes); default: every runnable one")
     return parser
+
+
+def select_providers(runnable: list[str], extra: list[str], wanted: list[str] | None) -> set[str]:
+    """The providers ``--providers`` keeps: a name neither runnable here nor an extra provider
+    is an error; a known one this device cannot run (triton on a CPU) is dropped with the rest."""
+    known = {"eager", "torch.compile", "triton", "cuda", "cpp", "compile", *runnable, *extra}
+    if wanted is None:
+        return set(runnable) | set(extra)
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise SystemExit(f"--providers: unknown {unknown}; known: {sorted(known)}")
+    return set(wanted)
 
 
 def run_op(op: str, shapes: dict[str, tuple], build: Callable, args, *,
@@ -211,8 +226,11 @@ def run_op(op: str, shapes: dict[str, tuple], build: Callable, args, *,
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     providers, note = providers_for(device)
+    keep = select_providers(providers, list(extra_providers or {}), getattr(args, "providers", None))
+    skip = tuple(skip) + tuple(p for p in [*providers, *(extra_providers or {})] if p not in keep)
     if skip:
         providers = [p for p in providers if p not in skip]
+        extra_providers = {k: v for k, v in (extra_providers or {}).items() if k not in skip}
         note = "; ".join(filter(None, [note, f"not run on request: {', '.join(skip)}"]))
     copy_bw = copy_bandwidth_gbs(device)
     env = environment(device)

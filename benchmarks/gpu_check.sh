@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # GPU validation in one call (contract §8): build, tests, sanitizers, benchmarks, JSON out.
 #
-#   bash benchmarks/gpu_check.sh            # on a GPU machine: under 8 minutes on an H200
+#   bash benchmarks/gpu_check.sh            # on a GPU machine: everything (8-11 minutes)
+#   bash benchmarks/gpu_check.sh --core     # first call of a lease: build, pytest -m gpu, sanitizers (< 5 min)
+#   bash benchmarks/gpu_check.sh --bench    # second call: the benchmarks (the --core build is reused)
 #   bash benchmarks/gpu_check.sh --quick    # anywhere (CI, no GPU): the CPU-side parts
+#   ... --providers "eager triton cuda sdpa"  # the op benchmarks' providers (this is the default:
+#                                           # no torch.compile warm-up; add it to the list to time it)
 #
 # Made for the lent H200 machine (Python 3.12, torch 2.11, triton 3.6, nvcc 13.0,
 # compute-sanitizer, no network): nothing is installed, the package runs from this
@@ -20,11 +24,12 @@
 #      odd-shaped forward + backward per Triton op, and the CUDA mine_pairs kernel per dtype
 #      (fp32 / fp16 / bf16 / fp64, with key splits so that the merge kernel runs too);
 #   4. bench_auto.py (each op's backends at the model shapes, fp32: the data for the GPU's
-#      auto order), every op benchmark at the MOSEI and large-batch shapes in bf16 and fp32
-#      (--device cuda), pair mining at N = 16,326, D = 877, k = 10 and 50, then one
-#      training step of every model (bench_train_step.py: bf16 autocast, MOSEI unaligned
-#      and MOSI aligned), and inference (bench_inference.py: model.eval() vs the Predictor
-#      eager vs CUDA graphs, MOSI aligned and MOSEI unaligned, batch 1 and 64).
+#      auto order), inference (bench_inference.py: model.eval() vs the Predictor eager vs
+#      CUDA graphs, MOSI aligned and MOSEI unaligned, batch 1 and 64), one training step of
+#      every model (bench_train_step.py: eager, auto, bf16 autocast; MOSEI unaligned and MOSI
+#      aligned), then every op benchmark at the MOSEI and large-batch shapes in bf16 and then
+#      fp32 (--device cuda, the --providers list), pair mining at N = 16,326, D = 877, k = 10
+#      and 50 -- the system rows first, so that a spent budget costs fp32 op rows, not them.
 #
 # Made so that a lease cannot end with nothing to show (the device tool kills a command
 # at its timeout and brings back only what is under $OUT by then):
@@ -49,7 +54,21 @@
 # the GPU-only steps are listed as skipped.
 set -uo pipefail
 QUICK=0
-[ "${1:-}" = "--quick" ] && QUICK=1
+MODE=full       # full | core (build, tests, sanitizer) | bench (the benchmarks, built once)
+# the providers of the op benchmarks on a GPU: no torch.compile warm-up by default (minutes of
+# a 15-minute lease for a baseline the CPU tables already show); --providers "... torch.compile" adds it
+PROVIDERS=${GPU_CHECK_PROVIDERS:-"eager triton cuda sdpa"}
+while [ $# -gt 0 ]; do
+  case $1 in
+    --quick) QUICK=1 ;;
+    --core) MODE=core ;;
+    --bench) MODE=bench ;;
+    --providers) PROVIDERS=${2:?--providers needs a quoted list, e.g. --providers "eager triton"}; shift ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
+    *) echo "gpu_check: unknown argument $1 (expected --quick, --core, --bench, --providers LIST)"; exit 2 ;;
+  esac
+  shift
+done
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
@@ -57,7 +76,10 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 start=$(date +%s)
 DEADLINE=${GPU_CHECK_DEADLINE:-500}
 
-if [ "$QUICK" = 0 ] && [ "$(timeout 60 "$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)" != 1 ]; then
+# GPU_CHECK_DRY_RUN=1: every step prints its command and counts as passed, nothing runs (the
+# step order, caps and arguments of a GPU run, reviewable and tested on a machine without one)
+DRY=${GPU_CHECK_DRY_RUN:-0}
+if [ "$QUICK" = 0 ] && [ "$DRY" != 1 ] && [ "$(timeout 60 "$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)" != 1 ]; then
   echo "gpu_check: no CUDA GPU here (torch.cuda.is_available() is not True); run with --quick for the CPU-side parts"
   exit 2
 fi
@@ -75,8 +97,8 @@ banner() { printf '\n=== [%4ss] %s\n' "$(elapsed)" "$*"; }
 
 summary() {  # $1: true once every step has run
   {
-    printf '{"quick": %s, "finished": %s, "seconds": %s, "deadline_s": %s, "steps": {' \
-      "$([ "$QUICK" = 1 ] && echo true || echo false)" "$1" "$(elapsed)" "$DEADLINE"
+    printf '{"quick": %s, "mode": "%s", "providers": "%s", "finished": %s, "seconds": %s, "deadline_s": %s, "steps": {' \
+      "$([ "$QUICK" = 1 ] && echo true || echo false)" "$MODE" "$PROVIDERS" "$1" "$(elapsed)" "$DEADLINE"
     local sep="" k
     for k in "${ORDER[@]}"; do
       printf '%s\n  "%s": {"status": "%s", "rc": %s, "seconds": %s' "$sep" "$k" "${STATUS[$k]}" \
@@ -106,8 +128,9 @@ run() {
   if [ "$left" -lt 10 ]; then note "$name" skipped "the ${DEADLINE} s deadline is reached"; return; fi
   local limit=$(( cap < left ? cap : left )) t0; t0=$(date +%s)
   banner "$name (timeout ${limit} s)"
-  timeout -k 10 "$limit" "$@" 2>&1 | tee "$DIR/$name.log"
-  local rc=${PIPESTATUS[0]}
+  local rc
+  if [ "$DRY" = 1 ]; then echo "dry run: $*" | tee "$DIR/$name.log"; rc=0
+  else timeout -k 10 "$limit" "$@" 2>&1 | tee "$DIR/$name.log"; rc=${PIPESTATUS[0]}; fi
   RCODE[$name]=$rc; SECS[$name]=$(( $(date +%s) - t0 )); ORDER+=("$name")
   case $rc in
     0) STATUS[$name]=passed ;;
@@ -185,7 +208,13 @@ export -f versions build sanitize
 export PY DIR QUICK
 
 run versions 60 bash -c versions
-run build 240 bash -c build
+# --bench on a machine still warm from a --core call: the extension built there is reused
+if [ "$MODE" = bench ] && [ "$QUICK" = 0 ] && [ "$DRY" != 1 ] && "$PY" -c \
+    "import msa_fast, sys; i = msa_fast.build_info(); sys.exit(0 if i['extension'] and i['cuda_ops'] else 1)" 2>/dev/null; then
+  note build skipped "--bench: the extension built by an earlier call is there and has its CUDA ops"
+else
+  run build 240 bash -c build
+fi
 run build_info 60 "$PY" -c "import json, msa_fast; print(json.dumps(msa_fast.build_info()))"
 cp "$DIR/build_info.log" "$DIR/build_info.json" 2>/dev/null
 # not -x: one failure must not hide the rest; a hung kernel is one test's timeout, not the step's
@@ -193,8 +222,11 @@ PYTEST_LIMITS=(--maxfail=20)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_LIMITS+=(--timeout=120)
 # on the device the CUDA kernels must have been built: their tests fail instead of skipping
 [ "$QUICK" = 1 ] || export MSA_FAST_REQUIRE_CUDA_KERNELS=1
-run pytest_gpu 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${PYTEST_LIMITS[@]}" --junitxml="$DIR/pytest_gpu.xml"
-if [ "$QUICK" = 1 ]; then note sanitizer skipped "--quick"
+if [ "$MODE" = bench ]; then note pytest_gpu skipped "--bench (the tests ran with --core)"
+else run pytest_gpu 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${PYTEST_LIMITS[@]}" --junitxml="$DIR/pytest_gpu.xml"
+fi
+if [ "$MODE" = bench ]; then note sanitizer skipped "--bench (the sanitizers ran with --core)"
+elif [ "$QUICK" = 1 ]; then note sanitizer skipped "--quick"
 elif ! command -v compute-sanitizer >/dev/null; then note sanitizer skipped "compute-sanitizer not found"
 else
   run sanitizer 150 bash -c sanitize
@@ -209,11 +241,16 @@ bench() {  # name, then the command; the scripts share the time budget
   if [ "$left" -lt 20 ]; then note "$name" skipped "the ${BUDGET} s benchmark budget is spent"; return; fi
   run "$name" "$left" "$@"
 }
-if [ "$QUICK" = 1 ]; then
+read -r -a OP_PROVIDERS <<< "$PROVIDERS"
+if [ "$MODE" = core ]; then
+  note benchmarks skipped "--core (run --bench in a second call)"
+elif [ "$QUICK" = 1 ]; then
   bench auto "$PY" benchmarks/bench_auto.py --quick --device cpu --out "$DIR/auto_cpu.json"
   bench pair_mining "$PY" benchmarks/bench_pair_mining.py --quick --device cpu --out "$DIR/pair_mining_cpu.json"
   for op in dual_gate gap layer_norm attention; do
-    bench "$op" "$PY" "benchmarks/bench_$op.py" --quick --device cpu --out "$DIR/${op}_cpu.json"
+    # --providers as on the GPU (those this CPU cannot run drop out): the option's plumbing is smoked
+    bench "$op" "$PY" "benchmarks/bench_$op.py" --quick --device cpu --providers "${OP_PROVIDERS[@]}" \
+      --out "$DIR/${op}_cpu.json"
   done
   bench contrastive "$PY" benchmarks/bench_contrastive.py --quick --device cpu --out "$DIR/contrastive_cpu.json"
   bench train_step "$PY" benchmarks/bench_train_step.py --quick --device cpu --out "$DIR/train_step_cpu.json"
@@ -223,28 +260,32 @@ else
   # SDPA, interleaved (no compiling: its minutes go to the scripts below)
   bench auto "$PY" benchmarks/bench_auto.py --device cuda --no-compile --rounds 3 --seconds 0.2 \
     --out "$DIR/auto_cuda.json"
-  for dt in bfloat16 float32; do
-    bench "dual_gate_$dt" "$PY" benchmarks/bench_dual_gate.py --device cuda --dtype $dt \
-      --shapes mosei_b1024,train_b16384 --out "$DIR/dual_gate_$dt.json"
-    bench "gap_$dt" "$PY" benchmarks/bench_gap.py --device cuda --dtype $dt \
-      --shapes mosei_unaligned,train_large --out "$DIR/gap_$dt.json"
-    bench "layer_norm_$dt" "$PY" benchmarks/bench_layer_norm.py --device cuda --dtype $dt \
-      --shapes mosei_unaligned,train_large --out "$DIR/layer_norm_$dt.json"
-    bench "attention_$dt" "$PY" benchmarks/bench_attention.py --device cuda --dtype $dt \
-      --shapes mosei_self_unaligned,train_large,mosei_self_dh128 --out "$DIR/attention_$dt.json"
-    bench "contrastive_$dt" "$PY" benchmarks/bench_contrastive.py --device cuda --dtype $dt \
-      --shapes mosei_b64_k50_d256,large_b1024_k50_d256 --out "$DIR/contrastive_$dt.json"
-    bench "pair_mining_$dt" "$PY" benchmarks/bench_pair_mining.py --device cuda --dtype $dt --n 16326 --d 877 \
-      --k 10 50 --providers eager-chunked torch.compile triton cuda --out "$DIR/pair_mining_$dt.json"
-  done
+  # the system numbers before the per-op sweeps: a budget that runs out loses fp32 op rows, not these.
   # inference: model.eval() vs the Predictor eager vs its CUDA graphs (one graph per bucket),
   # fp32, batch 1 and 64 (targets: batch-1 p50 < 1 ms with CUDA graphs and >= 3x eager)
   bench inference "$PY" benchmarks/bench_inference.py --device cuda --models agfn fd_cmdie promma lf_dnn \
     --shapes mosi_aligned mosei_unaligned --batches 1 64 \
     --providers eager predictor_eager predictor_cuda_graphs --iters 50 --out "$DIR/inference_cuda.json"
-  # one training step of every model at MOSEI unaligned, bf16 autocast (the trainer's GPU mode)
+  # one training step of every model at MOSEI unaligned and MOSI aligned: eager fp32, auto, bf16
+  # autocast (the trainer's GPU mode); no torch.compile of every model, no 2-rank row on one GPU
   bench train_step "$PY" benchmarks/bench_train_step.py --device cuda --shapes mosei_unaligned,mosi_aligned \
-    --steps 20 --out "$DIR/train_step_cuda.json"
+    --providers eager auto bf16 --steps 20 --out "$DIR/train_step_cuda.json"
+  for dt in bfloat16 float32; do
+    bench "dual_gate_$dt" "$PY" benchmarks/bench_dual_gate.py --device cuda --dtype $dt \
+      --shapes mosei_b1024,train_b16384 --providers "${OP_PROVIDERS[@]}" --out "$DIR/dual_gate_$dt.json"
+    bench "gap_$dt" "$PY" benchmarks/bench_gap.py --device cuda --dtype $dt \
+      --shapes mosei_unaligned,train_large --providers "${OP_PROVIDERS[@]}" --out "$DIR/gap_$dt.json"
+    bench "layer_norm_$dt" "$PY" benchmarks/bench_layer_norm.py --device cuda --dtype $dt \
+      --shapes mosei_unaligned,train_large --providers "${OP_PROVIDERS[@]}" --out "$DIR/layer_norm_$dt.json"
+    bench "attention_$dt" "$PY" benchmarks/bench_attention.py --device cuda --dtype $dt \
+      --shapes mosei_self_unaligned,train_large,mosei_self_dh128 --providers "${OP_PROVIDERS[@]}" \
+      --out "$DIR/attention_$dt.json"
+    bench "contrastive_$dt" "$PY" benchmarks/bench_contrastive.py --device cuda --dtype $dt \
+      --shapes mosei_b64_k50_d256,large_b1024_k50_d256 --providers "${OP_PROVIDERS[@]}" \
+      --out "$DIR/contrastive_$dt.json"
+    bench "pair_mining_$dt" "$PY" benchmarks/bench_pair_mining.py --device cuda --dtype $dt --n 16326 --d 877 \
+      --k 10 50 --providers eager-chunked triton cuda --out "$DIR/pair_mining_$dt.json"
+  done
 fi
 
 banner "summary"
