@@ -693,7 +693,9 @@ def test_triton_unavailable_raises_and_auto_falls_back(monkeypatch):
             call("triton")
         with msa_fast.use_backend("triton"), pytest.raises(RuntimeError, match="unavailable"):
             call(None)
-        torch.testing.assert_close(call("auto"), call("eager"), rtol=0, atol=0)
+        # auto on the CPU is the compiled reference: equal to eager within fp32 rounding
+        # (inductor's reduction order differs by an ulp on torch 2.11), not bit for bit
+        torch.testing.assert_close(call("auto"), call("eager"))
 
 
 @pytest.mark.interpret
