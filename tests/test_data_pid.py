@@ -208,6 +208,10 @@ def test_ceilings_order():
         assert acc["text only"] < acc[dropped] < acc["all"] and mae["all"] < mae[dropped] < mae["text only"]
     # the synergy share is lost with audio or vision, so those drops cost more than text's unique one
     assert mae["drop audio"] > mae["drop text"] and mae["drop vision"] > mae["drop text"]
+    # one modality alone: audio / vision carry the redundant latent and their unique one (shares
+    # 0.30 + 0.15) but no synergy, text 0.30 + 0.20: each below its pair, text alone the best
+    for alone in ("audio only", "vision only"):
+        assert mae[alone] > mae["text only"] and mae[alone] > mae["drop text"] > mae["all"]
 
 
 def test_data_inspect_and_synth_cli(tmp_path, capsys):

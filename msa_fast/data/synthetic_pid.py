@@ -218,8 +218,9 @@ def cached(preset: str = "mosi", seed: int = 0, aligned: bool = True,
                          lambda path: write(path, preset, seed, aligned, limit))
 
 
-SCENARIOS = {"all": (1, 1, 1), "text only": (1, 0, 0), "drop text": (0, 1, 1),
-             "drop audio": (1, 0, 1), "drop vision": (1, 1, 0)}
+SCENARIOS = {"all": (1, 1, 1), "text only": (1, 0, 0), "audio only": (0, 1, 0),
+             "vision only": (0, 0, 1), "drop text": (0, 1, 1), "drop audio": (1, 0, 1),
+             "drop vision": (1, 1, 0)}
 
 
 def ceilings(n: int = 200_000, draws: int = 64, seed: int = 0, label_step: float = 0.2,
