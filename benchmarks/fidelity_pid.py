@@ -58,6 +58,11 @@ CONFIGS = {
     "agfn": ("agfn", {}, {}),
     # tried when the default gate did not separate corrupted samples: a 5x sharper entropy term
     "agfn_tau0.1": ("agfn", {"tau": 0.1}, {}),
+    # issue 22's gate sweep: tau in {0.05, 0.1, 0.2, 0.5 (the default)} and the entropy of the
+    # utterance features instead of the 7-class head's
+    "agfn_tau0.05": ("agfn", {"tau": 0.05}, {}),
+    "agfn_tau0.2": ("agfn", {"tau": 0.2}, {}),
+    "agfn_features": ("agfn", {"entropy_source": "features"}, {}),
     "fd_cmdie": ("fd_cmdie", {}, {}),
     "promma": ("promma", {}, {}),
     "promma_drop0.3": ("promma", {}, {"drop_rate": 0.3}),
@@ -68,6 +73,7 @@ CONFIGS = {
     "fd_cmdie_wo_crossatt2": ("fd_cmdie", {"no_crossatt2": True}, {}),
 }
 MODELS = ("text_only", "lf_dnn", "agfn", "fd_cmdie", "promma")
+GATE_CONFIGS = ("agfn", "agfn_tau0.05", "agfn_tau0.1", "agfn_tau0.2", "agfn_features")
 ABLATIONS = {"FD-CMDIE": "fd_cmdie", "w/o CL": "fd_cmdie_wo_cl", "w/o CMDIE": "fd_cmdie_wo_cmdie",
              "w/o GAP": "fd_cmdie_wo_gap", "w/o CrossAtt-2": "fd_cmdie_wo_crossatt2"}
 SHOWN = ("MAE", "Corr", "Non0_acc_2", "Has0_acc_2", "Mult_acc_7")
@@ -329,7 +335,11 @@ def report(args) -> None:
     abl = report_models(args, ABLATIONS, os.path.join(args.out, "fd_cmdie_ablations"), "FD-CMDIE ablations")
     if abl:
         summary["fd_cmdie_ablations"] = {n: {k: r["mean"][k] for k in SHOWN} for n, r in abl.items()}
-    for name in ("agfn", "agfn_tau0.1"):
+    gate_rows = report_models(args, {n: n for n in GATE_CONFIGS}, os.path.join(args.out, "agfn_gate_settings"),
+                              "AGFN gate settings")
+    if gate_rows:
+        summary["agfn_gate_settings"] = {n: {k: r["mean"][k] for k in SHOWN} for n, r in gate_rows.items()}
+    for name in GATE_CONFIGS:
         g = report_gates(args, name)
         if g:
             summary[f"{name}_gates"] = {

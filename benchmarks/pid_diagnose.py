@@ -222,8 +222,9 @@ def markdown(res: dict, command: str) -> str:
              "oracle of where to look). Shares: least-squares coefficient of the predictions on "
              "each latent over the label's (1 = fully used).", "",
              "| modalities | ceiling MAE | probe `mean` MAE | probe `window` MAE | best epoch (mean / window) "
-             "| synergy share (mean / window) | redundant share (mean / window) |",
-             "|---|---|---|---|---|---|---|"]
+             "| synergy share (mean / window) | redundant share (mean / window) "
+             "| unique t / a / v share (window) |",
+             "|---|---|---|---|---|---|---|---|"]
     for set_name in SETS:
         m, w = res["probes"].get(f"{set_name}/mean"), res["probes"].get(f"{set_name}/window")
         if not (m and w):
@@ -232,14 +233,19 @@ def markdown(res: dict, command: str) -> str:
         lines.append(f"| {set_name} | {ceil:.3f} | {_fmt(m['MAE'])} | {_fmt(w['MAE'])} | "
                      f"{m['best_epoch']['mean']:.0f} / {w['best_epoch']['mean']:.0f} | "
                      f"{m['shares']['synergy']:.2f} / {w['shares']['synergy']:.2f} | "
-                     f"{m['shares']['redundant']:.2f} / {w['shares']['redundant']:.2f} |")
+                     f"{m['shares']['redundant']:.2f} / {w['shares']['redundant']:.2f} | "
+                     f"{w['shares']['unique_text']:.2f} / {w['shares']['unique_audio']:.2f} / "
+                     f"{w['shares']['unique_vision']:.2f} |")
     if res.get("curve"):
         lines += ["", f"## Learning curve (`{res['curve']['data']}`, the `all` probes)", "",
-                  "| training samples | probe `mean` MAE | probe `window` MAE | synergy share (window) |",
-                  "|---|---|---|---|"]
+                  "| training samples | probe `mean` MAE | probe `window` MAE | synergy share (mean / window) "
+                  "| unique a / v share (window) |",
+                  "|---|---|---|---|---|"]
         for n, row in res["curve"]["points"].items():
+            w = row["all/window"]["shares"]
             lines.append(f"| {n} | {_fmt(row['all/mean']['MAE'])} | {_fmt(row['all/window']['MAE'])} | "
-                         f"{row['all/window']['shares']['synergy']:.2f} |")
+                         f"{row['all/mean']['shares']['synergy']:.2f} / {w['synergy']:.2f} | "
+                         f"{w['unique_audio']:.2f} / {w['unique_vision']:.2f} |")
         lines.append(f"\nCeiling (all modalities) on that preset: {res['curve']['ceiling_all_MAE']:.3f}.")
     if res.get("runs"):
         lines += ["", "## Trained models (`fidelity_pid.py` runs)", "",
@@ -266,7 +272,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(RESULTS, "pid"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny data, 1 seed, the curve at two small sizes")
+    p.add_argument("--render", action="store_true", help="rewrite diagnose.md from diagnose.json, no fitting")
     args = p.parse_args(argv)
+    stem = os.path.join(args.out, "diagnose")
+    if args.render:
+        with open(stem + ".json") as f:
+            res = json.load(f)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(res, res.get("command", "python benchmarks/pid_diagnose.py")))
+        print(f"wrote {stem}.md")
+        return 0
     torch.set_num_threads(args.threads)
     from msa_fast.data.source import load_data
     from msa_fast.data.synthetic_pid import ceilings
@@ -292,14 +307,14 @@ def main(argv=None) -> int:
                                                     label_step=cgrid)["all"]["MAE"]}
     res["runs"] = report_runs(args.runs, args.data)
     res["seconds"] = round(time.time() - t0, 1)
+    command = "python benchmarks/pid_diagnose.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["command"] = command.strip()
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "diagnose")
     with open(stem + ".json.tmp", "w") as f:
         json.dump(res, f, indent=2, default=float)
     os.replace(stem + ".json.tmp", stem + ".json")
-    command = "python benchmarks/pid_diagnose.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with open(stem + ".md", "w") as f:
-        f.write(markdown(res, command.strip()))
+        f.write(markdown(res, res["command"]))
     print(f"wrote {stem}.json and .md")
     return 0
 
