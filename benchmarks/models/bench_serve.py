@@ -44,11 +44,12 @@ import threading
 import time
 import urllib.request
 
+if not __package__:  # run as a file, not with `python -m benchmarks.models.bench_serve`: import from the repository root
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import RESULTS, environment  # noqa: E402
+from benchmarks._common import RESULTS, environment
 
 L = 50
 WIDTHS = {"text": 768, "audio": 5, "vision": 20}

@@ -31,25 +31,29 @@ import math
 import os
 import pprint
 import statistics
+import sys
 import time
 
-import torch
-from _common import RESULTS, environment, fwd_bwd_callables, write
+if not __package__:  # run as a file, not with `python -m benchmarks.ops.bench_auto`: import from the repository root
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
+import torch
+
+from benchmarks._common import RESULTS, environment, fwd_bwd_callables, write
 from msa_fast import _backend
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 ORDER_FILE = os.path.join(ROOT, "msa_fast", "_auto_order.py")
 
 
 def _cases() -> dict[str, tuple]:
     """op -> (build, {label: shape}, forward_only)."""
-    att = importlib.import_module("bench_attention")
-    dg = importlib.import_module("bench_dual_gate")
-    gap = importlib.import_module("bench_gap")
-    ln = importlib.import_module("bench_layer_norm")
-    cl = importlib.import_module("bench_contrastive")
-    mining = importlib.import_module("bench_pair_mining")
+    att = importlib.import_module("benchmarks.ops.bench_attention")
+    dg = importlib.import_module("benchmarks.ops.bench_dual_gate")
+    gap = importlib.import_module("benchmarks.ops.bench_gap")
+    ln = importlib.import_module("benchmarks.ops.bench_layer_norm")
+    cl = importlib.import_module("benchmarks.ops.bench_contrastive")
+    mining = importlib.import_module("benchmarks.ops.bench_pair_mining")
     pick = lambda shapes, *labels: {k: shapes[k] for k in labels}
     return {
         "attention": (att.build, {"fd_cmdie_unaligned": (8, 4, 875, 875, 16),

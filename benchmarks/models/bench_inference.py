@@ -62,9 +62,12 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-from _common import RESULTS, environment, write
+if not __package__:  # run as a file, not with `python -m benchmarks.models.bench_inference`: import from the repository root
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
+import torch
+
+from benchmarks._common import RESULTS, environment, write
 from msa_fast.data.schema import PRESET_DIMS
 from msa_fast.inference import Predictor
 from msa_fast.models import available_models, build_model

@@ -53,10 +53,12 @@ import sys
 import tempfile
 import time
 
+if not __package__:  # run as a file, not with `python -m benchmarks.ops.bench_pair_mining`: import from the repository root
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment  # noqa: E402
+from benchmarks._common import RESULTS, environment
 
 SEED = 0
 TIE_TOL = 1e-6

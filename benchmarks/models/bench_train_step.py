@@ -33,13 +33,17 @@ import argparse
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import time
 
+if not __package__:  # run as a file, not with `python -m benchmarks.models.bench_train_step`: import from the repository root
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
 import torch
-from _common import RESULTS, environment, write
 
 import msa_fast
+from benchmarks._common import RESULTS, environment, write
 from msa_fast.data import load_data
 from msa_fast.data.loader import gather_batch
 from msa_fast.models import available_models, build_model

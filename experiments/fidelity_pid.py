@@ -44,12 +44,14 @@ import os
 import sys
 import time
 
+if not __package__:  # run as a file, not with `python -m experiments.fidelity_pid`: import from the repository root
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment  # noqa: E402
-from fidelity_models import _plot  # noqa: E402
+from benchmarks._common import RESULTS, environment
+from experiments.fidelity_models import _plot
 
 # name -> (registered model, model_cfg, TrainConfig overrides)
 CONFIGS = {

@@ -10,10 +10,16 @@ and writes ``dx`` (= ``dresidual``).
 
 from __future__ import annotations
 
+import os
+import sys
+
+if not __package__:  # run as a file, not with `python -m benchmarks.ops.bench_layer_norm`: import from the repository root
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
 import torch
-from _common import cli, run_op
 
 import msa_fast
+from benchmarks._common import cli, run_op
 
 SHAPES = {
     "mosi_aligned": (32, 50, 128),

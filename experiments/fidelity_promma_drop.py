@@ -34,12 +34,13 @@ import os
 import sys
 import time
 
+if not __package__:  # run as a file, not with `python -m experiments.fidelity_promma_drop`: import from the repository root
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment  # noqa: E402
-
-from msa_fast.train import TrainConfig, run_experiment  # noqa: E402
+from benchmarks._common import RESULTS, environment
+from msa_fast.train import TrainConfig, run_experiment
 
 VARIANTS = {"promma": {}, "backbone": {"prompts": False}}
 SHOWN = ("MAE", "Non0_acc_2")

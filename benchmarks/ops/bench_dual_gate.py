@@ -13,10 +13,16 @@ the backward also reads the five incoming gradients and writes ``dh``, ``du`` an
 
 from __future__ import annotations
 
+import os
+import sys
+
+if not __package__:  # run as a file, not with `python -m benchmarks.ops.bench_dual_gate`: import from the repository root
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
 import torch
-from _common import cli, run_op
 
 import msa_fast
+from benchmarks._common import cli, run_op
 
 SHAPES = {
     "mosi_b32": (32, 3, 128, 7),

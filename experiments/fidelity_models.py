@@ -27,12 +27,13 @@ import sys
 import time
 import traceback
 
+if not __package__:  # run as a file, not with `python -m experiments.fidelity_models`: import from the repository root
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment  # noqa: E402
-
-from msa_fast.train import TrainConfig, run_experiment  # noqa: E402
+from benchmarks._common import RESULTS, environment
+from msa_fast.train import TrainConfig, run_experiment
 
 MODELS = ("text_only", "lf_dnn", "agfn", "fd_cmdie", "promma")
 SHOWN = ("MAE", "Corr", "Non0_acc_2", "Has0_acc_2", "Mult_acc_7")

@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
+import sys
 import time
+
+if not __package__:  # run as a file, not with `python -m benchmarks.models.bench_model_latency`: import from the repository root
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import torch
 

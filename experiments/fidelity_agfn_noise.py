@@ -28,15 +28,16 @@ import os
 import sys
 import time
 
+if not __package__:  # run as a file, not with `python -m experiments.fidelity_agfn_noise`: import from the repository root
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment, write  # noqa: E402
-
-from msa_fast.data import load_data, make_loader  # noqa: E402
-from msa_fast.metrics import mosi_regression_metrics  # noqa: E402
-from msa_fast.train import TrainConfig, train_seed  # noqa: E402
+from benchmarks._common import RESULTS, environment, write
+from msa_fast.data import load_data, make_loader
+from msa_fast.metrics import mosi_regression_metrics
+from msa_fast.train import TrainConfig, train_seed
 
 MODALITIES = ("text", "audio", "vision")
 SHORT = ("t", "a", "v")

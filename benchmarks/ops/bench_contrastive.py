@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
+
+if not __package__:  # run as a file, not with `python -m benchmarks.ops.bench_contrastive`: import from the repository root
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import torch
-from _common import RESULTS, cli, run_op
 
 import msa_fast
+from benchmarks._common import RESULTS, cli, run_op
 
 # label -> (B, k_cl, D[, "bank"])
 BATCHES = {

@@ -47,9 +47,11 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results")
+if not __package__:  # run as a file, not with `python -m tools.compile_gate`: import from the repository root
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 # Per-block shared memory a kernel may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SMEM_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 100: 232_448, 120: 101_376}
@@ -65,13 +67,14 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def _cases(quick: bool, ops: set[str] | None = None):
     """``(op, case label, build, shape)``: the benchmark builders at their shapes."""
-    sys.path.insert(0, HERE)
-    import bench_attention
-    import bench_contrastive
-    import bench_dual_gate
-    import bench_gap
-    import bench_layer_norm
-    import bench_pair_mining
+    from benchmarks.ops import (
+        bench_attention,
+        bench_contrastive,
+        bench_dual_gate,
+        bench_gap,
+        bench_layer_norm,
+        bench_pair_mining,
+    )
 
     groups = [
         # "limit_*": the widest input each op's triton descriptor takes (its Fused.limit), so
