@@ -11,10 +11,10 @@ test split it also records the Pearson correlation between each modality's ``e_m
 generator's planted per-sample noise level ``r_m`` (``noise_level``; synthetic data only).
 The noise is drawn from a fixed generator, the same for every seed.
 
-    python benchmarks/fidelity_agfn_noise.py               # synthetic:mosi, 1 seed
-    python benchmarks/fidelity_agfn_noise.py --seeds 1111 1112 1113
-    python benchmarks/fidelity_agfn_noise.py --quick       # CI smoke: tiny data, 1 epoch
-    python benchmarks/fidelity_agfn_noise.py --replot benchmarks/results/agfn_noise.json
+    python experiments/fidelity_agfn_noise.py               # synthetic:mosi, 1 seed
+    python experiments/fidelity_agfn_noise.py --seeds 1111 1112 1113
+    python experiments/fidelity_agfn_noise.py --quick       # CI smoke: tiny data, 1 epoch
+    python experiments/fidelity_agfn_noise.py --replot benchmarks/results/agfn_noise.json
 
 Writes ``benchmarks/results/agfn_noise.json`` (environment, settings, per-seed and mean
 rows) and ``agfn_noise.png`` (one panel per noised modality: e_t, e_a, e_v vs k, and MAE
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
                "env": environment(torch.device("cpu")), "data": args.data, "seeds": args.seeds,
                "levels": args.levels, "train_config": cfg.to_dict(),
                "noise": "x + level * per-channel test std * N(0, I) on valid positions, one modality",
-               "command": "python benchmarks/fidelity_agfn_noise.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "command": "python experiments/fidelity_agfn_noise.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "per_seed": per_seed, "mean": mean, "wall_s": round(time.perf_counter() - t0, 1)}
     path = write("agfn_noise", payload, out)
     png = os.path.splitext(path)[0] + ".png"

@@ -2,9 +2,9 @@
 CrossAtt-2, each trained like ``msa-fast train --model fd_cmdie`` (default TrainConfig: max 20
 epochs, MMSA early stopping, batch 32) over seeds.
 
-    python benchmarks/fidelity_fd_cmdie_ablations.py                 # synthetic:mosi, 3 seeds
-    python benchmarks/fidelity_fd_cmdie_ablations.py --seeds 1111    # one seed
-    python benchmarks/fidelity_fd_cmdie_ablations.py --quick         # CI smoke: tiny data, 1 epoch
+    python experiments/fidelity_fd_cmdie_ablations.py                 # synthetic:mosi, 3 seeds
+    python experiments/fidelity_fd_cmdie_ablations.py --seeds 1111    # one seed
+    python experiments/fidelity_fd_cmdie_ablations.py --quick         # CI smoke: tiny data, 1 epoch
 
 Writes ``benchmarks/results/fd_cmdie_ablations.json`` (per-variant mean / std / per-seed test
 metrics, CPU seconds and wall seconds, the environment and the exact command) and
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
                       "cpu_s": round(time.process_time() - c0, 1)}
         print(f"{name}: wall {rows[name]['wall_s']:.0f} s, cpu {rows[name]['cpu_s']:.0f} s", flush=True)
 
-    command = "python benchmarks/fidelity_fd_cmdie_ablations.py " + " ".join(argv if argv is not None
+    command = "python experiments/fidelity_fd_cmdie_ablations.py " + " ".join(argv if argv is not None
                                                                              else sys.argv[1:])
     from msa_fast.models.fd_cmdie import FDCMDIE
 

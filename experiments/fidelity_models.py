@@ -4,9 +4,9 @@ Trains ``text_only``, ``lf_dnn``, ``agfn``, ``fd_cmdie`` and ``promma`` with the
 configurations (``msa-fast train --model NAME --data DATA``, 3 seeds, MMSA early stopping)
 and reports the test metrics as mean ± std over the seeds, with each model's wall time.
 
-    python benchmarks/fidelity_models.py                    # synthetic:mosi, 3 seeds
-    python benchmarks/fidelity_models.py --quick            # CI smoke: tiny data, 1 epoch
-    python benchmarks/fidelity_models.py --amp bf16         # the same under bf16 autocast (CPU too)
+    python experiments/fidelity_models.py                    # synthetic:mosi, 3 seeds
+    python experiments/fidelity_models.py --quick            # CI smoke: tiny data, 1 epoch
+    python experiments/fidelity_models.py --amp bf16         # the same under bf16 autocast (CPU too)
 
 ``--amp bf16`` writes ``fidelity_models_bf16.*`` and, when ``fidelity_models.json`` (fp32)
 of the same data and seeds is beside it, a comparison per model and metric: whether the
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
             rows[name] = {"error": f"{type(e).__name__}: {e}"}
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
 
-    command = "python benchmarks/fidelity_models.py" + (" --quick" if args.quick else "") + (
+    command = "python experiments/fidelity_models.py" + (" --quick" if args.quick else "") + (
         f" --amp {args.amp}" if args.amp != "auto" else "")
     payload = {"data": args.data, "seeds": args.seeds, "backend": args.backend, "amp": args.amp,
                "environment": environment(torch.device("cpu")), "models": rows}

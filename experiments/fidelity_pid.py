@@ -29,9 +29,9 @@ a finished one is reused) and reports, under ``--out``:
 - ``fd_cmdie_ablations.{json,md,png}``: FD-CMDIE's Table 7 ablations (w/o CL, w/o CMDIE, w/o
   GAP, w/o CrossAtt-2).
 
-    python benchmarks/fidelity_pid.py train agfn lf_dnn text_only   # train some (resumable)
-    python benchmarks/fidelity_pid.py report                         # everything trained so far
-    python benchmarks/fidelity_pid.py all --quick                    # CI smoke (tiny, 1 epoch)
+    python experiments/fidelity_pid.py train agfn lf_dnn text_only   # train some (resumable)
+    python experiments/fidelity_pid.py report                         # everything trained so far
+    python experiments/fidelity_pid.py all --quick                    # CI smoke (tiny, 1 epoch)
 
 Two ``train`` processes with disjoint names use both cores of a 2-core machine.
 """
@@ -150,7 +150,7 @@ def report_models(args, names: dict, stem: str, title: str) -> dict | None:
         json.dump({"data": args.data, "seeds": args.seeds, "environment": environment(torch.device("cpu")),
                    "rows": rows}, f, indent=2)
     with open(stem + ".md", "w") as f:
-        f.write(_table(rows, title + "; made by `python benchmarks/fidelity_pid.py report`."))
+        f.write(_table(rows, title + "; made by `python experiments/fidelity_pid.py report`."))
     _plot(rows, stem + ".png", title)
     return rows
 

@@ -9,9 +9,9 @@ For each drop rate (default 0, 0.1, 0.3, 0.5, 0.7) trains and evaluates, at that
 - ``backbone``: the same network with ``prompts=False`` (no prompts and none of the four
   modules; dropped modalities are seen as the zeroed features the protocol leaves).
 
-    python benchmarks/fidelity_promma_drop.py                 # synthetic:mosi, 1 seed
-    python benchmarks/fidelity_promma_drop.py --seeds 1111 1112 1113
-    python benchmarks/fidelity_promma_drop.py --quick         # CI smoke: tiny data, 1 epoch, 2 rates
+    python experiments/fidelity_promma_drop.py                 # synthetic:mosi, 1 seed
+    python experiments/fidelity_promma_drop.py --seeds 1111 1112 1113
+    python experiments/fidelity_promma_drop.py --quick         # CI smoke: tiny data, 1 epoch, 2 rates
 
 Reading the result on synthetic data: the generator draws the three latent contents
 ``z_t, z_a, z_v`` independently (``msa_fast/data/synthetic.py``), so a dropped modality
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     payload = {"data": args.data, "rates": args.rates, "seeds": args.seeds, "backend": args.backend,
                "train_config": {k: v for k, v in TrainConfig(**extra).to_dict().items()
                                 if k in ("epochs", "patience", "batch_size", "lr", "weight_decay")},
-               "variants": VARIANTS, "command": "python benchmarks/fidelity_promma_drop.py "
+               "variants": VARIANTS, "command": "python experiments/fidelity_promma_drop.py "
                + " ".join(sys.argv[1:] if argv is None else argv),
                "wall_s": round(time.perf_counter() - t_all, 1),
                "environment": environment(torch.device("cpu")), "results": results}

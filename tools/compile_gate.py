@@ -6,7 +6,7 @@ cannot show register spills or shared memory. This script closes that gap with n
 
 1. **Capture** (a child process with ``TRITON_INTERPRET=1``): the public ops
    (``msa_fast.ops.*``, ``backend="triton"``) run forward and backward at the shapes of
-   the benchmarks (``benchmarks/bench_*.py`` ``SHAPES``, plus mining at MOSI / MOSEI
+   the benchmarks (``benchmarks/ops/bench_*.py`` ``SHAPES``, plus mining at MOSI / MOSEI
    size and attention at Dh = 128, 96 and 48) in fp32 / fp16 / bf16, with the interpreter's launch
    intercepted: each launch is recorded (kernel, arguments, constexprs, grid, warps)
    and skipped, so that no kernel is interpreted and the large shapes cost nothing.
@@ -27,7 +27,7 @@ kernel using TF32, or a grid axis over its hardware limit (y and z: 65,535), and
 writes ``benchmarks/results/compile_gate.{json,md}``: one row per kernel x dtype x
 shape x arch with registers, spills, shared memory and wgmma.
 
-    python benchmarks/compile_gate.py [--quick] [--archs 90,80] [--jobs 2] [--out DIR] [--no-cuda | --cuda-log LOG]
+    python tools/compile_gate.py [--quick] [--archs 90,80] [--jobs 2] [--out DIR] [--no-cuda | --cuda-log LOG]
 
 ``--quick``: the first shape of each op and sm_90a only (the test suite's smoke).
 """
@@ -379,7 +379,7 @@ def cuda_sources_check(log: str | None = None) -> tuple[list[dict], str | None]:
 def _markdown(rows: list[dict], cuda_rows: list[dict], env: dict) -> str:
     lines = [f"# Compile gate ({env['triton']} Triton, {env['when']})", "",
              "Every Triton kernel launched by the public ops, compiled with no GPU "
-             "(`python benchmarks/compile_gate.py`). Spills and registers are per thread "
+             "(`python tools/compile_gate.py`). Spills and registers are per thread "
              "(`ptxas -v`), shared memory per block (Triton's allocation + static).", "",
              "| op | case | dtype | pass | kernel | arch | regs | spill B | smem B | wgmma | warps | stages | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

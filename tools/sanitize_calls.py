@@ -5,7 +5,7 @@ padded path; a duplicated row: exact ties). Under memcheck run it with
 ``PYTORCH_NO_CUDA_MEMORY_CACHING=1``: the caching allocator hands out pieces of larger blocks,
 inside which an overrun is invisible to the sanitizer.
 
-    python benchmarks/sanitize_calls.py [--device cuda|cpu] [--only triton|cuda]
+    python tools/sanitize_calls.py [--device cuda|cpu] [--only triton|cuda]
 
 On the CPU (``TRITON_INTERPRET=1``) it runs the same Triton calls through the interpreter,
 which is how the tests check that the list still builds and runs (the CUDA part skips there).

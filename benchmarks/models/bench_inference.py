@@ -39,10 +39,10 @@ caps the slow rows (FD-CMDIE on unaligned MOSEI at batch 64 takes seconds a call
 ``torch.set_num_threads(--threads)`` is fixed and recorded. JSON: ``benchmarks/results/inference_<device>.json``, a PNG and the README's markdown
 table (``.md``) beside it; ``speedup`` in the JSON has the Predictor / eager ratios.
 
-    python benchmarks/bench_inference.py                                # the full matrix
-    python benchmarks/bench_inference.py --row-seconds 8                # the same, capped per row
-    python benchmarks/bench_inference.py --models agfn --batches 1 64 --shapes mosi_aligned
-    python benchmarks/bench_inference.py --quick                        # CI smoke, seconds
+    python benchmarks/models/bench_inference.py                                # the full matrix
+    python benchmarks/models/bench_inference.py --row-seconds 8                # the same, capped per row
+    python benchmarks/models/bench_inference.py --models agfn --batches 1 64 --shapes mosi_aligned
+    python benchmarks/models/bench_inference.py --quick                        # CI smoke, seconds
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ its CMDIE ``batched="auto"`` (the default), ``True`` (one attention launch per s
 the three DIPUs, X's padded to the longest) and ``False`` (the per-DIPU loop), where the
 installed library has the switch (run with ``PYTHONPATH`` at another checkout to compare).
 
-    python benchmarks/bench_model_latency.py [--reps 200] [--models agfn fd_cmdie promma]
+    python benchmarks/models/bench_model_latency.py [--reps 200] [--models agfn fd_cmdie promma]
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ with the server, so the numbers are a floor of what a separate client host would
 cell runs ``--seconds`` after a warm-up of every batch bucket the server may form; latency per
 request (p50, p99 over all of them), throughput = answered requests / seconds.
 
-    python benchmarks/bench_serve.py                               # AGFN trained on synthetic:tiny
-    python benchmarks/bench_serve.py --checkpoint out/seed_1 --litserve
-    python benchmarks/bench_serve.py --quick                       # smoke, seconds
+    python benchmarks/models/bench_serve.py                               # AGFN trained on synthetic:tiny
+    python benchmarks/models/bench_serve.py --checkpoint out/seed_1 --litserve
+    python benchmarks/models/bench_serve.py --quick                       # smoke, seconds
 
 JSON: ``benchmarks/results/serve_cpu.json``; the README's markdown table beside it (``.md``).
 """

@@ -22,9 +22,9 @@ growth of the process's resident set over the steps, a coarse upper bound). FD-C
 pairs are mined once first, so that its contrastive term is part of the step. On a GPU the
 step runs under bf16 autocast, as the trainer does.
 
-    python benchmarks/bench_train_step.py [--device cuda] [--models fd_cmdie] [--shapes mosei_unaligned]
-    python benchmarks/bench_train_step.py --quick      # lf_dnn at MOSI aligned, CI smoke
-    python benchmarks/bench_train_step.py --merge A.json B.json --out results/train_step_cpu.json
+    python benchmarks/models/bench_train_step.py [--device cuda] [--models fd_cmdie] [--shapes mosei_unaligned]
+    python benchmarks/models/bench_train_step.py --quick      # lf_dnn at MOSI aligned, CI smoke
+    python benchmarks/models/bench_train_step.py --merge A.json B.json --out results/train_step_cpu.json
 """
 
 from __future__ import annotations

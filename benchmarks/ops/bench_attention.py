@@ -7,7 +7,7 @@ and a large-batch training shape. 30 % of the keys of each sequence are padding.
 TFLOP/s counts ``4 B H Lq Lk Dh`` forward and ``10 B H Lq Lk Dh`` backward (FA2's
 convention: the backward recomputes ``q k^T``).
 
-    python benchmarks/bench_attention.py [--device cuda] [--dtype bfloat16] [--quick]
+    python benchmarks/ops/bench_attention.py [--device cuda] [--dtype bfloat16] [--quick]
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ Outputs:
   the backends sorted by the geometric mean over shapes of their time / eager's time --
   what :mod:`msa_fast._backend` reads at import.
 
-    python benchmarks/bench_auto.py --write-order          # the full CPU table, 1 thread
-    python benchmarks/bench_auto.py --quick                # CI smoke: one shape per op, no compile
-    python benchmarks/bench_auto.py --device cuda --no-compile   # the GPU script's run
+    python benchmarks/ops/bench_auto.py --write-order          # the full CPU table, 1 thread
+    python benchmarks/ops/bench_auto.py --quick                # CI smoke: one shape per op, no compile
+    python benchmarks/ops/bench_auto.py --device cuda --no-compile   # the GPU script's run
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def markdown(payload: dict) -> str:
     lines.append("")
     lines.append(f"Median ms per call, {env['device']}, {env['threads']} thread(s), torch {env['torch']}, "
                  f"commit {str(env['commit'])[:7]}; bold: the fastest. "
-                 f"`python benchmarks/bench_auto.py --write-order` ({payload['args']['rounds']} interleaved rounds).")
+                 f"`python benchmarks/ops/bench_auto.py --write-order` ({payload['args']['rounds']} interleaved rounds).")
     return "\n".join(lines) + "\n"
 
 
@@ -163,7 +163,7 @@ def write_order(payload: dict, device_type: str) -> None:
     measured.setdefault(device_type, {}).update({op: tuple(o) for op, o in payload["order"].items()})
     env = payload["env"]
     text = ('"""The order in which ``backend="auto"`` tries an op\'s backends, per device type, as\n'
-            "measured by ``benchmarks/bench_auto.py --write-order`` (generated: do not edit by hand;\n"
+            "measured by ``benchmarks/ops/bench_auto.py --write-order`` (generated: do not edit by hand;\n"
             "rerun the benchmark). An (op, device) missing here uses the order its descriptor\n"
             'declares (``Fused.auto`` / ``rank``, see ``msa_fast/_backend.py``).\n\n'
             f"Last written from: {env['device']}, {env['threads']} thread(s), torch {env['torch']}, "

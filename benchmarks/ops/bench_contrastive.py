@@ -18,7 +18,7 @@ a CUDA GPU: on a CPU only eager and torch.compile run (fp32, median ms of
 ``torch.utils.benchmark``), and the JSON says so. ``--quick``: the first shape,
 without torch.compile (whose compilation would dominate a CI smoke run).
 
-    python benchmarks/bench_contrastive.py [--device cuda] [--dtype bfloat16] [--quick] [--ops nt_xent,...]
+    python benchmarks/ops/bench_contrastive.py [--device cuda] [--dtype bfloat16] [--quick] [--ops nt_xent,...]
 """
 
 from __future__ import annotations

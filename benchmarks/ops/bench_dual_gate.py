@@ -8,7 +8,7 @@ move (read ``h``, ``u``, ``g_logits``; write ``h_ent``, ``h_imp_in``, ``e``, ``g
 the backward also reads the five incoming gradients and writes ``dh``, ``du`` and
 ``dg_logits``).
 
-    python benchmarks/bench_dual_gate.py [--device cuda] [--dtype bfloat16] [--quick]
+    python benchmarks/ops/bench_dual_gate.py [--device cuda] [--dtype bfloat16] [--quick]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ unaligned (L = 500) and a large-batch training shape. Memory bound: the forward
 reads ``x`` (M B L d) and writes ``out`` plus ``alpha, g``; the backward reads ``x``,
 ``dout``, ``dalpha``, ``dg`` and writes ``dx``.
 
-    python benchmarks/bench_gap.py [--device cuda] [--dtype bfloat16] [--quick]
+    python benchmarks/ops/bench_gap.py [--device cuda] [--dtype bfloat16] [--quick]
 """
 
 from __future__ import annotations

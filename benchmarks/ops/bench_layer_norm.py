@@ -5,7 +5,7 @@ unaligned (L = 500) and a large-batch training shape. Memory bound: forward read
 ``x`` and ``residual`` and writes ``y``; backward reads ``x``, ``residual``, ``dy``
 and writes ``dx`` (= ``dresidual``).
 
-    python benchmarks/bench_layer_norm.py [--device cuda] [--dtype bfloat16] [--quick]
+    python benchmarks/ops/bench_layer_norm.py [--device cuda] [--dtype bfloat16] [--quick]
 """
 
 from __future__ import annotations

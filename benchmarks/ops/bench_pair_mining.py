@@ -36,9 +36,9 @@ On a CPU, the grid is cut to what is affordable: at N = 100,000 only ``cpp`` at
 D = 256, k = 50 runs by default (``--all-large`` for the rest); an eager pass
 there is ~5 TFLOP plus a top-k over 10^10 entries.
 
-    python benchmarks/bench_pair_mining.py --threads 1      # CPU run, ~13 min on 1 core
-    python benchmarks/bench_pair_mining.py --device cuda    # GPU run
-    python benchmarks/bench_pair_mining.py --quick          # CI smoke, seconds
+    python benchmarks/ops/bench_pair_mining.py --threads 1      # CPU run, ~13 min on 1 core
+    python benchmarks/ops/bench_pair_mining.py --device cuda    # GPU run
+    python benchmarks/ops/bench_pair_mining.py --quick          # CI smoke, seconds
 """
 
 from __future__ import annotations
@@ -438,7 +438,7 @@ def main(argv=None) -> int:
                    "torch.cuda.max_memory_allocated - memory_allocated before the call; check = "
                    f"{CHECK_ROWS} query rows vs the reference on those rows (indices equal outside "
                    f"{TIE_TOL} ties, sims within {SIM_TOL})"),
-        "command": "python benchmarks/bench_pair_mining.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/ops/bench_pair_mining.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "chunk": args.chunk,
         "wall_s": time.perf_counter() - t_start,
         "results": results,
