@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from benchmarks._common import RESULTS, environment, write
+from msa_fast._io import figure
 from msa_fast.data import load_data, make_loader
 from msa_fast.metrics import mosi_regression_metrics
 from msa_fast.train import TrainConfig, train_seed
@@ -89,37 +90,29 @@ def gate_noise_correlation(e: torch.Tensor, split) -> dict | None:
 
 
 def _plot(payload: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     levels = payload["levels"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    colors = {"t": "#3b75af", "a": "#ef8636", "v": "#519e3e"}
-    for ax, m in zip(axes, MODALITIES):
-        rows = [r for r in payload["mean"] if r["noised"] == m]
-        for s in SHORT:
-            lw = 2.6 if s == m[0] else 1.4
-            ax.plot(levels, [r[f"e_{s}"] for r in rows], "o-", color=colors[s], lw=lw, label=f"e_{s}")
-        ax.axhline(1 / 3, color="0.6", lw=0.8, ls=":")  # uniform weights
-        ax.set_title(f"noise on {m}")
-        ax.set_xlabel("noise std / feature std")
-        ax.grid(alpha=0.3)
-        ax2 = ax.twinx()
-        ax2.plot(levels, [r["MAE"] for r in rows], "k--", lw=1, label="MAE")
-        ax2.set_ylabel("test MAE", fontsize=8)
-        if m == MODALITIES[0]:
-            ax.set_ylabel("mean entropy-gate weight e")
-            lines = ax.get_legend_handles_labels()
-            lines2 = ax2.get_legend_handles_labels()
-            ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="best")
-    seeds = payload["seeds"]
-    fig.suptitle(f"AGFN on {payload['data']} (test split), seeds {seeds}: entropy-gate weights "
-                 "under Gaussian noise on one modality (y axis zoomed; dotted: 1/3)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 3, figsize=(13, 3.8), sharey=True, dpi=120) as (fig, axes):
+        colors = {"t": "#3b75af", "a": "#ef8636", "v": "#519e3e"}
+        for ax, m in zip(axes, MODALITIES):
+            rows = [r for r in payload["mean"] if r["noised"] == m]
+            for s in SHORT:
+                lw = 2.6 if s == m[0] else 1.4
+                ax.plot(levels, [r[f"e_{s}"] for r in rows], "o-", color=colors[s], lw=lw, label=f"e_{s}")
+            ax.axhline(1 / 3, color="0.6", lw=0.8, ls=":")  # uniform weights
+            ax.set_title(f"noise on {m}")
+            ax.set_xlabel("noise std / feature std")
+            ax.grid(alpha=0.3)
+            ax2 = ax.twinx()
+            ax2.plot(levels, [r["MAE"] for r in rows], "k--", lw=1, label="MAE")
+            ax2.set_ylabel("test MAE", fontsize=8)
+            if m == MODALITIES[0]:
+                ax.set_ylabel("mean entropy-gate weight e")
+                lines = ax.get_legend_handles_labels()
+                lines2 = ax2.get_legend_handles_labels()
+                ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="best")
+        seeds = payload["seeds"]
+        fig.suptitle(f"AGFN on {payload['data']} (test split), seeds {seeds}: entropy-gate weights "
+                     "under Gaussian noise on one modality (y axis zoomed; dotted: 1/3)", fontsize=9)
 
 
 def main(argv=None) -> int:

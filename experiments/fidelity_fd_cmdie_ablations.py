@@ -29,6 +29,7 @@ if not __package__:  # run as a file, not with `python -m experiments.fidelity_f
 import torch
 
 from benchmarks._common import RESULTS, environment
+from msa_fast._io import figure, save_json
 from msa_fast.train import TrainConfig, run_experiment
 
 VARIANTS = {
@@ -42,26 +43,18 @@ SHOWN = ("MAE", "Corr", "Non0_acc_2", "Non0_F1_score", "Has0_acc_2", "Mult_acc_7
 
 
 def _plot(rows: dict, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, better in zip(axes, ("MAE", "Non0_acc_2"), ("lower", "higher")):
-        vals = [rows[n]["mean"][key] for n in names]
-        ax.bar(names, vals, yerr=[rows[n]["std"][key] for n in names], capsize=4,
-               color=["#3b75af" if n == "FD-CMDIE" else "#999999" for n in names])
-        lo, hi = min(vals), max(vals)
-        pad = max(0.02, (hi - lo) * 0.6)
-        ax.set_ylim(max(0.0, lo - pad), hi + pad)
-        ax.set_title(f"{key} ({better} is better)")
-        ax.tick_params(axis="x", rotation=20)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(10, 3.8), dpi=120) as (fig, axes):
+        for ax, key, better in zip(axes, ("MAE", "Non0_acc_2"), ("lower", "higher")):
+            vals = [rows[n]["mean"][key] for n in names]
+            ax.bar(names, vals, yerr=[rows[n]["std"][key] for n in names], capsize=4,
+                   color=["#3b75af" if n == "FD-CMDIE" else "#999999" for n in names])
+            lo, hi = min(vals), max(vals)
+            pad = max(0.02, (hi - lo) * 0.6)
+            ax.set_ylim(max(0.0, lo - pad), hi + pad)
+            ax.set_title(f"{key} ({better} is better)")
+            ax.tick_params(axis="x", rotation=20)
+        fig.suptitle(title, fontsize=9)
 
 
 def main(argv=None) -> int:
@@ -113,8 +106,7 @@ def main(argv=None) -> int:
                                 if k in ("epochs", "patience", "batch_size", "lr", "weight_decay", "threads")},
                "environment": environment(torch.device("cpu")), "variants": rows}
     stem = os.path.join(args.out, "fd_cmdie_ablations")
-    with open(stem + ".json", "w") as f:
-        json.dump(payload, f, indent=2)
+    save_json(stem + ".json", payload)
     _plot(rows, stem + ".png", f"FD-CMDIE ablations, test split of {args.data}, seeds {args.seeds}")
     print(f"| variant | {' | '.join(SHOWN)} |")
     for name, r in rows.items():

@@ -33,6 +33,7 @@ if not __package__:  # run as a file, not with `python -m experiments.fidelity_m
 import torch
 
 from benchmarks._common import RESULTS, environment
+from msa_fast._io import figure, save_json
 from msa_fast.train import TrainConfig, run_experiment
 
 MODELS = ("text_only", "lf_dnn", "agfn", "fd_cmdie", "promma")
@@ -55,24 +56,16 @@ def _table(rows: dict, data: str, seeds: list[int], command: str) -> str:
 def _plot(rows: dict, path: str, title: str | None = None) -> None:
     """MAE and Acc-2 bars (mean, seed std as error bars) of the rows without an error; the
     baselines (text_only, lf_dnn) grey. Also drawn by ``fidelity_pid.py``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = {n: r for n, r in rows.items() if "error" not in r}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, better in zip(axes, ("MAE", "Non0_acc_2"), ("lower", "higher")):
-        names = list(ok)
-        ax.bar(names, [ok[n]["mean"][key] for n in names], yerr=[ok[n]["std"][key] for n in names],
-               color=["#999999" if n in ("text_only", "lf_dnn") else "#3b75af" for n in names], capsize=4)
-        ax.set_title(f"{key} ({better} is better)")
-        ax.tick_params(axis="x", rotation=20)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(10, 3.6), dpi=120) as (fig, axes):
+        for ax, key, better in zip(axes, ("MAE", "Non0_acc_2"), ("lower", "higher")):
+            names = list(ok)
+            ax.bar(names, [ok[n]["mean"][key] for n in names], yerr=[ok[n]["std"][key] for n in names],
+                   color=["#999999" if n in ("text_only", "lf_dnn") else "#3b75af" for n in names], capsize=4)
+            ax.set_title(f"{key} ({better} is better)")
+            ax.tick_params(axis="x", rotation=20)
+        if title:
+            fig.suptitle(title, fontsize=9)
 
 
 def _compare(rows: dict, fp32: dict, args) -> dict:
@@ -152,8 +145,7 @@ def main(argv=None) -> int:
     if args.amp == "bf16" and os.path.exists(fp32_path):
         payload["vs_fp32"] = _compare(rows, json.load(open(fp32_path)), args)
     rows = {n: rows[n] for n in MODELS if n in rows} | {n: r for n, r in rows.items() if n not in MODELS}
-    with open(stem + ".json", "w") as f:
-        json.dump(payload, f, indent=2)
+    save_json(stem + ".json", payload)
     with open(stem + ".md", "w") as f:
         f.write(_table(rows, args.data, args.seeds, command))
     _plot(rows, stem + ".png")

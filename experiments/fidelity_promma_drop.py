@@ -29,7 +29,6 @@ there are several). ``--quick`` writes under ``benchmarks/results/quick/``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -40,6 +39,7 @@ if not __package__:  # run as a file, not with `python -m experiments.fidelity_p
 import torch
 
 from benchmarks._common import RESULTS, environment
+from msa_fast._io import figure, save_json
 from msa_fast.train import TrainConfig, run_experiment
 
 VARIANTS = {"promma": {}, "backbone": {"prompts": False}}
@@ -47,26 +47,18 @@ SHOWN = ("MAE", "Non0_acc_2")
 
 
 def _plot(payload: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rates = payload["rates"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, better in zip(axes, SHOWN, ("lower", "higher")):
-        for name, style in (("promma", "o-"), ("backbone", "s--")):
-            rows = [payload["results"][str(r)][name] for r in rates]
-            ax.errorbar(rates, [r["mean"][key] for r in rows], yerr=[r["std"][key] for r in rows],
-                        fmt=style, capsize=3, label="ProMMA" if name == "promma" else "backbone (prompts off)")
-        ax.set_xlabel("MPLMM drop rate (train = valid = test)")
-        ax.set_title(f"test {key} ({better} is better)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{payload['data']}, {len(payload['seeds'])} seed(s)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(10, 3.6), dpi=120) as (fig, axes):
+        for ax, key, better in zip(axes, SHOWN, ("lower", "higher")):
+            for name, style in (("promma", "o-"), ("backbone", "s--")):
+                rows = [payload["results"][str(r)][name] for r in rates]
+                ax.errorbar(rates, [r["mean"][key] for r in rows], yerr=[r["std"][key] for r in rows],
+                            fmt=style, capsize=3, label="ProMMA" if name == "promma" else "backbone (prompts off)")
+            ax.set_xlabel("MPLMM drop rate (train = valid = test)")
+            ax.set_title(f"test {key} ({better} is better)")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"{payload['data']}, {len(payload['seeds'])} seed(s)", fontsize=9)
 
 
 def main(argv=None) -> int:
@@ -117,8 +109,7 @@ def main(argv=None) -> int:
                "wall_s": round(time.perf_counter() - t_all, 1),
                "environment": environment(torch.device("cpu")), "results": results}
     stem = os.path.join(args.out, "promma_drop")
-    with open(stem + ".json", "w") as f:
-        json.dump(payload, f, indent=2)
+    save_json(stem + ".json", payload)
     _plot(payload, stem + ".png")
     wins = [r for r in args.rates if results[str(r)]["promma"]["mean"]["MAE"] < results[str(r)]["backbone"]["mean"]["MAE"]]
     print(f"ProMMA has the lower test MAE at {len(wins)} of {len(args.rates)} drop rates: {wins}")

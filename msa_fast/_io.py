@@ -11,7 +11,8 @@ that the checkpoints (:mod:`msa_fast.train.checkpoint`), the analyses and the sc
   and arrays become numbers and lists; a value that cannot be serialised raises before
   anything is written;
 - :func:`figure`: the matplotlib preamble (the Agg backend, ``plt.subplots``) and epilogue
-  (``tight_layout``, ``savefig`` at a dpi, ``plt.close``) around the drawing code.
+  (``tight_layout``, ``savefig`` at a dpi, ``plt.close``) around the drawing code;
+  :func:`save_figure` the epilogue alone, :func:`pyplot` the preamble alone.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def save_json(path: str, obj: Any, *, indent: int | None = 2, allow_nan: bool = 
     return path
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display); :class:`ImportError`
+    with the install line when matplotlib is missing."""
     try:
         import matplotlib
     except ImportError as e:
@@ -96,27 +99,35 @@ def have_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
+def save_figure(fig: Any, path: str, *, dpi: int = 110, tight: bool = True) -> str:
+    """Lay ``fig`` out (``tight_layout``), save it to ``path`` at ``dpi`` (parent directories
+    created) and close it, also when saving fails; returns ``path``. For a figure made
+    elsewhere (an analysis that returns its figure); :func:`figure` ends with it."""
+    try:
+        if tight:
+            fig.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+    finally:
+        pyplot().close(fig)
+    return path
+
+
 @contextlib.contextmanager
 def figure(path: str, nrows: int = 1, ncols: int = 1, *, dpi: int = 110, tight: bool = True,
            **subplots: Any) -> Iterator[tuple[Any, Any]]:
     """``with figure(path, 1, 2, figsize=(10, 4)) as (fig, axes): ...`` draws one PNG.
 
     Selects the Agg backend, yields ``plt.subplots(nrows, ncols, **subplots)`` (``figsize``,
-    ``sharey``, ``squeeze``...), and once the block ends without an error lays the figure out
-    (``tight_layout``), saves it to ``path`` at ``dpi`` (parent directories created); the
-    figure is closed in every case. Raises :class:`ImportError` without matplotlib."""
-    plt = _pyplot()
+    ``sharey``, ``squeeze``...); once the block ends without an error, :func:`save_figure`
+    (``tight_layout``, ``savefig`` to ``path`` at ``dpi``). The figure is closed in every
+    case: an error in the block leaves no PNG and no open figure. Raises
+    :class:`ImportError` without matplotlib."""
+    plt = pyplot()
     fig, axes = plt.subplots(nrows, ncols, **subplots)
     try:
         yield fig, axes
-        if tight:
-            fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=dpi)
-    finally:
+    except BaseException:
         plt.close(fig)
-
-
-def close(fig: Any) -> None:
-    """Close a figure made elsewhere (e.g. one an analysis returned) without drawing it."""
-    _pyplot().close(fig)
+        raise
+    save_figure(fig, path, dpi=dpi, tight=tight)

@@ -147,8 +147,10 @@ def capture(quick: bool, path: str, ops: set[str] | None = None) -> None:
                 state["pass"] = "backward"
                 torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
             del inputs, out, outs
-    with open(path, "w") as fh:
-        json.dump(launches, fh)
+
+    from msa_fast._io import save_json
+
+    save_json(path, launches, indent=None)
 
 
 # --------------------------------------------------------------------------- #
@@ -465,9 +467,10 @@ def main(argv=None) -> int:
     bad = [r for r in rows if r["failures"]] + [r for r in cuda_rows if r["error"]]
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "compile_gate" + ("_quick" if args.quick else ""))
-    with open(stem + ".json.tmp", "w") as fh:
-        json.dump({"env": env, "triton_kernels": rows, "cuda_sources": cuda_rows, "failures": len(bad)}, fh, indent=1)
-    os.replace(stem + ".json.tmp", stem + ".json")
+    from msa_fast._io import save_json  # here, not at import: the gate's import loads no msa_fast
+
+    save_json(stem + ".json", {"env": env, "triton_kernels": rows, "cuda_sources": cuda_rows, "failures": len(bad)},
+              indent=1)
     with open(stem + ".md", "w") as fh:
         fh.write(_markdown(rows, cuda_rows, env))
     for r in bad:

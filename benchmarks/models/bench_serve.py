@@ -50,6 +50,7 @@ if not __package__:  # run as a file, not with `python -m benchmarks.models.benc
 import numpy as np
 
 from benchmarks._common import RESULTS, environment
+from msa_fast._io import save_json
 
 L = 50
 WIDTHS = {"text": 768, "audio": 5, "vision": 20}
@@ -299,8 +300,7 @@ def main() -> int:
                "seconds": args.seconds, "max_batch": args.max_batch, "batch_timeout": args.batch_timeout,
                "environment": environment(torch.device("cpu")), "results": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(payload, f, indent=1)
+    save_json(args.out, payload, indent=1)
     md = ["| mode | clients | p50 ms | p99 ms | requests/s | errors |", "|---|---:|---:|---:|---:|---:|"]
     md += [f"| {r['mode']} | {r['clients']} | {r['p50_ms']} | {r['p99_ms']} | {r['requests_per_s']} | {r['errors']} |"
            for r in rows]

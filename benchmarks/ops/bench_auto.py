@@ -41,6 +41,7 @@ import torch
 
 from benchmarks._common import RESULTS, environment, fwd_bwd_callables, write
 from msa_fast import _backend
+from msa_fast._io import atomic_write_bytes
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 ORDER_FILE = os.path.join(ROOT, "msa_fast", "_auto_order.py")
@@ -170,9 +171,7 @@ def write_order(payload: dict, device_type: str) -> None:
             f"commit {str(env['commit'])[:7]}.\n"
             '"""\n\n'
             f"MEASURED: dict[str, dict[str, tuple[str, ...]]] = {pprint.pformat(measured, width=96)}\n")
-    with open(ORDER_FILE + ".tmp", "w") as fh:
-        fh.write(text)
-    os.replace(ORDER_FILE + ".tmp", ORDER_FILE)
+    atomic_write_bytes(ORDER_FILE, text.encode())
     print(f"wrote {ORDER_FILE}")
 
 
