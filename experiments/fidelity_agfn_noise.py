@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-if not __package__:  # run as a file, not with `python -m experiments.fidelity_agfn_noise`: import from the repository root
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
     sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 import numpy as np

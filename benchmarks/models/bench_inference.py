@@ -62,7 +62,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-if not __package__:  # run as a file, not with `python -m benchmarks.models.bench_inference`: import from the repository root
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
     sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import torch

@@ -44,7 +44,7 @@ import threading
 import time
 import urllib.request
 
-if not __package__:  # run as a file, not with `python -m benchmarks.models.bench_serve`: import from the repository root
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
     sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import numpy as np

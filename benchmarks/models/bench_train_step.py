@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 
-if not __package__:  # run as a file, not with `python -m benchmarks.models.bench_train_step`: import from the repository root
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
     sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import torch

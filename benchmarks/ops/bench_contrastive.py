@@ -27,7 +27,7 @@ import copy
 import os
 import sys
 
-if not __package__:  # run as a file, not with `python -m benchmarks.ops.bench_contrastive`: import from the repository root
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
     sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import torch
