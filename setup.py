@@ -21,7 +21,7 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The archs of the CUDA sources when TORCH_CUDA_ARCH_LIST is not set (what nvcc 13.0
-# offers for current cards); benchmarks/compile_gate.py checks the sources for each.
+# offers for current cards); tools/compile_gate.py checks the sources for each.
 DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0;12.0+PTX"
 
 
@@ -101,7 +101,7 @@ def _extensions():
                 if os.path.isdir(p):
                     include_dirs.append(p)
         # -Xptxas=-v: registers, spills and shared memory of every kernel for every arch
-        # in the build log, which benchmarks/compile_gate.py --cuda-log checks. No
+        # in the build log, which tools/compile_gate.py --cuda-log checks. No
         # --use_fast_math: it flushes fp32 subnormals to zero (-ftz=true), which changes the
         # mining epilogue's similarities near 0 against the reference
         extra["nvcc"] = ["-O3", "-lineinfo", "-Xptxas=-v"]

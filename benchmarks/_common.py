@@ -1,14 +1,15 @@
-"""Shared helpers of the op benchmarks (contract §8): timing, memory, environment, JSON, plots.
+"""Shared helpers of the benchmarks (contract §8): timing, memory, environment, JSON, plots.
 
 GPU timing uses CUDA events through ``triton.testing.do_bench`` (median, ms); CPU
 timing uses ``torch.utils.benchmark.Timer.blocked_autorange`` (median, ms). Peak
 memory is ``torch.cuda.max_memory_allocated`` above the inputs on a GPU; on the CPU
-it is not measured per call (``None``) -- see ``bench_pair_mining.py`` for RSS.
+it is not measured per call (``None``) -- see ``ops/bench_pair_mining.py`` for RSS.
+Files are written through :mod:`msa_fast._io` (``save_json``: atomic; ``figure``: one PNG);
+``RESULTS`` is ``benchmarks/results/`` wherever the script runs from.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -18,12 +19,15 @@ from collections.abc import Callable
 import torch
 import torch._functorch.config as functorch_config
 
+from msa_fast._io import figure, have_matplotlib, save_json
+
 # The backward timing replays one saved graph (``retain_graph=True``); torch.compile's
 # donated buffers free the saved activations after the first backward, which makes a
 # replay fail once the graph is recompiled for a new shape. Timing is unaffected.
 functorch_config.donated_buffer = False
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
 def environment(device: torch.device) -> dict:
@@ -145,42 +149,30 @@ def providers_for(device: torch.device, fused: tuple[str, ...] = ("triton",)) ->
 def write(name: str, payload: dict, out: str | None) -> str:
     """Write ``payload`` as JSON (to ``out`` or ``benchmarks/results/<name>_<device>.json``)."""
     path = out or os.path.join(RESULTS, f"{name}_{payload['env']['device_type']}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2)
-    os.replace(tmp, path)
+    save_json(path, payload)
     print(f"wrote {path}")
     return path
 
 
 def plot(payload: dict, path_json: str, metric: str = "fwd_bwd_ms") -> str | None:
     """One grouped bar chart per op: ``metric`` per shape and provider, next to the JSON."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not have_matplotlib():
         return None
     rows = payload["results"]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(shapes)), 4))
-    width = 0.8 / max(1, len(providers))
-    for i, prov in enumerate(providers):
-        # a row that recorded an error has no timing: its bar is left empty
-        vals = [next((r.get(metric) for r in rows if r["shape"] == s and r["provider"] == prov), 0) or 0
-                for s in shapes]
-        ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=prov)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, rotation=15, fontsize=8)
-    ax.set_ylabel(f"{metric} (median)")
-    ax.set_title(f"{payload['op']} on {payload['env']['device']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
     png = os.path.splitext(path_json)[0] + ".png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    with figure(png, figsize=(max(6, 1.6 * len(shapes)), 4)) as (_, ax):
+        width = 0.8 / max(1, len(providers))
+        for i, prov in enumerate(providers):
+            # a row that recorded an error has no timing: its bar is left empty
+            vals = [next((r.get(metric) for r in rows if r["shape"] == s and r["provider"] == prov), 0) or 0
+                    for s in shapes]
+            ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=prov)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, rotation=15, fontsize=8)
+        ax.set_ylabel(f"{metric} (median)")
+        ax.set_title(f"{payload['op']} on {payload['env']['device']}", fontsize=9)
+        ax.legend(fontsize=8)
     return png
 
 

@@ -1,5 +1,5 @@
 """The order in which ``backend="auto"`` tries an op's backends, per device type, as
-measured by ``benchmarks/bench_auto.py --write-order`` (generated: do not edit by hand;
+measured by ``benchmarks/ops/bench_auto.py --write-order`` (generated: do not edit by hand;
 rerun the benchmark). An (op, device) missing here uses the order its descriptor
 declares (``Fused.auto`` / ``rank``, see ``msa_fast/_backend.py``).
 

@@ -13,7 +13,7 @@ checks, its dtype policy under autocast, and each fused backend (:class:`Fused`)
 with the dtypes and shapes it takes and where ``auto`` may pick it. :func:`dispatch`
 then does for every op: autocast -> checks -> backend choice -> run. ``"auto"`` takes,
 per device type, the first fused backend of :data:`AUTO_ORDER` (the order measured by
-``benchmarks/bench_auto.py`` and stored in ``msa_fast/_auto_order.py``; the specs'
+``benchmarks/ops/bench_auto.py`` and stored in ``msa_fast/_auto_order.py``; the specs'
 declared order for an (op, device) the measurement does not cover) that is available
 and accepts the input's dtype and shape, else the
 reference -- it never fails, and it never hands fp64 (or any dtype a kernel does
@@ -106,7 +106,7 @@ def _compile_reason(device_type: str) -> str | None:
 
 # torch 2.11's CPU inductor miscompiles the vectorised C++ of fd_cmdie_contrastive_loss's
 # backward (the heap is corrupted: "double free or corruption", the process dies; found by
-# benchmarks/gpu_rehearsal.sh, gone by torch 2.14, 2.12 / 2.13 untested): before 2.14 the
+# tools/gpu_rehearsal.sh, gone by torch 2.14, 2.12 / 2.13 untested): before 2.14 the
 # compile backend's CPU kernels are scalar C++ (``cpp.simdlen = 0``, per compile, not global)
 _COMPILE_OPTIONS = ({"cpp.simdlen": 0}
                     if torch.torch_version.TorchVersion(torch.__version__) < (2, 14) else None)

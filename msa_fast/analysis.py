@@ -37,6 +37,7 @@ import os
 import numpy as np
 import torch
 
+from msa_fast import _io
 from msa_fast.robustness import _need, feature_std, load_run
 
 WHATS = ("gates", "tsne", "location-error")
@@ -65,12 +66,7 @@ def _batches(model, loader, device):
 
 def _pyplot():
     _need("matplotlib")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return _io.pyplot()
 
 
 def _gate_weights(model, loader, device):
@@ -272,7 +268,5 @@ def analyze(run_dir: str, what: str, out_dir: str, data=None, split: str = "test
     base = os.path.join(out_dir, what)
     save_json(base + ".json", res)
     fig.suptitle(f"{state['model']} on {cfg.data} [{split}]: {what}")
-    fig.tight_layout()
-    fig.savefig(base + ".png", dpi=100)
-    _pyplot().close(fig)
+    _io.save_figure(fig, base + ".png", dpi=100)
     return [base + ".json", base + ".png"]

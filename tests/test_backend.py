@@ -86,7 +86,7 @@ def test_ops_accept_mixed_dtypes_under_autocast_only(name):
 
 
 def test_cpu_auto_order_is_the_measured_one():
-    """msa_fast/_auto_order.py holds what benchmarks/bench_auto.py measured (its JSON), every
+    """msa_fast/_auto_order.py holds what benchmarks/ops/bench_auto.py measured (its JSON), every
     CPU chain of an op it covers follows it, and docs/backends.md shows that run's table."""
     import json
     import os

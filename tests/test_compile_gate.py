@@ -1,4 +1,4 @@
-"""The compile gate (benchmarks/compile_gate.py, contract §9) and the op descriptors it guards.
+"""The compile gate (tools/compile_gate.py, contract §9) and the op descriptors it guards.
 
 * the gate rejects what the interpreter accepts: a float global, a loop-carried type
   change, register spills (compiled for sm_90a in a process without the interpreter);
@@ -23,21 +23,22 @@ import msa_fast
 from msa_fast import _backend, _ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GATE = os.path.join(ROOT, "benchmarks", "compile_gate.py")
+GATE = os.path.join(ROOT, "tools", "compile_gate.py")
 TABLE = os.path.join(ROOT, "benchmarks", "results", "compile_gate.json")
 NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _no_interpreter_env():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "tests"), os.path.join(ROOT, "benchmarks"),
-                                         env.get("PYTHONPATH", "")])
+    # the repository root (``tools.compile_gate``) and tests/ (the bad kernels' module)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), env.get("PYTHONPATH", "")])
     return env
 
 
 def test_gate_rejects_what_the_interpreter_accepts():
     script = """
-import json, compile_gate as g
+import json
+from tools import compile_gate as g
 t = {"tensor": "float32", "align16": True}
 cases = {
     "float_global": {"kernel": "gate_bad_kernels:float_global_kernel", "args": [t, {"value": 100}],
@@ -63,8 +64,7 @@ print(json.dumps(out))
 
 
 def test_gate_limits_without_compiling():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import compile_gate as g
+    from tools import compile_gate as g
 
     ok = {"arch": "sm_90a", "error": None, "registers": 100, "spill_stores": 0, "spill_loads": 0, "shared": 1000,
           "static_smem": 0, "tf32": False, "wgmma": False}

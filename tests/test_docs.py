@@ -56,7 +56,7 @@ def test_readme_is_a_front_page_with_a_page_per_topic():
 def test_no_docstring_or_page_cites_the_outside_spec():
     """Citations point at docs/contract.md ("contract §n.m"), which a clone has."""
     bad = []
-    for top in ("msa_fast", "tests", "benchmarks", "csrc", "docs"):
+    for top in ("msa_fast", "tests", "benchmarks", "tools", "experiments", "csrc", "docs"):
         for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
             for f in files:
                 if not f.endswith((".py", ".md", ".cpp", ".cu", ".h", ".sh")) or f == "test_docs.py":

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.sh's modes, read through its dry run (no GPU needed, nothing runs).
+"""tools/gpu_check.sh's modes, read through its dry run (no GPU needed, nothing runs).
 
 The lent GPU gives 15 minutes in all and 10 a command, so the script's step order, caps and
 arguments are what decides whether a lease brings results back: ``GPU_CHECK_DRY_RUN=1``
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+SCRIPT = ROOT / "tools" / "gpu_check.sh"
 
 
 def _run(tmp_path, *args, dry=True):

@@ -23,9 +23,10 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "msa_fast"
 # matching prefix; the package root ``msa_fast`` (its __init__: the public facade that
 # re-exports ops, nn and the backend switches) sits with ``nn``, the highest layer it
 # imports. The foundation holds what depends on no other part of msa_fast: the compiled
-# extension and its loader, the measured auto order, the Triton kernels, data and metrics.
+# extension and its loader, the measured auto order, the file writers (``_io``), the Triton
+# kernels, data and metrics.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("msa_fast._C", "msa_fast._ext", "msa_fast._auto_order", "msa_fast.kernels",
+    ("foundation", ("msa_fast._C", "msa_fast._ext", "msa_fast._auto_order", "msa_fast._io", "msa_fast.kernels",
                     "msa_fast.data", "msa_fast.metrics")),
     ("_backend", ("msa_fast._backend",)),
     ("ops", ("msa_fast.ops",)),

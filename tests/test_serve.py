@@ -225,7 +225,7 @@ def test_tritonclient_batch_equals_predictor(server, binary):
 def test_tritonclient_single_and_16_concurrent_equal_the_predictor(server):
     """Binary tensors through the stock client, one MOSI-aligned AGFN sample a request, one
     client and then 16 concurrent ones: every answer equals Predictor.predict. (Latency and
-    throughput are measured by benchmarks/bench_serve.py's tritonclient mode, not here.)"""
+    throughput are measured by benchmarks/models/bench_serve.py's tritonclient mode, not here.)"""
     import tritonclient.http as th
 
     _, port, _, pred = server

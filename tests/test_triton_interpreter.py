@@ -1,7 +1,7 @@
 """The interpreter quirk that the device image (Triton 3.6, numpy 2.5) hit and this
 machine's Triton 3.8 does not: ``range`` over a runtime scalar inside a kernel
 (msa_fast.kernels.triton._fix_interpreter_index). Run under both by
-``benchmarks/gpu_rehearsal.sh``."""
+``tools/gpu_rehearsal.sh``."""
 
 import pytest
 import torch

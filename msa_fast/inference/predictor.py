@@ -38,7 +38,7 @@ Numeric and layout choices:
   not trace, so that the whole forward compiles into one graph, can be captured in a CUDA
   graph and exports to ONNX with dynamic batch and lengths.
 - **Runtimes** (``runtime=``, :mod:`msa_fast.inference.runtimes`): on the CPU ``"auto"`` picks
-  per model and batch bucket the runtime ``benchmarks/bench_inference.py`` measured fastest
+  per model and batch bucket the runtime ``benchmarks/models/bench_inference.py`` measured fastest
   (:data:`~msa_fast.inference.runtimes.AUTO_CPU`): ONNX Runtime on the exported graph where
   the ``[onnx]`` extra is installed and it wins, else ``torch.compile(dynamic=False)`` for the
   models in :data:`COMPILE_DEFAULT` (no freezing: at batch 64 it made FD-CMDIE slower, 132 vs

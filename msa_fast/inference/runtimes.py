@@ -8,7 +8,7 @@
 - ``aoti``: the model as an AOTInductor package (compiled once per layout, minutes for the
   larger models; then loaded like a C++ library);
 - ``auto``: on the CPU, per model and batch bucket, the runtime :data:`AUTO_CPU` says measured
-  fastest (``benchmarks/bench_inference.py``,
+  fastest (``benchmarks/models/bench_inference.py``,
   ``benchmarks/results/inference_cpu_mosi.json``); ``onnxruntime`` only where it is
   installed, else the fastest torch runtime of the same table. On CUDA: CUDA graphs
   (eager where capture fails), as before.

@@ -7,9 +7,9 @@ memory-efficient / cuDNN as PyTorch picks; see :func:`_run_sdpa`) and ``triton``
 recomputing backward), registered as ``torch.ops.msa_fast.attention_triton`` with a
 fake kernel and autograd.
 
-``auto`` on the CPU: ``sdpa`` (measured, ``benchmarks/bench_auto.py``: forward + backward
+``auto`` on the CPU: ``sdpa`` (measured, ``benchmarks/ops/bench_auto.py``: forward + backward
 9.2x the eager reference at FD-CMDIE's unaligned shape, 1.6x at MOSI's aligned one). On CUDA: ``sdpa`` before ``triton``
-until ``benchmarks/gpu_check.sh`` measures our kernel faster on a GPU (none has run it yet:
+until ``tools/gpu_check.sh`` measures our kernel faster on a GPU (none has run it yet:
 PyTorch's kernels are the safe default, contract §2's rule).
 """
 

@@ -224,7 +224,7 @@ def _check_nt_xent(anchor, positive, negatives, negatives_mask, tau, reduction) 
 
 # kernels/triton/contrastive.py keeps feature vectors and (rows >= 2, D) tiles of width
 # D (padded to a power of two) in registers: wider features spill. Beyond it ``auto``
-# takes the next backend; benchmarks/compile_gate.py compiles D = MAX_WIDTH.
+# takes the next backend; tools/compile_gate.py compiles D = MAX_WIDTH.
 MAX_WIDTH = 1024
 
 

@@ -84,7 +84,7 @@ def _check(h, u, w_z, b_z, g_logits, tau) -> None:
 
 # kernels/triton/dual_gate.py holds a row's (M, D) and (M, C) tiles, padded to powers of two,
 # in registers (16 warps from 4096 elements in the backward): larger tiles spill. Beyond it
-# ``auto`` takes the next backend; benchmarks/compile_gate.py compiles the limit's shapes.
+# ``auto`` takes the next backend; tools/compile_gate.py compiles the limit's shapes.
 MAX_TILE = 4096
 
 

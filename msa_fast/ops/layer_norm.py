@@ -73,7 +73,7 @@ def _check(x, residual, weight, bias, eps) -> None:
 
 
 # kernels/triton/layer_norm.py holds one row of d in registers (4 warps, next power of two):
-# wider rows spill. Beyond it ``auto`` takes the next backend; benchmarks/compile_gate.py
+# wider rows spill. Beyond it ``auto`` takes the next backend; tools/compile_gate.py
 # compiles d = MAX_WIDTH (its "limit_*" shapes).
 MAX_WIDTH = 2048
 

@@ -22,47 +22,13 @@ import io
 import json
 import math
 import os
-import tempfile
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-
-def _umask() -> int:
-    """The process umask: from ``/proc/self/status`` (Linux >= 4.7) where it can be read
-    without changing it; else set-and-restore (which another thread could observe)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, ``os.replace``), with the mode
-    a plain ``open(path, "w")`` would give: 0666 less the umask (0644 under 022).
-    ``mkstemp`` creates its file 0600, which another user -- a serving container -- could
-    not read."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+from msa_fast import _io
+from msa_fast._io import atomic_write_bytes  # noqa: F401 (re-exported: the run files' writer)
 
 
 class CheckpointError(ValueError):
@@ -162,7 +128,8 @@ def save_torch(path: str, obj) -> None:
 
 
 def save_json(path: str, obj) -> None:
-    atomic_write_bytes(path, json.dumps(json_safe(obj), indent=1, allow_nan=False).encode())
+    """The run files' JSON: strict (a non-finite float is ``null``), indent 1."""
+    _io.save_json(path, json_safe(obj), indent=1, allow_nan=False)
 
 
 def load_json(path: str, what: str = "JSON file"):

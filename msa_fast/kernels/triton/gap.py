@@ -30,7 +30,7 @@ otherwise cost several passes:
   LayerNorm backward is ``gap_layer_norm_bwd_kernel``. No atomics: deterministic.
 
 A tile of a kernel is at most ``TILE`` fp32 elements, so that nothing spills
-(``benchmarks/compile_gate.py``): rows per program shrink as ``d`` or ``h`` grow,
+(``tools/compile_gate.py``): rows per program shrink as ``d`` or ``h`` grow,
 and any ``d, h, ha <= MAX_WIDTH`` is taken. No ``tl.dot``: the widths need not be
 multiples of 16. fp16 / bf16 inputs compute in fp32 (as the
 reference does) and return their own dtype.

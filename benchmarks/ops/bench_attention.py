@@ -7,16 +7,22 @@ and a large-batch training shape. 30 % of the keys of each sequence are padding.
 TFLOP/s counts ``4 B H Lq Lk Dh`` forward and ``10 B H Lq Lk Dh`` backward (FA2's
 convention: the backward recomputes ``q k^T``).
 
-    python benchmarks/bench_attention.py [--device cuda] [--dtype bfloat16] [--quick]
+    python benchmarks/ops/bench_attention.py [--device cuda] [--dtype bfloat16] [--quick]
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
 import torch
 import torch.nn.functional as F
-from _common import cli, run_op
 
 import msa_fast
+from benchmarks._common import cli, run_op
 
 SHAPES = {
     "mosi_aligned": (32, 8, 50, 50, 16),

@@ -2,9 +2,9 @@
 CrossAtt-2, each trained like ``msa-fast train --model fd_cmdie`` (default TrainConfig: max 20
 epochs, MMSA early stopping, batch 32) over seeds.
 
-    python benchmarks/fidelity_fd_cmdie_ablations.py                 # synthetic:mosi, 3 seeds
-    python benchmarks/fidelity_fd_cmdie_ablations.py --seeds 1111    # one seed
-    python benchmarks/fidelity_fd_cmdie_ablations.py --quick         # CI smoke: tiny data, 1 epoch
+    python experiments/fidelity_fd_cmdie_ablations.py                 # synthetic:mosi, 3 seeds
+    python experiments/fidelity_fd_cmdie_ablations.py --seeds 1111    # one seed
+    python experiments/fidelity_fd_cmdie_ablations.py --quick         # CI smoke: tiny data, 1 epoch
 
 Writes ``benchmarks/results/fd_cmdie_ablations.json`` (per-variant mean / std / per-seed test
 metrics, CPU seconds and wall seconds, the environment and the exact command) and
@@ -23,12 +23,14 @@ import os
 import sys
 import time
 
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment  # noqa: E402
-
-from msa_fast.train import TrainConfig, run_experiment  # noqa: E402
+from benchmarks._common import RESULTS, environment
+from msa_fast._io import figure, save_json
+from msa_fast.train import TrainConfig, run_experiment
 
 VARIANTS = {
     "FD-CMDIE": {},
@@ -41,26 +43,18 @@ SHOWN = ("MAE", "Corr", "Non0_acc_2", "Non0_F1_score", "Has0_acc_2", "Mult_acc_7
 
 
 def _plot(rows: dict, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, better in zip(axes, ("MAE", "Non0_acc_2"), ("lower", "higher")):
-        vals = [rows[n]["mean"][key] for n in names]
-        ax.bar(names, vals, yerr=[rows[n]["std"][key] for n in names], capsize=4,
-               color=["#3b75af" if n == "FD-CMDIE" else "#999999" for n in names])
-        lo, hi = min(vals), max(vals)
-        pad = max(0.02, (hi - lo) * 0.6)
-        ax.set_ylim(max(0.0, lo - pad), hi + pad)
-        ax.set_title(f"{key} ({better} is better)")
-        ax.tick_params(axis="x", rotation=20)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(10, 3.8), dpi=120) as (fig, axes):
+        for ax, key, better in zip(axes, ("MAE", "Non0_acc_2"), ("lower", "higher")):
+            vals = [rows[n]["mean"][key] for n in names]
+            ax.bar(names, vals, yerr=[rows[n]["std"][key] for n in names], capsize=4,
+                   color=["#3b75af" if n == "FD-CMDIE" else "#999999" for n in names])
+            lo, hi = min(vals), max(vals)
+            pad = max(0.02, (hi - lo) * 0.6)
+            ax.set_ylim(max(0.0, lo - pad), hi + pad)
+            ax.set_title(f"{key} ({better} is better)")
+            ax.tick_params(axis="x", rotation=20)
+        fig.suptitle(title, fontsize=9)
 
 
 def main(argv=None) -> int:
@@ -101,7 +95,7 @@ def main(argv=None) -> int:
                       "cpu_s": round(time.process_time() - c0, 1)}
         print(f"{name}: wall {rows[name]['wall_s']:.0f} s, cpu {rows[name]['cpu_s']:.0f} s", flush=True)
 
-    command = "python benchmarks/fidelity_fd_cmdie_ablations.py " + " ".join(argv if argv is not None
+    command = "python experiments/fidelity_fd_cmdie_ablations.py " + " ".join(argv if argv is not None
                                                                              else sys.argv[1:])
     from msa_fast.models.fd_cmdie import FDCMDIE
 
@@ -112,8 +106,7 @@ def main(argv=None) -> int:
                                 if k in ("epochs", "patience", "batch_size", "lr", "weight_decay", "threads")},
                "environment": environment(torch.device("cpu")), "variants": rows}
     stem = os.path.join(args.out, "fd_cmdie_ablations")
-    with open(stem + ".json", "w") as f:
-        json.dump(payload, f, indent=2)
+    save_json(stem + ".json", payload)
     _plot(rows, stem + ".png", f"FD-CMDIE ablations, test split of {args.data}, seeds {args.seeds}")
     print(f"| variant | {' | '.join(SHOWN)} |")
     for name, r in rows.items():

@@ -11,10 +11,10 @@ test split it also records the Pearson correlation between each modality's ``e_m
 generator's planted per-sample noise level ``r_m`` (``noise_level``; synthetic data only).
 The noise is drawn from a fixed generator, the same for every seed.
 
-    python benchmarks/fidelity_agfn_noise.py               # synthetic:mosi, 1 seed
-    python benchmarks/fidelity_agfn_noise.py --seeds 1111 1112 1113
-    python benchmarks/fidelity_agfn_noise.py --quick       # CI smoke: tiny data, 1 epoch
-    python benchmarks/fidelity_agfn_noise.py --replot benchmarks/results/agfn_noise.json
+    python experiments/fidelity_agfn_noise.py               # synthetic:mosi, 1 seed
+    python experiments/fidelity_agfn_noise.py --seeds 1111 1112 1113
+    python experiments/fidelity_agfn_noise.py --quick       # CI smoke: tiny data, 1 epoch
+    python experiments/fidelity_agfn_noise.py --replot benchmarks/results/agfn_noise.json
 
 Writes ``benchmarks/results/agfn_noise.json`` (environment, settings, per-seed and mean
 rows) and ``agfn_noise.png`` (one panel per noised modality: e_t, e_a, e_v vs k, and MAE
@@ -28,15 +28,17 @@ import os
 import sys
 import time
 
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment, write  # noqa: E402
-
-from msa_fast.data import load_data, make_loader  # noqa: E402
-from msa_fast.metrics import mosi_regression_metrics  # noqa: E402
-from msa_fast.train import TrainConfig, train_seed  # noqa: E402
+from benchmarks._common import RESULTS, environment, write
+from msa_fast._io import figure
+from msa_fast.data import load_data, make_loader
+from msa_fast.metrics import mosi_regression_metrics
+from msa_fast.train import TrainConfig, train_seed
 
 MODALITIES = ("text", "audio", "vision")
 SHORT = ("t", "a", "v")
@@ -88,37 +90,29 @@ def gate_noise_correlation(e: torch.Tensor, split) -> dict | None:
 
 
 def _plot(payload: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     levels = payload["levels"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    colors = {"t": "#3b75af", "a": "#ef8636", "v": "#519e3e"}
-    for ax, m in zip(axes, MODALITIES):
-        rows = [r for r in payload["mean"] if r["noised"] == m]
-        for s in SHORT:
-            lw = 2.6 if s == m[0] else 1.4
-            ax.plot(levels, [r[f"e_{s}"] for r in rows], "o-", color=colors[s], lw=lw, label=f"e_{s}")
-        ax.axhline(1 / 3, color="0.6", lw=0.8, ls=":")  # uniform weights
-        ax.set_title(f"noise on {m}")
-        ax.set_xlabel("noise std / feature std")
-        ax.grid(alpha=0.3)
-        ax2 = ax.twinx()
-        ax2.plot(levels, [r["MAE"] for r in rows], "k--", lw=1, label="MAE")
-        ax2.set_ylabel("test MAE", fontsize=8)
-        if m == MODALITIES[0]:
-            ax.set_ylabel("mean entropy-gate weight e")
-            lines = ax.get_legend_handles_labels()
-            lines2 = ax2.get_legend_handles_labels()
-            ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="best")
-    seeds = payload["seeds"]
-    fig.suptitle(f"AGFN on {payload['data']} (test split), seeds {seeds}: entropy-gate weights "
-                 "under Gaussian noise on one modality (y axis zoomed; dotted: 1/3)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 3, figsize=(13, 3.8), sharey=True, dpi=120) as (fig, axes):
+        colors = {"t": "#3b75af", "a": "#ef8636", "v": "#519e3e"}
+        for ax, m in zip(axes, MODALITIES):
+            rows = [r for r in payload["mean"] if r["noised"] == m]
+            for s in SHORT:
+                lw = 2.6 if s == m[0] else 1.4
+                ax.plot(levels, [r[f"e_{s}"] for r in rows], "o-", color=colors[s], lw=lw, label=f"e_{s}")
+            ax.axhline(1 / 3, color="0.6", lw=0.8, ls=":")  # uniform weights
+            ax.set_title(f"noise on {m}")
+            ax.set_xlabel("noise std / feature std")
+            ax.grid(alpha=0.3)
+            ax2 = ax.twinx()
+            ax2.plot(levels, [r["MAE"] for r in rows], "k--", lw=1, label="MAE")
+            ax2.set_ylabel("test MAE", fontsize=8)
+            if m == MODALITIES[0]:
+                ax.set_ylabel("mean entropy-gate weight e")
+                lines = ax.get_legend_handles_labels()
+                lines2 = ax2.get_legend_handles_labels()
+                ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="best")
+        seeds = payload["seeds"]
+        fig.suptitle(f"AGFN on {payload['data']} (test split), seeds {seeds}: entropy-gate weights "
+                     "under Gaussian noise on one modality (y axis zoomed; dotted: 1/3)", fontsize=9)
 
 
 def main(argv=None) -> int:
@@ -186,7 +180,7 @@ def main(argv=None) -> int:
                "env": environment(torch.device("cpu")), "data": args.data, "seeds": args.seeds,
                "levels": args.levels, "train_config": cfg.to_dict(),
                "noise": "x + level * per-channel test std * N(0, I) on valid positions, one modality",
-               "command": "python benchmarks/fidelity_agfn_noise.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "command": "python experiments/fidelity_agfn_noise.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "per_seed": per_seed, "mean": mean, "wall_s": round(time.perf_counter() - t0, 1)}
     path = write("agfn_noise", payload, out)
     png = os.path.splitext(path)[0] + ".png"

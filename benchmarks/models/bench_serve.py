@@ -21,9 +21,9 @@ with the server, so the numbers are a floor of what a separate client host would
 cell runs ``--seconds`` after a warm-up of every batch bucket the server may form; latency per
 request (p50, p99 over all of them), throughput = answered requests / seconds.
 
-    python benchmarks/bench_serve.py                               # AGFN trained on synthetic:tiny
-    python benchmarks/bench_serve.py --checkpoint out/seed_1 --litserve
-    python benchmarks/bench_serve.py --quick                       # smoke, seconds
+    python benchmarks/models/bench_serve.py                               # AGFN trained on synthetic:tiny
+    python benchmarks/models/bench_serve.py --checkpoint out/seed_1 --litserve
+    python benchmarks/models/bench_serve.py --quick                       # smoke, seconds
 
 JSON: ``benchmarks/results/serve_cpu.json``; the README's markdown table beside it (``.md``).
 """
@@ -44,11 +44,13 @@ import threading
 import time
 import urllib.request
 
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import RESULTS, environment  # noqa: E402
+from benchmarks._common import RESULTS, environment
+from msa_fast._io import save_json
 
 L = 50
 WIDTHS = {"text": 768, "audio": 5, "vision": 20}
@@ -298,8 +300,7 @@ def main() -> int:
                "seconds": args.seconds, "max_batch": args.max_batch, "batch_timeout": args.batch_timeout,
                "environment": environment(torch.device("cpu")), "results": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(payload, f, indent=1)
+    save_json(args.out, payload, indent=1)
     md = ["| mode | clients | p50 ms | p99 ms | requests/s | errors |", "|---|---:|---:|---:|---:|---:|"]
     md += [f"| {r['mode']} | {r['clients']} | {r['p50_ms']} | {r['p99_ms']} | {r['requests_per_s']} | {r['errors']} |"
            for r in rows]

@@ -8,15 +8,21 @@ move (read ``h``, ``u``, ``g_logits``; write ``h_ent``, ``h_imp_in``, ``e``, ``g
 the backward also reads the five incoming gradients and writes ``dh``, ``du`` and
 ``dg_logits``).
 
-    python benchmarks/bench_dual_gate.py [--device cuda] [--dtype bfloat16] [--quick]
+    python benchmarks/ops/bench_dual_gate.py [--device cuda] [--dtype bfloat16] [--quick]
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
 import torch
-from _common import cli, run_op
 
 import msa_fast
+from benchmarks._common import cli, run_op
 
 SHAPES = {
     "mosi_b32": (32, 3, 128, 7),

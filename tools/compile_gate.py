@@ -6,7 +6,7 @@ cannot show register spills or shared memory. This script closes that gap with n
 
 1. **Capture** (a child process with ``TRITON_INTERPRET=1``): the public ops
    (``msa_fast.ops.*``, ``backend="triton"``) run forward and backward at the shapes of
-   the benchmarks (``benchmarks/bench_*.py`` ``SHAPES``, plus mining at MOSI / MOSEI
+   the benchmarks (``benchmarks/ops/bench_*.py`` ``SHAPES``, plus mining at MOSI / MOSEI
    size and attention at Dh = 128, 96 and 48) in fp32 / fp16 / bf16, with the interpreter's launch
    intercepted: each launch is recorded (kernel, arguments, constexprs, grid, warps)
    and skipped, so that no kernel is interpreted and the large shapes cost nothing.
@@ -27,7 +27,7 @@ kernel using TF32, or a grid axis over its hardware limit (y and z: 65,535), and
 writes ``benchmarks/results/compile_gate.{json,md}``: one row per kernel x dtype x
 shape x arch with registers, spills, shared memory and wgmma.
 
-    python benchmarks/compile_gate.py [--quick] [--archs 90,80] [--jobs 2] [--out DIR] [--no-cuda | --cuda-log LOG]
+    python tools/compile_gate.py [--quick] [--archs 90,80] [--jobs 2] [--out DIR] [--no-cuda | --cuda-log LOG]
 
 ``--quick``: the first shape of each op and sm_90a only (the test suite's smoke).
 """
@@ -47,9 +47,11 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results")
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 # Per-block shared memory a kernel may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SMEM_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 100: 232_448, 120: 101_376}
@@ -65,13 +67,14 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def _cases(quick: bool, ops: set[str] | None = None):
     """``(op, case label, build, shape)``: the benchmark builders at their shapes."""
-    sys.path.insert(0, HERE)
-    import bench_attention
-    import bench_contrastive
-    import bench_dual_gate
-    import bench_gap
-    import bench_layer_norm
-    import bench_pair_mining
+    from benchmarks.ops import (
+        bench_attention,
+        bench_contrastive,
+        bench_dual_gate,
+        bench_gap,
+        bench_layer_norm,
+        bench_pair_mining,
+    )
 
     groups = [
         # "limit_*": the widest input each op's triton descriptor takes (its Fused.limit), so
@@ -144,8 +147,10 @@ def capture(quick: bool, path: str, ops: set[str] | None = None) -> None:
                 state["pass"] = "backward"
                 torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
             del inputs, out, outs
-    with open(path, "w") as fh:
-        json.dump(launches, fh)
+
+    from msa_fast._io import save_json
+
+    save_json(path, launches, indent=None)
 
 
 # --------------------------------------------------------------------------- #
@@ -376,7 +381,7 @@ def cuda_sources_check(log: str | None = None) -> tuple[list[dict], str | None]:
 def _markdown(rows: list[dict], cuda_rows: list[dict], env: dict) -> str:
     lines = [f"# Compile gate ({env['triton']} Triton, {env['when']})", "",
              "Every Triton kernel launched by the public ops, compiled with no GPU "
-             "(`python benchmarks/compile_gate.py`). Spills and registers are per thread "
+             "(`python tools/compile_gate.py`). Spills and registers are per thread "
              "(`ptxas -v`), shared memory per block (Triton's allocation + static).", "",
              "| op | case | dtype | pass | kernel | arch | regs | spill B | smem B | wgmma | warps | stages | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -462,9 +467,10 @@ def main(argv=None) -> int:
     bad = [r for r in rows if r["failures"]] + [r for r in cuda_rows if r["error"]]
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "compile_gate" + ("_quick" if args.quick else ""))
-    with open(stem + ".json.tmp", "w") as fh:
-        json.dump({"env": env, "triton_kernels": rows, "cuda_sources": cuda_rows, "failures": len(bad)}, fh, indent=1)
-    os.replace(stem + ".json.tmp", stem + ".json")
+    from msa_fast._io import save_json  # here, not at import: the gate's import loads no msa_fast
+
+    save_json(stem + ".json", {"env": env, "triton_kernels": rows, "cuda_sources": cuda_rows, "failures": len(bad)},
+              indent=1)
     with open(stem + ".md", "w") as fh:
         fh.write(_markdown(rows, cuda_rows, env))
     for r in bad:

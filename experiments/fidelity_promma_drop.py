@@ -9,9 +9,9 @@ For each drop rate (default 0, 0.1, 0.3, 0.5, 0.7) trains and evaluates, at that
 - ``backbone``: the same network with ``prompts=False`` (no prompts and none of the four
   modules; dropped modalities are seen as the zeroed features the protocol leaves).
 
-    python benchmarks/fidelity_promma_drop.py                 # synthetic:mosi, 1 seed
-    python benchmarks/fidelity_promma_drop.py --seeds 1111 1112 1113
-    python benchmarks/fidelity_promma_drop.py --quick         # CI smoke: tiny data, 1 epoch, 2 rates
+    python experiments/fidelity_promma_drop.py                 # synthetic:mosi, 1 seed
+    python experiments/fidelity_promma_drop.py --seeds 1111 1112 1113
+    python experiments/fidelity_promma_drop.py --quick         # CI smoke: tiny data, 1 epoch, 2 rates
 
 Reading the result on synthetic data: the generator draws the three latent contents
 ``z_t, z_a, z_v`` independently (``msa_fast/data/synthetic.py``), so a dropped modality
@@ -29,43 +29,36 @@ there are several). ``--quick`` writes under ``benchmarks/results/quick/``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment  # noqa: E402
-
-from msa_fast.train import TrainConfig, run_experiment  # noqa: E402
+from benchmarks._common import RESULTS, environment
+from msa_fast._io import figure, save_json
+from msa_fast.train import TrainConfig, run_experiment
 
 VARIANTS = {"promma": {}, "backbone": {"prompts": False}}
 SHOWN = ("MAE", "Non0_acc_2")
 
 
 def _plot(payload: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rates = payload["rates"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, better in zip(axes, SHOWN, ("lower", "higher")):
-        for name, style in (("promma", "o-"), ("backbone", "s--")):
-            rows = [payload["results"][str(r)][name] for r in rates]
-            ax.errorbar(rates, [r["mean"][key] for r in rows], yerr=[r["std"][key] for r in rows],
-                        fmt=style, capsize=3, label="ProMMA" if name == "promma" else "backbone (prompts off)")
-        ax.set_xlabel("MPLMM drop rate (train = valid = test)")
-        ax.set_title(f"test {key} ({better} is better)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{payload['data']}, {len(payload['seeds'])} seed(s)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(10, 3.6), dpi=120) as (fig, axes):
+        for ax, key, better in zip(axes, SHOWN, ("lower", "higher")):
+            for name, style in (("promma", "o-"), ("backbone", "s--")):
+                rows = [payload["results"][str(r)][name] for r in rates]
+                ax.errorbar(rates, [r["mean"][key] for r in rows], yerr=[r["std"][key] for r in rows],
+                            fmt=style, capsize=3, label="ProMMA" if name == "promma" else "backbone (prompts off)")
+            ax.set_xlabel("MPLMM drop rate (train = valid = test)")
+            ax.set_title(f"test {key} ({better} is better)")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"{payload['data']}, {len(payload['seeds'])} seed(s)", fontsize=9)
 
 
 def main(argv=None) -> int:
@@ -111,13 +104,12 @@ def main(argv=None) -> int:
     payload = {"data": args.data, "rates": args.rates, "seeds": args.seeds, "backend": args.backend,
                "train_config": {k: v for k, v in TrainConfig(**extra).to_dict().items()
                                 if k in ("epochs", "patience", "batch_size", "lr", "weight_decay")},
-               "variants": VARIANTS, "command": "python benchmarks/fidelity_promma_drop.py "
+               "variants": VARIANTS, "command": "python experiments/fidelity_promma_drop.py "
                + " ".join(sys.argv[1:] if argv is None else argv),
                "wall_s": round(time.perf_counter() - t_all, 1),
                "environment": environment(torch.device("cpu")), "results": results}
     stem = os.path.join(args.out, "promma_drop")
-    with open(stem + ".json", "w") as f:
-        json.dump(payload, f, indent=2)
+    save_json(stem + ".json", payload)
     _plot(payload, stem + ".png")
     wins = [r for r in args.rates if results[str(r)]["promma"]["mean"]["MAE"] < results[str(r)]["backbone"]["mean"]["MAE"]]
     print(f"ProMMA has the lower test MAE at {len(wins)} of {len(args.rates)} drop rates: {wins}")

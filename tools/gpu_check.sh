@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # GPU validation in one call (contract §8): build, tests, sanitizers, benchmarks, JSON out.
 #
-#   bash benchmarks/gpu_check.sh            # on a GPU machine: everything (8-11 minutes)
-#   bash benchmarks/gpu_check.sh --core     # first call of a lease: build, pytest -m gpu, sanitizers (< 5 min)
-#   bash benchmarks/gpu_check.sh --bench    # second call: the benchmarks (the --core build is reused)
-#   bash benchmarks/gpu_check.sh --quick    # anywhere (CI, no GPU): the CPU-side parts
+#   bash tools/gpu_check.sh            # on a GPU machine: everything (8-11 minutes)
+#   bash tools/gpu_check.sh --core     # first call of a lease: build, pytest -m gpu, sanitizers (< 5 min)
+#   bash tools/gpu_check.sh --bench    # second call: the benchmarks (the --core build is reused)
+#   bash tools/gpu_check.sh --quick    # anywhere (CI, no GPU): the CPU-side parts
 #   ... --providers "eager triton cuda sdpa"  # the op benchmarks' providers (this is the default:
 #                                           # no torch.compile warm-up; add it to the list to time it)
 #
@@ -20,7 +20,7 @@
 #      so a CUDA kernel the build lost fails its tests instead of skipping them);
 #   3. compute-sanitizer, probed on a trivial CUDA program first (a device runtime it refuses
 #      is "skipped: unavailable", not a kernel error), then memcheck (with
-#      PYTORCH_NO_CUDA_MEMORY_CACHING=1) and racecheck on benchmarks/sanitize_calls.py: one
+#      PYTORCH_NO_CUDA_MEMORY_CACHING=1) and racecheck on tools/sanitize_calls.py: one
 #      odd-shaped forward + backward per Triton op, and the CUDA mine_pairs kernel per dtype
 #      (fp32 / fp16 / bf16 / fp64, with key splits so that the merge kernel runs too);
 #   4. bench_auto.py (each op's backends at the model shapes, fp32: the data for the GPU's
@@ -196,7 +196,7 @@ sanitize() {
     local uncached=(); [ "$tool" = memcheck ] && uncached=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
     env "${uncached[@]}" MSA_FAST_MINE_PAIRS_SPLITS=2 \
       compute-sanitizer --tool "$tool" --error-exitcode 1 \
-      "$PY" benchmarks/sanitize_calls.py --device cuda > "$DIR/sanitizer_$tool.log" 2>&1
+      "$PY" tools/sanitize_calls.py --device cuda > "$DIR/sanitizer_$tool.log" 2>&1
     rc=$?
     echo "$tool: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$DIR/sanitizer_$tool.log" | tr '\n' ' ') $(grep -c ' ok' "$DIR/sanitizer_$tool.log") calls ok"
     [ $rc = 0 ] || san_rc=$rc
@@ -245,45 +245,45 @@ read -r -a OP_PROVIDERS <<< "$PROVIDERS"
 if [ "$MODE" = core ]; then
   note benchmarks skipped "--core (run --bench in a second call)"
 elif [ "$QUICK" = 1 ]; then
-  bench auto "$PY" benchmarks/bench_auto.py --quick --device cpu --out "$DIR/auto_cpu.json"
-  bench pair_mining "$PY" benchmarks/bench_pair_mining.py --quick --device cpu --out "$DIR/pair_mining_cpu.json"
+  bench auto "$PY" benchmarks/ops/bench_auto.py --quick --device cpu --out "$DIR/auto_cpu.json"
+  bench pair_mining "$PY" benchmarks/ops/bench_pair_mining.py --quick --device cpu --out "$DIR/pair_mining_cpu.json"
   for op in dual_gate gap layer_norm attention; do
     # --providers as on the GPU (those this CPU cannot run drop out): the option's plumbing is smoked
-    bench "$op" "$PY" "benchmarks/bench_$op.py" --quick --device cpu --providers "${OP_PROVIDERS[@]}" \
+    bench "$op" "$PY" "benchmarks/ops/bench_$op.py" --quick --device cpu --providers "${OP_PROVIDERS[@]}" \
       --out "$DIR/${op}_cpu.json"
   done
-  bench contrastive "$PY" benchmarks/bench_contrastive.py --quick --device cpu --out "$DIR/contrastive_cpu.json"
-  bench train_step "$PY" benchmarks/bench_train_step.py --quick --device cpu --out "$DIR/train_step_cpu.json"
-  bench inference "$PY" benchmarks/bench_inference.py --quick --device cpu --out "$DIR/inference_cpu.json"
+  bench contrastive "$PY" benchmarks/ops/bench_contrastive.py --quick --device cpu --out "$DIR/contrastive_cpu.json"
+  bench train_step "$PY" benchmarks/models/bench_train_step.py --quick --device cpu --out "$DIR/train_step_cpu.json"
+  bench inference "$PY" benchmarks/models/bench_inference.py --quick --device cpu --out "$DIR/inference_cpu.json"
 else
   # what auto should pick on this GPU: every op at its model shapes, each backend vs eager and
   # SDPA, interleaved (no compiling: its minutes go to the scripts below)
-  bench auto "$PY" benchmarks/bench_auto.py --device cuda --no-compile --rounds 3 --seconds 0.2 \
+  bench auto "$PY" benchmarks/ops/bench_auto.py --device cuda --no-compile --rounds 3 --seconds 0.2 \
     --out "$DIR/auto_cuda.json"
   # the system numbers before the per-op sweeps: a budget that runs out loses fp32 op rows, not these.
   # inference: model.eval() vs the Predictor eager vs its CUDA graphs (one graph per bucket),
   # fp32, batch 1 and 64 (targets: batch-1 p50 < 1 ms with CUDA graphs and >= 3x eager)
-  bench inference "$PY" benchmarks/bench_inference.py --device cuda --models agfn fd_cmdie promma lf_dnn \
+  bench inference "$PY" benchmarks/models/bench_inference.py --device cuda --models agfn fd_cmdie promma lf_dnn \
     --shapes mosi_aligned mosei_unaligned --batches 1 64 \
     --providers eager predictor_eager predictor_cuda_graphs --iters 50 --out "$DIR/inference_cuda.json"
   # one training step of every model at MOSEI unaligned and MOSI aligned: eager fp32, auto, bf16
   # autocast (the trainer's GPU mode); no torch.compile of every model, no 2-rank row on one GPU
-  bench train_step "$PY" benchmarks/bench_train_step.py --device cuda --shapes mosei_unaligned,mosi_aligned \
+  bench train_step "$PY" benchmarks/models/bench_train_step.py --device cuda --shapes mosei_unaligned,mosi_aligned \
     --providers eager auto bf16 --steps 20 --out "$DIR/train_step_cuda.json"
   for dt in bfloat16 float32; do
-    bench "dual_gate_$dt" "$PY" benchmarks/bench_dual_gate.py --device cuda --dtype $dt \
+    bench "dual_gate_$dt" "$PY" benchmarks/ops/bench_dual_gate.py --device cuda --dtype $dt \
       --shapes mosei_b1024,train_b16384 --providers "${OP_PROVIDERS[@]}" --out "$DIR/dual_gate_$dt.json"
-    bench "gap_$dt" "$PY" benchmarks/bench_gap.py --device cuda --dtype $dt \
+    bench "gap_$dt" "$PY" benchmarks/ops/bench_gap.py --device cuda --dtype $dt \
       --shapes mosei_unaligned,train_large --providers "${OP_PROVIDERS[@]}" --out "$DIR/gap_$dt.json"
-    bench "layer_norm_$dt" "$PY" benchmarks/bench_layer_norm.py --device cuda --dtype $dt \
+    bench "layer_norm_$dt" "$PY" benchmarks/ops/bench_layer_norm.py --device cuda --dtype $dt \
       --shapes mosei_unaligned,train_large --providers "${OP_PROVIDERS[@]}" --out "$DIR/layer_norm_$dt.json"
-    bench "attention_$dt" "$PY" benchmarks/bench_attention.py --device cuda --dtype $dt \
+    bench "attention_$dt" "$PY" benchmarks/ops/bench_attention.py --device cuda --dtype $dt \
       --shapes mosei_self_unaligned,train_large,mosei_self_dh128 --providers "${OP_PROVIDERS[@]}" \
       --out "$DIR/attention_$dt.json"
-    bench "contrastive_$dt" "$PY" benchmarks/bench_contrastive.py --device cuda --dtype $dt \
+    bench "contrastive_$dt" "$PY" benchmarks/ops/bench_contrastive.py --device cuda --dtype $dt \
       --shapes mosei_b64_k50_d256,large_b1024_k50_d256 --providers "${OP_PROVIDERS[@]}" \
       --out "$DIR/contrastive_$dt.json"
-    bench "pair_mining_$dt" "$PY" benchmarks/bench_pair_mining.py --device cuda --dtype $dt --n 16326 --d 877 \
+    bench "pair_mining_$dt" "$PY" benchmarks/ops/bench_pair_mining.py --device cuda --dtype $dt --n 16326 --d 877 \
       --k 10 50 --providers eager-chunked triton cuda --out "$DIR/pair_mining_$dt.json"
   done
 fi

@@ -18,18 +18,22 @@ a CUDA GPU: on a CPU only eager and torch.compile run (fp32, median ms of
 ``torch.utils.benchmark``), and the JSON says so. ``--quick``: the first shape,
 without torch.compile (whose compilation would dominate a CI smoke run).
 
-    python benchmarks/bench_contrastive.py [--device cuda] [--dtype bfloat16] [--quick] [--ops nt_xent,...]
+    python benchmarks/ops/bench_contrastive.py [--device cuda] [--dtype bfloat16] [--quick] [--ops nt_xent,...]
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import sys
+
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import torch
-from _common import RESULTS, cli, run_op
 
 import msa_fast
+from benchmarks._common import RESULTS, cli, run_op
 
 # label -> (B, k_cl, D[, "bank"])
 BATCHES = {

@@ -6,15 +6,21 @@ unaligned (L = 500) and a large-batch training shape. Memory bound: the forward
 reads ``x`` (M B L d) and writes ``out`` plus ``alpha, g``; the backward reads ``x``,
 ``dout``, ``dalpha``, ``dg`` and writes ``dx``.
 
-    python benchmarks/bench_gap.py [--device cuda] [--dtype bfloat16] [--quick]
+    python benchmarks/ops/bench_gap.py [--device cuda] [--dtype bfloat16] [--quick]
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
 import torch
-from _common import cli, run_op
 
 import msa_fast
+from benchmarks._common import cli, run_op
 
 SHAPES = {
     "mosi_aligned": (3, 32, 50, 128),

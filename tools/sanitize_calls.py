@@ -5,21 +5,22 @@ padded path; a duplicated row: exact ties). Under memcheck run it with
 ``PYTORCH_NO_CUDA_MEMORY_CACHING=1``: the caching allocator hands out pieces of larger blocks,
 inside which an overrun is invisible to the sanitizer.
 
-    python benchmarks/sanitize_calls.py [--device cuda|cpu] [--only triton|cuda]
+    python tools/sanitize_calls.py [--device cuda|cpu] [--only triton|cuda]
 
 On the CPU (``TRITON_INTERPRET=1``) it runs the same Triton calls through the interpreter,
 which is how the tests check that the list still builds and runs (the CUDA part skips there).
 Prints one ``ok`` line per call; any exception fails the run."""
 import argparse
+import importlib
 import os
 import sys
 
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-# (op, builder module, odd shape): the benchmark builders' shape conventions
+# (op, builder module of benchmarks/ops/, odd shape): the benchmark builders' shape conventions
 TRITON_CALLS = [
     ("dual_gate", "bench_dual_gate", (7, 3, 37, 7)),
     ("gated_attention_pool", "bench_gap", (3, 5, 13, 40)),
@@ -32,7 +33,7 @@ TRITON_CALLS = [
 
 
 def _builder(op: str, module: str):
-    mod = __import__(module)
+    mod = importlib.import_module(f"benchmarks.ops.{module}")
     if module == "bench_contrastive":
         return mod.OPS[op][0]
     return mod.build

@@ -29,9 +29,9 @@ a finished one is reused) and reports, under ``--out``:
 - ``fd_cmdie_ablations.{json,md,png}``: FD-CMDIE's Table 7 ablations (w/o CL, w/o CMDIE, w/o
   GAP, w/o CrossAtt-2).
 
-    python benchmarks/fidelity_pid.py train agfn lf_dnn text_only   # train some (resumable)
-    python benchmarks/fidelity_pid.py report                         # everything trained so far
-    python benchmarks/fidelity_pid.py all --quick                    # CI smoke (tiny, 1 epoch)
+    python experiments/fidelity_pid.py train agfn lf_dnn text_only   # train some (resumable)
+    python experiments/fidelity_pid.py report                         # everything trained so far
+    python experiments/fidelity_pid.py all --quick                    # CI smoke (tiny, 1 epoch)
 
 Two ``train`` processes with disjoint names use both cores of a 2-core machine.
 """
@@ -44,12 +44,15 @@ import os
 import sys
 import time
 
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment  # noqa: E402
-from fidelity_models import _plot  # noqa: E402
+from benchmarks._common import RESULTS, environment
+from experiments.fidelity_models import _plot
+from msa_fast._io import figure, pyplot, save_json
 
 # name -> (registered model, model_cfg, TrainConfig overrides)
 CONFIGS = {
@@ -78,15 +81,6 @@ ABLATIONS = {"FD-CMDIE": "fd_cmdie", "w/o CL": "fd_cmdie_wo_cl", "w/o CMDIE": "f
              "w/o GAP": "fd_cmdie_wo_gap", "w/o CrossAtt-2": "fd_cmdie_wo_crossatt2"}
 SHOWN = ("MAE", "Corr", "Non0_acc_2", "Has0_acc_2", "Mult_acc_7")
 MODS = ("text", "audio", "vision")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _ms(vals) -> dict:
@@ -150,11 +144,10 @@ def report_models(args, names: dict, stem: str, title: str) -> dict | None:
     if not rows:
         return None
     title = f"{title}: test split of `{args.data}`, mean ± std over the seeds of each row (of {args.seeds})"
-    with open(stem + ".json", "w") as f:
-        json.dump({"data": args.data, "seeds": args.seeds, "environment": environment(torch.device("cpu")),
-                   "rows": rows}, f, indent=2)
+    save_json(stem + ".json", {"data": args.data, "seeds": args.seeds,
+                               "environment": environment(torch.device("cpu")), "rows": rows})
     with open(stem + ".md", "w") as f:
-        f.write(_table(rows, title + "; made by `python benchmarks/fidelity_pid.py report`."))
+        f.write(_table(rows, title + "; made by `python experiments/fidelity_pid.py report`."))
     _plot(rows, stem + ".png", title)
     return rows
 
@@ -170,7 +163,7 @@ def report_gates(args, name: str = "agfn") -> dict | None:
     for d in dirs:
         model, _, data, cfg = load_run(d)
         res, fig = gates(model, data, "test", cfg.batch_size, "cpu", "agfn")
-        _pyplot().close(fig)
+        pyplot().close(fig)
         if "skipped" in res["corrupted"]:
             raise SystemExit(f"gates: {res['corrupted']['skipped']}")
         res["tau"] = float(model.fusion.tau)
@@ -196,22 +189,17 @@ def report_gates(args, name: str = "agfn") -> dict | None:
     out["n_clean"] = per_seed[0]["corrupted"]["n_clean"]
     out["per_seed"] = per_seed
     stem = os.path.join(args.out, f"{name}_gates")
-    with open(stem + ".json", "w") as f:
-        json.dump(out, f, indent=2)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    x = np.arange(3)
-    for i, (key, label) in enumerate((("e_clean", "clean samples"), ("e_corrupted", "samples where it is corrupted"))):
-        ax.bar(x + (i - 0.5) * 0.38, [out["per_modality"][m][key]["mean"] for m in MODS], 0.38,
-               yerr=[out["per_modality"][m][key]["std"] for m in MODS], capsize=4, label=label)
-    ax.set_xticks(x, MODS)
-    ax.set_ylabel("mean entropy-gate weight e_m")
-    ax.set_title(f"AGFN (tau {out['tau']}) on {args.data}, test, {len(dirs)} seed(s) (± std over seeds)",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(stem + ".png", dpi=120)
-    plt.close(fig)
+    save_json(stem + ".json", out)
+    with figure(stem + ".png", figsize=(6, 3.6), dpi=120) as (fig, ax):
+        x = np.arange(3)
+        for i, (key, label) in enumerate((("e_clean", "clean samples"), ("e_corrupted", "samples where it is corrupted"))):
+            ax.bar(x + (i - 0.5) * 0.38, [out["per_modality"][m][key]["mean"] for m in MODS], 0.38,
+                   yerr=[out["per_modality"][m][key]["std"] for m in MODS], capsize=4, label=label)
+        ax.set_xticks(x, MODS)
+        ax.set_ylabel("mean entropy-gate weight e_m")
+        ax.set_title(f"AGFN (tau {out['tau']}) on {args.data}, test, {len(dirs)} seed(s) (± std over seeds)",
+                     fontsize=9)
+        ax.legend(fontsize=8)
     return out
 
 
@@ -297,32 +285,27 @@ def report_promma_drop(args) -> dict | None:
         out["patterns"][label] = {pat: {k: _ms([r[k] for r in rows]) for k in rows[0]}
                                   for pat, rows in per_pattern.items()}
     stem = os.path.join(args.out, "promma_drop")
-    with open(stem + ".json", "w") as f:
-        json.dump(out, f, indent=2)
-    plt = _pyplot()
+    save_json(stem + ".json", out)
     pats = list(out["patterns"]["promma"])
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for ax, key, title in zip(axes, ("MAE", "r_redundant", "unique"),
-                              ("test MAE (lower is better)", "r(pred, redundant latent)",
-                               "r(pred, unique latent of the dropped modality)")):
-        for i, label in enumerate(names):
-            rows = out["patterns"][label]
-            if key == "unique":
-                vals = [np.mean([rows[p][f"r_unique_{MODS['TAV'.index(c)]}"]["mean"] for c in p.split(",")])
-                        if p != "complete" else np.nan for p in pats]
-                errs = None
-            else:
-                vals, errs = [rows[p][key]["mean"] for p in pats], [rows[p][key]["std"] for p in pats]
-            ax.bar(np.arange(len(pats)) + (i - 0.5) * 0.38, vals, 0.38, yerr=errs, capsize=3,
-                   label="ProMMA" if label == "promma" else "backbone (prompts off)")
-        ax.set_xticks(np.arange(len(pats)), [f"-{p}" if p != "complete" else p for p in pats], rotation=30)
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{args.data}: trained with drop rate 0.3; test with MPLMM's patterns "
-                 f"(-X = X missing), {len(args.seeds)} seed(s)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(stem + ".png", dpi=120)
-    plt.close(fig)
+    with figure(stem + ".png", 1, 3, figsize=(14, 3.8), dpi=120) as (fig, axes):
+        for ax, key, title in zip(axes, ("MAE", "r_redundant", "unique"),
+                                  ("test MAE (lower is better)", "r(pred, redundant latent)",
+                                   "r(pred, unique latent of the dropped modality)")):
+            for i, label in enumerate(names):
+                rows = out["patterns"][label]
+                if key == "unique":
+                    vals = [np.mean([rows[p][f"r_unique_{MODS['TAV'.index(c)]}"]["mean"] for c in p.split(",")])
+                            if p != "complete" else np.nan for p in pats]
+                    errs = None
+                else:
+                    vals, errs = [rows[p][key]["mean"] for p in pats], [rows[p][key]["std"] for p in pats]
+                ax.bar(np.arange(len(pats)) + (i - 0.5) * 0.38, vals, 0.38, yerr=errs, capsize=3,
+                       label="ProMMA" if label == "promma" else "backbone (prompts off)")
+            ax.set_xticks(np.arange(len(pats)), [f"-{p}" if p != "complete" else p for p in pats], rotation=30)
+            ax.set_title(title, fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{args.data}: trained with drop rate 0.3; test with MPLMM's patterns "
+                     f"(-X = X missing), {len(args.seeds)} seed(s)", fontsize=9)
     return out
 
 

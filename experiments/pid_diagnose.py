@@ -23,9 +23,9 @@ the candidate causes with numbers, the test split read once per fitted predictor
   run, and train vs valid L1 at the best epoch and at the last (how fast it overfits), with
   the latent shares of its test predictions.
 
-    python benchmarks/pid_diagnose.py                     # probes, ceilings, curve, runs if any
-    python benchmarks/pid_diagnose.py --quick             # smoke: tiny data, 1 seed
-    python benchmarks/pid_diagnose.py --no-curve --seeds 1111
+    python experiments/pid_diagnose.py                     # probes, ceilings, curve, runs if any
+    python experiments/pid_diagnose.py --quick             # smoke: tiny data, 1 seed
+    python experiments/pid_diagnose.py --no-curve --seeds 1111
 
 Outputs ``diagnose.{json,md}`` under ``--out`` (default ``benchmarks/results/pid``).
 """
@@ -39,12 +39,15 @@ import os
 import sys
 import time
 
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
 import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment  # noqa: E402
+from benchmarks._common import RESULTS, environment
+from msa_fast._io import save_json
 
 MODS = ("text", "audio", "vision")
 SETS = {"text": ("text",), "audio": ("audio",), "vision": ("vision",), "all": MODS}
@@ -279,7 +282,7 @@ def main(argv=None) -> int:
         with open(stem + ".json") as f:
             res = json.load(f)
         with open(stem + ".md", "w") as f:
-            f.write(markdown(res, res.get("command", "python benchmarks/pid_diagnose.py")))
+            f.write(markdown(res, res.get("command", "python experiments/pid_diagnose.py")))
         print(f"wrote {stem}.md")
         return 0
     torch.set_num_threads(args.threads)
@@ -307,12 +310,10 @@ def main(argv=None) -> int:
                                                     label_step=cgrid)["all"]["MAE"]}
     res["runs"] = report_runs(args.runs, args.data)
     res["seconds"] = round(time.time() - t0, 1)
-    command = "python benchmarks/pid_diagnose.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python experiments/pid_diagnose.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res["command"] = command.strip()
     os.makedirs(args.out, exist_ok=True)
-    with open(stem + ".json.tmp", "w") as f:
-        json.dump(res, f, indent=2, default=float)
-    os.replace(stem + ".json.tmp", stem + ".json")
+    save_json(stem + ".json", res)
     with open(stem + ".md", "w") as f:
         f.write(markdown(res, res["command"]))
     print(f"wrote {stem}.json and .md")

@@ -18,9 +18,9 @@ Outputs:
   the backends sorted by the geometric mean over shapes of their time / eager's time --
   what :mod:`msa_fast._backend` reads at import.
 
-    python benchmarks/bench_auto.py --write-order          # the full CPU table, 1 thread
-    python benchmarks/bench_auto.py --quick                # CI smoke: one shape per op, no compile
-    python benchmarks/bench_auto.py --device cuda --no-compile   # the GPU script's run
+    python benchmarks/ops/bench_auto.py --write-order          # the full CPU table, 1 thread
+    python benchmarks/ops/bench_auto.py --quick                # CI smoke: one shape per op, no compile
+    python benchmarks/ops/bench_auto.py --device cuda --no-compile   # the GPU script's run
 """
 
 from __future__ import annotations
@@ -31,25 +31,30 @@ import math
 import os
 import pprint
 import statistics
+import sys
 import time
 
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
 import torch
-from _common import RESULTS, environment, fwd_bwd_callables, write
 
+from benchmarks._common import RESULTS, environment, fwd_bwd_callables, write
 from msa_fast import _backend
+from msa_fast._io import atomic_write_bytes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 ORDER_FILE = os.path.join(ROOT, "msa_fast", "_auto_order.py")
 
 
 def _cases() -> dict[str, tuple]:
     """op -> (build, {label: shape}, forward_only)."""
-    att = importlib.import_module("bench_attention")
-    dg = importlib.import_module("bench_dual_gate")
-    gap = importlib.import_module("bench_gap")
-    ln = importlib.import_module("bench_layer_norm")
-    cl = importlib.import_module("bench_contrastive")
-    mining = importlib.import_module("bench_pair_mining")
+    att = importlib.import_module("benchmarks.ops.bench_attention")
+    dg = importlib.import_module("benchmarks.ops.bench_dual_gate")
+    gap = importlib.import_module("benchmarks.ops.bench_gap")
+    ln = importlib.import_module("benchmarks.ops.bench_layer_norm")
+    cl = importlib.import_module("benchmarks.ops.bench_contrastive")
+    mining = importlib.import_module("benchmarks.ops.bench_pair_mining")
     pick = lambda shapes, *labels: {k: shapes[k] for k in labels}
     return {
         "attention": (att.build, {"fd_cmdie_unaligned": (8, 4, 875, 875, 16),
@@ -147,7 +152,7 @@ def markdown(payload: dict) -> str:
     lines.append("")
     lines.append(f"Median ms per call, {env['device']}, {env['threads']} thread(s), torch {env['torch']}, "
                  f"commit {str(env['commit'])[:7]}; bold: the fastest. "
-                 f"`python benchmarks/bench_auto.py --write-order` ({payload['args']['rounds']} interleaved rounds).")
+                 f"`python benchmarks/ops/bench_auto.py --write-order` ({payload['args']['rounds']} interleaved rounds).")
     return "\n".join(lines) + "\n"
 
 
@@ -159,16 +164,14 @@ def write_order(payload: dict, device_type: str) -> None:
     measured.setdefault(device_type, {}).update({op: tuple(o) for op, o in payload["order"].items()})
     env = payload["env"]
     text = ('"""The order in which ``backend="auto"`` tries an op\'s backends, per device type, as\n'
-            "measured by ``benchmarks/bench_auto.py --write-order`` (generated: do not edit by hand;\n"
+            "measured by ``benchmarks/ops/bench_auto.py --write-order`` (generated: do not edit by hand;\n"
             "rerun the benchmark). An (op, device) missing here uses the order its descriptor\n"
             'declares (``Fused.auto`` / ``rank``, see ``msa_fast/_backend.py``).\n\n'
             f"Last written from: {env['device']}, {env['threads']} thread(s), torch {env['torch']}, "
             f"commit {str(env['commit'])[:7]}.\n"
             '"""\n\n'
             f"MEASURED: dict[str, dict[str, tuple[str, ...]]] = {pprint.pformat(measured, width=96)}\n")
-    with open(ORDER_FILE + ".tmp", "w") as fh:
-        fh.write(text)
-    os.replace(ORDER_FILE + ".tmp", ORDER_FILE)
+    atomic_write_bytes(ORDER_FILE, text.encode())
     print(f"wrote {ORDER_FILE}")
 
 

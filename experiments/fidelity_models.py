@@ -4,9 +4,9 @@ Trains ``text_only``, ``lf_dnn``, ``agfn``, ``fd_cmdie`` and ``promma`` with the
 configurations (``msa-fast train --model NAME --data DATA``, 3 seeds, MMSA early stopping)
 and reports the test metrics as mean ± std over the seeds, with each model's wall time.
 
-    python benchmarks/fidelity_models.py                    # synthetic:mosi, 3 seeds
-    python benchmarks/fidelity_models.py --quick            # CI smoke: tiny data, 1 epoch
-    python benchmarks/fidelity_models.py --amp bf16         # the same under bf16 autocast (CPU too)
+    python experiments/fidelity_models.py                    # synthetic:mosi, 3 seeds
+    python experiments/fidelity_models.py --quick            # CI smoke: tiny data, 1 epoch
+    python experiments/fidelity_models.py --amp bf16         # the same under bf16 autocast (CPU too)
 
 ``--amp bf16`` writes ``fidelity_models_bf16.*`` and, when ``fidelity_models.json`` (fp32)
 of the same data and seeds is beside it, a comparison per model and metric: whether the
@@ -27,12 +27,14 @@ import sys
 import time
 import traceback
 
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment  # noqa: E402
-
-from msa_fast.train import TrainConfig, run_experiment  # noqa: E402
+from benchmarks._common import RESULTS, environment
+from msa_fast._io import figure, save_json
+from msa_fast.train import TrainConfig, run_experiment
 
 MODELS = ("text_only", "lf_dnn", "agfn", "fd_cmdie", "promma")
 SHOWN = ("MAE", "Corr", "Non0_acc_2", "Has0_acc_2", "Mult_acc_7")
@@ -54,24 +56,16 @@ def _table(rows: dict, data: str, seeds: list[int], command: str) -> str:
 def _plot(rows: dict, path: str, title: str | None = None) -> None:
     """MAE and Acc-2 bars (mean, seed std as error bars) of the rows without an error; the
     baselines (text_only, lf_dnn) grey. Also drawn by ``fidelity_pid.py``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = {n: r for n, r in rows.items() if "error" not in r}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, better in zip(axes, ("MAE", "Non0_acc_2"), ("lower", "higher")):
-        names = list(ok)
-        ax.bar(names, [ok[n]["mean"][key] for n in names], yerr=[ok[n]["std"][key] for n in names],
-               color=["#999999" if n in ("text_only", "lf_dnn") else "#3b75af" for n in names], capsize=4)
-        ax.set_title(f"{key} ({better} is better)")
-        ax.tick_params(axis="x", rotation=20)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(10, 3.6), dpi=120) as (fig, axes):
+        for ax, key, better in zip(axes, ("MAE", "Non0_acc_2"), ("lower", "higher")):
+            names = list(ok)
+            ax.bar(names, [ok[n]["mean"][key] for n in names], yerr=[ok[n]["std"][key] for n in names],
+                   color=["#999999" if n in ("text_only", "lf_dnn") else "#3b75af" for n in names], capsize=4)
+            ax.set_title(f"{key} ({better} is better)")
+            ax.tick_params(axis="x", rotation=20)
+        if title:
+            fig.suptitle(title, fontsize=9)
 
 
 def _compare(rows: dict, fp32: dict, args) -> dict:
@@ -143,7 +137,7 @@ def main(argv=None) -> int:
             rows[name] = {"error": f"{type(e).__name__}: {e}"}
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
 
-    command = "python benchmarks/fidelity_models.py" + (" --quick" if args.quick else "") + (
+    command = "python experiments/fidelity_models.py" + (" --quick" if args.quick else "") + (
         f" --amp {args.amp}" if args.amp != "auto" else "")
     payload = {"data": args.data, "seeds": args.seeds, "backend": args.backend, "amp": args.amp,
                "environment": environment(torch.device("cpu")), "models": rows}
@@ -151,8 +145,7 @@ def main(argv=None) -> int:
     if args.amp == "bf16" and os.path.exists(fp32_path):
         payload["vs_fp32"] = _compare(rows, json.load(open(fp32_path)), args)
     rows = {n: rows[n] for n in MODELS if n in rows} | {n: r for n, r in rows.items() if n not in MODELS}
-    with open(stem + ".json", "w") as f:
-        json.dump(payload, f, indent=2)
+    save_json(stem + ".json", payload)
     with open(stem + ".md", "w") as f:
         f.write(_table(rows, args.data, args.seeds, command))
     _plot(rows, stem + ".png")

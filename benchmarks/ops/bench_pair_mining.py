@@ -36,9 +36,9 @@ On a CPU, the grid is cut to what is affordable: at N = 100,000 only ``cpp`` at
 D = 256, k = 50 runs by default (``--all-large`` for the rest); an eager pass
 there is ~5 TFLOP plus a top-k over 10^10 entries.
 
-    python benchmarks/bench_pair_mining.py --threads 1      # CPU run, ~13 min on 1 core
-    python benchmarks/bench_pair_mining.py --device cuda    # GPU run
-    python benchmarks/bench_pair_mining.py --quick          # CI smoke, seconds
+    python benchmarks/ops/bench_pair_mining.py --threads 1      # CPU run, ~13 min on 1 core
+    python benchmarks/ops/bench_pair_mining.py --device cuda    # GPU run
+    python benchmarks/ops/bench_pair_mining.py --quick          # CI smoke, seconds
 """
 
 from __future__ import annotations
@@ -53,10 +53,13 @@ import sys
 import tempfile
 import time
 
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment  # noqa: E402
+from benchmarks._common import RESULTS, environment
+from msa_fast._io import figure, have_matplotlib, save_json
 
 SEED = 0
 TIE_TOL = 1e-6
@@ -307,44 +310,36 @@ def compare(got, want, features, queries) -> dict:
 
 
 def plot(payload: dict, path_json: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not have_matplotlib():
         return None
     rows = [r for r in payload["results"] if "median_ms" in r]
     if not rows:
         return None
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.3 * len(shapes) + 2), 8))
-    width = 0.8 / len(providers)
-    for ax, metric, label in ((axes[0], "median_ms", "median time (ms)"),
-                              (axes[1], "peak_extra_mb", "peak extra memory (MB)")):
-        for i, prov in enumerate(providers):
-            xs, vals = [], []
-            for j, s in enumerate(shapes):
-                r = next((r for r in rows if r["shape"] == s and r["provider"] == prov), None)
-                if r is not None:
-                    xs.append(j + i * width)
-                    vals.append(max(r[metric], 1e-3))
-            bars = ax.bar(xs, vals, width, label=prov)
-            ax.bar_label(bars, fmt="%.3g", fontsize=6, rotation=90)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))],
-                      [s.replace(" ", "\n") for s in shapes], fontsize=7)
-        ax.set_ylabel(label)
-        ax.set_yscale("log")
-        ax.legend(fontsize=7, ncol=len(providers))
-    env = payload["env"]
-    mem = "peak extra RSS" if env["device_type"] == "cpu" else "max_memory_allocated"
-    fig.suptitle(f"mine_pairs (Q = N) on {env['device']}, {env['threads']} thread(s); memory = {mem}",
-                 fontsize=9)
-    fig.tight_layout()
     png = os.path.splitext(path_json)[0] + ".png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    with figure(png, 2, 1, figsize=(max(8, 1.3 * len(shapes) + 2), 8)) as (fig, axes):
+        width = 0.8 / len(providers)
+        for ax, metric, label in ((axes[0], "median_ms", "median time (ms)"),
+                                  (axes[1], "peak_extra_mb", "peak extra memory (MB)")):
+            for i, prov in enumerate(providers):
+                xs, vals = [], []
+                for j, s in enumerate(shapes):
+                    r = next((r for r in rows if r["shape"] == s and r["provider"] == prov), None)
+                    if r is not None:
+                        xs.append(j + i * width)
+                        vals.append(max(r[metric], 1e-3))
+                bars = ax.bar(xs, vals, width, label=prov)
+                ax.bar_label(bars, fmt="%.3g", fontsize=6, rotation=90)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))],
+                          [s.replace(" ", "\n") for s in shapes], fontsize=7)
+            ax.set_ylabel(label)
+            ax.set_yscale("log")
+            ax.legend(fontsize=7, ncol=len(providers))
+        env = payload["env"]
+        mem = "peak extra RSS" if env["device_type"] == "cpu" else "max_memory_allocated"
+        fig.suptitle(f"mine_pairs (Q = N) on {env['device']}, {env['threads']} thread(s); memory = {mem}",
+                     fontsize=9)
     return png
 
 
@@ -436,16 +431,14 @@ def main(argv=None) -> int:
                    "torch.cuda.max_memory_allocated - memory_allocated before the call; check = "
                    f"{CHECK_ROWS} query rows vs the reference on those rows (indices equal outside "
                    f"{TIE_TOL} ties, sims within {SIM_TOL})"),
-        "command": "python benchmarks/bench_pair_mining.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/ops/bench_pair_mining.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "chunk": args.chunk,
         "wall_s": time.perf_counter() - t_start,
         "results": results,
         "skipped": skipped,
     }
     path = args.out or os.path.join(RESULTS, f"pair_mining_{dev.type}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(payload, fh, indent=2)
+    save_json(path, payload)
     print(f"wrote {path}")
     png = plot(payload, path)
     if png:

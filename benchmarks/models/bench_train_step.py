@@ -22,9 +22,9 @@ growth of the process's resident set over the steps, a coarse upper bound). FD-C
 pairs are mined once first, so that its contrastive term is part of the step. On a GPU the
 step runs under bf16 autocast, as the trainer does.
 
-    python benchmarks/bench_train_step.py [--device cuda] [--models fd_cmdie] [--shapes mosei_unaligned]
-    python benchmarks/bench_train_step.py --quick      # lf_dnn at MOSI aligned, CI smoke
-    python benchmarks/bench_train_step.py --merge A.json B.json --out results/train_step_cpu.json
+    python benchmarks/models/bench_train_step.py [--device cuda] [--models fd_cmdie] [--shapes mosei_unaligned]
+    python benchmarks/models/bench_train_step.py --quick      # lf_dnn at MOSI aligned, CI smoke
+    python benchmarks/models/bench_train_step.py --merge A.json B.json --out results/train_step_cpu.json
 """
 
 from __future__ import annotations
@@ -33,13 +33,18 @@ import argparse
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import time
 
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
 import torch
-from _common import RESULTS, environment, write
 
 import msa_fast
+from benchmarks._common import RESULTS, environment, write
+from msa_fast._io import figure, have_matplotlib
 from msa_fast.data import load_data
 from msa_fast.data.loader import gather_batch
 from msa_fast.models import available_models, build_model
@@ -308,32 +313,25 @@ def main() -> None:
 
 
 def _plot(payload: dict, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not have_matplotlib():
         return
     rows = [r for r in payload["results"] if "samples_per_s" in r]
     if not rows:
         return
     groups = list(dict.fromkeys(f"{r['model']}\n{r['shape']}" for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(groups)), 4.5))
-    width = 0.8 / len(providers)
-    for i, prov in enumerate(providers):
-        vals = [next((r["samples_per_s"] for r in rows if f"{r['model']}\n{r['shape']}" == g
-                      and r["provider"] == prov), 0) for g in groups]
-        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=prov)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, rotation=60, fontsize=6)
-    ax.set_ylabel("training samples/s (median step)")
-    ax.set_yscale("log")
-    ax.set_title(f"train step on {payload['env']['device']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.splitext(path)[0] + ".png", dpi=110)
-    plt.close(fig)
+    png = os.path.splitext(path)[0] + ".png"
+    with figure(png, figsize=(max(8, 0.9 * len(groups)), 4.5)) as (fig, ax):
+        width = 0.8 / len(providers)
+        for i, prov in enumerate(providers):
+            vals = [next((r["samples_per_s"] for r in rows if f"{r['model']}\n{r['shape']}" == g
+                          and r["provider"] == prov), 0) for g in groups]
+            ax.bar([j + i * width for j in range(len(groups))], vals, width, label=prov)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, rotation=60, fontsize=6)
+        ax.set_ylabel("training samples/s (median step)")
+        ax.set_yscale("log")
+        ax.set_title(f"train step on {payload['env']['device']}", fontsize=9)
+        ax.legend(fontsize=8)
 
 
 if __name__ == "__main__":

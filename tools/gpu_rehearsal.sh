@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Device-image rehearsal: the lent GPU machine's software, on this CPU, before a GPU minute is spent.
 #
-#   bash benchmarks/gpu_rehearsal.sh                 # venv (made once), tests, compile gate, gpu_check --quick
-#   REHEARSAL_STEPS=tests bash benchmarks/gpu_rehearsal.sh   # a subset: any of venv,build,tests,gate,quick
+#   bash tools/gpu_rehearsal.sh                 # venv (made once), tests, compile gate, gpu_check --quick
+#   REHEARSAL_STEPS=tests bash tools/gpu_rehearsal.sh   # a subset: any of venv,build,tests,gate,quick
 #
-# The device (benchmarks/gpu_check.sh's target) runs Python 3.12 with torch 2.11.0+cu130,
+# The device (tools/gpu_check.sh's target) runs Python 3.12 with torch 2.11.0+cu130,
 # Triton 3.6.0 and numpy 2.5.2 and has no network, while CI and the developers' machines
 # run the project's own newer pins (torch 2.14.1, Triton 3.8). Version drift between the
 # two has cost a GPU lease before (Triton 3.6's interpreter rejecting a loop bound that 3.8
@@ -26,10 +26,10 @@
 #   3. the whole test suite with TRITON_INTERPRET=1 (REHEARSAL_JOBS workers, default 2;
 #      REHEARSAL_TESTS: pytest paths / -k instead of the whole suite, e.g. the Triton
 #      kernels' files for a shorter run);
-#   4. the compile gate with Triton 3.6 (benchmarks/compile_gate.py; REHEARSAL_GATE_ARGS,
+#   4. the compile gate with Triton 3.6 (tools/compile_gate.py; REHEARSAL_GATE_ARGS,
 #      default --no-cuda: the CUDA sources' check does not depend on Triton and CI runs it
 #      with its own build; --quick for a smoke);
-#   5. bash benchmarks/gpu_check.sh --quick with the venv's python.
+#   5. bash tools/gpu_check.sh --quick with the venv's python.
 #
 # Installing (step 1) is the only step that needs the package registry; the rest is offline,
 # like the device. Logs go to $REHEARSAL_OUT (default ~/.cache/msa_fast_rehearsal/last);
@@ -123,7 +123,7 @@ fi
 if want gate; then
   step "compile gate with triton $("$PY" -c 'import triton; print(triton.__version__)')"
   # shellcheck disable=SC2086
-  "$PY" benchmarks/compile_gate.py --out "$OUTDIR/gate" ${REHEARSAL_GATE_ARGS---no-cuda} > "$OUTDIR/gate.log" 2>&1
+  "$PY" tools/compile_gate.py --out "$OUTDIR/gate" ${REHEARSAL_GATE_ARGS---no-cuda} > "$OUTDIR/gate.log" 2>&1
   rc=$?
   grep -E '^FAIL|kernel rows' "$OUTDIR/gate.log" | tail -20
   [ $rc = 0 ] && record gate passed || record gate failed
@@ -131,7 +131,7 @@ fi
 
 if want quick; then
   step "gpu_check.sh --quick"
-  PYTHON=$PY GPU_CHECK_OUT=$OUTDIR/gpu_check bash benchmarks/gpu_check.sh --quick > "$OUTDIR/gpu_check.log" 2>&1
+  PYTHON=$PY GPU_CHECK_OUT=$OUTDIR/gpu_check bash tools/gpu_check.sh --quick > "$OUTDIR/gpu_check.log" 2>&1
   rc=$?
   tail -5 "$OUTDIR/gpu_check.log"
   [ $rc = 0 ] && record quick passed || record quick failed

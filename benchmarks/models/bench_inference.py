@@ -39,10 +39,10 @@ caps the slow rows (FD-CMDIE on unaligned MOSEI at batch 64 takes seconds a call
 ``torch.set_num_threads(--threads)`` is fixed and recorded. JSON: ``benchmarks/results/inference_<device>.json``, a PNG and the README's markdown
 table (``.md``) beside it; ``speedup`` in the JSON has the Predictor / eager ratios.
 
-    python benchmarks/bench_inference.py                                # the full matrix
-    python benchmarks/bench_inference.py --row-seconds 8                # the same, capped per row
-    python benchmarks/bench_inference.py --models agfn --batches 1 64 --shapes mosi_aligned
-    python benchmarks/bench_inference.py --quick                        # CI smoke, seconds
+    python benchmarks/models/bench_inference.py                                # the full matrix
+    python benchmarks/models/bench_inference.py --row-seconds 8                # the same, capped per row
+    python benchmarks/models/bench_inference.py --models agfn --batches 1 64 --shapes mosi_aligned
+    python benchmarks/models/bench_inference.py --quick                        # CI smoke, seconds
 """
 
 from __future__ import annotations
@@ -62,9 +62,13 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-from _common import RESULTS, environment, write
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
+import torch
+
+from benchmarks._common import RESULTS, environment, write
+from msa_fast._io import figure, have_matplotlib
 from msa_fast.data.schema import PRESET_DIMS
 from msa_fast.inference import Predictor
 from msa_fast.models import available_models, build_model
@@ -571,38 +575,31 @@ def _speedups(rows: list[dict]) -> list[dict]:
 
 
 def _plot(payload: dict, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not have_matplotlib():
         return
     rows = [r for r in payload["results"] if "p50_ms" in r and r["provider"] != "server"]
     if not rows:
         return
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4.5), squeeze=False)
-    for ax, B in zip(axes[0], batches):
-        sub = [r for r in rows if r["batch"] == B]
-        groups = list(dict.fromkeys(f"{r['model']}\n{r['shape']}" for r in sub))
-        provs = list(dict.fromkeys(r["provider"] for r in sub))
-        width = 0.8 / len(provs)
-        for i, prov in enumerate(provs):
-            vals = [next((r["p50_ms"] for r in sub if f"{r['model']}\n{r['shape']}" == g
-                          and r["provider"] == prov), 0) for g in groups]
-            ax.bar([j + i * width for j in range(len(groups))], vals, width, label=prov)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, rotation=60,
-                      fontsize=6)
-        ax.set_yscale("log")
-        ax.set_ylabel("p50 latency (ms)")
-        ax.set_title(f"batch {B}", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"inference on {payload['env']['device']} ({payload['env']['threads']} threads)",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.splitext(path)[0] + ".png", dpi=110)
-    plt.close(fig)
+    png = os.path.splitext(path)[0] + ".png"
+    with figure(png, 1, len(batches), figsize=(5 * len(batches), 4.5), squeeze=False) as (fig, axes):
+        for ax, B in zip(axes[0], batches):
+            sub = [r for r in rows if r["batch"] == B]
+            groups = list(dict.fromkeys(f"{r['model']}\n{r['shape']}" for r in sub))
+            provs = list(dict.fromkeys(r["provider"] for r in sub))
+            width = 0.8 / len(provs)
+            for i, prov in enumerate(provs):
+                vals = [next((r["p50_ms"] for r in sub if f"{r['model']}\n{r['shape']}" == g
+                              and r["provider"] == prov), 0) for g in groups]
+                ax.bar([j + i * width for j in range(len(groups))], vals, width, label=prov)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, rotation=60,
+                          fontsize=6)
+            ax.set_yscale("log")
+            ax.set_ylabel("p50 latency (ms)")
+            ax.set_title(f"batch {B}", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"inference on {payload['env']['device']} ({payload['env']['threads']} threads)",
+                     fontsize=9)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,20 @@ its CMDIE ``batched="auto"`` (the default), ``True`` (one attention launch per s
 the three DIPUs, X's padded to the longest) and ``False`` (the per-DIPU loop), where the
 installed library has the switch (run with ``PYTHONPATH`` at another checkout to compare).
 
-    python benchmarks/bench_model_latency.py [--reps 200] [--models agfn fd_cmdie promma]
+    python benchmarks/models/bench_model_latency.py [--reps 200] [--models agfn fd_cmdie promma]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
+import sys
 import time
+
+if not __package__:  # run as a file, not with -m: import from the repository root, as -m does
+    sys.path[0] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import torch
 

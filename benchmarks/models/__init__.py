@@ -1,0 +1,1 @@
+"""Model and system benchmarks: latency, a training step, inference and serving."""
