@@ -68,6 +68,21 @@ class _Tables:
                   "vision": _unit(rng, p["vision"])}
 
 
+def token_ids(rng, senti, positive, valid, t_len):
+    """BERT-style token ids ``(n, L)`` and the ``text_bert`` array ``(n, 3, L)`` (ids, mask,
+    segments; float32 as MMSA stores them): a sentiment word where ``senti`` (ids 1000-1049
+    if ``positive``, else 1050-1099), another word elsewhere (2000..VOCAB-1), ``[CLS]`` (101)
+    first, ``[SEP]`` (102) at ``t_len - 1``, padding 0 past the text. The three word draws
+    are made in this order over the full ``(n, L)`` grid (the generators' streams rely on it)."""
+    shape = senti.shape
+    ids = np.where(senti, np.where(positive, rng.integers(1000, 1050, shape),
+                                   rng.integers(1050, 1100, shape)),
+                   rng.integers(2000, VOCAB, shape))
+    ids[:, 0] = 101
+    ids[np.arange(shape[0]), t_len - 1] = 102
+    ids[~valid] = 0
+    return ids, np.stack([ids, valid, np.zeros_like(ids)], axis=1).astype(np.float32)
+
 def _chunk(rng, n: int, p: dict, tab: _Tables, aligned: bool) -> dict:
     f32 = np.float32
     z = rng.standard_normal((n, 3))
@@ -85,13 +100,7 @@ def _chunk(rng, n: int, p: dict, tab: _Tables, aligned: bool) -> dict:
     valid = pos < t_len[:, None]
     senti = rng.random((n, SEQ_LEN)) < 0.2
     positive = rng.random((n, SEQ_LEN)) < 1.0 / (1.0 + np.exp(-2.5 * z[:, :1]))
-    ids = np.where(senti, np.where(positive, rng.integers(1000, 1050, (n, SEQ_LEN)),
-                                   rng.integers(1050, 1100, (n, SEQ_LEN))),
-                   rng.integers(2000, VOCAB, (n, SEQ_LEN)))
-    ids[:, 0] = 101
-    ids[np.arange(n), t_len - 1] = 102
-    ids[~valid] = 0
-    text_bert = np.stack([ids, valid, np.zeros_like(ids)], axis=1).astype(f32)
+    ids, text_bert = token_ids(rng, senti, positive, valid, t_len)
 
     amp_t = (z[:, :1] + 0.5 * rng.standard_normal((n, SEQ_LEN))).astype(f32)  # (n, L)
     text = tab.emb[ids]  # (n, L, 768), a fresh array

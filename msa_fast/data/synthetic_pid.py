@@ -65,6 +65,7 @@ from msa_fast.data.synthetic import (
     VOCAB,
     build_splits,
     cached_pickle,
+    token_ids,
     write_pickle,
 )
 
@@ -160,13 +161,7 @@ def _chunk(rng, n: int, p: dict, tab: _Tables, aligned: bool, w: dict) -> dict:
                  / max(np.sqrt(w["redundant"] + w["unique_text"]), 1e-12))
             senti = inside & (rng.random((n, L)) < 0.3) & ~corrupted[:, :1]
             positive = rng.random((n, L)) < 1.0 / (1.0 + np.exp(-2.5 * c[:, None]))
-            ids = np.where(senti, np.where(positive, rng.integers(1000, 1050, (n, L)),
-                                           rng.integers(1050, 1100, (n, L))),
-                           rng.integers(2000, VOCAB, (n, L)))
-            ids[:, 0] = 101
-            ids[np.arange(n), t_len - 1] = 102
-            ids[~valid] = 0
-            out["text_bert"] = np.stack([ids, valid, np.zeros_like(ids)], axis=1).astype(f32)
+            ids, out["text_bert"] = token_ids(rng, senti, positive, valid, t_len)
             x += tab.emb[ids]
         x[~valid] = 0.0
         if m == "audio":
