@@ -245,6 +245,10 @@ class OpSpec:
     ``"autocast"`` (the autocast dtype), a fixed dtype (fp32 for the losses) or ``None``
     (no cast). ``check(*args)`` raises ``ValueError`` on bad input (contract §10).
     ``compile``: the op also gets a ``compile`` backend, :func:`compiled_reference`.
+    ``composite``: an op with no kernel of its own (the DIPU): :func:`dispatch` checks the
+    arguments and runs ``composite(*args, backend)``, which calls the dispatched ops it is
+    built of with ``backend``; an explicit ``backend`` must be one op ``composite_of``
+    can run (the error names this op).
     """
 
     name: str
@@ -253,6 +257,8 @@ class OpSpec:
     fused: tuple[Fused, ...] = ()
     autocast: str | torch.dtype | None = "autocast"
     compile: bool = False
+    composite: Callable[..., Any] | None = None
+    composite_of: str | None = None
 
     def __post_init__(self):
         if self.compile:  # frozen: the derived backend is set once, here
@@ -395,6 +401,13 @@ def dispatch(spec: OpSpec, args: tuple, backend: str | None):
     ``torch.compile`` of the reference would be. Each microsecond counts there: these ops
     take 50-250 us, and the checks and choice cost 15-25 us in Python."""
     x = args[0] if args else None
+    if spec.composite is not None:
+        spec.check(*args)
+        try:
+            resolve(spec.composite_of, backend, x.device)
+        except RuntimeError as err:  # named after this op, not the one it is built of
+            raise RuntimeError(f"{spec.name}: {str(err).split(': ', 1)[1]}") from None
+        return spec.composite(*args, backend)
     if isinstance(x, torch.Tensor) and not torch._C._is_any_autocast_enabled():
         name = backend if backend is not None else _default
         dev = x.device.type

@@ -2,12 +2,14 @@
 
 One implementation: :func:`dipu_composite` runs the unit on :func:`msa_fast.ops.attention`
 and :func:`msa_fast.ops.add_layer_norm` with the requested ``backend`` (so their fused
-kernels speed it up; the GEMMs stay in cuBLAS / MKL), and both :func:`dipu` and the
-module :class:`msa_fast.nn.DIPU` call it; :class:`msa_fast.nn.CMDIE` calls it once per
-layer for its three DIPUs with stacked weights. :func:`msa_fast.ops.reference.dipu`
-stays the executable spec the tests compare against. There is no fused DIPU kernel:
-``backend`` names the backend of the attention / add+LayerNorm ops, and an explicit
-request that ``attention`` cannot serve raises ``RuntimeError`` naming ``dipu``.
+kernels speed it up; the GEMMs stay in cuBLAS / MKL). :func:`dipu` reaches it through the
+one dispatch (a composite op: ``_backend.OpSpec.composite``), and the modules
+:class:`msa_fast.nn.DIPU` / :class:`msa_fast.nn.CMDIE` call :func:`dipu`, one unit or --
+CMDIE's three DIPUs of a layer -- ``n`` units with stacked weights in one call.
+:func:`msa_fast.ops.reference.dipu` stays the executable spec the tests compare against.
+There is no fused DIPU kernel: ``backend`` names the backend of the attention /
+add+LayerNorm ops, and an explicit request that ``attention`` cannot serve raises
+``RuntimeError`` naming ``dipu``.
 """
 
 from __future__ import annotations
@@ -46,32 +48,37 @@ def dipu_param_shapes(d: int, ffn_dim: int, cross2: bool = True) -> dict[str, tu
     return shapes
 
 
-def _check(G, X, params, heads, g_mask, x_mask, eps, cross2) -> None:
+def _check(G, X, params, heads, g_mask, x_mask, eps, cross2, dropout_p=0.0) -> None:
     op = "dipu"
-    V.tensor(op, "G", G, ndim=3, layout="(B, Lg, d)")
-    b, lg, d = G.shape
-    V.tensor(op, "X", X, shape=(b, None, d), like=G, layout="(B, Lx, d)")
+    V.tensor(op, "G", G, ndim=(3, 4), layout="(B, Lg, d), or (n, B, Lg, d) for n stacked units")
+    lead = tuple(G.shape[:-3])  # (n,) for stacked units
+    b, lg, d = G.shape[-3:]
+    unit = "(n, B, L, d)" if lead else "(B, L, d)"
+    V.tensor(op, "X", X, shape=(*lead, b, None, d), like=G, layout=unit.replace("L", "Lx"))
     # each sequence is the other's keys: an empty one leaves the cross-attention without keys
-    V.min_size(op, "G", G, 1, "Lg", "(B, Lg, d)")
-    V.min_size(op, "X", X, 1, "Lx", "(B, Lx, d)")
-    V.min_size(op, "G", G, 2, "d", "(B, Lg, d)")
+    V.min_size(op, "G", G, -2, "Lg", unit.replace("L", "Lg"))
+    V.min_size(op, "X", X, -2, "Lx", unit.replace("L", "Lx"))
+    V.min_size(op, "G", G, -1, "d", unit.replace("L", "Lg"))
     V.positive_int(op, "heads", heads)
     if d % heads:
         V.fail(op, "heads", f"a divisor of d = {d}", heads)
-    V.mask(op, "g_mask", g_mask, (b, lg), G.device)
-    V.mask(op, "x_mask", x_mask, (b, X.shape[1]), G.device)
+    V.mask(op, "g_mask", g_mask, (*lead, b, lg), G.device)
+    V.mask(op, "x_mask", x_mask, (*lead, b, X.shape[-2]), G.device)
     V.positive_float(op, "eps", eps)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        V.fail(op, "dropout_p", "a float in [0, 1)", repr(dropout_p))
     if not isinstance(params, dict):
         V.fail(op, "params", "a dict of tensors (dict(DIPU.named_parameters()))", type(params).__name__)
     fc1 = params.get("ffn_g.fc1.weight")
-    if not isinstance(fc1, torch.Tensor) or fc1.dim() != 2:
-        V.fail(op, "params['ffn_g.fc1.weight']", "a tensor of shape (ffn_dim, d)", fc1)
-    _check_params(params, G.shape[-1], bool(cross2), G)
+    if not isinstance(fc1, torch.Tensor) or fc1.dim() != 2 + len(lead):
+        V.fail(op, "params['ffn_g.fc1.weight']", f"a tensor of shape {(*lead, 'ffn_dim', d)}", fc1)
+    _check_params(params, d, bool(cross2), G, lead)
 
 
-def _check_params(params, d: int, cross2: bool, G: torch.Tensor) -> None:
+def _check_params(params, d: int, cross2: bool, G: torch.Tensor, lead: tuple = ()) -> None:
     op = "dipu"
-    expected = dipu_param_shapes(d, params["ffn_g.fc1.weight"].shape[0], cross2)
+    expected = {k: (*lead, *v) for k, v in
+                dipu_param_shapes(d, params["ffn_g.fc1.weight"].shape[-2], cross2).items()}
     # a cross2=True parameter set also serves the "w/o CrossAtt-2" ablation
     optional = set(dipu_param_shapes(d, 1, True)) - set(dipu_param_shapes(d, 1, False))
     for key in params:
@@ -81,10 +88,6 @@ def _check_params(params, d: int, cross2: bool, G: torch.Tensor) -> None:
         if key not in params:
             V.fail(op, "params", f"a tensor under key {key!r} of shape {shape}", "no such key")
         V.tensor(op, f"params[{key!r}]", params[key], shape=shape, like=G, layout=str(shape))
-
-
-# No fused DIPU kernel: the composite runs on the fused attention and add+LN.
-_SPEC = _backend.declare(_backend.OpSpec("dipu", reference.dipu, _check, autocast=None))
 
 
 def dipu_composite(
@@ -160,12 +163,10 @@ def dipu_composite(
     return G_next, X_next
 
 
-def _resolve(backend: str | None, device: torch.device) -> None:
-    # no DIPU kernel: an explicit backend must be one the attention op can run
-    try:
-        _backend.resolve("attention", backend, device)
-    except RuntimeError as err:
-        raise RuntimeError(f"dipu: {str(err).split(': ', 1)[1]}") from None
+# No fused DIPU kernel: the composite runs on the fused attention and add+LN, whose
+# backends an explicit ``backend`` must be able to serve
+_SPEC = _backend.declare(_backend.OpSpec("dipu", reference.dipu, _check, autocast=None,
+                                         composite=dipu_composite, composite_of="attention"))
 
 
 def dipu(
@@ -181,7 +182,9 @@ def dipu(
     dropout_p: float = 0.0,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DIPU: ``(G (B, Lg, d), X (B, Lx, d)) -> (G_next, X_next)``.
+    """One DIPU: ``(G (B, Lg, d), X (B, Lx, d)) -> (G_next, X_next)``; ``n`` units at once
+    with ``G (n, B, Lg, d)``, ``X (n, B, Lx, d)``, masks ``(n, B, L)`` and every parameter
+    stacked along a new first dim.
 
     ``params`` = ``dict(msa_fast.nn.DIPU(d, heads, ffn_dim, cross2=cross2).named_parameters())``
     (shapes: :func:`dipu_param_shapes`). ``Lg, Lx, d >= 1`` (each sequence is the
@@ -191,8 +194,4 @@ def dipu(
     for the attention and add+LayerNorm ops. ``dropout_p`` (default 0: the reference's
     function) is the training dropout of :class:`msa_fast.nn.DIPU`.
     """
-    _check(G, X, params, heads, g_mask, x_mask, eps, bool(cross2))
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        V.fail("dipu", "dropout_p", "a float in [0, 1)", repr(dropout_p))
-    _resolve(backend, G.device)
-    return dipu_composite(G, X, params, heads, g_mask, x_mask, eps, bool(cross2), float(dropout_p), backend)
+    return _backend.dispatch(_SPEC, (G, X, params, heads, g_mask, x_mask, eps, cross2, dropout_p), backend)
