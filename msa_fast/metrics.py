@@ -114,3 +114,16 @@ def mosi_regression_metrics(preds, truth) -> dict[str, float]:
 def format_metrics(metrics: dict[str, float]) -> str:
     """One line, MMSA's order: ``Has0_acc_2: 0.8123  Has0_F1_score: ...``."""
     return "  ".join(f"{k}: {metrics[k]:.4f}" for k in METRIC_KEYS if k in metrics)
+
+
+def format_mean_std(summary: dict | None, key: str = "") -> str:
+    """A ``{"mean": ..., "std": ...}`` summary (of metric ``key`` when the two are metric
+    dicts) as ``"0.7512 ± 0.0100"``: ``"0.7512"`` when the std is 0 or absent, ``"nan"`` for
+    a mean stored as ``null``, ``"—"`` for no summary. The one formatter of robustness
+    summaries (``msa-fast eval --robustness``, :func:`msa_fast.robustness.markdown_table`)."""
+    if not summary:
+        return "—"
+    m, s = (summary["mean"][key], summary["std"][key]) if key else (summary["mean"], summary.get("std"))
+    if m is None:
+        return "nan"
+    return f"{m:.4f} ± {s:.4f}" if s else f"{m:.4f}"

@@ -46,23 +46,21 @@ the drop patterns and noise level 0 are deterministic (std 0).
 Output (:func:`save_json`, :func:`plot`): a JSON with the checkpoint, the model, the data,
 the split, the seeds, the protocol parameters and, per condition, ``mean`` / ``std`` /
 ``per_seed`` metric dicts; a PNG of the curves (matplotlib, Agg). :func:`markdown_table`
-(``python -m msa_fast.robustness table A.json B.json ...``) turns several JSONs into one
+(``msa-fast robustness table A.json B.json ...``) turns several JSONs into one
 table: LNLN mean over rates, MPLMM mean over patterns, noise AUC.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
 from msa_fast.data.missing import add_gaussian_noise, apply_missing_rate, drop_modalities
-from msa_fast.metrics import METRIC_KEYS, mosi_regression_metrics
+from msa_fast.metrics import METRIC_KEYS, format_mean_std, mosi_regression_metrics
 
 PROTOCOLS = ("missing", "drop", "noise")
 MISSING_RATES = tuple(round(0.1 * i, 1) for i in range(10))  # 0.0 .. 0.9
@@ -289,39 +287,21 @@ def add_effective_robustness(result: dict, reference: dict) -> dict:
 
 def load_run(run_dir: str, data=None, weights: str = "best", device: str = "auto",
              batch_size: int | None = None):
-    """``(model, state, data, cfg)`` of a seed's run directory (``state.json`` + weights);
-    ``data`` a data spec (default: the run's, with the run's ``limit``; a spec given is
-    loaded whole, as ``msa-fast eval --data`` does) or a loaded :class:`MMSAData`."""
+    """``(model, state, data, cfg)`` of a seed's run directory, read by the one run loader
+    :func:`msa_fast.train.checkpoint.load_run`; ``data`` a data spec (default: the run's, with
+    the run's ``limit``; a spec given is loaded whole, as ``msa-fast eval --data`` does) or a
+    loaded :class:`MMSAData` (:meth:`~msa_fast.train.checkpoint.Run.load_data`);
+    ``batch_size`` replaces the run's in ``cfg``."""
     from msa_fast.data.mmsa import MMSAData
-    from msa_fast.data.source import load_data
-    from msa_fast.models import build_model
-    from msa_fast.train.checkpoint import load_weights, read_state
-    from msa_fast.train.config import TrainConfig
-    from msa_fast.train.trainer import resolve_device
+    from msa_fast.train.checkpoint import load_run as _load_run
 
-    if not os.path.isfile(os.path.join(run_dir, "state.json")):
-        seeds = sorted(d for d in os.listdir(run_dir) if d.startswith("seed_")) if os.path.isdir(run_dir) else []
-        hint = f"; pass one seed's directory: {', '.join(seeds)}" if seeds else ""
-        raise ValueError(f"no checkpoint in {run_dir} (state.json not found{hint})")
-    state = read_state(run_dir)
-    path = os.path.join(run_dir, "best.safetensors" if weights == "best" else state["weights"])
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint weights not found: {path}")
-    cfg = TrainConfig.from_dict(state["config"])
+    run = _load_run(run_dir, weights, device)
+    cfg = run.config
+    cfg.data = (data.source or run.data_spec) if isinstance(data, MMSAData) else (data or run.data_spec)
+    data = run.load_data(data)
     if batch_size is not None:
         cfg.batch_size = batch_size
-    if isinstance(data, MMSAData):
-        cfg.data = data.source or state["data"]
-    else:  # the run's data keeps the run's --limit; data given explicitly is used whole
-        cfg.data = data or state["data"]
-        data = load_data(cfg.data, limit=cfg.limit if data is None else None)
-    if data.dims != state["dims"]:
-        raise ValueError(f"data widths {data.dims} differ from the checkpoint's {state['dims']}")
-    dev = resolve_device(device)
-    model = build_model(state["model"], state["dims"], **state["model_cfg"]).to(dev)
-    load_weights(path, model)
-    model.eval()
-    return model, state, data, cfg
+    return run.model, run.state, data, cfg
 
 
 # -- output --------------------------------------------------------------------------------
@@ -378,15 +358,6 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _fmt(d: dict | None, key: str = "") -> str:
-    if not d:
-        return "—"
-    m, s = (d["mean"][key], d["std"][key]) if key else (d["mean"], d["std"])
-    if m is None:
-        return "nan"
-    return f"{m:.4f} ± {s:.4f}" if s else f"{m:.4f}"
-
-
 def markdown_table(paths) -> str:
     """One markdown row per robustness JSON: model, data, LNLN mean over rates
     (``Non0_acc_2``, ``MAE``), MPLMM mean over patterns (same), noise AUC of ``Non0_acc_2``
@@ -400,28 +371,10 @@ def markdown_table(paths) -> str:
         miss = r.get("missing", {}).get("mean_over_rates")
         drop = r.get("drop", {}).get("mean_over_patterns")
         tg = r.get("noise", {}).get("targets", {})
-        auc = [_fmt(tg.get(t, {}).get("relative_robustness", {}).get(AUC_METRIC)) for t in NOISE_TARGETS]
-        er = _fmt(tg.get("all", {}).get("effective_robustness", {}).get(AUC_METRIC))
-        rows.append(f"| {r.get('model', '?')} | {r.get('data', '?')} | {_fmt(miss, AUC_METRIC)} | "
-                    f"{_fmt(miss, 'MAE')} | {_fmt(drop, AUC_METRIC)} | {_fmt(drop, 'MAE')} | "
+        fmt = format_mean_std
+        auc = [fmt(tg.get(t, {}).get("relative_robustness", {}).get(AUC_METRIC)) for t in NOISE_TARGETS]
+        er = fmt(tg.get("all", {}).get("effective_robustness", {}).get(AUC_METRIC))
+        rows.append(f"| {r.get('model', '?')} | {r.get('data', '?')} | {fmt(miss, AUC_METRIC)} | "
+                    f"{fmt(miss, 'MAE')} | {fmt(drop, AUC_METRIC)} | {fmt(drop, 'MAE')} | "
                     + " | ".join(auc) + f" | {er} |")
     return "\n".join(rows)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m msa_fast.robustness",
-                                description="robustness JSON helpers")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("table", help="one markdown table from several robustness JSONs")
-    t.add_argument("paths", nargs="+")
-    args = p.parse_args(argv)
-    try:
-        print(markdown_table(args.paths))
-    except (OSError, ValueError, KeyError) as e:
-        print(f"msa-fast: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

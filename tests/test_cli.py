@@ -101,16 +101,16 @@ def test_bad_input_one_line(tmp_path, capsys, argv, message):
 def test_preset_is_the_base_and_flags_win(tmp_path):
     from torch import nn
 
-    from msa_fast.cli import _config_from_args, _parser
+    from msa_fast.cli import build_parser, config_from_args
     from msa_fast.models import register_model
 
     @register_model("_with_presets")
     class _M(nn.Module):
         presets = {"mosi": {"train": {"lr": 5e-4, "batch_size": 24}, "model": {"hidden": 12, "k_cl": 10}}}
 
-    args = _parser().parse_args(["train", "--model", "_with_presets", "--preset", "mosi",
+    args = build_parser().parse_args(["train", "--model", "_with_presets", "--preset", "mosi",
                                  "--batch-size", "8", "--model-cfg", '{"hidden": 20}'])
-    cfg = _config_from_args(args)
+    cfg = config_from_args(args)
     assert (cfg.lr, cfg.batch_size) == (5e-4, 8)
     assert cfg.model_cfg == {"hidden": 20, "k_cl": 10}
 
@@ -231,13 +231,13 @@ def test_bugs_are_not_dressed_as_user_errors(monkeypatch, tmp_path, capsys):
     """A RuntimeError raised inside a library (a bug, out of memory) prints its traceback and
     exits 1; msa_fast's own RuntimeError (an unavailable device) stays one line, exit 2;
     --traceback and MSA_FAST_DEBUG=1 show the traceback of any error."""
-    import msa_fast.cli as cli
+    import msa_fast.cli.data as cli_data
 
     def library_bug(args):
         import torch
 
         torch.empty(2, 3) @ torch.empty(4, 5)  # RuntimeError from inside torch
-    monkeypatch.setattr(cli, "cmd_data_inspect", library_bug)
+    monkeypatch.setattr(cli_data, "run_inspect", library_bug)
     assert main(["data", "inspect", "x.pkl"]) == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "msa-fast: internal error: RuntimeError" in err

@@ -1,9 +1,13 @@
 """The package's layout rules, read from the source with ``ast`` (no import runs):
 
 - layers only point down: ``_backend`` (descriptors + dispatch) -> ``ops`` -> ``nn`` ->
-  ``models`` -> ``train`` / ``inference`` -> ``analysis`` / ``robustness`` -> ``cli``; no
-  module imports one of a higher layer, and no import cycle joins modules. Every import
-  counts, a function-level (lazy) one too: it is the same arrow, only taken later;
+  ``models`` -> ``train`` / ``inference`` -> ``analysis`` / ``robustness`` -> ``cli`` (the
+  package ``msa_fast/cli/``: every ``msa_fast.cli.*`` module, by prefix); no module imports
+  one of a higher layer, and no import cycle joins modules. Every import counts, a
+  function-level (lazy) one too: it is the same arrow, only taken later. Within the shared
+  ``train`` / ``inference`` layer, ``train`` (the run loader of ``train/checkpoint.py``
+  included) imports nothing of ``inference``: the Predictor reads runs through it, not the
+  other way round;
 - production code does not import the oracles of ``msa_fast/ops/reference.py``; what it
   shares with them lives in ``msa_fast/ops/_common.py``;
 - no code of ``msa_fast`` assigns to an attribute of a module or class it imported from
@@ -137,6 +141,24 @@ def test_no_import_cycle():
         if m not in state and (cycle := visit(m)) is not None:
             arrows = [f"{_rel(a)}:{lines[(a, b)]}: {a} -> {b}" for a, b in zip(cycle, cycle[1:])]
             pytest.fail("import cycle:\n" + "\n".join(arrows))
+
+
+def test_the_cli_package_is_the_top_layer():
+    cli = [m for m in MODULES if m == "msa_fast.cli" or m.startswith("msa_fast.cli.")]
+    assert {"msa_fast.cli", "msa_fast.cli._common", "msa_fast.cli.train", "msa_fast.cli.eval",
+            "msa_fast.cli.predict", "msa_fast.cli.export", "msa_fast.cli.serve",
+            "msa_fast.cli.robustness"} <= set(cli)
+    top = len(LAYERS) - 1
+    assert all(_layer(m) == top for m in cli)
+    # msa_fast.cli.robustness is the CLI's, above msa_fast.robustness (the longest prefix wins)
+    assert _layer("msa_fast.cli.robustness") > _layer("msa_fast.robustness")
+
+
+def test_train_imports_neither_inference_nor_cli():
+    bad = [f"{_rel(mod)}:{line}: {mod} imports {target}"
+           for mod, edges in _graph().items() if mod == "msa_fast.train" or mod.startswith("msa_fast.train.")
+           for target, line in edges if target.startswith(("msa_fast.inference", "msa_fast.cli"))]
+    assert not bad, "\n".join(bad)
 
 
 def test_the_layer_check_sees_function_level_and_relative_imports(tmp_path):

@@ -346,16 +346,16 @@ def test_cli_train_smoke(tmp_path, capsys):
 
 
 def test_preset_mosi_applies_table_2():
-    from msa_fast.cli import _config_from_args, _parser
+    from msa_fast.cli import build_parser, config_from_args
 
     for name, bs, k_cl, epochs in (("mosi", 32, 10, 50), ("mosei", 16, 50, 12)):
-        cfg = _config_from_args(_parser().parse_args(["train", "--model", "fd_cmdie", "--preset", name]))
+        cfg = config_from_args(build_parser().parse_args(["train", "--model", "fd_cmdie", "--preset", name]))
         assert (cfg.batch_size, cfg.lr, cfg.epochs) == (bs, 1e-4, epochs)
         m = cfg.model_cfg
         assert (m["k_cl"], m["tau"], m["margin"], m["layers"], m["lambda_tri"], m["lambda_cl"]) == (
             k_cl, 0.5, 0.5, 3, 0.1, 0.1)
     assert FDCMDIE.presets["mosei"]["model"]["partner_source"] == "bank"
-    cfg = _config_from_args(_parser().parse_args(
+    cfg = config_from_args(build_parser().parse_args(
         ["train", "--model", "fd_cmdie", "--preset", "mosi", "--lr", "0.001", "--model-cfg", '{"k_cl": 4}']))
     assert cfg.lr == 0.001 and cfg.model_cfg["k_cl"] == 4 and cfg.model_cfg["layers"] == 3
 

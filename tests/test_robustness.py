@@ -247,7 +247,7 @@ def test_cli_robustness_all(run_dir, tmp_path, capsys):
     assert len(lines) == 4 and lines[2].startswith("| lf_dnn | " + DATA)
     assert lines[3].count("—") == 4  # r2 has no missing / drop
     capsys.readouterr()
-    assert R.main(["table", str(js)]) == 0
+    assert main(["robustness", "table", str(js)]) == 0
     assert capsys.readouterr().out.strip() == R.markdown_table([str(js)])
 
 

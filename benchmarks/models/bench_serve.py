@@ -51,6 +51,7 @@ import numpy as np
 
 from benchmarks._common import RESULTS, environment
 from msa_fast._io import save_json
+from msa_fast.train.checkpoint import read_run_state
 
 L = 50
 WIDTHS = {"text": 768, "audio": 5, "vision": 20}
@@ -264,7 +265,7 @@ def main() -> int:
         args.seconds, args.clients = 1.0, [1, 8]
     modes = list(dict.fromkeys(args.modes + (["litserve_json"] if args.litserve else [])))
     run = _checkpoint(args.checkpoint)
-    name = json.load(open(os.path.join(run, "state.json")))["model"]
+    name = read_run_state(run)["model"]
     bodies = _bodies(64, name)
     samples = _samples(64)
     rows = []

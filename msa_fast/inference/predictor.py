@@ -72,6 +72,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -568,6 +569,7 @@ class Predictor:
         self.length_buckets = tuple(buckets)
         self.model_name = model_name
         self.state: dict | None = None  # the run's state.json (from_checkpoint)
+        self.run = None  # the checkpoint.Run read (from_checkpoint), its model left out
         self.model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
         unpack_lstms(self.model)
         self.runtime = runtime
@@ -613,26 +615,16 @@ class Predictor:
                         **kwargs) -> Predictor:
         """The Predictor of a run directory (``out/seed_<seed>``: ``state.json`` and
         ``best.safetensors`` or the last epoch's weights). ``model``: the model name the
-        caller expects (a checkpoint of another model raises ``ValueError``)."""
-        from msa_fast.models import build_model
-        from msa_fast.train.checkpoint import load_weights, read_state
+        caller expects (a checkpoint of another model raises ``ValueError``). The run is read
+        by the one run loader, :func:`msa_fast.train.checkpoint.load_run` (its ``Run`` is
+        kept as ``self.run``, less the model; ``self.state`` is its ``state.json``)."""
+        from msa_fast.train.checkpoint import load_run
 
-        if weights not in ("best", "last"):
-            raise ValueError(f"weights: expected 'best' or 'last', got {weights!r}")
-        if not os.path.isfile(os.path.join(run_dir, "state.json")):
-            raise ValueError(f"run_dir: no checkpoint in {run_dir} (state.json not found)")
-        state = read_state(run_dir)
-        if model is not None and state["model"] != model:
-            raise ValueError(f"run_dir: expected a checkpoint of model {model!r}, got one of "
-                             f"{state['model']!r} ({run_dir})")
-        path = os.path.join(run_dir, "best.safetensors" if weights == "best" else state["weights"])
-        if not os.path.isfile(path):
-            raise ValueError(f"weights: checkpoint weights not found: {path}")
-        net = build_model(state["model"], state["dims"], **state["model_cfg"])
-        load_weights(path, net)  # CheckpointError (a ValueError) names the file
-        p = cls(net, state["dims"], device=device, backend=backend, max_batch=max_batch,
-                model_name=state["model"], **kwargs)
-        p.state = state
+        run = load_run(run_dir, weights, device="cpu", model=model)  # one-line ValueError naming the path
+        p = cls(run.model, run.dims, device=device, backend=backend, max_batch=max_batch,
+                model_name=run.model_name, **kwargs)
+        p.state = run.state
+        p.run = dataclasses.replace(run, model=None)
         return p
 
     # -- public ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ stored as ``null``, so ``results.json`` and ``state.json`` are valid JSON for an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ from safetensors.torch import save as st_save
 
 from msa_fast import _io
 from msa_fast._io import atomic_write_bytes  # noqa: F401 (re-exported: the run files' writer)
+from msa_fast.train.config import TrainConfig
 
 
 class CheckpointError(ValueError):
@@ -172,3 +174,146 @@ def load_checkpoint(run_dir: str, model, optimizer) -> dict:
         with _reading(path, "optimizer state"):
             optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return state
+
+
+# -- reading a run -------------------------------------------------------------------------
+#
+# THE way a trained run is read (``msa-fast eval / predict / export / serve / analyze``,
+# :func:`msa_fast.robustness.load_run`, :meth:`msa_fast.inference.Predictor.from_checkpoint`):
+# one seed directory, its ``state.json``, the model built through the registry, the weights
+# loaded by :func:`load_weights` (checksum, upgrade hook, every key checked).
+
+STATE_FILE = "state.json"
+BEST_WEIGHTS = "best.safetensors"
+WEIGHTS = ("best", "last")
+_RUN_KEYS = ("model", "dims", "data", "seed")
+
+
+def resolve_run(path: str) -> tuple[str, str | None]:
+    """``(seed directory, weights file or None)`` of ``path``: a seed's run directory
+    (``out/seed_<seed>``, holding ``state.json``), its ``state.json``, or one of its weights
+    files (``best.safetensors``, ``epoch<k>.safetensors``: those weights are read). A run
+    directory of several seeds is refused with their names; one-line :class:`CheckpointError`."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        d = os.path.dirname(os.path.abspath(path))
+        name = os.path.basename(path)
+        if os.path.isfile(os.path.join(d, STATE_FILE)):
+            if name == STATE_FILE:
+                return d, None
+            if name.endswith(".safetensors"):
+                return d, name
+        raise CheckpointError(f"no checkpoint in {path} (expected a run directory with {STATE_FILE}, "
+                              f"its {STATE_FILE} or one of its .safetensors files)")
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        seeds = sorted(d for d in os.listdir(path) if d.startswith("seed_")) if os.path.isdir(path) else []
+        hint = f"; pass one seed's directory: {', '.join(seeds)}" if seeds else ""
+        raise CheckpointError(f"no checkpoint in {path} ({STATE_FILE} not found{hint})")
+    return path, None
+
+
+def read_run_state(path: str) -> dict:
+    """The ``state.json`` of the run at ``path`` (any form of :func:`resolve_run`), checked to
+    hold what a run loader needs (model, dims, data, seed)."""
+    run_dir, _ = resolve_run(path)
+    state = read_state(run_dir)
+    missing = [k for k in _RUN_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{os.path.join(run_dir, STATE_FILE)}: not the state of a trained run "
+                              f"(missing {missing})")
+    return state
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained run read by :func:`load_run`: ``model`` (weights loaded, eval mode, on
+    ``device``), the run's ``state`` (its ``state.json``), its training ``config``
+    (:class:`~msa_fast.train.config.TrainConfig`, a copy the caller may change), the seed
+    directory ``run_dir``, ``weights`` (``"best"``, ``"last"`` or the file name asked for) and
+    ``weights_path`` (the file read)."""
+
+    model: torch.nn.Module
+    state: dict
+    config: TrainConfig
+    run_dir: str
+    weights: str
+    weights_path: str
+    device: torch.device
+
+    @property
+    def model_name(self) -> str:
+        return self.state["model"]
+
+    @property
+    def model_cfg(self) -> dict:
+        return dict(self.state.get("model_cfg") or {})
+
+    @property
+    def dims(self) -> dict:
+        return self.state["dims"]
+
+    @property
+    def aligned(self) -> bool | None:
+        """Whether the run trained on aligned data (one length for all modalities); ``None``
+        for a run from before it was recorded."""
+        return self.state.get("aligned")
+
+    @property
+    def seed(self) -> int:
+        return self.state["seed"]
+
+    @property
+    def data_spec(self) -> str:
+        return self.state["data"]
+
+    def load_data(self, data=None):
+        """The data to evaluate this run on: ``None`` -- the run's own, with the run's
+        ``limit``; a data spec -- loaded whole (as ``msa-fast eval --data`` does); or an
+        :class:`~msa_fast.data.mmsa.MMSAData` already loaded. Its widths must be the run's
+        (``ValueError`` otherwise)."""
+        from msa_fast.data.mmsa import MMSAData
+        from msa_fast.data.source import load_data
+
+        if not isinstance(data, MMSAData):
+            data = load_data(data or self.data_spec, limit=None if data else self.config.limit)
+        if data.dims != self.dims:
+            raise ValueError(f"data widths {data.dims} differ from the checkpoint's {self.dims}")
+        return data
+
+
+def load_run(path: str, weights: str = "best", device="auto", *, model: str | None = None) -> Run:
+    """Read the trained run at ``path`` (a seed directory, its ``state.json`` or a weights file:
+    :func:`resolve_run`) -> :class:`Run`. ``weights``: ``"best"`` (``best.safetensors``) or
+    ``"last"`` (the last epoch's); a weights file given as ``path`` wins. ``device``: ``"auto"``,
+    a name or a ``torch.device``. ``model``: the model name the caller expects (a run of another
+    model is refused). The model is built through :func:`msa_fast.models.build_model` and
+    loaded by :func:`load_weights` (checksum, the model's ``upgrade_state_dict``, every key).
+    Every problem is a one-line ``ValueError`` (:class:`CheckpointError`) naming the path."""
+    from msa_fast.models import build_model
+    from msa_fast.train.device import resolve_device
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights: expected 'best' or 'last', got {weights!r}")
+    run_dir, weights_file = resolve_run(path)
+    state = read_run_state(run_dir)
+    if model is not None and state["model"] != model:
+        raise CheckpointError(f"expected a checkpoint of model {model!r}, got one of "
+                              f"{state['model']!r} ({run_dir})")
+    if weights_file is None:
+        weights_file = BEST_WEIGHTS if weights == "best" else state["weights"]
+    else:
+        weights = weights_file
+    weights_path = os.path.join(run_dir, weights_file)
+    if not os.path.isfile(weights_path):
+        raise CheckpointError(f"checkpoint weights not found: {weights_path}")
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(run_dir, STATE_FILE)}: its config cannot be read "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    net = build_model(state["model"], state["dims"], **(state.get("model_cfg") or {}))
+    load_weights(weights_path, net)  # CheckpointError naming the file
+    net.to(dev).eval()
+    return Run(model=net, state=state, config=config, run_dir=run_dir, weights=weights,
+               weights_path=weights_path, device=dev)

@@ -52,6 +52,7 @@ from msa_fast.metrics import mosi_regression_metrics, warn_if_implausible
 from msa_fast.models import build_model
 from msa_fast.train import checkpoint as ckpt
 from msa_fast.train.config import TrainConfig
+from msa_fast.train.device import resolve_device
 from msa_fast.train.distributed import Dist, current, shard_batch
 from msa_fast.train.run_dir import RESULT_KEYS, RunDirError, config_diff
 from msa_fast.train.seed import cudnn_deterministic, rng_state, set_rng_state, set_seed
@@ -93,15 +94,6 @@ class EpochContext:
     def autocast(self):
         """The run's autocast (see :func:`autocast_enabled`)."""
         return _autocast(self.device, self.amp)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return dev
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
