@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib.util
+import inspect
 import os
 import shutil
 import types
@@ -421,6 +422,47 @@ def dispatch(spec: OpSpec, args: tuple, backend: str | None):
     spec.check(*args)
     f = choose(spec, args, backend)
     return spec.reference(*args) if f is None else f.run(*args)
+
+
+def public_op(spec: OpSpec, module: str, doc: str,
+              extra: dict[str, tuple[Any, str]] | None = None) -> Callable[..., Any]:
+    """The public function of op ``spec`` (defined in ``module``, docstring ``doc``): the
+    reference's parameters, then the keyword-only ``extra`` ones (name -> ``(default,
+    annotation)``, passed after the reference's arguments) and
+    ``backend=None``, running :func:`dispatch`. The parameter list is written once, in the
+    reference (the executable spec); this function is generated from it, as ``dataclasses``
+    generates ``__init__``, so that a call costs nothing over calling :func:`dispatch`
+    directly (a ``Signature.bind`` would cost ~5 us a call), and ``help()`` / ``inspect``
+    show the reference's parameters, defaults and annotations."""
+    P = inspect.Parameter
+    ref = inspect.signature(spec.reference)
+    params = list(ref.parameters.values())
+    if any(p.kind in (P.VAR_POSITIONAL, P.VAR_KEYWORD, P.POSITIONAL_ONLY) for p in params):
+        raise TypeError(f"{spec.name}: the reference must take plain named parameters")
+    params += [P(name, P.KEYWORD_ONLY, default=default, annotation=ann)
+               for name, (default, ann) in (extra or {}).items()]
+    params.append(P("backend", P.KEYWORD_ONLY, default=None, annotation="str | None"))
+    text, defaults, star = [], {}, False
+    for prm in params:
+        if prm.kind is P.KEYWORD_ONLY and not star:
+            text.append("*")
+            star = True
+        if prm.default is P.empty:
+            text.append(prm.name)
+        else:
+            defaults[f"_default_{prm.name}"] = prm.default
+            text.append(f"{prm.name}=_default_{prm.name}")
+    names = ", ".join(prm.name for prm in params[:-1])
+    source = (f"def {spec.name}({', '.join(text)}):\n"
+              f"    return _dispatch(_spec, ({names},), backend)\n")
+    namespace = {"_dispatch": dispatch, "_spec": spec, **defaults}
+    exec(compile(source, f"<msa_fast.ops.{spec.name}>", "exec"), namespace)  # noqa: S102 - our own text
+    fn = namespace[spec.name]
+    fn.__signature__ = ref.replace(parameters=params)
+    fn.__annotations__ = {**spec.reference.__annotations__, **{prm.name: prm.annotation for prm in params
+                                                                if prm.annotation is not P.empty}}
+    fn.__doc__, fn.__module__, fn.__qualname__ = doc, module, spec.name
+    return fn
 
 
 def backend_table() -> str:

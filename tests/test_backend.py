@@ -228,3 +228,27 @@ def test_auto_skips_triton_past_its_width_limit(case, monkeypatch):
     with pytest.raises(RuntimeError, match=r"backend 'triton' takes .*<="):
         _backend.choose(spec, wide, "triton")
     assert "<=" in _backend.backend_table().split(f"| `{op}` |")[1].split("\n")[0]
+
+
+def test_public_ops_take_the_reference_parameters_and_backend():
+    """Each public op is generated from its reference (``_backend.public_op``): the same
+    parameters, defaults and annotations, then ``backend`` keyword-only; keywords work."""
+    import inspect
+
+    from msa_fast import ops
+
+    P = inspect.Parameter
+    for name in ("attention", "add_layer_norm", "gated_attention_pool", "dual_gate", "mine_pairs", "dipu"):
+        op, spec = getattr(ops, name), _backend.SPECS[name]
+        got = list(inspect.signature(op).parameters.values())
+        want = list(inspect.signature(spec.reference).parameters.values())
+        assert got[:len(want)] == want, name
+        assert got[-1].name == "backend" and got[-1].kind is P.KEYWORD_ONLY and got[-1].default is None
+        assert all(p.kind is P.KEYWORD_ONLY for p in got[len(want):]), name
+        assert op.__module__ == spec.check.__module__ and op.__doc__
+    assert [p.name for p in inspect.signature(ops.dipu).parameters.values()][-2:] == ["dropout_p", "backend"]
+    q = torch.randn(1, 2, 3, 4)
+    torch.testing.assert_close(ops.attention(q=q, k=q, v=q, scale=0.5, backend="eager"),
+                               ops.reference.attention(q, q, q, None, 0.5))
+    with pytest.raises(TypeError):
+        ops.attention(q, q, q, None, 0.5, "eager")  # backend is keyword-only

@@ -143,21 +143,11 @@ _SPEC = _backend.declare(_backend.OpSpec(
 ))
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    *,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """``softmax(q k^T * scale) v`` over unmasked keys -> ``(B, H, Lq, Dh)``.
+attention = _backend.public_op(_SPEC, __name__, """``softmax(q k^T * scale) v`` over unmasked keys -> ``(B, H, Lq, Dh)``.
 
     ``q: (B, H, Lq, Dh)``, ``k, v: (B, H, Lk, Dh)``, ``key_padding_mask: (B, Lk)`` bool
     (True = ignore), ``scale`` (a finite float > 0) defaults to ``Dh ** -0.5``;
     ``Lk >= 1`` and ``Dh >= 1`` (``ValueError`` otherwise; ``B``, ``H``, ``Lq`` may be 0). A query with every key
     masked outputs zeros (zero gradient, never NaN); elsewhere equal to
     ``torch.nn.functional.scaled_dot_product_attention``.
-    """
-    return _backend.dispatch(_SPEC, (q, k, v, key_padding_mask, scale), backend)
+    """)

@@ -169,20 +169,7 @@ _SPEC = _backend.declare(_backend.OpSpec("dipu", reference.dipu, _check, autocas
                                          composite=dipu_composite, composite_of="attention"))
 
 
-def dipu(
-    G: torch.Tensor,
-    X: torch.Tensor,
-    params: dict[str, torch.Tensor],
-    heads: int,
-    g_mask: torch.Tensor | None = None,
-    x_mask: torch.Tensor | None = None,
-    eps: float = 1e-5,
-    cross2: bool = True,
-    *,
-    dropout_p: float = 0.0,
-    backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DIPU: ``(G (B, Lg, d), X (B, Lx, d)) -> (G_next, X_next)``; ``n`` units at once
+dipu = _backend.public_op(_SPEC, __name__, """One DIPU: ``(G (B, Lg, d), X (B, Lx, d)) -> (G_next, X_next)``; ``n`` units at once
     with ``G (n, B, Lg, d)``, ``X (n, B, Lx, d)``, masks ``(n, B, L)`` and every parameter
     stacked along a new first dim.
 
@@ -193,5 +180,4 @@ def dipu(
     :func:`msa_fast.ops.reference.dipu`; it runs :func:`dipu_composite` with ``backend``
     for the attention and add+LayerNorm ops. ``dropout_p`` (default 0: the reference's
     function) is the training dropout of :class:`msa_fast.nn.DIPU`.
-    """
-    return _backend.dispatch(_SPEC, (G, X, params, heads, g_mask, x_mask, eps, cross2, dropout_p), backend)
+    """, extra={"dropout_p": (0.0, "float")})

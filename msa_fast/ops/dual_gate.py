@@ -109,17 +109,7 @@ _SPEC = _backend.declare(_backend.OpSpec(
 ))
 
 
-def dual_gate(
-    h: torch.Tensor,
-    u: torch.Tensor,
-    w_z: torch.Tensor,
-    b_z: torch.Tensor,
-    g_logits: torch.Tensor,
-    tau: float = 0.5,
-    *,
-    backend: str | None = None,
-) -> _Out:
-    """Entropy-gated sum and importance-gated concatenation of M modality vectors.
+dual_gate = _backend.public_op(_SPEC, __name__, """Entropy-gated sum and importance-gated concatenation of M modality vectors.
 
     ``h: (..., M, D)`` (``M, D >= 1``), ``u: (..., M, C)`` the entropy logits (same
     leading dims and M as ``h``, ``C >= 1``; ``C = 1`` gives ``H = 0``), ``w_z: (M, D)``,
@@ -128,5 +118,4 @@ def dual_gate(
     with ``H`` the normalised entropy of ``softmax(u)`` in [0, 1] and
     ``e = softmax_m(z - H / tau)``; see :func:`msa_fast.ops.reference.dual_gate` for
     the exact formulas. Differentiable in ``h, u, w_z, b_z, g_logits``.
-    """
-    return _backend.dispatch(_SPEC, (h, u, w_z, b_z, g_logits, tau), backend)
+    """)

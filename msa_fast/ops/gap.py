@@ -98,28 +98,10 @@ _SPEC = _backend.declare(_backend.OpSpec(
 ))
 
 
-def gated_attention_pool(
-    x: torch.Tensor,
-    ln_w: torch.Tensor,
-    ln_b: torch.Tensor,
-    W1g: torch.Tensor,
-    b1g: torch.Tensor,
-    w2g: torch.Tensor,
-    b2g: torch.Tensor,
-    W1a: torch.Tensor,
-    b1a: torch.Tensor,
-    w2a: torch.Tensor,
-    b2a: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    eps: float = 1e-5,
-    *,
-    backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pool M sequences ``x: (M, B, L, d)`` into one ``(B, L, d)`` by gate and attention.
+gated_attention_pool = _backend.public_op(_SPEC, __name__, """Pool M sequences ``x: (M, B, L, d)`` into one ``(B, L, d)`` by gate and attention.
 
     ``M, d >= 1`` (``B``, ``L`` and the hidden widths may be 0). Returns
     ``(out (B, L, d), alpha (M, B, L), g (M, B, L))``; padded positions
     (``mask: (B, L)`` True) are 0 in all three. Parameter shapes and formulas: see
     :func:`msa_fast.ops.reference.gated_attention_pool`.
-    """
-    return _backend.dispatch(_SPEC, (x, ln_w, ln_b, W1g, b1g, w2g, b2g, W1a, b1a, w2a, b2a, mask, eps), backend)
+    """)

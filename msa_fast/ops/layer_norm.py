@@ -92,17 +92,7 @@ _SPEC = _backend.declare(_backend.OpSpec(
 ))
 
 
-def add_layer_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    eps: float = 1e-5,
-    *,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """``LayerNorm(x + residual)`` over the last dim: ``x, residual: (..., d)``, ``weight, bias: (d,)``.
+add_layer_norm = _backend.public_op(_SPEC, __name__, """``LayerNorm(x + residual)`` over the last dim: ``x, residual: (..., d)``, ``weight, bias: (d,)``.
 
     ``d >= 1`` and ``eps`` a finite float > 0 (``ValueError`` otherwise); leading dims may be 0.
-    """
-    return _backend.dispatch(_SPEC, (x, residual, weight, bias, eps), backend)
+    """)

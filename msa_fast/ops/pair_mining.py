@@ -147,17 +147,7 @@ _SPEC = _backend.declare(_backend.OpSpec(
 ))
 
 
-def mine_pairs(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    k: int,
-    queries: torch.Tensor | None = None,
-    query_labels: torch.Tensor | None = None,
-    query_index: torch.Tensor | None = None,
-    *,
-    backend: str | None = None,
-) -> MinedPairs:
-    """Mine the ``k`` most similar same-label and ``k`` least similar other-label rows.
+mine_pairs = _backend.public_op(_SPEC, __name__, """Mine the ``k`` most similar same-label and ``k`` least similar other-label rows.
 
     See :func:`msa_fast.ops.reference.mine_pairs` for the exact contract. Non-finite
     rows (contract §10), on every backend: a row of ``features`` or ``queries`` with a NaN
@@ -167,8 +157,7 @@ def mine_pairs(
     are a ``ValueError`` on every backend, with or without ``queries``. Passing a
     block of ``queries`` (with ``query_labels`` and ``query_index``) returns exactly
     those rows of the full result, so mining shards across processes.
-    """
-    return _backend.dispatch(_SPEC, (features, labels, k, queries, query_labels, query_index), backend)
+    """)
 
 
 def _progress_bar(total: int, show: bool):
