@@ -171,19 +171,22 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
     mod, why = _ext.load()
     if mod is None:
         return why
-    if backend == "cpp":
-        if device.type != "cpu":
-            return f"the cpp backend runs on CPU tensors, got {device.type}"
-        if not _ext.has_kernel(op, "CPU"):
-            return f"msa_fast._C was built without a CPU kernel for {op}"
-        return None
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"the cuda backend needs CUDA tensors, got {device.type}"
-        if not _ext.has_kernel(op, "CUDA"):
-            return f"msa_fast._C was built without CUDA (no CUDA kernel for {op})"
-        return _ext.arch_reason(device)
-    return f"unknown backend {backend!r}"
+    if backend not in _EXTENSION_BACKENDS:
+        return f"unknown backend {backend!r}"
+    dev, key, wrong_device, no_kernel = _EXTENSION_BACKENDS[backend]
+    if device.type != dev:
+        return f"{wrong_device}, got {device.type}"
+    if not _ext.has_kernel(op, key):
+        return no_kernel.format(op=op)
+    return _ext.arch_reason(device) if dev == "cuda" else None
+
+
+# the C++ extension's backends: device type, dispatch key, and what is said when they cannot run
+_EXTENSION_BACKENDS = {
+    "cpp": ("cpu", "CPU", "the cpp backend runs on CPU tensors", "msa_fast._C was built without a CPU kernel for {op}"),
+    "cuda": ("cuda", "CUDA", "the cuda backend needs CUDA tensors",
+             "msa_fast._C was built without CUDA (no CUDA kernel for {op})"),
+}
 
 
 def available(op: str, device: torch.device | str = "cpu") -> list[str]:

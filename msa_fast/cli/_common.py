@@ -56,6 +56,19 @@ def add_checkpoint(p: argparse.ArgumentParser) -> None:
                    help="run directory (out/seed_<seed>), its state.json or a weights file")
 
 
+def add_run_inputs(p: argparse.ArgumentParser, verb: str, batch_size: bool = True) -> None:
+    """``--checkpoint``, ``--data``, ``--split``, ``--device`` (and ``--batch-size``): what a
+    subcommand that reads a trained run and a split of data takes."""
+    from msa_fast.data.schema import SPLITS
+
+    add_checkpoint(p)
+    p.add_argument("--data", help=f"data to {verb} (default: the training data)")
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--device", default="auto")
+    if batch_size:
+        p.add_argument("--batch-size", type=POSITIVE)
+
+
 def run_dir_of(checkpoint: str) -> str:
     """The seed directory of a ``--checkpoint`` given as a file of it (its ``state.json`` or a
     weights file); a directory, or a path that does not exist, as it is (the loader reports

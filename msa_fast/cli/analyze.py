@@ -8,24 +8,19 @@ import os
 from msa_fast.cli._common import (
     POSITIVE,
     UserError,
-    add_checkpoint,
+    add_run_inputs,
     check_output,
     data_inputs,
     is_run_file,
 )
-from msa_fast.data.schema import SPLITS
 
 
 def add_parser(sub) -> None:
     a = sub.add_parser("analyze", help="gate weights, t-SNE or location-error of a trained model")
-    add_checkpoint(a)
+    add_run_inputs(a, "analyse")
     a.add_argument("--what", required=True, choices=("gates", "tsne", "location-error"))
     a.add_argument("--out", required=True, help="directory for the JSON and the PNG")
     a.add_argument("--overwrite", action="store_true", help="replace an earlier <what>.json / .png in --out")
-    a.add_argument("--data", help="data to analyse (default: the training data)")
-    a.add_argument("--split", default="test", choices=SPLITS)
-    a.add_argument("--device", default="auto")
-    a.add_argument("--batch-size", type=POSITIVE)
     a.add_argument("--limit", type=POSITIVE, help="tsne: at most N samples of the split (default 500)")
     a.set_defaults(func=run)
 

@@ -5,17 +5,12 @@ sweeps of :mod:`msa_fast.robustness` (:mod:`msa_fast.cli.robustness`)."""
 
 from __future__ import annotations
 
-from msa_fast.cli._common import POSITIVE, add_checkpoint, print_metrics
-from msa_fast.data.schema import SPLITS
+from msa_fast.cli._common import add_run_inputs, print_metrics
 
 
 def add_parser(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a run directory's best weights on a split")
-    add_checkpoint(e)
-    e.add_argument("--data", help="data to evaluate on (default: the training data)")
-    e.add_argument("--split", default="test", choices=SPLITS)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--batch-size", type=POSITIVE)
+    add_run_inputs(e, "evaluate on")
     e.add_argument("--missing-rate", type=float, nargs="+")
     e.add_argument("--drop-rate", type=float)
     e.add_argument("--weights", choices=("best", "last"), default="best")

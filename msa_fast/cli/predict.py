@@ -9,26 +9,22 @@ import argparse
 from msa_fast.cli._common import (
     POSITIVE,
     UserError,
-    add_checkpoint,
+    add_run_inputs,
     check_output,
     compile_flag,
     data_inputs,
     print_metrics,
     write_csv,
 )
-from msa_fast.data.schema import SPLITS
 
 
 def add_parser(sub) -> None:
     from msa_fast.inference.runtimes import RUNTIMES
 
     pr = sub.add_parser("predict", help="predict a split with a run directory's weights (CSV)")
-    add_checkpoint(pr)
-    pr.add_argument("--data", help="data to predict (default: the training data)")
-    pr.add_argument("--split", default="test", choices=SPLITS)
+    add_run_inputs(pr, "predict", batch_size=False)
     pr.add_argument("--out", help="CSV file: id, prediction, label")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    pr.add_argument("--device", default="auto")
     pr.add_argument("--weights", choices=("best", "last"), default="best")
     pr.add_argument("--max-batch", type=POSITIVE, default=64, help="largest batch bucket")
     pr.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

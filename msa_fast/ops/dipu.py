@@ -90,19 +90,10 @@ def _check_params(params, d: int, cross2: bool, G: torch.Tensor, lead: tuple = (
         V.tensor(op, f"params[{key!r}]", params[key], shape=shape, like=G, layout=str(shape))
 
 
-def dipu_composite(
-    G: torch.Tensor,
-    X: torch.Tensor,
-    params: dict[str, torch.Tensor],
-    heads: int,
-    g_mask: torch.Tensor | None = None,
-    x_mask: torch.Tensor | None = None,
-    eps: float = 1e-5,
-    cross2: bool = True,
-    dropout_p: float = 0.0,
-    backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DIPU of :func:`msa_fast.ops.reference.dipu` on the dispatched ops, unchecked.
+def dipu_composite(G, X, params, heads, g_mask, x_mask, eps, cross2, dropout_p, backend):
+    """The DIPU of :func:`msa_fast.ops.reference.dipu` on the dispatched ops, unchecked: what
+    the dispatch runs for :func:`dipu`, with its arguments (the reference's, then
+    ``dropout_p`` and ``backend``), all given.
 
     One unit: ``G (B, Lg, d)``, ``X (B, Lx, d)``, masks ``(B, L)``, ``params`` as
     :func:`dipu_param_shapes`. ``n`` units at once (CMDIE's three DIPUs of a layer):
