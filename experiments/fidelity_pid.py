@@ -14,9 +14,9 @@ a finished one is reused) and reports, under ``--out``:
   normalised entropy ``H_m`` on both sets. The claim holds for modality m when the margin
   ``mean_seeds(e_clean - e_corrupted)`` is positive and larger than the seed spread, the std
   over seeds of that paired difference (the level of ``e_m`` itself differs a lot between
-  seeds: which modality a run leans on is not the question). Also for ``agfn_tau0.1``, the
-  variant tried when the default ``tau = 0.5`` did not separate them
-  (``agfn_tau0.1_gates.{json,png}``);
+  seeds: which modality a run leans on is not the question). Also for the gate sweep
+  ``agfn_tau0.1``, ``agfn_tau0.2``, ``agfn_tau0.5`` and ``agfn_features``
+  (``<name>_gates.{json,png}``, and their metrics in ``agfn_gate_settings.{json,md}``);
 - ``robustness/<name>.{json,png}`` and ``robustness.md``: ``msa-fast eval --robustness all``
   (:func:`msa_fast.robustness.run_robustness`) of each configuration's first seed, with the
   effective robustness against ``lf_dnn`` (MultiBench), and the table (LNLN mean over rates,
@@ -58,14 +58,14 @@ from msa_fast._io import figure, pyplot, save_json
 CONFIGS = {
     "text_only": ("text_only", {}, {}),
     "lf_dnn": ("lf_dnn", {}, {}),
-    "agfn": ("agfn", {}, {}),
-    # tried when the default gate did not separate corrupted samples: a 5x sharper entropy term
+    "agfn": ("agfn", {}, {}),  # tau 0.05, the model's default since this sweep
+    # issue 22's gate sweep: tau in {0.05 (the default), 0.1, 0.2, 0.5 (the dual gate's own
+    # default, AGFN's until the sweep)} and the entropy of the utterance features instead
+    # of the 7-class head's
     "agfn_tau0.1": ("agfn", {"tau": 0.1}, {}),
-    # issue 22's gate sweep: tau in {0.05, 0.1, 0.2, 0.5 (the default)} and the entropy of the
-    # utterance features instead of the 7-class head's
-    "agfn_tau0.05": ("agfn", {"tau": 0.05}, {}),
     "agfn_tau0.2": ("agfn", {"tau": 0.2}, {}),
-    "agfn_features": ("agfn", {"entropy_source": "features"}, {}),
+    "agfn_tau0.5": ("agfn", {"tau": 0.5}, {}),
+    "agfn_features": ("agfn", {"entropy_source": "features", "tau": 0.5}, {}),  # as it was run
     "fd_cmdie": ("fd_cmdie", {}, {}),
     "promma": ("promma", {}, {}),
     "promma_drop0.3": ("promma", {}, {"drop_rate": 0.3}),
@@ -76,7 +76,7 @@ CONFIGS = {
     "fd_cmdie_wo_crossatt2": ("fd_cmdie", {"no_crossatt2": True}, {}),
 }
 MODELS = ("text_only", "lf_dnn", "agfn", "fd_cmdie", "promma")
-GATE_CONFIGS = ("agfn", "agfn_tau0.05", "agfn_tau0.1", "agfn_tau0.2", "agfn_features")
+GATE_CONFIGS = ("agfn", "agfn_tau0.1", "agfn_tau0.2", "agfn_tau0.5", "agfn_features")
 ABLATIONS = {"FD-CMDIE": "fd_cmdie", "w/o CL": "fd_cmdie_wo_cl", "w/o CMDIE": "fd_cmdie_wo_cmdie",
              "w/o GAP": "fd_cmdie_wo_gap", "w/o CrossAtt-2": "fd_cmdie_wo_crossatt2"}
 SHOWN = ("MAE", "Corr", "Non0_acc_2", "Has0_acc_2", "Mult_acc_7")

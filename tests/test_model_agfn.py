@@ -53,7 +53,7 @@ def test_output_shapes_and_gate_weights(tiny):
     assert e.shape == g.shape == H.shape == (7, 3)
     torch.testing.assert_close(e.sum(-1), torch.ones(7))
     assert ((H >= 0) & (H <= 1)).all()
-    assert model.fusion.tau == 0.5 and model.fusion.entropy_logits.shape == (7, 3, 7)
+    assert model.fusion.tau == 0.05 and model.fusion.entropy_logits.shape == (7, 3, 7)
     model.eval()
     assert "loss_extra" not in model(batch)
 

@@ -271,3 +271,30 @@ def test_format_mean_std_is_the_one_formatter():
     for rel in ("msa_fast/robustness.py", "msa_fast/cli/robustness.py"):
         src = (ROOT / rel).read_text()
         assert "format_mean_std" in src and "_fmt(" not in src, rel
+
+
+def test_a_run_records_its_hyper_parameters_and_old_runs_keep_old_defaults(tmp_path):
+    """A default that changes (AGFN's tau, 0.5 -> 0.05) cannot change how a run loads: a run
+    states every hyper-parameter it was built with; one written before that loads with the
+    defaults of its time (models.PREVIOUS_DEFAULTS)."""
+    from msa_fast.models import PREVIOUS_DEFAULTS, model_hparams, run_hparams
+
+    out = tmp_path / "agfn"
+    cfg = '{"d": 8, "heads": 2, "ffn_dim": 0, "hidden": 8, "av_hidden": 4}'
+    assert main(["train", "--model", "agfn", *TINY[:-4], "--model-cfg", cfg, "--seeds", "1",
+                 "--out", str(out)]) == 0
+    seed_dir = out / "seed_1"
+    state = json.loads((seed_dir / "state.json").read_text())
+    assert state["model_hparams"]["tau"] == 0.05 and state["model_hparams"]["d"] == 8
+    assert state["model_hparams"] == model_hparams("agfn", json.loads(cfg))
+    assert load_run(str(seed_dir)).model.fusion.tau == 0.05
+    # the same run as written before model_hparams existed: the defaults of that time
+    del state["model_hparams"]
+    (seed_dir / "state.json").write_text(json.dumps(state))
+    assert PREVIOUS_DEFAULTS["agfn"]["tau"] == 0.5
+    assert run_hparams("agfn", state)["tau"] == 0.5
+    assert load_run(str(seed_dir)).model.fusion.tau == 0.5
+    # its own model_cfg still wins over an old default
+    state["model_cfg"] = {**json.loads(cfg), "tau": 0.2}
+    (seed_dir / "state.json").write_text(json.dumps(state))
+    assert load_run(str(seed_dir)).model.fusion.tau == 0.2

@@ -80,6 +80,35 @@ def model_params(name: str) -> dict[str, inspect.Parameter]:
             if i > 1 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+# Hyper-parameter defaults that have changed. A run records every hyper-parameter it was
+# built with (``model_hparams`` in its state, :func:`model_hparams`); one written before that
+# was built with these defaults under its own ``model_cfg``, and loads with them.
+PREVIOUS_DEFAULTS: dict[str, dict] = {
+    "agfn": {"tau": 0.5},  # 0.5 -> 0.05 (issue 22: the gate separates corrupted text / audio)
+}
+
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def model_hparams(name: str, cfg: dict) -> dict:
+    """Every hyper-parameter of model ``name`` as a build with ``cfg`` uses it (the defaults
+    filled in; JSON values only): what a run records, so that a later change of a default
+    cannot change how it loads (:func:`run_hparams`)."""
+    out = {k: p.default for k, p in model_params(name).items()
+           if p.default is not inspect.Parameter.empty and isinstance(p.default, _PLAIN)}
+    out.update(cfg)
+    return out
+
+
+def run_hparams(name: str, state: dict) -> dict:
+    """The hyper-parameters to rebuild the model of a run's ``state`` with: the recorded ones,
+    or, for a run written before they were recorded, its ``model_cfg`` over the defaults of
+    that time (:data:`PREVIOUS_DEFAULTS`)."""
+    if state.get("model_hparams") is not None:
+        return dict(state["model_hparams"])
+    return {**PREVIOUS_DEFAULTS.get(name, {}), **(state.get("model_cfg") or {})}
+
+
 def _type_ok(kind: str, value) -> bool:
     kind = kind.strip()
     if kind == "None":
@@ -140,5 +169,5 @@ def _register_builtin() -> None:
 
 _register_builtin()
 
-__all__ = ["UnknownModelError", "available_models", "build_model", "check_model_cfg",
-           "model_params", "register_model"]
+__all__ = ["PREVIOUS_DEFAULTS", "UnknownModelError", "available_models", "build_model", "check_model_cfg",
+           "model_hparams", "model_params", "run_hparams", "register_model"]

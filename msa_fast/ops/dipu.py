@@ -84,10 +84,16 @@ def _check_params(params, d: int, cross2: bool, G: torch.Tensor, lead: tuple = (
     for key in params:
         if key not in expected and not (not cross2 and key in optional):
             V.fail(op, "params", f"only the keys {sorted(expected)}", f"unexpected key {key!r}")
+    # under autocast the activations are in the autocast dtype and the parameters stay fp32
+    # (the GEMMs and ops cast them, as for any torch.nn module): the dtype need not match then
+    autocast = torch.is_autocast_enabled(G.device.type)
     for key, shape in expected.items():
         if key not in params:
             V.fail(op, "params", f"a tensor under key {key!r} of shape {shape}", "no such key")
-        V.tensor(op, f"params[{key!r}]", params[key], shape=shape, like=G, layout=str(shape))
+        t = V.tensor(op, f"params[{key!r}]", params[key], shape=shape, like=None if autocast else G,
+                     layout=str(shape))
+        if autocast and t.device != G.device:
+            V.fail(op, f"params[{key!r}]", f"device {G.device} (same as the first input)", t)
 
 
 def dipu_composite(G, X, params, heads, g_mask, x_mask, eps, cross2, dropout_p, backend):

@@ -289,7 +289,7 @@ def load_run(path: str, weights: str = "best", device="auto", *, model: str | No
     model is refused). The model is built through :func:`msa_fast.models.build_model` and
     loaded by :func:`load_weights` (checksum, the model's ``upgrade_state_dict``, every key).
     Every problem is a one-line ``ValueError`` (:class:`CheckpointError`) naming the path."""
-    from msa_fast.models import build_model
+    from msa_fast.models import build_model, run_hparams
     from msa_fast.train.device import resolve_device
 
     if weights not in WEIGHTS:
@@ -312,7 +312,7 @@ def load_run(path: str, weights: str = "best", device="auto", *, model: str | No
         raise CheckpointError(f"{os.path.join(run_dir, STATE_FILE)}: its config cannot be read "
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    net = build_model(state["model"], state["dims"], **(state.get("model_cfg") or {}))
+    net = build_model(state["model"], state["dims"], **run_hparams(state["model"], state))
     load_weights(weights_path, net)  # CheckpointError naming the file
     net.to(dev).eval()
     return Run(model=net, state=state, config=config, run_dir=run_dir, weights=weights,

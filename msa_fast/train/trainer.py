@@ -49,7 +49,7 @@ from msa_fast.data.loader import gather_batch, make_loader
 from msa_fast.data.missing import MissingProtocol
 from msa_fast.data.mmsa import MMSAData, SplitData
 from msa_fast.metrics import mosi_regression_metrics, warn_if_implausible
-from msa_fast.models import build_model
+from msa_fast.models import build_model, model_hparams
 from msa_fast.train import checkpoint as ckpt
 from msa_fast.train.config import TrainConfig
 from msa_fast.train.device import resolve_device
@@ -271,7 +271,8 @@ def _train_seed(cfg: TrainConfig, data: MMSAData, seed: int, run_dir: str | None
             ranks = state.get("rng_ranks") or []
             set_rng_state(ranks[dist.rank] if dist.active and len(ranks) == dist.world else state["rng"])
             start_epoch = state["epoch"] + 1
-    meta = {"model": cfg.model, "model_cfg": cfg.model_cfg, "dims": data.dims, "data": cfg.data,
+    meta = {"model": cfg.model, "model_cfg": cfg.model_cfg,
+            "model_hparams": model_hparams(cfg.model, cfg.model_cfg), "dims": data.dims, "data": cfg.data,
             "label_absmax": float(data["train"].labels.abs().max()),
             "aligned": data.aligned, "seed": seed, "config": cfg.to_dict()}
 
