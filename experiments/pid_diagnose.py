@@ -276,11 +276,16 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny data, 1 seed, the curve at two small sizes")
     p.add_argument("--render", action="store_true", help="rewrite diagnose.md from diagnose.json, no fitting")
+    p.add_argument("--update-runs", action="store_true",
+                   help="re-read only the trained runs (--runs) into diagnose.json and .md, no probes")
     args = p.parse_args(argv)
     stem = os.path.join(args.out, "diagnose")
-    if args.render:
+    if args.render or args.update_runs:
         with open(stem + ".json") as f:
             res = json.load(f)
+        if args.update_runs:
+            res["runs"] = report_runs(args.runs, res["data"])
+            save_json(stem + ".json", res)
         with open(stem + ".md", "w") as f:
             f.write(markdown(res, res.get("command", "python experiments/pid_diagnose.py")))
         print(f"wrote {stem}.md")
