@@ -75,6 +75,14 @@ CONFIGS = {
     "fd_cmdie_wo_gap": ("fd_cmdie", {"no_gap": True}, {}),
     "fd_cmdie_wo_crossatt2": ("fd_cmdie", {"no_crossatt2": True}, {}),
 }
+# issue 22 (d): what regularisation buys against the overfitting the diagnosis measured (best
+# epoch 2-5): the same three settings, one change each from the defaults, for every model
+# tried (the same budget: 3 settings x 3 seeds)
+for _model in ("agfn", "lf_dnn"):
+    CONFIGS[f"{_model}_dropout0.3"] = (_model, {"dropout": 0.3}, {})
+    CONFIGS[f"{_model}_wd0.1"] = (_model, {}, {"weight_decay": 0.1})
+    CONFIGS[f"{_model}_lr3e-4"] = (_model, {}, {"lr": 3e-4})
+REGULARISED = tuple(f"{m}_{s}" for m in ("agfn", "lf_dnn") for s in ("dropout0.3", "wd0.1", "lr3e-4"))
 MODELS = ("text_only", "lf_dnn", "agfn", "fd_cmdie", "promma")
 GATE_CONFIGS = ("agfn", "agfn_tau0.1", "agfn_tau0.2", "agfn_tau0.5", "agfn_features")
 ABLATIONS = {"FD-CMDIE": "fd_cmdie", "w/o CL": "fd_cmdie_wo_cl", "w/o CMDIE": "fd_cmdie_wo_cmdie",
@@ -318,6 +326,10 @@ def report(args) -> None:
     abl = report_models(args, ABLATIONS, os.path.join(args.out, "fd_cmdie_ablations"), "FD-CMDIE ablations")
     if abl:
         summary["fd_cmdie_ablations"] = {n: {k: r["mean"][k] for k in SHOWN} for n, r in abl.items()}
+    reg = report_models(args, {n: n for n in ("agfn", "lf_dnn", *REGULARISED)},
+                        os.path.join(args.out, "regularisation"), "Regularisation")
+    if reg:
+        summary["regularisation"] = {n: {k: r["mean"][k] for k in SHOWN} for n, r in reg.items()}
     gate_rows = report_models(args, {n: n for n in GATE_CONFIGS}, os.path.join(args.out, "agfn_gate_settings"),
                               "AGFN gate settings")
     if gate_rows:

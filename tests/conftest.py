@@ -24,6 +24,11 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton 3.6's interpreter with numpy >= 2.4 (the lent GPU machine's pair): its fix, applied
+# only where the installed interpreter needs it (tools/triton_interpreter.py)
+from tools.triton_interpreter import fix_interpreter_index  # noqa: E402
+
+INTERPRETER_INDEX_PATCHED = fix_interpreter_index()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

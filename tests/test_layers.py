@@ -223,12 +223,9 @@ def test_production_code_does_not_import_the_reference():
 # No monkey-patching of what msa_fast imports
 # --------------------------------------------------------------------------- #
 
-# Known and not yet fixed, each with why (files owned by other work of issue 26):
-MONKEY_PATCH_KNOWN = {
-    # works around a Triton interpreter bug (one-element arrays as indices) only when the
-    # installed interpreter has it; lives in the kernels package, edited elsewhere
-    ("msa_fast/kernels/triton/__init__.py", "interpreter._patch_lang_tensor"),
-}
+# None known: the one fix msa_fast needed of a third-party module (Triton 3.6's interpreter)
+# lives in tools/triton_interpreter.py, outside the package, applied by the test harness
+MONKEY_PATCH_KNOWN: dict = {}
 
 
 def _foreign_names(tree: ast.AST) -> set[str]:

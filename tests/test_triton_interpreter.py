@@ -1,15 +1,16 @@
 """The interpreter quirk that the device image (Triton 3.6, numpy 2.5) hit and this
 machine's Triton 3.8 does not: ``range`` over a runtime scalar inside a kernel
-(msa_fast.kernels.triton._fix_interpreter_index). Run under both by
+(tools/triton_interpreter.py, applied by tests/conftest.py). Run under both by
 ``tools/gpu_rehearsal.sh``."""
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+import conftest  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-import msa_fast.kernels.triton as mk  # noqa: E402
+from tools import triton_interpreter as ti  # noqa: E402
 
 pytestmark = pytest.mark.interpret
 
@@ -37,9 +38,9 @@ def test_range_over_runtime_scalars(n):
 def test_patch_only_where_the_interpreter_needs_it():
     from triton.runtime import interpreter
 
-    patched = mk.INTERPRETER_INDEX_PATCHED
+    patched = conftest.INTERPRETER_INDEX_PATCHED
     hook = interpreter._patch_lang_tensor
     assert getattr(hook, "_msa_fast", False) == patched
     # importing again must not wrap twice
-    assert mk._fix_interpreter_index() is False
+    assert ti.fix_interpreter_index() is False
     assert interpreter._patch_lang_tensor is hook

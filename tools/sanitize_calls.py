@@ -20,6 +20,11 @@ if not __package__:  # run as a file, not with -m: import from the repository ro
 
 import torch
 
+if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU run: Triton 3.6's interpreter needs its fix
+    from tools.triton_interpreter import fix_interpreter_index
+
+    fix_interpreter_index()
+
 # (op, builder module of benchmarks/ops/, odd shape): the benchmark builders' shape conventions
 TRITON_CALLS = [
     ("dual_gate", "bench_dual_gate", (7, 3, 37, 7)),
