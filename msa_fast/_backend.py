@@ -279,6 +279,17 @@ class OpSpec:
         return next((f for f in self.fused if f.backend == backend), None)
 
 
+def width_limit(maximum: int, name: str, why: str) -> dict:
+    """``Fused(limit=..., limit_doc=...)`` for a kernel that keeps the first argument's last
+    dim (``name``) in registers: at most ``maximum`` (``why`` says what is held)."""
+
+    def limit(x, *_rest) -> str | None:
+        d = x.shape[-1]
+        return f"takes {name} <= {maximum} ({why}), got {name}={d}" if d > maximum else None
+
+    return {"limit": limit, "limit_doc": f"{name} <= {maximum}"}
+
+
 SPECS: dict[str, OpSpec] = {}
 
 

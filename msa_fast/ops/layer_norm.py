@@ -78,17 +78,10 @@ def _check(x, residual, weight, bias, eps) -> None:
 MAX_WIDTH = 2048
 
 
-def _width_limit(x, *_rest) -> str | None:
-    d = x.shape[-1]
-    if d > MAX_WIDTH:
-        return f"takes d <= {MAX_WIDTH} (one row in registers), got d={d}"
-    return None
-
-
 _SPEC = _backend.declare(_backend.OpSpec(
     "add_layer_norm", reference.add_layer_norm, _check, compile=True,
     fused=(_backend.Fused("triton", lambda x, residual, weight, bias, eps: _add_layer_norm_triton(
-        x, residual, weight, bias, float(eps))[0], limit=_width_limit, limit_doc=f"d <= {MAX_WIDTH}"),),
+        x, residual, weight, bias, float(eps))[0], **_backend.width_limit(MAX_WIDTH, "d", "one row in registers")),),
 ))
 
 
