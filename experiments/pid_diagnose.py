@@ -135,11 +135,17 @@ def _ms(vals) -> dict:
     return {"mean": round(float(a.mean()), 4), "std": round(float(a.std()), 4), "n": int(a.size)}
 
 
-def run_probes(data, seeds, n_train: int | None = None, sets=SETS, hows=("mean", "window")) -> dict:
+def pool_splits(data, hows=("mean", "window")) -> dict:
+    """:func:`pooled` features of every split, per pooling: once per data set."""
+    return {how: {s: pooled(data[s], how) for s in ("train", "valid", "test")} for how in hows}
+
+
+def run_probes(data, seeds, n_train: int | None = None, sets=SETS, feats: dict | None = None) -> dict:
     from msa_fast.metrics import mosi_regression_metrics
 
     out = {}
-    feats = {how: {s: pooled(data[s], how) for s in ("train", "valid", "test")} for how in hows}
+    feats = feats or pool_splits(data)
+    hows = tuple(feats)
     for how in hows:
         for set_name, mods in sets.items():
             cat = {s: torch.cat([feats[how][s][m] for m in mods], 1) for s in ("train", "valid", "test")}
@@ -305,10 +311,11 @@ def main(argv=None) -> int:
            "probes": run_probes(data, args.seeds)}
     if not args.no_curve:
         cdata = load_data(args.curve_data)
+        cfeats = pool_splits(cdata)
         points = {}
         for n in args.curve_n:
             n = min(n, len(cdata["train"].labels))
-            points[str(n)] = run_probes(cdata, args.seeds, n_train=n, sets={"all": MODS})
+            points[str(n)] = run_probes(cdata, args.seeds, n_train=n, sets={"all": MODS}, feats=cfeats)
         cgrid = 1 / 3 if ":mosei" in args.curve_data else 0.2
         res["curve"] = {"data": args.curve_data, "points": points,
                         "ceiling_all_MAE": ceilings(n=20_000 if args.quick else 200_000,
