@@ -194,7 +194,8 @@ def cli(description: str):
 def select_providers(runnable: list[str], extra: list[str], wanted: list[str] | None) -> set[str]:
     """The providers ``--providers`` keeps: a name neither runnable here nor an extra provider
     is an error; a known one this device cannot run (triton on a CPU) is dropped with the rest."""
-    known = {"eager", "torch.compile", "triton", "cuda", "cpp", "compile", *runnable, *extra}
+    # every provider name some benchmark has: gpu_check passes one list to all of them
+    known = {"eager", "torch.compile", "triton", "cuda", "cpp", "compile", "sdpa", *runnable, *extra}
     if wanted is None:
         return set(runnable) | set(extra)
     unknown = [w for w in wanted if w not in known]

@@ -91,3 +91,24 @@ def test_without_a_gpu_every_gpu_mode_says_so_in_one_line_and_exits_2(tmp_path, 
     proc = _run(tmp_path, *mode, dry=False)
     assert proc.returncode == 2, proc.stdout
     assert proc.stdout.strip().count("\n") == 0 and "no CUDA GPU" in proc.stdout
+
+
+def test_the_default_providers_are_accepted_by_every_op_benchmark(tmp_path):
+    """gpu_check hands one --providers list to every op benchmark: each must take it (a
+    provider this machine cannot run is dropped, an unknown name is an error)."""
+    import re
+
+    default = re.search(r'PROVIDERS=\$\{GPU_CHECK_PROVIDERS:-"([^"]+)"\}', SCRIPT.read_text()).group(1).split()
+    assert "triton" in default and "torch.compile" not in default
+    for op in ("dual_gate", "gap", "layer_norm", "attention"):
+        out = tmp_path / f"{op}.json"
+        proc = subprocess.run([sys.executable, f"benchmarks/ops/bench_{op}.py", "--quick", "--device", "cpu",
+                               "--providers", *default, "--out", str(out)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, (op, proc.stdout[-1000:], proc.stderr[-1000:])
+        providers = {r["provider"] for r in json.loads(out.read_text())["results"]}
+        assert "eager" in providers and "torch.compile" not in providers, (op, providers)
+    bad = subprocess.run([sys.executable, "benchmarks/ops/bench_gap.py", "--quick", "--device", "cpu",
+                          "--providers", "bogus", "--out", str(tmp_path / "x.json")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown ['bogus']" in bad.stdout + bad.stderr
