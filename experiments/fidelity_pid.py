@@ -66,6 +66,8 @@ CONFIGS = {
     "agfn_tau0.2": ("agfn", {"tau": 0.2}, {}),
     "agfn_tau0.5": ("agfn", {"tau": 0.5}, {}),
     "agfn_features": ("agfn", {"entropy_source": "features", "tau": 0.5}, {}),  # as it was run
+    # issue 22 item 3: the between-seed spread of the gate weights, with w_z starting at 0
+    "agfn_gate_zeros": ("agfn", {"gate_init": "zeros"}, {}),
     "fd_cmdie": ("fd_cmdie", {}, {}),
     "promma": ("promma", {}, {}),
     "promma_drop0.3": ("promma", {}, {"drop_rate": 0.3}),
@@ -78,13 +80,14 @@ CONFIGS = {
 # issue 22 (d): what regularisation buys against the overfitting the diagnosis measured (best
 # epoch 2-5): the same three settings, one change each from the defaults, for every model
 # tried (the same budget: 3 settings x 3 seeds)
-for _model in ("agfn", "lf_dnn"):
+for _model in ("agfn", "lf_dnn", "fd_cmdie", "promma"):
     CONFIGS[f"{_model}_dropout0.3"] = (_model, {"dropout": 0.3}, {})
     CONFIGS[f"{_model}_wd0.1"] = (_model, {}, {"weight_decay": 0.1})
     CONFIGS[f"{_model}_lr3e-4"] = (_model, {}, {"lr": 3e-4})
-REGULARISED = tuple(f"{m}_{s}" for m in ("agfn", "lf_dnn") for s in ("dropout0.3", "wd0.1", "lr3e-4"))
+REGULARISED = tuple(f"{m}_{s}" for m in ("agfn", "lf_dnn", "fd_cmdie", "promma")
+                    for s in ("dropout0.3", "wd0.1", "lr3e-4"))
 MODELS = ("text_only", "lf_dnn", "agfn", "fd_cmdie", "promma")
-GATE_CONFIGS = ("agfn", "agfn_tau0.1", "agfn_tau0.2", "agfn_tau0.5", "agfn_features")
+GATE_CONFIGS = ("agfn", "agfn_tau0.1", "agfn_tau0.2", "agfn_tau0.5", "agfn_features", "agfn_gate_zeros")
 ABLATIONS = {"FD-CMDIE": "fd_cmdie", "w/o CL": "fd_cmdie_wo_cl", "w/o CMDIE": "fd_cmdie_wo_cmdie",
              "w/o GAP": "fd_cmdie_wo_gap", "w/o CrossAtt-2": "fd_cmdie_wo_crossatt2"}
 SHOWN = ("MAE", "Corr", "Non0_acc_2", "Has0_acc_2", "Mult_acc_7")
@@ -160,7 +163,60 @@ def report_models(args, names: dict, stem: str, title: str) -> dict | None:
     return rows
 
 
-def report_gates(args, name: str = "agfn") -> dict | None:
+def _fit_temperature(u: torch.Tensor, target: torch.Tensor) -> tuple[float, float, float]:
+    """``(T, CE after, CE before)``: the temperature of ``softmax(u / T)`` with the least mean
+    cross-entropy against ``target``, on a log grid over [0.05, 20] (one parameter: a grid is
+    exact enough and cannot diverge)."""
+    grid = torch.logspace(np.log10(0.05), np.log10(20.0), 241)
+    ce = torch.stack([torch.nn.functional.cross_entropy(u / t, target) for t in grid])
+    k = int(ce.argmin())
+    return float(grid[k]), float(ce[k]), float(torch.nn.functional.cross_entropy(u, target))
+
+
+def calibrate_entropy_heads(model, data, batch_size: int) -> list[dict]:
+    """Temperature-scale AGFN's unimodal 7-class heads on the *valid* split (issue 22 item 3).
+
+    The entropy gate reads ``H_m`` of ``softmax(u_m)``, ``u_m = W_u[m] h_m + b_u[m]``; scaling
+    ``W_u[m]`` and ``b_u[m]`` by ``1 / T_m`` is ``softmax(u_m / T_m)``: the gate then reads a
+    calibrated entropy. Nothing else is refitted (the fusion head was trained with the raw
+    entropies). Returns, per modality, ``T`` and the valid CE before / after."""
+    from msa_fast.data.loader import make_loader
+    from msa_fast.ops._common import sentiment_classes
+
+    loader = make_loader(data["valid"], batch_size, shuffle=False, aligned=data.aligned, name="valid")
+    us, ys = [], []
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            model(batch)
+            us.append(model.fusion.entropy_logits.float())
+            ys.append(batch["labels"].float().reshape(-1))
+    u, target = torch.cat(us), sentiment_classes(torch.cat(ys), "7")
+    out = []
+    with torch.no_grad():
+        for m, mod in enumerate(MODS):
+            t, after, before = _fit_temperature(u[:, m], target)
+            model.fusion.W_u[m] /= t
+            model.fusion.b_u[m] /= t
+            out.append({"modality": mod, "T": round(t, 4), "valid_ce_before": round(before, 4),
+                        "valid_ce_after": round(after, 4)})
+    return out
+
+
+def _test_metrics(model, data, batch_size: int) -> dict:
+    from msa_fast.data.loader import make_loader
+    from msa_fast.metrics import mosi_regression_metrics
+    from msa_fast.train.trainer import predict
+
+    loader = make_loader(data["test"], batch_size, shuffle=False, aligned=data.aligned, name="test")
+    p, y = predict(model, loader, torch.device("cpu"), False)
+    return {k: mosi_regression_metrics(p, y)[k] for k in SHOWN}
+
+
+def report_gates(args, name: str = "agfn", calibrated: bool = False) -> dict | None:
+    """AGFN's gate claim per modality over the seeds; ``calibrated``: after
+    :func:`calibrate_entropy_heads` (``<name>_calibrated_gates.*``, with the test metrics
+    before and after)."""
     from msa_fast.analysis import gates
     from msa_fast.robustness import load_run
 
@@ -170,14 +226,23 @@ def report_gates(args, name: str = "agfn") -> dict | None:
     per_seed = []
     for d in dirs:
         model, _, data, cfg = load_run(d)
+        extra = {}
+        if calibrated:
+            before = _test_metrics(model, data, cfg.batch_size)
+            extra = {"temperatures": calibrate_entropy_heads(model, data, cfg.batch_size),
+                     "test_before": before, "test_after": _test_metrics(model, data, cfg.batch_size)}
         res, fig = gates(model, data, "test", cfg.batch_size, "cpu", "agfn")
         pyplot().close(fig)
         if "skipped" in res["corrupted"]:
             raise SystemExit(f"gates: {res['corrupted']['skipped']}")
         res["tau"] = float(model.fusion.tau)
-        per_seed.append(res)
+        per_seed.append({**res, **extra})
     out = {"data": args.data, "config": name, "tau": per_seed[0]["tau"], "seeds": args.seeds,
-           "split": "test", "per_modality": {}}
+           "split": "test", "calibrated": calibrated, "per_modality": {}}
+    if calibrated:
+        out["temperature"] = {mod: _ms([r["temperatures"][m]["T"] for r in per_seed]) for m, mod in enumerate(MODS)}
+        out["test_before"] = {k: _ms([r["test_before"][k] for r in per_seed]) for k in SHOWN}
+        out["test_after"] = {k: _ms([r["test_after"][k] for r in per_seed]) for k in SHOWN}
     for mod in MODS:
         clean = [r["corrupted"][mod]["e_clean"] for r in per_seed]
         cor = [r["corrupted"][mod]["e_corrupted"] for r in per_seed]
@@ -196,7 +261,7 @@ def report_gates(args, name: str = "agfn") -> dict | None:
         out["per_modality"][mod] = row
     out["n_clean"] = per_seed[0]["corrupted"]["n_clean"]
     out["per_seed"] = per_seed
-    stem = os.path.join(args.out, f"{name}_gates")
+    stem = os.path.join(args.out, f"{name}_calibrated_gates" if calibrated else f"{name}_gates")
     save_json(stem + ".json", out)
     with figure(stem + ".png", figsize=(6, 3.6), dpi=120) as (fig, ax):
         x = np.arange(3)
@@ -205,7 +270,8 @@ def report_gates(args, name: str = "agfn") -> dict | None:
                    yerr=[out["per_modality"][m][key]["std"] for m in MODS], capsize=4, label=label)
         ax.set_xticks(x, MODS)
         ax.set_ylabel("mean entropy-gate weight e_m")
-        ax.set_title(f"AGFN (tau {out['tau']}) on {args.data}, test, {len(dirs)} seed(s) (± std over seeds)",
+        ax.set_title(f"AGFN (tau {out['tau']}{', calibrated heads' if calibrated else ''}) on {args.data}, test, "
+                     f"{len(dirs)} seed(s) (± std over seeds)",
                      fontsize=9)
         ax.legend(fontsize=8)
     return out
@@ -317,6 +383,28 @@ def report_promma_drop(args) -> dict | None:
     return out
 
 
+def _gate_summary(g: dict) -> dict:
+    return {m: {"e_clean": r["e_clean"]["mean"], "e_corrupted": r["e_corrupted"]["mean"],
+                "H_clean": r["H_clean"]["mean"], "H_corrupted": r["H_corrupted"]["mean"],
+                "diff": r["e_clean_minus_corrupted"], "claim_holds": r["claim_holds"]}
+            for m, r in g["per_modality"].items()}
+
+
+def report_calibrated(args) -> dict:
+    """The gate claim after temperature-scaling the unimodal heads, for every gate setting
+    whose entropy comes from the 7-class heads (``agfn_features`` has none)."""
+    summary = {}
+    for name in GATE_CONFIGS:
+        if CONFIGS[name][1].get("entropy_source", "classes") != "classes":
+            continue
+        g = report_gates(args, name, calibrated=True)
+        if g:
+            summary[f"{name}_calibrated_gates"] = {
+                **_gate_summary(g), "T": {m: t["mean"] for m, t in g["temperature"].items()},
+                "MAE_before": g["test_before"]["MAE"], "MAE_after": g["test_after"]["MAE"]}
+    return summary
+
+
 def report(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     summary = {}
@@ -326,7 +414,7 @@ def report(args) -> None:
     abl = report_models(args, ABLATIONS, os.path.join(args.out, "fd_cmdie_ablations"), "FD-CMDIE ablations")
     if abl:
         summary["fd_cmdie_ablations"] = {n: {k: r["mean"][k] for k in SHOWN} for n, r in abl.items()}
-    reg = report_models(args, {n: n for n in ("agfn", "lf_dnn", *REGULARISED)},
+    reg = report_models(args, {n: n for n in ("agfn", "lf_dnn", "fd_cmdie", "promma", *REGULARISED)},
                         os.path.join(args.out, "regularisation"), "Regularisation")
     if reg:
         summary["regularisation"] = {n: {k: r["mean"][k] for k in SHOWN} for n, r in reg.items()}
@@ -337,11 +425,8 @@ def report(args) -> None:
     for name in GATE_CONFIGS:
         g = report_gates(args, name)
         if g:
-            summary[f"{name}_gates"] = {
-                m: {"e_clean": r["e_clean"]["mean"], "e_corrupted": r["e_corrupted"]["mean"],
-                    "H_clean": r["H_clean"]["mean"], "H_corrupted": r["H_corrupted"]["mean"],
-                    "diff": r["e_clean_minus_corrupted"], "claim_holds": r["claim_holds"]}
-                for m, r in g["per_modality"].items()}
+            summary[f"{name}_gates"] = _gate_summary(g)
+    summary.update(report_calibrated(args))
     table = report_robustness(args, list(MODELS) + ["promma_drop0.3", "backbone_drop0.3"])
     if table:
         summary["robustness_md"] = os.path.join(args.out, "robustness.md")
@@ -356,7 +441,8 @@ def report(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=("train", "report", "all"))
+    p.add_argument("stage", choices=("train", "report", "calibrate", "all"),
+                   help="calibrate: only the temperature-scaled gate reports (part of report)")
     p.add_argument("names", nargs="*", help=f"configurations to train (default all): {', '.join(CONFIGS)}")
     p.add_argument("--data", default="synthetic:mosi:pid")
     p.add_argument("--seeds", type=int, nargs="+", default=[1111, 1112, 1113])
@@ -380,6 +466,9 @@ def main(argv=None) -> int:
         train(args.names or list(CONFIGS), args)
     if args.stage in ("report", "all"):
         report(args)
+    if args.stage == "calibrate":
+        os.makedirs(args.out, exist_ok=True)
+        print(json.dumps(report_calibrated(args), indent=1))
     return 0
 
 

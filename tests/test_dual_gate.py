@@ -272,10 +272,25 @@ def test_dual_gate_fusion_shapes_and_backward(source):
 
 @pytest.mark.parametrize("kwargs,name", [({"entropy_source": "logits"}, "entropy_source"),
                                          ({"num_classes": 1}, "num_classes"), ({"tau": 0.0}, "tau"),
-                                         ({"num_classes": 2.0}, "num_classes")])
+                                         ({"num_classes": 2.0}, "num_classes"),
+                                         ({"relevance_init": "xavier"}, "relevance_init")])
 def test_dual_gate_fusion_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=f"DualGateFusion: {name}: expected"):
         msa_fast.nn.DualGateFusion(8, **kwargs)
+
+
+def test_dual_gate_fusion_zero_relevance_init_favours_no_modality():
+    torch.manual_seed(0)
+    mod = msa_fast.nn.DualGateFusion(6, relevance_init="zeros").eval()
+    assert torch.all(mod.w_z == 0) and mod.w_z.requires_grad
+    h = _rand(5, 3, 6)
+    mod(h)
+    e, _, H = mod.last_weights
+    # z_m = 0 for every m: the entropy gate is exactly softmax(-H / tau)
+    torch.testing.assert_close(e, torch.softmax(-H / mod.tau, dim=-1))
+    mod.train()(h).sum().backward()
+    assert mod.w_z.grad.abs().sum() > 0  # it learns from 0
+    assert not torch.all(msa_fast.nn.DualGateFusion(6).w_z == 0)  # the default draws N(0, 1/D)
 
 
 def test_dual_gate_fusion_backend_is_passed_to_the_op():

@@ -85,7 +85,9 @@ Hyper-parameters (``cfg``; unknown keys ignored): ``d`` 32, ``heads`` 4, ``ffn_d
 ``lstm_layers`` 1, ``dropout`` 0.1, ``tau`` 0.05 (the dual gate's own default is contract §3.1's
 0.5; see below), ``gate_hidden`` (default ``d``),
 ``entropy_source`` ``"classes"`` (or ``"features"``), ``lambda_u`` 0.1 (weight of the
-auxiliary CE; 0 disables it; unused with ``"features"``), ``vat`` False, ``vat_eps`` 1.0, ``vat_xi`` 1e-3, ``vat_weight`` 1.0, ``backend`` None
+auxiliary CE; 0 disables it; unused with ``"features"``), ``gate_init`` ``"normal"`` (or
+``"zeros"``: the relevance weights ``w_z`` of :class:`~msa_fast.nn.DualGateFusion` start
+at 0; issue 22's gate-spread experiment), ``vat`` False, ``vat_eps`` 1.0, ``vat_xi`` 1e-3, ``vat_weight`` 1.0, ``backend`` None
 (the global default), and the text-encoder options of the baselines (``text_model``,
 ``text_trust_remote_code``, ``text_finetune``). Defaults are sized for a CPU run on
 ``synthetic:mosi``.
@@ -167,7 +169,7 @@ class AGFN(nn.Module):
     def __init__(self, dims: dict, d: int = 32, heads: int = 4, ffn_dim: int = 64, hidden: int = 64,
                  av_hidden: int = 32, lstm_layers: int = 1, dropout: float = 0.1, tau: float = 0.05,
                  gate_hidden: int | None = None, entropy_source: str = "classes", lambda_u: float = 0.1,
-                 vat: bool = False, vat_eps: float = 1.0,
+                 gate_init: str = "normal", vat: bool = False, vat_eps: float = 1.0,
                  vat_xi: float = 1e-3, vat_weight: float = 1.0, backend: str | None = None,
                  text_model: str | None = None, text_trust_remote_code: bool = False,
                  text_finetune: bool = True, **_):
@@ -201,7 +203,8 @@ class AGFN(nn.Module):
         self.proj = nn.ModuleList(nn.Linear(enc.out_dim, d) for enc in (self.text, self.audio, self.vision))
         self.cross = nn.ModuleList(CrossModalBlock(d, heads, ffn_dim, dropout, backend) for _ in MODALITIES)
         self.fusion = DualGateFusion(d, 3, tau=tau, hidden=gate_hidden, dropout=dropout,
-                                     entropy_source=entropy_source, num_classes=7, backend=backend)
+                                     entropy_source=entropy_source, num_classes=7, backend=backend,
+                                     relevance_init=gate_init)
         self.head = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
 
     # -- pieces -------------------------------------------------------------------------

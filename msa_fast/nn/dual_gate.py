@@ -9,6 +9,7 @@ from msa_fast import ops
 from msa_fast.ops import _validate as V
 
 ENTROPY_SOURCES = ("classes", "features")
+RELEVANCE_INITS = ("normal", "zeros")
 
 
 class DualGateFusion(nn.Module):
@@ -29,8 +30,10 @@ class DualGateFusion(nn.Module):
     * ``"features"``: ``u = h`` (``C = D``), the softmax of the features themselves
       (``num_classes`` unused).
 
-    Parameters: ``w_z: (M, D)`` (init ``N(0, 1/D)``, so that ``z`` starts O(1)),
-    ``b_z: (M,)`` (zeros); ``importance`` = Linear(M*D, hidden) - GELU - Dropout -
+    Parameters: ``w_z: (M, D)`` (``relevance_init="normal"``: ``N(0, 1/D)``, so that ``z``
+    starts O(1); ``"zeros"``: 0, so that every modality starts with the same relevance
+    logit and the entropy gate starts as ``softmax(-H / tau)``: no modality is favoured by
+    the draw), ``b_z: (M,)`` (zeros); ``importance`` = Linear(M*D, hidden) - GELU - Dropout -
     Linear(hidden, M) (the contract leaves the activation open: GELU, as the rest of
     the library); ``W_f`` = ``nn.Linear(M*D, D)`` (with bias); ``alpha`` a scalar,
     initialised to 0 (``a = 0.5``). ``dropout`` acts on the importance MLP's hidden
@@ -45,20 +48,23 @@ class DualGateFusion(nn.Module):
 
     def __init__(self, dim: int, num_modalities: int = 3, tau: float = 0.5, hidden: int | None = None,
                  dropout: float = 0.0, entropy_source: str = "classes", num_classes: int = 7,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, relevance_init: str = "normal") -> None:
         super().__init__()
         name = "DualGateFusion"
         V.positive_int(name, "dim", dim)
         V.positive_int(name, "num_modalities", num_modalities)
         V.positive_float(name, "tau", tau)
         V.choice(name, "entropy_source", entropy_source, ENTROPY_SOURCES)
+        V.choice(name, "relevance_init", relevance_init, RELEVANCE_INITS)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             V.fail(name, "num_classes", "an int >= 2", repr(num_classes))
         hidden = dim if hidden is None else hidden
         self.dim, self.num_modalities, self.tau, self.backend = dim, num_modalities, float(tau), backend
         self.entropy_source = entropy_source
         self.num_classes = num_classes if entropy_source == "classes" else dim
-        self.w_z = nn.Parameter(torch.randn(num_modalities, dim) * dim**-0.5)
+        w_z = torch.randn(num_modalities, dim) * dim**-0.5 if relevance_init == "normal" else \
+            torch.zeros(num_modalities, dim)
+        self.w_z = nn.Parameter(w_z)
         self.b_z = nn.Parameter(torch.zeros(num_modalities))
         if entropy_source == "classes":
             bound = dim**-0.5
