@@ -1,33 +1,4 @@
 """Triton kernels of the FD-CMDIE contrastive losses (eq. 9-12, contract §3.4), forward and backward.
-
-Three losses, each one forward kernel and one fused backward kernel, one program
-per loss row (``nt_xent``: an anchor; ``fd_cmdie``: a sample) or per block of rows
-(``triplet``). The kernels write *per-row* losses in fp32; the reduction
-(``mean`` / ``sum`` / ``none``) and the cast to the input dtype happen in the op
-(``msa_fast/ops/contrastive.py``), so its backward hands the kernels one upstream
-gradient per row, read through its stride (``loss.mean().backward()`` gives a
-stride-0 tensor).
-
-Notation. ``u(x) = x * inv(x)``, ``inv(x) = 1/||x||`` or 0 for a zero vector (the
-zero-safe unit vector of :func:`msa_fast.ops.reference.unit_vectors`), ``c(x, y) =
-<u(x), u(y)>``. The gradient of ``f(u(x))`` is ``inv(x) (G - u <u, G>)`` with ``G =
-df/du``: exactly 0 at a zero vector (no NaN, as the reference's double ``where``).
-
-``nt_xent`` -- ``anchor (P, D)``, ``positive (P, D)``, ``negatives (P, K, D)``,
-``mask (P, K)`` (uint8, 1 = valid)::
-
-    z_p = c(a, p) / tau,  z_k = c(a, n_k) / tau
-    lse = logsumexp([z_p, z_k for valid k]),  loss = lse - z_p
-
-The forward streams the negatives in ``BLOCK_K`` tiles with an online
-log-sum-exp (started at ``z_p``, so it is always finite) and saves ``lse (P,)``;
-the backward is a single pass: ``w = exp(z - lse)``, ``dz_p = g (w_p - 1)``,
-``dz_k = g w_k`` (0 for masked k), every ``dc = dz / tau``.
-
-``triplet`` -- ``anchor, positive, negative (P, D)``::
-
-    loss = max(0, (1 - c(a, p)) - (1 - c(a, n)) + margin)
-
 with the hinge's gradient taken as ``h > 0`` (torch.relu's convention at 0).
 
 ``fd_cmdie`` -- ``s, d (B, 3, D)``, ``ps (B, Kp, 2, 3, D)``, ``ns (B, Kn, 3, D)``,
@@ -54,14 +25,6 @@ inside their block (each sample owns its partner copies) and are stored there;
 those of the sample's own six vectors are accumulated in registers and stored at
 the end. No atomics, deterministic.
 
-Numerics: every vector is loaded once per pass in its storage dtype (fp32 / fp16
-/ bf16), all math in fp32, gradients stored in the input dtype. A vector counts as
-zero when its fp32 sum of squares is 0 (the reference's ``||x|| > tiny`` rule:
-the two agree unless every squared entry underflows fp32, ``|x_i| < ~1e-19``).
-``D`` is padded to a power of two ``D_P >= 16`` (masked lanes load 0 and add
-nothing to a dot product or a norm); one row is held whole in registers, so the
-partner block sizes shrink as ``D`` grows. fp64 is not handled here (the op falls
-back to the eager reference).
 """
 
 from __future__ import annotations
@@ -71,298 +34,24 @@ import triton
 import triton.language as tl
 
 from msa_fast.kernels.triton._common import on_tensor_device, pid64
-
-NEG_BIG = tl.constexpr(-1e30)  # finite "no candidate yet" max of an online log-sum-exp
-
-
-# --------------------------------------------------------------------------- #
-# shared helpers
-# --------------------------------------------------------------------------- #
-
-
-@triton.jit
-def _load_vec(ptr, off, offs_d, d_ok):
-    return tl.load(ptr + off + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_rows(ptr, row_off, r_ok, offs_d, d_ok):
-    """``(BLOCK, D_P)`` tile of rows starting at element offsets ``row_off``; zeros outside."""
-    return tl.load(ptr + row_off[:, None] + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :],
-                   other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_rows(ptr, row_off, r_ok, offs_d, d_ok, val):
-    tl.store(ptr + row_off[:, None] + offs_d[None, :], val.to(ptr.dtype.element_ty),
-             mask=r_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _unit(x):
-    """Zero-safe ``(x * inv, inv)`` of one vector ``(D_P,)``."""
-    ss = tl.sum(x * x, axis=0)
-    ok = ss > 0.0
-    inv = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, ss, 1.0)), 0.0)
-    return x * inv, inv
-
-
-@triton.jit
-def _unit_rows(x):
-    """Zero-safe ``(x * inv, inv)`` of every row of a ``(BLOCK, D_P)`` tile."""
-    ss = tl.sum(x * x, axis=1)
-    ok = ss > 0.0
-    inv = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, ss, 1.0)), 0.0)
-    return x * inv[:, None], inv
-
-
-@triton.jit
-def _unit_grad(u, inv, G):
-    """``d f / d x`` of ``f(u(x))`` from ``G = d f / d u`` for one vector."""
-    return inv * (G - u * tl.sum(u * G, axis=0))
-
-
-@triton.jit
-def _unit_grad_rows(u, inv, G):
-    return inv[:, None] * (G - u * tl.sum(u * G, axis=1)[:, None])
-
-
-@triton.jit
-def _valid(m_ptr, off, ok, HAS_MASK: tl.constexpr):
-    """``ok`` and, with a mask, its uint8 entries at ``off`` (1 = valid)."""
-    if HAS_MASK:
-        ok = ok & (tl.load(m_ptr + off, mask=ok, other=0) != 0)
-    return ok
-
-
-@triton.jit
-def _lse_update(m, s, z, valid):
-    """One block of an online log-sum-exp over the valid entries of ``z``.
-
-    ``m`` stays finite (``NEG_BIG`` until a valid entry arrives) and ``m <= m_new``,
-    so no ``exp`` overflows or sees ``-inf - -inf``; invalid lanes add exactly 0.
-    """
-    zm = tl.where(valid, z, NEG_BIG)
-    m_new = tl.maximum(m, tl.max(zm, axis=0))
-    s = s * tl.exp(m - m_new) + tl.sum(tl.where(valid, tl.exp(zm - m_new), 0.0), axis=0)
-    return m_new, s
-
-
-@triton.jit
-def _rowdot(u, X):
-    """``<u, X_r>`` for a vector ``u (D_P,)`` and every row of ``X (BLOCK, D_P)``."""
-    return tl.sum(u[None, :] * X, axis=1)
-
-
-def _d_pad(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
-
-
-def _block(n: int, d_p: int, budget: int) -> int:
-    """Rows per tile, a power of two >= 2: at most ``budget`` fp32 elements per
-    ``(rows, D_P)`` tile, and no more rows than ``n`` needs."""
-    cap = max(2, budget // d_p)
-    cap = 1 << (cap.bit_length() - 1)  # round down to a power of two (tl.arange needs one)
-    return max(2, min(triton.next_power_of_2(max(n, 1)), cap))
-
-
-def _num_warps(d_p: int) -> int:
-    return 4 if d_p <= 256 else 8
-
-
-# --------------------------------------------------------------------------- #
-# nt_xent
-# --------------------------------------------------------------------------- #
-
-
-@triton.jit
-def nt_xent_fwd_kernel(a_ptr, p_ptr, n_ptr, m_ptr, loss_ptr, lse_ptr, K, D, tau,
-                       HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr, D_P: tl.constexpr):
-    """One anchor row: ``loss = logsumexp([z_p, valid z_k]) - z_p``; saves ``lse``."""
-    r = pid64(0)
-    offs_d = tl.arange(0, D_P)
-    d_ok = offs_d < D
-    # no `_` before the loop: a name assigned before a loop and again inside it is
-    # loop-carried, and its type (scalar here, a block there) must not change
-    ua, _a_inv = _unit(_load_vec(a_ptr, r * D, offs_d, d_ok))
-    up, _p_inv = _unit(_load_vec(p_ptr, r * D, offs_d, d_ok))
-    zp = tl.sum(ua * up, axis=0) / tau
-    m = zp
-    s = tl.full((), 1.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        un, _ = _unit_rows(_load_rows(n_ptr, (r * K + offs_k) * D, k_ok, offs_d, d_ok))
-        valid = _valid(m_ptr, r * K + offs_k, k_ok, HAS_MASK)
-        m, s = _lse_update(m, s, _rowdot(ua, un) / tau, valid)
-    lse = m + tl.log(s)
-    tl.store(loss_ptr + r, lse - zp)
-    tl.store(lse_ptr + r, lse)
-
-
-@triton.jit
-def nt_xent_bwd_kernel(g_ptr, g_stride, a_ptr, p_ptr, n_ptr, m_ptr, lse_ptr,
-                       da_ptr, dp_ptr, dn_ptr, K, D, tau,
-                       HAS_MASK: tl.constexpr, NEED_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, D_P: tl.constexpr):
-    """One anchor row: gradients of anchor, positive and (``NEED_N``) negatives."""
-    r = pid64(0)
-    offs_d = tl.arange(0, D_P)
-    d_ok = offs_d < D
-    gt = tl.load(g_ptr + r * g_stride).to(tl.float32) / tau
-    lse = tl.load(lse_ptr + r)
-    ua, inva = _unit(_load_vec(a_ptr, r * D, offs_d, d_ok))
-    up, invp = _unit(_load_vec(p_ptr, r * D, offs_d, d_ok))
-    cp = tl.sum(ua * up, axis=0)
-    dcp = gt * (tl.exp(cp / tau - lse) - 1.0)
-    Ga = dcp * up
-    tl.store(dp_ptr + r * D + offs_d, _unit_grad(up, invp, dcp * ua).to(dp_ptr.dtype.element_ty), mask=d_ok)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        rows = (r * K + offs_k) * D
-        un, invn = _unit_rows(_load_rows(n_ptr, rows, k_ok, offs_d, d_ok))
-        valid = _valid(m_ptr, r * K + offs_k, k_ok, HAS_MASK)
-        ck = _rowdot(ua, un)
-        dck = tl.where(valid, gt * tl.exp(ck / tau - lse), 0.0)
-        Ga += tl.sum(dck[:, None] * un, axis=0)
-        if NEED_N:
-            _store_rows(dn_ptr, rows, k_ok, offs_d, d_ok, _unit_grad_rows(un, invn, dck[:, None] * ua[None, :]))
-    tl.store(da_ptr + r * D + offs_d, _unit_grad(ua, inva, Ga).to(da_ptr.dtype.element_ty), mask=d_ok)
-
-
-def _mask_u8(mask: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    if mask is None:
-        return like, False  # never read (HAS_MASK=False): any valid pointer
-    return mask.to(torch.uint8).contiguous(), True
-
-
-def _nonempty(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    # A zero-size tensor may have a null data pointer; its loops never run anyway.
-    return t if t.numel() else like
-
-
-@on_tensor_device
-def nt_xent_forward(anchor, positive, negatives, negatives_mask, tau):
-    """Returns ``(loss (P,), lse (P,))`` in fp32."""
-    P, D = anchor.shape
-    K = negatives.shape[1]
-    a, p = anchor.contiguous(), positive.contiguous()
-    n = _nonempty(negatives.contiguous(), a)
-    m, has_mask = _mask_u8(negatives_mask, a)
-    m = _nonempty(m, a)
-    loss = torch.empty(P, dtype=torch.float32, device=anchor.device)
-    lse = torch.empty(P, dtype=torch.float32, device=anchor.device)
-    if P:
-        d_p = _d_pad(D)
-        nt_xent_fwd_kernel[(P,)](a, p, n, m, loss, lse, K, D, float(tau), HAS_MASK=has_mask,
-                                 BLOCK_K=_block(K, d_p, 4096), D_P=d_p, num_warps=_num_warps(d_p))
-    return loss, lse
-
-
-@on_tensor_device
-def nt_xent_backward(grad, anchor, positive, negatives, negatives_mask, lse, tau, need_negatives):
-    """Returns ``(d_anchor, d_positive, d_negatives)`` in the input dtype (``d_negatives``
-    is empty when ``need_negatives`` is False)."""
-    P, D = anchor.shape
-    K = negatives.shape[1]
-    a, p = anchor.contiguous(), positive.contiguous()
-    n = _nonempty(negatives.contiguous(), a)
-    m, has_mask = _mask_u8(negatives_mask, a)
-    m = _nonempty(m, a)
-    da, dp = anchor.new_empty((P, D)), positive.new_empty((P, D))
-    dn = negatives.new_empty(negatives.shape) if need_negatives else negatives.new_empty(0)
-    if grad is None:
-        grad = torch.zeros((), dtype=torch.float32, device=anchor.device).expand(P)
-    if P:
-        d_p = _d_pad(D)
-        nt_xent_bwd_kernel[(P,)](grad, grad.stride(0), a, p, n, m, lse.contiguous(), da, dp,
-                                 _nonempty(dn, a), K, D, float(tau), HAS_MASK=has_mask,
-                                 NEED_N=bool(need_negatives and K), BLOCK_K=_block(K, d_p, 2048),
-                                 D_P=d_p, num_warps=_num_warps(d_p))
-    return da, dp, dn
-
-
-# --------------------------------------------------------------------------- #
-# triplet
-# --------------------------------------------------------------------------- #
-
-
-@triton.jit
-def _triplet_rows(a_ptr, p_ptr, n_ptr, P, D, BLOCK_R: tl.constexpr, D_P: tl.constexpr):
-    rows = pid64(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = rows < P
-    offs_d = tl.arange(0, D_P)
-    d_ok = offs_d < D
-    off = rows * D
-    ua, inva = _unit_rows(_load_rows(a_ptr, off, r_ok, offs_d, d_ok))
-    up, invp = _unit_rows(_load_rows(p_ptr, off, r_ok, offs_d, d_ok))
-    un, invn = _unit_rows(_load_rows(n_ptr, off, r_ok, offs_d, d_ok))
-    cp = tl.sum(ua * up, axis=1)
-    cn = tl.sum(ua * un, axis=1)
-    return rows, r_ok, offs_d, d_ok, off, ua, inva, up, invp, un, invn, cp, cn
-
-
-@triton.jit
-def triplet_fwd_kernel(a_ptr, p_ptr, n_ptr, loss_ptr, P, D, margin,
-                       BLOCK_R: tl.constexpr, D_P: tl.constexpr):
-    """``BLOCK_R`` rows: ``max(0, (1 - c(a, p)) - (1 - c(a, n)) + margin)``."""
-    rows, r_ok, _, _, _, _, _, _, _, _, _, cp, cn = _triplet_rows(a_ptr, p_ptr, n_ptr, P, D, BLOCK_R, D_P)
-    h = (1.0 - cp) - (1.0 - cn) + margin
-    tl.store(loss_ptr + rows, tl.maximum(h, 0.0), mask=r_ok)
-
-
-@triton.jit
-def triplet_bwd_kernel(g_ptr, g_stride, a_ptr, p_ptr, n_ptr, da_ptr, dp_ptr, dn_ptr, P, D, margin,
-                       BLOCK_R: tl.constexpr, D_P: tl.constexpr):
-    """``BLOCK_R`` rows: active hinge -> ``dc_p = -g``, ``dc_n = g``; else 0."""
-    rows, r_ok, offs_d, d_ok, off, ua, inva, up, invp, un, invn, cp, cn = _triplet_rows(
-        a_ptr, p_ptr, n_ptr, P, D, BLOCK_R, D_P)
-    g = tl.load(g_ptr + rows * g_stride, mask=r_ok, other=0.0).to(tl.float32)
-    h = (1.0 - cp) - (1.0 - cn) + margin
-    dcn = tl.where(h > 0.0, g, 0.0)[:, None]
-    dcp = -dcn
-    _store_rows(da_ptr, off, r_ok, offs_d, d_ok, _unit_grad_rows(ua, inva, dcp * up + dcn * un))
-    _store_rows(dp_ptr, off, r_ok, offs_d, d_ok, _unit_grad_rows(up, invp, dcp * ua))
-    _store_rows(dn_ptr, off, r_ok, offs_d, d_ok, _unit_grad_rows(un, invn, dcn * ua))
-
-
-def _triplet_launch(P: int, D: int):
-    d_p = _d_pad(D)
-    block_r = _block(P, d_p, 2048)
-    return d_p, block_r, (triton.cdiv(P, block_r),)
-
-
-@on_tensor_device
-def triplet_forward(anchor, positive, negative, margin):
-    """Returns ``loss (P,)`` in fp32."""
-    P, D = anchor.shape
-    loss = torch.empty(P, dtype=torch.float32, device=anchor.device)
-    if P:
-        d_p, block_r, grid = _triplet_launch(P, D)
-        triplet_fwd_kernel[grid](anchor.contiguous(), positive.contiguous(), negative.contiguous(), loss,
-                                 P, D, float(margin), BLOCK_R=block_r, D_P=d_p, num_warps=_num_warps(d_p))
-    return loss
-
-
-@on_tensor_device
-def triplet_backward(grad, anchor, positive, negative, margin):
-    """Returns ``(d_anchor, d_positive, d_negative)`` in the input dtype."""
-    P, D = anchor.shape
-    da, dp, dn = (x.new_empty((P, D)) for x in (anchor, positive, negative))
-    if grad is None:
-        grad = torch.zeros((), dtype=torch.float32, device=anchor.device).expand(P)
-    if P:
-        d_p, block_r, grid = _triplet_launch(P, D)
-        triplet_bwd_kernel[grid](grad, grad.stride(0), anchor.contiguous(), positive.contiguous(),
-                                 negative.contiguous(), da, dp, dn, P, D, float(margin),
-                                 BLOCK_R=block_r, D_P=d_p, num_warps=_num_warps(d_p))
-    return da, dp, dn
-
-
-# --------------------------------------------------------------------------- #
-# fd_cmdie_contrastive_loss
-# --------------------------------------------------------------------------- #
+from msa_fast.kernels.triton._contrastive_common import (
+    NEG_BIG,
+    _block,
+    _d_pad,
+    _load_rows,
+    _load_vec,
+    _lse_update,
+    _mask_u8,
+    _nonempty,
+    _num_warps,
+    _rowdot,
+    _store_rows,
+    _unit,
+    _unit_grad,
+    _unit_grad_rows,
+    _unit_rows,
+    _valid,
+)
 
 
 @triton.jit
