@@ -82,3 +82,26 @@ def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+# --------------------------------------------------------------------------- #
+# FD-CMDIE's intra-sample pair table (section 2.3.2, eq. 9-11, contract §3.4)
+# --------------------------------------------------------------------------- #
+
+# A sample's own six feature vectors, stacked in this order: the similarity features
+# ``[T_s, A_s, V_s]`` then the dissimilarity features ``[T_d, A_d, V_d]`` (modality order
+# t, a, v). ``pos_partner_feats[:, j]`` (2, 3, D) flattens to the same six rows.
+T_S, A_S, V_S, T_D, A_D, V_D = range(6)
+FD_CMDIE_FEATURES = ("T_s", "A_s", "V_s", "T_d", "A_d", "V_d")
+
+# Positive_in: ``(T_s, V_s), (T_s, A_s)`` -- text-anchored, ``(A_s, V_s)`` is not a pair.
+FD_CMDIE_INTRA_POSITIVES = ((T_S, V_S), (T_S, A_S))
+# Negative_in: ``T_s`` against every dissimilarity feature.
+FD_CMDIE_INTRA_NEGATIVES = ((T_S, T_D), (T_S, A_D), (T_S, V_D))
+# Pair_Tri (eq. 10): ``(anchor, positive, negative)`` for every Positive_in x Negative_in
+# pair with the same anchor -- the six hinge terms ``T_s x {V_s, A_s} x {T_d, A_d, V_d}``.
+FD_CMDIE_TRIPLETS = tuple((a, p, n) for a, p in FD_CMDIE_INTRA_POSITIVES
+                          for a_n, n in FD_CMDIE_INTRA_NEGATIVES if a_n == a)
+# Positive_out / Negative_out: the sample's similarity features against its partners' same
+# modality (``(X_s^i, X_s^j)``, ``(X_s^i, X_s^k)`` for X in t, a, v).
+FD_CMDIE_INTER_MODALITIES = (T_S, A_S, V_S)
