@@ -8,6 +8,7 @@ import torch
 
 import msa_fast
 from msa_fast.nn import FDCMDIEContrastiveLoss
+from msa_fast.ops import _common as P
 from msa_fast.ops import fd_cmdie_contrastive_loss, nt_xent, triplet
 from msa_fast.ops import reference as R
 
@@ -556,6 +557,7 @@ def test_triton_triplet_matches_reference(p, d, margin, dtype):
 @pytest.mark.parametrize("b,kp,kn,d,masked,dtype", [
     (3, 3, 4, 7, True, F32), (2, 1, 1, 33, False, F32), (3, 0, 2, 7, True, F32), (2, 2, 0, 16, True, F32),
     (2, 6, 9, 200, True, F32),  # D_P = 256: several partner blocks per sample, a partial last one
+    (2, 3, 2, 600, True, F32),  # D_P = 1024: one partner per block (BLOCK_J = 1)
     (2, 3, 5, 33, True, F16)])
 @pytest.mark.interpret
 def test_triton_fd_cmdie_matches_reference(b, kp, kn, d, masked, dtype):
@@ -566,6 +568,40 @@ def test_triton_fd_cmdie_matches_reference(b, kp, kn, d, masked, dtype):
         lambda *x: fd_cmdie_contrastive_loss(*x, *hyper, pm, nm, "none", backend="triton"),
         lambda *x: R.fd_cmdie_contrastive_loss(*x, *hyper, pm, nm, "none"),
         [x.float() for x in _fd_inputs(b, kp, kn, d)], dtype)
+
+
+# Other pair tables of the form the kernel takes (anchors T_s, positives among A_s/V_s,
+# negatives among the dissimilarity features): T_s inside and outside the inter-sample rows.
+_TABLES = [
+    dict(FD_CMDIE_INTRA_POSITIVES=((P.T_S, P.V_S),), FD_CMDIE_INTRA_NEGATIVES=((P.T_S, P.A_D), (P.T_S, P.V_D)),
+         FD_CMDIE_TRIPLETS=((P.T_S, P.V_S, P.A_D), (P.T_S, P.V_S, P.V_D)), FD_CMDIE_INTER_MODALITIES=(P.T_S, P.V_S)),
+    dict(FD_CMDIE_INTRA_POSITIVES=((P.T_S, P.A_S), (P.T_S, P.V_S)), FD_CMDIE_INTRA_NEGATIVES=((P.T_S, P.T_D),),
+         FD_CMDIE_TRIPLETS=((P.T_S, P.A_S, P.T_D),), FD_CMDIE_INTER_MODALITIES=(P.A_S,)),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("table", range(len(_TABLES)))
+def test_triton_fd_cmdie_and_reference_read_one_pair_table(monkeypatch, table):
+    """Kernel and reference both follow ``ops/_common``'s pair table: replaced there, the
+    loss changes and the two still agree, forward and backward."""
+    inputs = [x.float() for x in _fd_inputs(3, 3, 2, 7)]
+    pm = _mask_with_empty_row(3, 3)
+    fd = lambda *x: R.fd_cmdie_contrastive_loss(*x, pos_partner_mask=pm, reduction="none")  # noqa: E731
+    before = fd(*(x.double() for x in inputs))
+    for name, value in _TABLES[table].items():
+        monkeypatch.setattr(P, name, value)
+    after = fd(*(x.double() for x in inputs))
+    assert not torch.allclose(before, after)
+    _against_reference(lambda *x: fd_cmdie_contrastive_loss(*x, pos_partner_mask=pm, reduction="none",
+                                                            backend="triton"), fd, inputs, F32)
+
+
+@pytest.mark.interpret
+def test_triton_fd_cmdie_rejects_a_pair_table_it_cannot_unroll(monkeypatch):
+    monkeypatch.setattr(P, "FD_CMDIE_INTRA_POSITIVES", ((P.A_S, P.V_S),))  # anchored at A_s
+    with pytest.raises(ValueError, match="pair table"):
+        fd_cmdie_contrastive_loss(*(x.float() for x in _fd_inputs(2, 1, 1, 8)), backend="triton")
 
 
 @pytest.mark.interpret

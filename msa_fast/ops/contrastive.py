@@ -37,6 +37,7 @@ import math
 import torch
 
 from msa_fast import _backend
+from msa_fast.ops import _common as pairs
 from msa_fast.ops import _validate as V
 from msa_fast.ops import reference
 from msa_fast.ops._common import reduce_loss
@@ -139,6 +140,30 @@ def _triplet_backward(ctx, d_loss):
 _triplet_triton.register_autograd(_triplet_backward, setup_context=_triplet_setup)
 
 
+def fd_cmdie_pair_masks() -> dict:
+    """The pair table of :mod:`msa_fast.ops._common` as the Triton kernels' constexpr bit masks
+    over the modality rows (``POS_IN``, ``NEG_IN``, ``INTER``; ``TRI`` over
+    ``positive * 4 + negative``, 4 = the kernels' padded modality rows). Read at every launch, so the kernel and the reference
+    always use the same table."""
+    sim, diff = (pairs.T_S, pairs.A_S, pairs.V_S), (pairs.T_D, pairs.A_D, pairs.V_D)
+    pos = [sim.index(c) for a, c in pairs.FD_CMDIE_INTRA_POSITIVES if a == pairs.T_S and c in sim[1:]]
+    neg = [diff.index(c) for a, c in pairs.FD_CMDIE_INTRA_NEGATIVES if a == pairs.T_S and c in diff]
+    tri = [(sim.index(p), diff.index(n)) for a, p, n in pairs.FD_CMDIE_TRIPLETS
+           if a == pairs.T_S and p in sim[1:] and n in diff]
+    inter = [sim.index(c) for c in pairs.FD_CMDIE_INTER_MODALITIES if c in sim]
+    if (len(pos), len(neg), len(tri), len(inter)) != (
+            len(pairs.FD_CMDIE_INTRA_POSITIVES), len(pairs.FD_CMDIE_INTRA_NEGATIVES),
+            len(pairs.FD_CMDIE_TRIPLETS), len(pairs.FD_CMDIE_INTER_MODALITIES)):
+        raise ValueError("fd_cmdie_contrastive_loss (triton): the pair table must anchor every intra pair "
+                         "and triplet at T_s, with positives among A_s/V_s, negatives among T_d/A_d/V_d and "
+                         f"inter-sample rows among T_s/A_s/V_s; got {pairs.FD_CMDIE_INTRA_POSITIVES}, "
+                         f"{pairs.FD_CMDIE_INTRA_NEGATIVES}, {pairs.FD_CMDIE_TRIPLETS}, "
+                         f"{pairs.FD_CMDIE_INTER_MODALITIES}")
+    bits = lambda idx: sum(1 << k for k in set(idx))  # noqa: E731
+    return dict(POS_IN=bits(pos), NEG_IN=bits(neg), TRI=bits(p * 4 + n for p, n in tri), INTER=bits(inter),
+                N_POS_IN=len(set(pos)))
+
+
 @torch.library.custom_op("msa_fast::fd_cmdie_contrastive_loss_triton", mutates_args=())
 def _fd_cmdie_triton(sim_feats: _T, diff_feats: _T, pos_partner_feats: _T, neg_partner_feats: _T,
                      pos_partner_mask: _T | None, neg_partner_mask: _T | None, tau: float, margin: float,
@@ -146,7 +171,7 @@ def _fd_cmdie_triton(sim_feats: _T, diff_feats: _T, pos_partner_feats: _T, neg_p
     from msa_fast.kernels.triton.fd_cmdie_contrastive_loss import fd_cmdie_forward
 
     return fd_cmdie_forward(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, pos_partner_mask,
-                            neg_partner_mask, tau, margin, lambda_tri)
+                            neg_partner_mask, tau, margin, lambda_tri, fd_cmdie_pair_masks())
 
 
 @_fd_cmdie_triton.register_fake
@@ -164,7 +189,8 @@ def _fd_cmdie_triton_backward(grad: _T | None, sim_feats: _T, diff_feats: _T, po
     from msa_fast.kernels.triton.fd_cmdie_contrastive_loss import fd_cmdie_backward
 
     return fd_cmdie_backward(grad, sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, pos_partner_mask,
-                             neg_partner_mask, aux, tau, margin, lambda_tri, need_pos_partners, need_neg_partners)
+                             neg_partner_mask, aux, tau, margin, lambda_tri, need_pos_partners, need_neg_partners,
+                             fd_cmdie_pair_masks())
 
 
 @_fd_cmdie_triton_backward.register_fake

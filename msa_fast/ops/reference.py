@@ -17,11 +17,8 @@ import math
 import torch
 
 # shared with the production ops (not oracles): defined once in _common, re-exported here
+from msa_fast.ops import _common
 from msa_fast.ops._common import (  # noqa: F401
-    FD_CMDIE_INTER_MODALITIES,
-    FD_CMDIE_INTRA_NEGATIVES,
-    FD_CMDIE_INTRA_POSITIVES,
-    FD_CMDIE_TRIPLETS,
     T_S,
     MinedPairs,
     mining_queries,
@@ -574,24 +571,30 @@ def fd_cmdie_contrastive_loss(
     nm = neg_partner_mask if neg_partner_mask is not None else torch.ones(b, kn, dtype=torch.bool, device=dev)
     yes = lambda *shape: torch.ones(shape, dtype=torch.bool, device=dev)
     no = lambda *shape: torch.zeros(shape, dtype=torch.bool, device=dev)
-    pos_in = [c for _, c in FD_CMDIE_INTRA_POSITIVES]  # [V_s, A_s]
-    neg_in = [c for _, c in FD_CMDIE_INTRA_NEGATIVES]  # [T_d, A_d, V_d]
+    # the pair table, read at every call (the Triton kernel reads the same objects)
+    pos_in = [c for _, c in _common.FD_CMDIE_INTRA_POSITIVES]  # [V_s, A_s]
+    neg_in = [c for _, c in _common.FD_CMDIE_INTRA_NEGATIVES]  # [T_d, A_d, V_d]
     n_pos, n_neg = len(pos_in), len(neg_in)
+    inter = _common.FD_CMDIE_INTER_MODALITIES
+    # T_s^i's inter-sample pairs (T_s^j, T_s^k) join its intra ones: one group per anchor.
+    t_inter = slice(None) if T_S in inter else slice(0)
+    pt, nt, pmt, nmt = ps[:, t_inter, T_S], ns[:, t_inter, T_S], pm[:, t_inter], nm[:, t_inter]
 
     # Anchor T_s^i: Positive_in, partner T_s^j, Negative_in, T_s^k.
-    cand = torch.cat([own[:, pos_in], ps[:, :, T_S], own[:, neg_in], ns[:, :, T_S]], dim=1)  # (B, 5+Kp+Kn, D)
+    cand = torch.cat([own[:, pos_in], pt, own[:, neg_in], nt], dim=1)  # (B, 5+Kp+Kn, D)
     logits = torch.einsum("bd,bcd->bc", own[:, T_S], cand) / tau
-    valid = torch.cat([yes(b, n_pos), pm, yes(b, n_neg), nm], dim=1)
-    is_pos = torch.cat([yes(b, n_pos), pm, no(b, n_neg), no(b, kn)], dim=1)
+    valid = torch.cat([yes(b, n_pos), pmt, yes(b, n_neg), nmt], dim=1)
+    is_pos = torch.cat([yes(b, n_pos), pmt, no(b, n_neg), no(*nmt.shape)], dim=1)
     l_nt = _anchor_group_nt_xent(logits, is_pos, valid)
 
-    # Anchors A_s^i, V_s^i: inter-sample pairs only, same modality (T_s^i's are in its group above).
-    mods = list(FD_CMDIE_INTER_MODALITIES[1:])
-    cand = torch.cat([ps[:, :, mods], ns[:, :, mods]], dim=1).transpose(1, 2)  # (B, 2, Kp+Kn, D)
-    logits = torch.einsum("bmd,bmcd->bmc", own[:, mods], cand) / tau
-    valid = torch.cat([pm, nm], dim=1)[:, None, :].expand(b, len(mods), kp + kn)
-    is_pos = torch.cat([yes(b, kp), no(b, kn)], dim=1)[:, None, :].expand(b, len(mods), kp + kn)
-    l_nt = l_nt + _anchor_group_nt_xent(logits, is_pos, valid)
+    # Anchors A_s^i, V_s^i: inter-sample pairs only, same modality.
+    mods = [m for m in inter if m != T_S]
+    if mods:
+        cand = torch.cat([ps[:, :, mods], ns[:, :, mods]], dim=1).transpose(1, 2)  # (B, 2, Kp+Kn, D)
+        logits = torch.einsum("bmd,bmcd->bmc", own[:, mods], cand) / tau
+        valid = torch.cat([pm, nm], dim=1)[:, None, :].expand(b, len(mods), kp + kn)
+        is_pos = torch.cat([yes(b, kp), no(b, kn)], dim=1)[:, None, :].expand(b, len(mods), kp + kn)
+        l_nt = l_nt + _anchor_group_nt_xent(logits, is_pos, valid)
 
     # Anchors T_s^j of the similar partners: their own Positive_in / Negative_in.
     cand = torch.cat([ps[:, :, pos_in], ps[:, :, neg_in]], dim=2)  # (B, Kp, 5, D)
@@ -601,7 +604,7 @@ def fd_cmdie_contrastive_loss(
     l_nt = l_nt + _anchor_group_nt_xent(logits, is_pos, valid)
 
     # Triplets (eq. 10-11): the rows (anchor, positive, negative) of Pair_Tri.
-    a, p, n = (list(col) for col in zip(*FD_CMDIE_TRIPLETS))
+    a, p, n = ([t[k] for t in _common.FD_CMDIE_TRIPLETS] for k in range(3))
     dist = lambda x, y: 1 - (x * y).sum(-1)  # d = 1 - cos of unit vectors
     l_tri = torch.relu(dist(own[:, a], own[:, p]) - dist(own[:, a], own[:, n]) + margin).sum(dim=1)
 
