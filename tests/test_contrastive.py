@@ -2,6 +2,7 @@
 fd_cmdie_contrastive_loss and the FDCMDIEContrastiveLoss module."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -597,11 +598,39 @@ def test_triton_fd_cmdie_and_reference_read_one_pair_table(monkeypatch, table):
                                                             backend="triton"), fd, inputs, F32)
 
 
+# tables neither path computes: an anchor other than T_s, a positive among the
+# dissimilarity rows, a row twice (the kernels' bit masks would count it once)
+_BAD_TABLES = [("FD_CMDIE_INTRA_POSITIVES", ((P.A_S, P.V_S),)), ("FD_CMDIE_INTRA_POSITIVES", ((P.T_S, P.T_D),)),
+               ("FD_CMDIE_INTRA_POSITIVES", ((P.T_S, P.V_S), (P.T_S, P.V_S))),
+               ("FD_CMDIE_INTRA_NEGATIVES", ((P.T_S, P.A_D), (P.T_S, P.A_D))),
+               ("FD_CMDIE_TRIPLETS", ((P.T_S, P.V_S, P.T_D),) * 2), ("FD_CMDIE_INTER_MODALITIES", (P.A_S, P.A_S)),
+               ("FD_CMDIE_INTER_MODALITIES", (P.T_D,))]
+
+
 @pytest.mark.interpret
-def test_triton_fd_cmdie_rejects_a_pair_table_it_cannot_unroll(monkeypatch):
-    monkeypatch.setattr(P, "FD_CMDIE_INTRA_POSITIVES", ((P.A_S, P.V_S),))  # anchored at A_s
-    with pytest.raises(ValueError, match="pair table"):
-        fd_cmdie_contrastive_loss(*(x.float() for x in _fd_inputs(2, 1, 1, 8)), backend="triton")
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("bad", range(len(_BAD_TABLES)))
+def test_fd_cmdie_pair_table_neither_path_computes_is_refused(monkeypatch, backend, bad):
+    monkeypatch.setattr(P, *_BAD_TABLES[bad])
+    with pytest.raises(ValueError, match="pair table: expected"):
+        fd_cmdie_contrastive_loss(*(x.float() for x in _fd_inputs(2, 1, 1, 8)), backend=backend)
+
+
+@pytest.mark.interpret
+def test_triton_fd_cmdie_empty_table_parts_match_reference(monkeypatch):
+    """No Positive_in and no triplets (only the inter-sample pairs carry a loss), then no
+    pairs at all: empty groups add 0 and no exp overflows."""
+    inputs = [x.float() for x in _fd_inputs(2, 2, 2, 8)]
+    for name in ("FD_CMDIE_INTRA_POSITIVES", "FD_CMDIE_TRIPLETS", "FD_CMDIE_INTER_MODALITIES"):
+        monkeypatch.setattr(P, name, ())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the interpreter's numpy warns on an exp overflow
+            out, _ = _against_reference(
+                lambda *x: fd_cmdie_contrastive_loss(*x, reduction="none", backend="triton"),
+                lambda *x: R.fd_cmdie_contrastive_loss(*x, reduction="none"), inputs, F32)
+        if name == "FD_CMDIE_TRIPLETS":
+            assert torch.all(out > 0)  # the inter-sample groups
+    assert torch.all(out == 0)
 
 
 @pytest.mark.interpret

@@ -105,3 +105,28 @@ FD_CMDIE_TRIPLETS = tuple((a, p, n) for a, p in FD_CMDIE_INTRA_POSITIVES
 # Positive_out / Negative_out: the sample's similarity features against its partners' same
 # modality (``(X_s^i, X_s^j)``, ``(X_s^i, X_s^k)`` for X in t, a, v).
 FD_CMDIE_INTER_MODALITIES = (T_S, A_S, V_S)
+
+
+def fd_cmdie_table() -> tuple[list[int], list[int], list[tuple[int, int, int]], list[int]]:
+    """The pair table above, read now and checked: ``(Positive_in rows, Negative_in rows,
+    Pair_Tri (anchor, positive, negative), inter-sample rows)``.
+
+    Both the reference and the Triton kernels read the table through this, so a table one
+    of them could not compute is refused by both: FD-CMDIE's form -- every intra pair and
+    triplet anchored at ``T_s``, positives among ``A_s, V_s``, negatives among ``T_d, A_d,
+    V_d``, triplets over those, inter-sample rows among ``T_s, A_s, V_s`` -- and no row twice
+    (a set of pairs; the kernels' bit masks cannot count a row twice)."""
+    pos_rows, neg_rows = (A_S, V_S), (T_D, A_D, V_D)
+    pos = [c for a, c in FD_CMDIE_INTRA_POSITIVES if a == T_S and c in pos_rows]
+    neg = [c for a, c in FD_CMDIE_INTRA_NEGATIVES if a == T_S and c in neg_rows]
+    tri = [(a, p, n) for a, p, n in FD_CMDIE_TRIPLETS if a == T_S and p in pos_rows and n in neg_rows]
+    inter = [c for c in FD_CMDIE_INTER_MODALITIES if c in (T_S, A_S, V_S)]
+    given = (FD_CMDIE_INTRA_POSITIVES, FD_CMDIE_INTRA_NEGATIVES, FD_CMDIE_TRIPLETS, FD_CMDIE_INTER_MODALITIES)
+    kept = (pos, neg, tri, inter)
+    if any(len(k) != len(g) or len(set(k)) != len(k) for k, g in zip(kept, given)):
+        raise ValueError(
+            "fd_cmdie_contrastive_loss: pair table: expected every intra pair and triplet anchored at T_s, "
+            "positives among A_s/V_s, negatives among T_d/A_d/V_d, inter-sample rows among T_s/A_s/V_s, no "
+            f"row twice; got positives {FD_CMDIE_INTRA_POSITIVES}, negatives {FD_CMDIE_INTRA_NEGATIVES}, "
+            f"triplets {FD_CMDIE_TRIPLETS}, inter {FD_CMDIE_INTER_MODALITIES} (rows: {FD_CMDIE_FEATURES})")
+    return pos, neg, tri, inter

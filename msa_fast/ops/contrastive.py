@@ -141,27 +141,18 @@ _triplet_triton.register_autograd(_triplet_backward, setup_context=_triplet_setu
 
 
 def fd_cmdie_pair_masks() -> dict:
-    """The pair table of :mod:`msa_fast.ops._common` as the Triton kernels' constexpr bit masks
-    over the modality rows (``POS_IN``, ``NEG_IN``, ``INTER``; ``TRI`` over
-    ``positive * 4 + negative``, 4 = the kernels' padded modality rows). Read at every launch, so the kernel and the reference
-    always use the same table."""
+    """The pair table of :mod:`msa_fast.ops._common` (read now, through
+    :func:`~msa_fast.ops._common.fd_cmdie_table`, as the reference reads it) as the Triton
+    kernels' constexprs: bit masks over the modality rows t, a, v -- ``POS_IN`` (Positive_in
+    among the similarity rows), ``NEG_IN`` (Negative_in among the dissimilarity rows),
+    ``INTER`` (the inter-sample rows), ``TRI`` over ``positive * 4 + negative`` (4 = the
+    kernels' padded modality rows) -- and ``N_POS_IN``, the number of Positive_in pairs."""
+    pos, neg, tri, inter = pairs.fd_cmdie_table()
     sim, diff = (pairs.T_S, pairs.A_S, pairs.V_S), (pairs.T_D, pairs.A_D, pairs.V_D)
-    pos = [sim.index(c) for a, c in pairs.FD_CMDIE_INTRA_POSITIVES if a == pairs.T_S and c in sim[1:]]
-    neg = [diff.index(c) for a, c in pairs.FD_CMDIE_INTRA_NEGATIVES if a == pairs.T_S and c in diff]
-    tri = [(sim.index(p), diff.index(n)) for a, p, n in pairs.FD_CMDIE_TRIPLETS
-           if a == pairs.T_S and p in sim[1:] and n in diff]
-    inter = [sim.index(c) for c in pairs.FD_CMDIE_INTER_MODALITIES if c in sim]
-    if (len(pos), len(neg), len(tri), len(inter)) != (
-            len(pairs.FD_CMDIE_INTRA_POSITIVES), len(pairs.FD_CMDIE_INTRA_NEGATIVES),
-            len(pairs.FD_CMDIE_TRIPLETS), len(pairs.FD_CMDIE_INTER_MODALITIES)):
-        raise ValueError("fd_cmdie_contrastive_loss (triton): the pair table must anchor every intra pair "
-                         "and triplet at T_s, with positives among A_s/V_s, negatives among T_d/A_d/V_d and "
-                         f"inter-sample rows among T_s/A_s/V_s; got {pairs.FD_CMDIE_INTRA_POSITIVES}, "
-                         f"{pairs.FD_CMDIE_INTRA_NEGATIVES}, {pairs.FD_CMDIE_TRIPLETS}, "
-                         f"{pairs.FD_CMDIE_INTER_MODALITIES}")
-    bits = lambda idx: sum(1 << k for k in set(idx))  # noqa: E731
-    return dict(POS_IN=bits(pos), NEG_IN=bits(neg), TRI=bits(p * 4 + n for p, n in tri), INTER=bits(inter),
-                N_POS_IN=len(set(pos)))
+    bits = lambda idx: sum(1 << k for k in idx)  # noqa: E731
+    return dict(POS_IN=bits(sim.index(c) for c in pos), NEG_IN=bits(diff.index(c) for c in neg),
+                TRI=bits(sim.index(p) * 4 + diff.index(n) for _, p, n in tri),
+                INTER=bits(sim.index(c) for c in inter), N_POS_IN=len(pos))
 
 
 @torch.library.custom_op("msa_fast::fd_cmdie_contrastive_loss_triton", mutates_args=())

@@ -548,10 +548,13 @@ def fd_cmdie_contrastive_loss(
     not used); ``l_Tri^i = sum max(0, d(a, p) - d(a, n) + margin)``,
     ``d = 1 - cos``.
 
-    The intra-sample pairs and the triplets are the tables ``FD_CMDIE_INTRA_POSITIVES``,
-    ``FD_CMDIE_INTRA_NEGATIVES``, ``FD_CMDIE_TRIPLETS`` of :mod:`msa_fast.ops._common`
-    (over the rows ``T_S .. V_D`` of a sample's stacked ``[T_s, A_s, V_s, T_d, A_d, V_d]``),
-    the same objects the Triton kernel unrolls.
+    The sets above are the default of a table in :mod:`msa_fast.ops._common`, read at every
+    call through :func:`~msa_fast.ops._common.fd_cmdie_table` (over the rows ``T_S .. V_D``
+    of a sample's stacked ``[T_s, A_s, V_s, T_d, A_d, V_d]``), which the Triton kernels read
+    too: ``FD_CMDIE_INTRA_POSITIVES`` / ``FD_CMDIE_INTRA_NEGATIVES`` (Positive_in /
+    Negative_in, of every sample and every similar partner), ``FD_CMDIE_TRIPLETS``
+    (Pair_Tri) and ``FD_CMDIE_INTER_MODALITIES`` (the X of Positive_out / Negative_out; the
+    pairs of ``T_s^i`` join its intra group, one group per anchor).
 
     Eq. 12: ``L_cl = mean_i l_NT^i + lambda_tri * mean_i l_Tri^i``. ``reduction``:
     ``"mean"`` (eq. 12), ``"sum"`` or ``"none"`` -> ``(B,)`` per-sample
@@ -571,17 +574,15 @@ def fd_cmdie_contrastive_loss(
     nm = neg_partner_mask if neg_partner_mask is not None else torch.ones(b, kn, dtype=torch.bool, device=dev)
     yes = lambda *shape: torch.ones(shape, dtype=torch.bool, device=dev)
     no = lambda *shape: torch.zeros(shape, dtype=torch.bool, device=dev)
-    # the pair table, read at every call (the Triton kernel reads the same objects)
-    pos_in = [c for _, c in _common.FD_CMDIE_INTRA_POSITIVES]  # [V_s, A_s]
-    neg_in = [c for _, c in _common.FD_CMDIE_INTRA_NEGATIVES]  # [T_d, A_d, V_d]
+    # the pair table, read and checked at every call (the Triton kernels read the same one)
+    pos_in, neg_in, triplets, inter = _common.fd_cmdie_table()  # [V_s, A_s], [T_d, A_d, V_d], 6, [T_s, A_s, V_s]
     n_pos, n_neg = len(pos_in), len(neg_in)
-    inter = _common.FD_CMDIE_INTER_MODALITIES
     # T_s^i's inter-sample pairs (T_s^j, T_s^k) join its intra ones: one group per anchor.
     t_inter = slice(None) if T_S in inter else slice(0)
     pt, nt, pmt, nmt = ps[:, t_inter, T_S], ns[:, t_inter, T_S], pm[:, t_inter], nm[:, t_inter]
 
     # Anchor T_s^i: Positive_in, partner T_s^j, Negative_in, T_s^k.
-    cand = torch.cat([own[:, pos_in], pt, own[:, neg_in], nt], dim=1)  # (B, 5+Kp+Kn, D)
+    cand = torch.cat([own[:, pos_in], pt, own[:, neg_in], nt], dim=1)  # (B, 5+Kp+Kn, D) by default
     logits = torch.einsum("bd,bcd->bc", own[:, T_S], cand) / tau
     valid = torch.cat([yes(b, n_pos), pmt, yes(b, n_neg), nmt], dim=1)
     is_pos = torch.cat([yes(b, n_pos), pmt, no(b, n_neg), no(*nmt.shape)], dim=1)
@@ -590,21 +591,21 @@ def fd_cmdie_contrastive_loss(
     # Anchors A_s^i, V_s^i: inter-sample pairs only, same modality.
     mods = [m for m in inter if m != T_S]
     if mods:
-        cand = torch.cat([ps[:, :, mods], ns[:, :, mods]], dim=1).transpose(1, 2)  # (B, 2, Kp+Kn, D)
+        cand = torch.cat([ps[:, :, mods], ns[:, :, mods]], dim=1).transpose(1, 2)  # (B, len(mods), Kp+Kn, D)
         logits = torch.einsum("bmd,bmcd->bmc", own[:, mods], cand) / tau
         valid = torch.cat([pm, nm], dim=1)[:, None, :].expand(b, len(mods), kp + kn)
         is_pos = torch.cat([yes(b, kp), no(b, kn)], dim=1)[:, None, :].expand(b, len(mods), kp + kn)
         l_nt = l_nt + _anchor_group_nt_xent(logits, is_pos, valid)
 
     # Anchors T_s^j of the similar partners: their own Positive_in / Negative_in.
-    cand = torch.cat([ps[:, :, pos_in], ps[:, :, neg_in]], dim=2)  # (B, Kp, 5, D)
+    cand = torch.cat([ps[:, :, pos_in], ps[:, :, neg_in]], dim=2)  # (B, Kp, 5, D) by default
     logits = torch.einsum("bjd,bjcd->bjc", ps[:, :, T_S], cand) / tau
     valid = pm[:, :, None].expand(b, kp, n_pos + n_neg)
     is_pos = torch.cat([yes(b, kp, n_pos), no(b, kp, n_neg)], dim=2)
     l_nt = l_nt + _anchor_group_nt_xent(logits, is_pos, valid)
 
     # Triplets (eq. 10-11): the rows (anchor, positive, negative) of Pair_Tri.
-    a, p, n = ([t[k] for t in _common.FD_CMDIE_TRIPLETS] for k in range(3))
+    a, p, n = ([t[k] for t in triplets] for k in range(3))
     dist = lambda x, y: 1 - (x * y).sum(-1)  # d = 1 - cos of unit vectors
     l_tri = torch.relu(dist(own[:, a], own[:, p]) - dist(own[:, a], own[:, n]) + margin).sum(dim=1)
 

@@ -22,7 +22,8 @@ group is one masked reduction over the rows: G1 and the Gm share one vector of o
 log-sum-exp states, one lane per modality (the lane of a modality outside ``M`` gets no
 candidate and adds 0). The kernel takes the tables FD-CMDIE defines -- anchors ``T_s``,
 Positive_in among the other similarity features, Negative_in among the dissimilarity
-features -- and ``fd_cmdie_pair_masks`` rejects any other.
+features, each row once -- and ``msa_fast.ops._common.fd_cmdie_table`` refuses any other
+(for the reference too).
 
 Numerics. A group's running max starts at the finite sentinel ``-1e30``, so
 ``exp(-inf - -inf)`` never appears; a group with no candidate keeps ``s = 0`` and its
@@ -130,7 +131,7 @@ def _safe_lse(m, s):
 
 
 @triton.jit
-def _partner_group(PS, PD, pos_m, neg_m, tau, N_POS_IN: tl.constexpr, offs_m):
+def _partner_group(PS, PD, pos_m, neg_m, tau, offs_m):
     """G4j for a block of partners: the logits of each ``T_s^j`` against its own
     similarity and dissimilarity rows ``(BLOCK, M_P)`` each, and their lse ``(BLOCK,)``."""
     PT = _block_row(PS, offs_m, 0)
@@ -138,8 +139,10 @@ def _partner_group(PS, PD, pos_m, neg_m, tau, N_POS_IN: tl.constexpr, offs_m):
     zd = tl.sum(PD * PT[:, None, :], axis=2) / tau
     m = tl.maximum(tl.max(tl.where(pos_m[None, :], zs, NEG_BIG), axis=1),
                    tl.max(tl.where(neg_m[None, :], zd, NEG_BIG), axis=1))
-    s = (tl.sum(tl.where(pos_m[None, :], tl.exp(zs - m[:, None]), 0.0), axis=1)
-         + tl.sum(tl.where(neg_m[None, :], tl.exp(zd - m[:, None]), 0.0), axis=1))
+    # exp of (z - m) only where a lane is a candidate: m = NEG_BIG (no candidate) cannot overflow
+    s = (tl.sum(tl.where(pos_m[None, :], tl.exp(tl.where(pos_m[None, :], zs, m[:, None]) - m[:, None]), 0.0), axis=1)
+         + tl.sum(tl.where(neg_m[None, :], tl.exp(tl.where(neg_m[None, :], zd, m[:, None]) - m[:, None]), 0.0),
+                  axis=1))
     return PT, zs, zd, _safe_lse(m, s)
 
 
@@ -155,7 +158,8 @@ def _own_state(s_ptr, d_ptr, i, D, tau, offs_m, offs_d, pos_m, neg_m):
     zs = tl.sum(S * uT[None, :], axis=1) / tau
     zd = tl.sum(Dd * uT[None, :], axis=1) / tau
     m1 = tl.maximum(tl.max(tl.where(pos_m, zs, NEG_BIG), axis=0), tl.max(tl.where(neg_m, zd, NEG_BIG), axis=0))
-    s1 = tl.sum(tl.where(pos_m, tl.exp(zs - m1), 0.0), axis=0) + tl.sum(tl.where(neg_m, tl.exp(zd - m1), 0.0), axis=0)
+    s1 = (tl.sum(tl.where(pos_m, tl.exp(tl.where(pos_m, zs, m1) - m1), 0.0), axis=0)
+          + tl.sum(tl.where(neg_m, tl.exp(tl.where(neg_m, zd, m1) - m1), 0.0), axis=0))
     return off, ok, S, iS, Dd, iD, uT, zs, zd, m1, s1
 
 
@@ -200,7 +204,7 @@ def fd_cmdie_fwd_kernel(s_ptr, d_ptr, ps_ptr, ns_ptr, pm_ptr, nm_ptr, loss_ptr, 
         m, s = _lse_lanes(m, s, z, v2)
         pos += tl.sum(tl.where(v2, z, 0.0), axis=0)
         npp += tl.sum(valid.to(tl.float32), axis=0)
-        _pt, z4s, _z4d, lse4 = _partner_group(PS, PD, pos_m, neg_m, tau, N_POS_IN, offs_m)
+        _pt, z4s, _z4d, lse4 = _partner_group(PS, PD, pos_m, neg_m, tau, offs_m)
         l4 += tl.sum(tl.where(valid, N_POS_IN * lse4 - tl.sum(tl.where(pos_m[None, :], z4s, 0.0), axis=1), 0.0),
                      axis=0)
     for k0 in range(0, Kn, BLOCK_K):
@@ -265,7 +269,7 @@ def fd_cmdie_bwd_kernel(g_ptr, g_stride, s_ptr, d_ptr, ps_ptr, ns_ptr, pm_ptr, n
         GS += tl.sum(dc[:, :, None] * PS, axis=0)
         if NEED_PS:
             # G4j: the partner's own T_s^j anchor.
-            PT, z4s, z4d, lse4 = _partner_group(PS, PD, pos_m, neg_m, tau, N_POS_IN, offs_m)
+            PT, z4s, z4d, lse4 = _partner_group(PS, PD, pos_m, neg_m, tau, offs_m)
             d4s = tl.where(valid[:, None] & pos_m[None, :], gt * (N_POS_IN * tl.exp(z4s - lse4[:, None]) - 1.0), 0.0)
             d4d = tl.where(valid[:, None] & neg_m[None, :], gt * N_POS_IN * tl.exp(z4d - lse4[:, None]), 0.0)
             GPT = tl.sum(d4s[:, :, None] * PS, axis=1) + tl.sum(d4d[:, :, None] * PD, axis=1)
@@ -300,10 +304,13 @@ def _fd_prepare(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, pos
 
 def _fd_launch(Kp: int, Kn: int, D: int, budget: int, pair_masks: dict, partner_grads: bool = False) -> dict:
     d_p = _d_pad(D)
-    # A positive block holds two (BLOCK_J, M_P, D_P) tiles, a negative block one; from
-    # D_P = 1024 even two partners per block spill in the backward (16-bit, Triton 3.8). The
-    # backward also forms the partners' gradient tiles: 8 warps keep them in registers
-    # (4 warps spill 8 B at D = 256 in 16-bit on sm_80, Triton 3.6).
+    # ``budget`` fp32 elements per partner block: a positive block holds two (BLOCK_J, M_P,
+    # D_P) tiles (budget // 8 rows of D_P), a negative block one (budget // 4). ``_block``
+    # keeps at least 2 rows, so from D_P = 512 a block holds more than the budget; that is
+    # what the compile gate checks (0 spills, Triton 3.6 and 3.8), except that at D_P = 1024
+    # two positive partners per block spill in the 16-bit backward (Triton 3.8): one, then.
+    # A backward that forms the partners' gradient tiles runs 8 warps (4 spill 8 B at D = 256
+    # in 16-bit on sm_80, Triton 3.6; without those tiles 8 warps spill 4 B on Triton 3.8).
     block_j = 1 if d_p * 8 > budget else _block(Kp, d_p, budget // 8)
     return dict(BLOCK_J=block_j, BLOCK_K=_block(Kn, d_p, budget // 4), D_P=d_p,
                 num_warps=8 if partner_grads else _num_warps(d_p), **pair_masks)
@@ -323,7 +330,7 @@ def fd_cmdie_forward(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats
     if B:
         fd_cmdie_fwd_kernel[(B,)](s, d, ps, ns, pm, nm, loss, aux, Kp, Kn, D, float(tau), float(margin),
                                   float(lambda_tri), HAS_PM=has_pm, HAS_NM=has_nm,
-                                  **_fd_launch(Kp, Kn, D, 4096, pair_masks))  # 8192 spills in 16-bit (Triton 3.6)
+                                  **_fd_launch(Kp, Kn, D, 4096, pair_masks))
     return loss, aux
 
 
