@@ -2,12 +2,14 @@
 fd_cmdie_contrastive_loss and the FDCMDIEContrastiveLoss module."""
 
 import math
+import warnings
 
 import pytest
 import torch
 
 import msa_fast
 from msa_fast.nn import FDCMDIEContrastiveLoss
+from msa_fast.ops import _common as P
 from msa_fast.ops import fd_cmdie_contrastive_loss, nt_xent, triplet
 from msa_fast.ops import reference as R
 
@@ -556,6 +558,7 @@ def test_triton_triplet_matches_reference(p, d, margin, dtype):
 @pytest.mark.parametrize("b,kp,kn,d,masked,dtype", [
     (3, 3, 4, 7, True, F32), (2, 1, 1, 33, False, F32), (3, 0, 2, 7, True, F32), (2, 2, 0, 16, True, F32),
     (2, 6, 9, 200, True, F32),  # D_P = 256: several partner blocks per sample, a partial last one
+    (2, 3, 2, 600, True, F32),  # D_P = 1024: one partner per block (BLOCK_J = 1)
     (2, 3, 5, 33, True, F16)])
 @pytest.mark.interpret
 def test_triton_fd_cmdie_matches_reference(b, kp, kn, d, masked, dtype):
@@ -566,6 +569,68 @@ def test_triton_fd_cmdie_matches_reference(b, kp, kn, d, masked, dtype):
         lambda *x: fd_cmdie_contrastive_loss(*x, *hyper, pm, nm, "none", backend="triton"),
         lambda *x: R.fd_cmdie_contrastive_loss(*x, *hyper, pm, nm, "none"),
         [x.float() for x in _fd_inputs(b, kp, kn, d)], dtype)
+
+
+# Other pair tables of the form the kernel takes (anchors T_s, positives among A_s/V_s,
+# negatives among the dissimilarity features): T_s inside and outside the inter-sample rows.
+_TABLES = [
+    dict(FD_CMDIE_INTRA_POSITIVES=((P.T_S, P.V_S),), FD_CMDIE_INTRA_NEGATIVES=((P.T_S, P.A_D), (P.T_S, P.V_D)),
+         FD_CMDIE_TRIPLETS=((P.T_S, P.V_S, P.A_D), (P.T_S, P.V_S, P.V_D)), FD_CMDIE_INTER_MODALITIES=(P.T_S, P.V_S)),
+    dict(FD_CMDIE_INTRA_POSITIVES=((P.T_S, P.A_S), (P.T_S, P.V_S)), FD_CMDIE_INTRA_NEGATIVES=((P.T_S, P.T_D),),
+         FD_CMDIE_TRIPLETS=((P.T_S, P.A_S, P.T_D),), FD_CMDIE_INTER_MODALITIES=(P.A_S,)),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("table", range(len(_TABLES)))
+def test_triton_fd_cmdie_and_reference_read_one_pair_table(monkeypatch, table):
+    """Kernel and reference both follow ``ops/_common``'s pair table: replaced there, the
+    loss changes and the two still agree, forward and backward."""
+    inputs = [x.float() for x in _fd_inputs(3, 3, 2, 7)]
+    pm = _mask_with_empty_row(3, 3)
+    fd = lambda *x: R.fd_cmdie_contrastive_loss(*x, pos_partner_mask=pm, reduction="none")  # noqa: E731
+    before = fd(*(x.double() for x in inputs))
+    for name, value in _TABLES[table].items():
+        monkeypatch.setattr(P, name, value)
+    after = fd(*(x.double() for x in inputs))
+    assert not torch.allclose(before, after)
+    _against_reference(lambda *x: fd_cmdie_contrastive_loss(*x, pos_partner_mask=pm, reduction="none",
+                                                            backend="triton"), fd, inputs, F32)
+
+
+# tables neither path computes: an anchor other than T_s, a positive among the
+# dissimilarity rows, a row twice (the kernels' bit masks would count it once)
+_BAD_TABLES = [("FD_CMDIE_INTRA_POSITIVES", ((P.A_S, P.V_S),)), ("FD_CMDIE_INTRA_POSITIVES", ((P.T_S, P.T_D),)),
+               ("FD_CMDIE_INTRA_POSITIVES", ((P.T_S, P.V_S), (P.T_S, P.V_S))),
+               ("FD_CMDIE_INTRA_NEGATIVES", ((P.T_S, P.A_D), (P.T_S, P.A_D))),
+               ("FD_CMDIE_TRIPLETS", ((P.T_S, P.V_S, P.T_D),) * 2), ("FD_CMDIE_INTER_MODALITIES", (P.A_S, P.A_S)),
+               ("FD_CMDIE_INTER_MODALITIES", (P.T_D,))]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("bad", range(len(_BAD_TABLES)))
+def test_fd_cmdie_pair_table_neither_path_computes_is_refused(monkeypatch, backend, bad):
+    monkeypatch.setattr(P, *_BAD_TABLES[bad])
+    with pytest.raises(ValueError, match="pair table: expected"):
+        fd_cmdie_contrastive_loss(*(x.float() for x in _fd_inputs(2, 1, 1, 8)), backend=backend)
+
+
+@pytest.mark.interpret
+def test_triton_fd_cmdie_empty_table_parts_match_reference(monkeypatch):
+    """No Positive_in and no triplets (only the inter-sample pairs carry a loss), then no
+    pairs at all: empty groups add 0 and no exp overflows."""
+    inputs = [x.float() for x in _fd_inputs(2, 2, 2, 8)]
+    for name in ("FD_CMDIE_INTRA_POSITIVES", "FD_CMDIE_TRIPLETS", "FD_CMDIE_INTER_MODALITIES"):
+        monkeypatch.setattr(P, name, ())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the interpreter's numpy warns on an exp overflow
+            out, _ = _against_reference(
+                lambda *x: fd_cmdie_contrastive_loss(*x, reduction="none", backend="triton"),
+                lambda *x: R.fd_cmdie_contrastive_loss(*x, reduction="none"), inputs, F32)
+        if name == "FD_CMDIE_TRIPLETS":
+            assert torch.all(out > 0)  # the inter-sample groups
+    assert torch.all(out == 0)
 
 
 @pytest.mark.interpret

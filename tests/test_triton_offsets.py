@@ -37,7 +37,7 @@ def test_pid64_offsets_do_not_wrap():
     assert not torch.equal(out32, want)  # the int32 product wraps: the test can tell
 
 
-@pytest.mark.parametrize("module", ["layer_norm", "dual_gate", "gap", "attention", "contrastive"])
+@pytest.mark.parametrize("module", ["layer_norm", "dual_gate", "gap", "attention", "nt_xent", "triplet", "fd_cmdie_contrastive_loss"])
 def test_kernels_take_program_ids_from_pid64(module):
     """Every id that scales a whole slice (row, batch x head, modality) is pid64's. Attention
     keeps its axis-1 id (a block inside one (b, h) slice) int32 so that its offset tiles stay
@@ -50,7 +50,7 @@ def test_kernels_take_program_ids_from_pid64(module):
         assert src.count("bh = pid64(0)") == 3
 
 
-@pytest.mark.parametrize("module", ["layer_norm", "dual_gate", "gap", "attention", "contrastive", "pair_mining"])
+@pytest.mark.parametrize("module", ["layer_norm", "dual_gate", "gap", "attention", "nt_xent", "triplet", "fd_cmdie_contrastive_loss", "pair_mining"])
 def test_host_wrappers_are_device_guarded(module):
     import importlib
 

@@ -255,7 +255,14 @@ def compile_one(launch: dict, cap: int) -> dict:
                    wgmma=any("wgmma" in ln for ln in mma_lines),
                    tf32=any(".tf32" in ln for ln in mma_lines), error=None)
     except Exception as exc:  # a compile error is a gate failure, reported with the row
+        # Triton chains the error of an inlined @jit helper as the cause of the caller's:
+        # the innermost message is the one that names the failing line.
+        inner = exc
+        while inner.__cause__ is not None or inner.__context__ is not None:
+            inner = inner.__cause__ or inner.__context__
         msg = f"{type(exc).__name__}: {exc}"
+        if inner is not exc:
+            msg = f"{msg[:700]}\n... caused by {type(inner).__name__}: {str(inner)[-800:]}"
         row["error"] = msg[:1500]
     row["compile_s"] = round(time.time() - t0, 2)
     return row

@@ -82,3 +82,51 @@ def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+# --------------------------------------------------------------------------- #
+# FD-CMDIE's intra-sample pair table (section 2.3.2, eq. 9-11, contract §3.4)
+# --------------------------------------------------------------------------- #
+
+# A sample's own six feature vectors, stacked in this order: the similarity features
+# ``[T_s, A_s, V_s]`` then the dissimilarity features ``[T_d, A_d, V_d]`` (modality order
+# t, a, v). ``pos_partner_feats[:, j]`` (2, 3, D) flattens to the same six rows.
+T_S, A_S, V_S, T_D, A_D, V_D = range(6)
+FD_CMDIE_FEATURES = ("T_s", "A_s", "V_s", "T_d", "A_d", "V_d")
+
+# Positive_in: ``(T_s, V_s), (T_s, A_s)`` -- text-anchored, ``(A_s, V_s)`` is not a pair.
+FD_CMDIE_INTRA_POSITIVES = ((T_S, V_S), (T_S, A_S))
+# Negative_in: ``T_s`` against every dissimilarity feature.
+FD_CMDIE_INTRA_NEGATIVES = ((T_S, T_D), (T_S, A_D), (T_S, V_D))
+# Pair_Tri (eq. 10): ``(anchor, positive, negative)`` for every Positive_in x Negative_in
+# pair with the same anchor -- the six hinge terms ``T_s x {V_s, A_s} x {T_d, A_d, V_d}``.
+FD_CMDIE_TRIPLETS = tuple((a, p, n) for a, p in FD_CMDIE_INTRA_POSITIVES
+                          for a_n, n in FD_CMDIE_INTRA_NEGATIVES if a_n == a)
+# Positive_out / Negative_out: the sample's similarity features against its partners' same
+# modality (``(X_s^i, X_s^j)``, ``(X_s^i, X_s^k)`` for X in t, a, v).
+FD_CMDIE_INTER_MODALITIES = (T_S, A_S, V_S)
+
+
+def fd_cmdie_table() -> tuple[list[int], list[int], list[tuple[int, int, int]], list[int]]:
+    """The pair table above, read now and checked: ``(Positive_in rows, Negative_in rows,
+    Pair_Tri (anchor, positive, negative), inter-sample rows)``.
+
+    Both the reference and the Triton kernels read the table through this, so a table one
+    of them could not compute is refused by both: FD-CMDIE's form -- every intra pair and
+    triplet anchored at ``T_s``, positives among ``A_s, V_s``, negatives among ``T_d, A_d,
+    V_d``, triplets over those, inter-sample rows among ``T_s, A_s, V_s`` -- and no row twice
+    (a set of pairs; the kernels' bit masks cannot count a row twice)."""
+    pos_rows, neg_rows = (A_S, V_S), (T_D, A_D, V_D)
+    pos = [c for a, c in FD_CMDIE_INTRA_POSITIVES if a == T_S and c in pos_rows]
+    neg = [c for a, c in FD_CMDIE_INTRA_NEGATIVES if a == T_S and c in neg_rows]
+    tri = [(a, p, n) for a, p, n in FD_CMDIE_TRIPLETS if a == T_S and p in pos_rows and n in neg_rows]
+    inter = [c for c in FD_CMDIE_INTER_MODALITIES if c in (T_S, A_S, V_S)]
+    given = (FD_CMDIE_INTRA_POSITIVES, FD_CMDIE_INTRA_NEGATIVES, FD_CMDIE_TRIPLETS, FD_CMDIE_INTER_MODALITIES)
+    kept = (pos, neg, tri, inter)
+    if any(len(k) != len(g) or len(set(k)) != len(k) for k, g in zip(kept, given)):
+        raise ValueError(
+            "fd_cmdie_contrastive_loss: pair table: expected every intra pair and triplet anchored at T_s, "
+            "positives among A_s/V_s, negatives among T_d/A_d/V_d, inter-sample rows among T_s/A_s/V_s, no "
+            f"row twice; got positives {FD_CMDIE_INTRA_POSITIVES}, negatives {FD_CMDIE_INTRA_NEGATIVES}, "
+            f"triplets {FD_CMDIE_TRIPLETS}, inter {FD_CMDIE_INTER_MODALITIES} (rows: {FD_CMDIE_FEATURES})")
+    return pos, neg, tri, inter

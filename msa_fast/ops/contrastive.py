@@ -10,7 +10,8 @@ Backends:
   by ``torch.compile``. The CPU always uses it under ``auto``: no ``cpp`` kernel
   exists (the reference is a handful of batched einsums / log-sum-exps; a fused
   CPU kernel was neither written nor measured, so none is registered).
-* ``triton`` -- ``msa_fast/kernels/triton/contrastive.py``: one forward kernel and
+* ``triton`` -- ``msa_fast/kernels/triton/{nt_xent,triplet,fd_cmdie_contrastive_loss}.py``
+  (one file per loss, helpers in ``_contrastive_common.py``): one forward kernel and
   one fused backward kernel per loss (fp32 math, fp16 / bf16 / fp32 inputs),
   registered as ``torch.ops.msa_fast.{nt_xent,triplet,fd_cmdie_contrastive_loss}_triton``
   (+ ``_backward``) with fake kernels and autograd, so they trace under
@@ -36,6 +37,7 @@ import math
 import torch
 
 from msa_fast import _backend
+from msa_fast.ops import _common as pairs
 from msa_fast.ops import _validate as V
 from msa_fast.ops import reference
 from msa_fast.ops._common import reduce_loss
@@ -57,7 +59,7 @@ def _grad_like(needed: bool, g: _T | None) -> _T | None:
 @torch.library.custom_op("msa_fast::nt_xent_triton", mutates_args=())
 def _nt_xent_triton(anchor: _T, positive: _T, negatives: _T, negatives_mask: _T | None,
                     tau: float) -> tuple[_T, _T]:
-    from msa_fast.kernels.triton.contrastive import nt_xent_forward
+    from msa_fast.kernels.triton.nt_xent import nt_xent_forward
 
     return nt_xent_forward(anchor, positive, negatives, negatives_mask, tau)
 
@@ -71,7 +73,7 @@ def _(anchor, positive, negatives, negatives_mask, tau):
 @torch.library.custom_op("msa_fast::nt_xent_triton_backward", mutates_args=())
 def _nt_xent_triton_backward(grad: _T | None, anchor: _T, positive: _T, negatives: _T, negatives_mask: _T | None,
                              lse: _T, tau: float, need_negatives: bool) -> tuple[_T, _T, _T]:
-    from msa_fast.kernels.triton.contrastive import nt_xent_backward
+    from msa_fast.kernels.triton.nt_xent import nt_xent_backward
 
     return nt_xent_backward(grad, anchor, positive, negatives, negatives_mask, lse, tau, need_negatives)
 
@@ -102,7 +104,7 @@ _nt_xent_triton.register_autograd(_nt_xent_backward, setup_context=_nt_xent_setu
 
 @torch.library.custom_op("msa_fast::triplet_triton", mutates_args=())
 def _triplet_triton(anchor: _T, positive: _T, negative: _T, margin: float) -> _T:
-    from msa_fast.kernels.triton.contrastive import triplet_forward
+    from msa_fast.kernels.triton.triplet import triplet_forward
 
     return triplet_forward(anchor, positive, negative, margin)
 
@@ -115,7 +117,7 @@ def _(anchor, positive, negative, margin):
 @torch.library.custom_op("msa_fast::triplet_triton_backward", mutates_args=())
 def _triplet_triton_backward(grad: _T | None, anchor: _T, positive: _T, negative: _T,
                              margin: float) -> tuple[_T, _T, _T]:
-    from msa_fast.kernels.triton.contrastive import triplet_backward
+    from msa_fast.kernels.triton.triplet import triplet_backward
 
     return triplet_backward(grad, anchor, positive, negative, margin)
 
@@ -138,14 +140,29 @@ def _triplet_backward(ctx, d_loss):
 _triplet_triton.register_autograd(_triplet_backward, setup_context=_triplet_setup)
 
 
+def fd_cmdie_pair_masks() -> dict:
+    """The pair table of :mod:`msa_fast.ops._common` (read now, through
+    :func:`~msa_fast.ops._common.fd_cmdie_table`, as the reference reads it) as the Triton
+    kernels' constexprs: bit masks over the modality rows t, a, v -- ``POS_IN`` (Positive_in
+    among the similarity rows), ``NEG_IN`` (Negative_in among the dissimilarity rows),
+    ``INTER`` (the inter-sample rows), ``TRI`` over ``positive * 4 + negative`` (4 = the
+    kernels' padded modality rows) -- and ``N_POS_IN``, the number of Positive_in pairs."""
+    pos, neg, tri, inter = pairs.fd_cmdie_table()
+    sim, diff = (pairs.T_S, pairs.A_S, pairs.V_S), (pairs.T_D, pairs.A_D, pairs.V_D)
+    bits = lambda idx: sum(1 << k for k in idx)  # noqa: E731
+    return dict(POS_IN=bits(sim.index(c) for c in pos), NEG_IN=bits(diff.index(c) for c in neg),
+                TRI=bits(sim.index(p) * 4 + diff.index(n) for _, p, n in tri),
+                INTER=bits(sim.index(c) for c in inter), N_POS_IN=len(pos))
+
+
 @torch.library.custom_op("msa_fast::fd_cmdie_contrastive_loss_triton", mutates_args=())
 def _fd_cmdie_triton(sim_feats: _T, diff_feats: _T, pos_partner_feats: _T, neg_partner_feats: _T,
                      pos_partner_mask: _T | None, neg_partner_mask: _T | None, tau: float, margin: float,
                      lambda_tri: float) -> tuple[_T, _T]:
-    from msa_fast.kernels.triton.contrastive import fd_cmdie_forward
+    from msa_fast.kernels.triton.fd_cmdie_contrastive_loss import fd_cmdie_forward
 
     return fd_cmdie_forward(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, pos_partner_mask,
-                            neg_partner_mask, tau, margin, lambda_tri)
+                            neg_partner_mask, tau, margin, lambda_tri, fd_cmdie_pair_masks())
 
 
 @_fd_cmdie_triton.register_fake
@@ -160,10 +177,11 @@ def _fd_cmdie_triton_backward(grad: _T | None, sim_feats: _T, diff_feats: _T, po
                               neg_partner_feats: _T, pos_partner_mask: _T | None, neg_partner_mask: _T | None,
                               aux: _T, tau: float, margin: float, lambda_tri: float, need_pos_partners: bool,
                               need_neg_partners: bool) -> tuple[_T, _T, _T, _T]:
-    from msa_fast.kernels.triton.contrastive import fd_cmdie_backward
+    from msa_fast.kernels.triton.fd_cmdie_contrastive_loss import fd_cmdie_backward
 
     return fd_cmdie_backward(grad, sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, pos_partner_mask,
-                             neg_partner_mask, aux, tau, margin, lambda_tri, need_pos_partners, need_neg_partners)
+                             neg_partner_mask, aux, tau, margin, lambda_tri, need_pos_partners, need_neg_partners,
+                             fd_cmdie_pair_masks())
 
 
 @_fd_cmdie_triton_backward.register_fake
@@ -222,8 +240,8 @@ def _check_nt_xent(anchor, positive, negatives, negatives_mask, tau, reduction) 
     V.choice(op, "reduction", reduction, _REDUCTIONS)
 
 
-# kernels/triton/contrastive.py keeps feature vectors and (rows >= 2, D) tiles of width
-# D (padded to a power of two) in registers: wider features spill. Beyond it ``auto``
+# kernels/triton/{nt_xent,triplet,fd_cmdie_contrastive_loss}.py keep feature vectors and
+# (rows >= 2, D) tiles of width D (padded to a power of two) in registers: wider features spill. Beyond it ``auto``
 # takes the next backend; tools/compile_gate.py compiles D = MAX_WIDTH.
 MAX_WIDTH = 1024
 

@@ -17,7 +17,9 @@ import math
 import torch
 
 # shared with the production ops (not oracles): defined once in _common, re-exported here
+from msa_fast.ops import _common
 from msa_fast.ops._common import (  # noqa: F401
+    T_S,
     MinedPairs,
     mining_queries,
     reduce_loss,
@@ -546,6 +548,14 @@ def fd_cmdie_contrastive_loss(
     not used); ``l_Tri^i = sum max(0, d(a, p) - d(a, n) + margin)``,
     ``d = 1 - cos``.
 
+    The sets above are the default of a table in :mod:`msa_fast.ops._common`, read at every
+    call through :func:`~msa_fast.ops._common.fd_cmdie_table` (over the rows ``T_S .. V_D``
+    of a sample's stacked ``[T_s, A_s, V_s, T_d, A_d, V_d]``), which the Triton kernels read
+    too: ``FD_CMDIE_INTRA_POSITIVES`` / ``FD_CMDIE_INTRA_NEGATIVES`` (Positive_in /
+    Negative_in, of every sample and every similar partner), ``FD_CMDIE_TRIPLETS``
+    (Pair_Tri) and ``FD_CMDIE_INTER_MODALITIES`` (the X of Positive_out / Negative_out; the
+    pairs of ``T_s^i`` join its intra group, one group per anchor).
+
     Eq. 12: ``L_cl = mean_i l_NT^i + lambda_tri * mean_i l_Tri^i``. ``reduction``:
     ``"mean"`` (eq. 12), ``"sum"`` or ``"none"`` -> ``(B,)`` per-sample
     ``l_NT^i + lambda_tri * l_Tri^i``. The mean over ``B = 0`` samples is 0 (not NaN).
@@ -555,41 +565,48 @@ def fd_cmdie_contrastive_loss(
     """
     ct = _loss_dtype(sim_feats.dtype)
     dev = sim_feats.device
-    s = unit_vectors(sim_feats.to(ct))  # (B, 3, D)
-    d = unit_vectors(diff_feats.to(ct))  # (B, 3, D)
-    ps = unit_vectors(pos_partner_feats.to(ct))  # (B, Kp, 2, 3, D)
-    ns = unit_vectors(neg_partner_feats.to(ct))  # (B, Kn, 3, D)
-    b, kp, kn = s.shape[0], ps.shape[1], ns.shape[1]
+    # one stack per sample and per similar partner, indexed by the pair table of _common
+    own = unit_vectors(torch.cat([sim_feats, diff_feats], dim=1).to(ct))  # (B, 6, D) [T_s..V_d]
+    ps = unit_vectors(pos_partner_feats.to(ct)).flatten(2, 3)  # (B, Kp, 6, D), same rows
+    ns = unit_vectors(neg_partner_feats.to(ct))  # (B, Kn, 3, D) [T_s, A_s, V_s]
+    b, kp, kn = own.shape[0], ps.shape[1], ns.shape[1]
     pm = pos_partner_mask if pos_partner_mask is not None else torch.ones(b, kp, dtype=torch.bool, device=dev)
     nm = neg_partner_mask if neg_partner_mask is not None else torch.ones(b, kn, dtype=torch.bool, device=dev)
     yes = lambda *shape: torch.ones(shape, dtype=torch.bool, device=dev)
     no = lambda *shape: torch.zeros(shape, dtype=torch.bool, device=dev)
-    va = [2, 1]  # (V, A): the text anchor's intra positives
+    # the pair table, read and checked at every call (the Triton kernels read the same one)
+    pos_in, neg_in, triplets, inter = _common.fd_cmdie_table()  # [V_s, A_s], [T_d, A_d, V_d], 6, [T_s, A_s, V_s]
+    n_pos, n_neg = len(pos_in), len(neg_in)
+    # T_s^i's inter-sample pairs (T_s^j, T_s^k) join its intra ones: one group per anchor.
+    t_inter = slice(None) if T_S in inter else slice(0)
+    pt, nt, pmt, nmt = ps[:, t_inter, T_S], ns[:, t_inter, T_S], pm[:, t_inter], nm[:, t_inter]
 
-    # Anchor T_s^i: intra positives, partner T_s^j, own dissimilarity features, T_s^k.
-    cand = torch.cat([s[:, va], ps[:, :, 0, 0], d, ns[:, :, 0]], dim=1)  # (B, 5+Kp+Kn, D)
-    logits = torch.einsum("bd,bcd->bc", s[:, 0], cand) / tau
-    valid = torch.cat([yes(b, 2), pm, yes(b, 3), nm], dim=1)
-    is_pos = torch.cat([yes(b, 2), pm, no(b, 3), no(b, kn)], dim=1)
+    # Anchor T_s^i: Positive_in, partner T_s^j, Negative_in, T_s^k.
+    cand = torch.cat([own[:, pos_in], pt, own[:, neg_in], nt], dim=1)  # (B, 5+Kp+Kn, D) by default
+    logits = torch.einsum("bd,bcd->bc", own[:, T_S], cand) / tau
+    valid = torch.cat([yes(b, n_pos), pmt, yes(b, n_neg), nmt], dim=1)
+    is_pos = torch.cat([yes(b, n_pos), pmt, no(b, n_neg), no(*nmt.shape)], dim=1)
     l_nt = _anchor_group_nt_xent(logits, is_pos, valid)
 
     # Anchors A_s^i, V_s^i: inter-sample pairs only, same modality.
-    cand = torch.cat([ps[:, :, 0, 1:], ns[:, :, 1:]], dim=1).transpose(1, 2)  # (B, 2, Kp+Kn, D)
-    logits = torch.einsum("bmd,bmcd->bmc", s[:, 1:], cand) / tau
-    valid = torch.cat([pm, nm], dim=1)[:, None, :].expand(b, 2, kp + kn)
-    is_pos = torch.cat([yes(b, kp), no(b, kn)], dim=1)[:, None, :].expand(b, 2, kp + kn)
+    mods = [m for m in inter if m != T_S]
+    if mods:
+        cand = torch.cat([ps[:, :, mods], ns[:, :, mods]], dim=1).transpose(1, 2)  # (B, len(mods), Kp+Kn, D)
+        logits = torch.einsum("bmd,bmcd->bmc", own[:, mods], cand) / tau
+        valid = torch.cat([pm, nm], dim=1)[:, None, :].expand(b, len(mods), kp + kn)
+        is_pos = torch.cat([yes(b, kp), no(b, kn)], dim=1)[:, None, :].expand(b, len(mods), kp + kn)
+        l_nt = l_nt + _anchor_group_nt_xent(logits, is_pos, valid)
+
+    # Anchors T_s^j of the similar partners: their own Positive_in / Negative_in.
+    cand = torch.cat([ps[:, :, pos_in], ps[:, :, neg_in]], dim=2)  # (B, Kp, 5, D) by default
+    logits = torch.einsum("bjd,bjcd->bjc", ps[:, :, T_S], cand) / tau
+    valid = pm[:, :, None].expand(b, kp, n_pos + n_neg)
+    is_pos = torch.cat([yes(b, kp, n_pos), no(b, kp, n_neg)], dim=2)
     l_nt = l_nt + _anchor_group_nt_xent(logits, is_pos, valid)
 
-    # Anchors T_s^j of the similar partners: their own intra pairs.
-    cand = torch.cat([ps[:, :, 0, va], ps[:, :, 1]], dim=2)  # (B, Kp, 5, D)
-    logits = torch.einsum("bjd,bjcd->bjc", ps[:, :, 0, 0], cand) / tau
-    valid = pm[:, :, None].expand(b, kp, 5)
-    is_pos = torch.cat([yes(b, kp, 2), no(b, kp, 3)], dim=2)
-    l_nt = l_nt + _anchor_group_nt_xent(logits, is_pos, valid)
-
-    # Triplets (eq. 10-11): T_s^i x {V_s^i, A_s^i} x {T_d^i, A_d^i, V_d^i}.
-    d_pos = 1 - torch.einsum("bd,bpd->bp", s[:, 0], s[:, va])  # (B, 2)
-    d_neg = 1 - torch.einsum("bd,bnd->bn", s[:, 0], d)  # (B, 3)
-    l_tri = torch.relu(d_pos[:, :, None] - d_neg[:, None, :] + margin).sum(dim=(1, 2))
+    # Triplets (eq. 10-11): the rows (anchor, positive, negative) of Pair_Tri.
+    a, p, n = ([t[k] for t in triplets] for k in range(3))
+    dist = lambda x, y: 1 - (x * y).sum(-1)  # d = 1 - cos of unit vectors
+    l_tri = torch.relu(dist(own[:, a], own[:, p]) - dist(own[:, a], own[:, n]) + margin).sum(dim=1)
 
     return reduce_loss(l_nt + lambda_tri * l_tri, reduction).to(sim_feats.dtype)
