@@ -252,3 +252,34 @@ def test_public_ops_take_the_reference_parameters_and_backend():
                                ops.reference.attention(q, q, q, None, 0.5))
     with pytest.raises(TypeError):
         ops.attention(q, q, q, None, 0.5, "eager")  # backend is keyword-only
+
+
+def test_gpu_auto_order_is_written_from_a_saved_gpu_check_run(tmp_path, monkeypatch):
+    """``bench_auto.py --order-from``: the order gpu_check measured on the device goes into
+    ``_auto_order.py`` for ``cuda``, the CPU's untouched; a --quick run is refused."""
+    import json
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    from benchmarks.ops import bench_auto
+    from msa_fast._auto_order import MEASURED
+
+    run = {"env": {"device": "NVIDIA H100", "threads": 1, "torch": "2.11.0", "commit": "abcdef1234"},
+           "args": {"device": "cuda", "quick": False, "no_compile": True},
+           "order": {"attention": ["sdpa", "triton", "eager"], "dual_gate": ["triton", "eager"]}}
+    path = tmp_path / "auto_cuda.json"
+    path.write_text(json.dumps(run))
+    out = tmp_path / "_auto_order.py"
+    monkeypatch.setattr(bench_auto, "ORDER_FILE", str(out))
+    bench_auto.write_order(*bench_auto.order_from(str(path)))
+    ns: dict = {}
+    exec(out.read_text(), ns)
+    assert ns["MEASURED"]["cuda"] == {"attention": ("sdpa", "triton", "eager"), "dual_gate": ("triton", "eager")}
+    assert ns["MEASURED"]["cpu"] == MEASURED["cpu"]
+    assert "NVIDIA H100" in out.read_text()
+    run["args"]["quick"] = True
+    path.write_text(json.dumps(run))
+    with pytest.raises(SystemExit, match="quick"):
+        bench_auto.order_from(str(path))

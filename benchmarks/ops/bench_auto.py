@@ -21,12 +21,14 @@ Outputs:
     python benchmarks/ops/bench_auto.py --write-order          # the full CPU table, 1 thread
     python benchmarks/ops/bench_auto.py --quick                # CI smoke: one shape per op, no compile
     python benchmarks/ops/bench_auto.py --device cuda --no-compile   # the GPU script's run
+    python benchmarks/ops/bench_auto.py --order-from gpu_check/auto_cuda.json   # its order, written here
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import os
 import pprint
@@ -156,6 +158,21 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def order_from(path: str) -> tuple[dict, str]:
+    """``(payload, device type)`` of a saved run (e.g. ``gpu_check.sh``'s ``auto_cuda.json``), for
+    ``--order-from``: the GPU's order is written from the measurement of the day the device
+    was lent, on this machine, without rerunning it. A ``--quick`` run (one round, one shape)
+    decides nothing and is refused; a ``--no-compile`` run (the GPU script's: compiling every
+    op costs device minutes) leaves ``compile`` out of the order it writes."""
+    with open(path) as fh:
+        payload = json.load(fh)
+    if payload.get("args", {}).get("quick"):
+        raise SystemExit(f"--order-from {path}: a --quick run decides no order; give a full run's JSON")
+    if not payload.get("order"):
+        raise SystemExit(f"--order-from {path}: no measured order in it")
+    return payload, torch.device(payload["args"]["device"]).type
+
+
 def write_order(payload: dict, device_type: str) -> None:
     """Merge this device's measured order into ``msa_fast/_auto_order.py``."""
     from msa_fast._auto_order import MEASURED
@@ -186,9 +203,15 @@ def main():
     parser.add_argument("--no-compile", action="store_true",
                         help="leave out torch.compile and the compile backend (their compiles cost minutes)")
     parser.add_argument("--write-order", action="store_true", help="update msa_fast/_auto_order.py")
+    parser.add_argument("--order-from", default=None, metavar="JSON",
+                        help="update msa_fast/_auto_order.py from a saved full run (e.g. gpu_check's "
+                             "auto_cuda.json) instead of measuring")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/auto_<device>.json)")
     parser.add_argument("--tag", default=None, help="file name tag (default: the device type)")
     args = parser.parse_args()
+    if args.order_from:
+        write_order(*order_from(args.order_from))
+        return
     if args.quick:
         args.rounds, args.seconds, args.no_compile = 1, 0.05, True
     args.tag = args.tag or torch.device(args.device).type
