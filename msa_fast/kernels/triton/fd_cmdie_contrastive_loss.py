@@ -164,6 +164,20 @@ def _own_state(s_ptr, d_ptr, i, D, tau, offs_m, offs_d, pos_m, neg_m):
 
 
 @triton.jit
+def _partner_rows(ptr, m_ptr, i, r0, K, D, offs_m, offs_d, STRIDE: tl.constexpr, BLOCK: tl.constexpr,
+                  HAS_MASK: tl.constexpr):
+    """Partners ``r0 .. r0 + BLOCK`` of sample i (``STRIDE * D`` elements each: 6 rows for
+    a similar partner, 3 for a dissimilar one): validity, the offsets and mask of a
+    ``(BLOCK, M_P, D_P)`` tile, and the unit tile of their similarity rows with inverse norms."""
+    offs = r0 + tl.arange(0, BLOCK)
+    r_ok = offs < K
+    valid = _valid(m_ptr, i * K + offs, r_ok, HAS_MASK)
+    off, ok = _partner_offsets((i * K + offs) * STRIDE * D, r_ok, offs_m, D, offs_d)
+    X, inv = _unit_tile(_load(ptr, off, ok))
+    return valid, off, ok, X, inv
+
+
+@triton.jit
 def _hinges(zs, zd, tau, margin, offs_m, TRI: tl.constexpr):
     """The Pair_Tri hinge arguments ``(M_P, M_P)`` (positive row x negative column) and
     which of them are triplets of the table."""
@@ -192,12 +206,7 @@ def fd_cmdie_fwd_kernel(s_ptr, d_ptr, ps_ptr, ns_ptr, pm_ptr, nm_ptr, loss_ptr, 
     npp = tl.zeros((), tl.float32)
     l4 = tl.zeros((), tl.float32)
     for j0 in range(0, Kp, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = offs_j < Kp
-        valid = _valid(pm_ptr, i * Kp + offs_j, j_ok, HAS_PM)
-        first = (i * Kp + offs_j) * 6 * D
-        off, ok = _partner_offsets(first, j_ok, offs_m, D, offs_d)
-        PS, _ips = _unit_tile(_load(ps_ptr, off, ok))
+        valid, off, ok, PS, _ips = _partner_rows(ps_ptr, pm_ptr, i, j0, Kp, D, offs_m, offs_d, 6, BLOCK_J, HAS_PM)
         PD, _ipd = _unit_tile(_load(ps_ptr, off + 3 * D, ok))
         z = tl.sum(PS * S[None, :, :], axis=2) / tau
         v2 = valid[:, None] & inter_m[None, :]
@@ -208,11 +217,7 @@ def fd_cmdie_fwd_kernel(s_ptr, d_ptr, ps_ptr, ns_ptr, pm_ptr, nm_ptr, loss_ptr, 
         l4 += tl.sum(tl.where(valid, N_POS_IN * lse4 - tl.sum(tl.where(pos_m[None, :], z4s, 0.0), axis=1), 0.0),
                      axis=0)
     for k0 in range(0, Kn, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < Kn
-        valid = _valid(nm_ptr, i * Kn + offs_k, k_ok, HAS_NM)
-        off, ok = _partner_offsets((i * Kn + offs_k) * 3 * D, k_ok, offs_m, D, offs_d)
-        NS, _ins = _unit_tile(_load(ns_ptr, off, ok))
+        valid, _off, _ok, NS, _ins = _partner_rows(ns_ptr, nm_ptr, i, k0, Kn, D, offs_m, offs_d, 3, BLOCK_K, HAS_NM)
         m, s = _lse_lanes(m, s, tl.sum(NS * S[None, :, :], axis=2) / tau, valid[:, None] & inter_m[None, :])
     lse = _safe_lse(m, s)
     n_pos = tl.where(inter_m, npp, 0.0) + tl.where(lane0, N_POS_IN, 0.0)
@@ -257,11 +262,7 @@ def fd_cmdie_bwd_kernel(g_ptr, g_stride, s_ptr, d_ptr, ps_ptr, ns_ptr, pm_ptr, n
     GS = dcs[:, None] * uT[None, :] + tl.where(lane0[:, None], GuT[None, :], 0.0)
     GD = dcd[:, None] * uT[None, :]
     for j0 in range(0, Kp, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = offs_j < Kp
-        valid = _valid(pm_ptr, i * Kp + offs_j, j_ok, HAS_PM)
-        off, ok = _partner_offsets((i * Kp + offs_j) * 6 * D, j_ok, offs_m, D, offs_d)
-        PS, iPS = _unit_tile(_load(ps_ptr, off, ok))
+        valid, off, ok, PS, iPS = _partner_rows(ps_ptr, pm_ptr, i, j0, Kp, D, offs_m, offs_d, 6, BLOCK_J, HAS_PM)
         PD, iPD = _unit_tile(_load(ps_ptr, off + 3 * D, ok))
         # G1 and the Gm: each own row against the partner's same row (a positive).
         z = tl.sum(PS * S[None, :, :], axis=2) / tau
@@ -278,11 +279,7 @@ def fd_cmdie_bwd_kernel(g_ptr, g_stride, s_ptr, d_ptr, ps_ptr, ns_ptr, pm_ptr, n
             _store(dps_ptr, off, ok, _unit_grad_tile(PS, iPS, GPS))
             _store(dps_ptr, off + 3 * D, ok, _unit_grad_tile(PD, iPD, d4d[:, :, None] * PT[:, None, :]))
     for k0 in range(0, Kn, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < Kn
-        valid = _valid(nm_ptr, i * Kn + offs_k, k_ok, HAS_NM)
-        off, ok = _partner_offsets((i * Kn + offs_k) * 3 * D, k_ok, offs_m, D, offs_d)
-        NS, iNS = _unit_tile(_load(ns_ptr, off, ok))
+        valid, off, ok, NS, iNS = _partner_rows(ns_ptr, nm_ptr, i, k0, Kn, D, offs_m, offs_d, 3, BLOCK_K, HAS_NM)
         z = tl.sum(NS * S[None, :, :], axis=2) / tau
         dc = tl.where(valid[:, None] & inter_m[None, :], gt * n_pos[None, :] * tl.exp(z - lse[None, :]), 0.0)
         GS += tl.sum(dc[:, :, None] * NS, axis=0)
