@@ -120,13 +120,14 @@ def _num_warps(d_p: int) -> int:
     return 4 if d_p <= 256 else 8
 
 
-def _mask_u8(mask: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    if mask is None:
-        return like, False  # never read (HAS_MASK=False): any valid pointer
-    return mask.to(torch.uint8).contiguous(), True
-
-
 def _nonempty(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     # A zero-size tensor may have a null data pointer; its loops never run anyway.
     return t if t.numel() else like
+
+
+def _mask_u8(mask: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(uint8 mask or a stand-in, HAS_MASK)``: a valid, non-empty pointer either way."""
+    if mask is None:
+        return like, False  # never read (HAS_MASK=False): any valid pointer
+    return _nonempty(mask.to(torch.uint8).contiguous(), like), True
 

@@ -296,7 +296,7 @@ def _fd_prepare(sim_feats, diff_feats, pos_partner_feats, neg_partner_feats, pos
     ns = _nonempty(neg_partner_feats.contiguous(), s)
     pm, has_pm = _mask_u8(pos_partner_mask, s)
     nm, has_nm = _mask_u8(neg_partner_mask, s)
-    return s, d, ps, ns, _nonempty(pm, s), _nonempty(nm, s), has_pm, has_nm
+    return s, d, ps, ns, pm, nm, has_pm, has_nm
 
 
 def _fd_launch(Kp: int, Kn: int, D: int, budget: int, pair_masks: dict, partner_grads: bool = False) -> dict:

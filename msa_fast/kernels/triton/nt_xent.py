@@ -96,15 +96,18 @@ def nt_xent_bwd_kernel(g_ptr, g_stride, a_ptr, p_ptr, n_ptr, m_ptr, lse_ptr,
     tl.store(da_ptr + r * D + offs_d, _unit_grad(ua, inva, Ga).to(da_ptr.dtype.element_ty), mask=d_ok)
 
 
+def _nt_prepare(anchor, positive, negatives, negatives_mask):
+    a = anchor.contiguous()
+    m, has_mask = _mask_u8(negatives_mask, a)
+    return a, positive.contiguous(), _nonempty(negatives.contiguous(), a), m, has_mask
+
+
 @on_tensor_device
 def nt_xent_forward(anchor, positive, negatives, negatives_mask, tau):
     """Returns ``(loss (P,), lse (P,))`` in fp32."""
     P, D = anchor.shape
     K = negatives.shape[1]
-    a, p = anchor.contiguous(), positive.contiguous()
-    n = _nonempty(negatives.contiguous(), a)
-    m, has_mask = _mask_u8(negatives_mask, a)
-    m = _nonempty(m, a)
+    a, p, n, m, has_mask = _nt_prepare(anchor, positive, negatives, negatives_mask)
     loss = torch.empty(P, dtype=torch.float32, device=anchor.device)
     lse = torch.empty(P, dtype=torch.float32, device=anchor.device)
     if P:
@@ -120,10 +123,7 @@ def nt_xent_backward(grad, anchor, positive, negatives, negatives_mask, lse, tau
     is empty when ``need_negatives`` is False)."""
     P, D = anchor.shape
     K = negatives.shape[1]
-    a, p = anchor.contiguous(), positive.contiguous()
-    n = _nonempty(negatives.contiguous(), a)
-    m, has_mask = _mask_u8(negatives_mask, a)
-    m = _nonempty(m, a)
+    a, p, n, m, has_mask = _nt_prepare(anchor, positive, negatives, negatives_mask)
     da, dp = anchor.new_empty((P, D)), positive.new_empty((P, D))
     dn = negatives.new_empty(negatives.shape) if need_negatives else negatives.new_empty(0)
     if grad is None:
