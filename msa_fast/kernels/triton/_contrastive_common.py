@@ -49,32 +49,19 @@ def _store_rows(ptr, row_off, r_ok, offs_d, d_ok, val):
 
 
 @triton.jit
-def _unit(x):
-    """Zero-safe ``(x * inv, inv)`` of one vector ``(D_P,)``."""
-    ss = tl.sum(x * x, axis=0)
+def _unit_tile(x):
+    """Zero-safe unit vectors and inverse norms along the last axis of a 2-D or 3-D tile."""
+    ss = tl.sum(x * x, axis=len(x.shape) - 1)
     ok = ss > 0.0
     inv = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, ss, 1.0)), 0.0)
-    return x * inv, inv
+    return x * tl.expand_dims(inv, len(x.shape) - 1), inv
 
 
 @triton.jit
-def _unit_rows(x):
-    """Zero-safe ``(x * inv, inv)`` of every row of a ``(BLOCK, D_P)`` tile."""
-    ss = tl.sum(x * x, axis=1)
-    ok = ss > 0.0
-    inv = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, ss, 1.0)), 0.0)
-    return x * inv[:, None], inv
-
-
-@triton.jit
-def _unit_grad(u, inv, G):
-    """``d f / d x`` of ``f(u(x))`` from ``G = d f / d u`` for one vector."""
-    return inv * (G - u * tl.sum(u * G, axis=0))
-
-
-@triton.jit
-def _unit_grad_rows(u, inv, G):
-    return inv[:, None] * (G - u * tl.sum(u * G, axis=1)[:, None])
+def _unit_grad_tile(u, inv, G):
+    """``d f / d x`` of ``f(u(x))`` from ``G = d f / d u``, along the last axis."""
+    last: tl.constexpr = len(u.shape) - 1
+    return tl.expand_dims(inv, last) * (G - u * tl.expand_dims(tl.sum(u * G, axis=last), last))
 
 
 @triton.jit

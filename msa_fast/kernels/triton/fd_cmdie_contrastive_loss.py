@@ -51,6 +51,8 @@ from msa_fast.kernels.triton._contrastive_common import (
     _mask_u8,
     _nonempty,
     _num_warps,
+    _unit_grad_tile,
+    _unit_tile,
     _valid,
 )
 
@@ -61,22 +63,6 @@ M_P = tl.constexpr(4)  # the modality rows t, a, v padded to a power of two
 def _bits(mask: tl.constexpr, idx):
     """``bit idx of mask`` as booleans, for an int32 index tensor ``idx``."""
     return ((tl.full(idx.shape, mask, tl.int32) >> idx) & 1) != 0
-
-
-@triton.jit
-def _unit_tile(x):
-    """Zero-safe unit vectors and inverse norms along the last axis of a 2-D or 3-D tile."""
-    ss = tl.sum(x * x, axis=len(x.shape) - 1)
-    ok = ss > 0.0
-    inv = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, ss, 1.0)), 0.0)
-    return x * tl.expand_dims(inv, len(x.shape) - 1), inv
-
-
-@triton.jit
-def _unit_grad_tile(u, inv, G):
-    """``d f / d x`` of ``f(u(x))`` from ``G = d f / d u``, along the last axis."""
-    last: tl.constexpr = len(u.shape) - 1
-    return tl.expand_dims(inv, last) * (G - u * tl.expand_dims(tl.sum(u * G, axis=last), last))
 
 
 @triton.jit

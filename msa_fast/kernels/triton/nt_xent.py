@@ -32,10 +32,8 @@ from msa_fast.kernels.triton._contrastive_common import (
     _num_warps,
     _rowdot,
     _store_rows,
-    _unit,
-    _unit_grad,
-    _unit_grad_rows,
-    _unit_rows,
+    _unit_grad_tile,
+    _unit_tile,
     _valid,
 )
 
@@ -49,15 +47,15 @@ def nt_xent_fwd_kernel(a_ptr, p_ptr, n_ptr, m_ptr, loss_ptr, lse_ptr, K, D, tau,
     d_ok = offs_d < D
     # no `_` before the loop: a name assigned before a loop and again inside it is
     # loop-carried, and its type (scalar here, a block there) must not change
-    ua, _a_inv = _unit(_load_vec(a_ptr, r * D, offs_d, d_ok))
-    up, _p_inv = _unit(_load_vec(p_ptr, r * D, offs_d, d_ok))
+    ua, _a_inv = _unit_tile(_load_vec(a_ptr, r * D, offs_d, d_ok))
+    up, _p_inv = _unit_tile(_load_vec(p_ptr, r * D, offs_d, d_ok))
     zp = tl.sum(ua * up, axis=0) / tau
     m = zp
     s = tl.full((), 1.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        un, _ = _unit_rows(_load_rows(n_ptr, (r * K + offs_k) * D, k_ok, offs_d, d_ok))
+        un, _ = _unit_tile(_load_rows(n_ptr, (r * K + offs_k) * D, k_ok, offs_d, d_ok))
         valid = _valid(m_ptr, r * K + offs_k, k_ok, HAS_MASK)
         m, s = _lse_update(m, s, _rowdot(ua, un) / tau, valid)
     lse = m + tl.log(s)
@@ -76,24 +74,24 @@ def nt_xent_bwd_kernel(g_ptr, g_stride, a_ptr, p_ptr, n_ptr, m_ptr, lse_ptr,
     d_ok = offs_d < D
     gt = tl.load(g_ptr + r * g_stride).to(tl.float32) / tau
     lse = tl.load(lse_ptr + r)
-    ua, inva = _unit(_load_vec(a_ptr, r * D, offs_d, d_ok))
-    up, invp = _unit(_load_vec(p_ptr, r * D, offs_d, d_ok))
+    ua, inva = _unit_tile(_load_vec(a_ptr, r * D, offs_d, d_ok))
+    up, invp = _unit_tile(_load_vec(p_ptr, r * D, offs_d, d_ok))
     cp = tl.sum(ua * up, axis=0)
     dcp = gt * (tl.exp(cp / tau - lse) - 1.0)
     Ga = dcp * up
-    tl.store(dp_ptr + r * D + offs_d, _unit_grad(up, invp, dcp * ua).to(dp_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(dp_ptr + r * D + offs_d, _unit_grad_tile(up, invp, dcp * ua).to(dp_ptr.dtype.element_ty), mask=d_ok)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         rows = (r * K + offs_k) * D
-        un, invn = _unit_rows(_load_rows(n_ptr, rows, k_ok, offs_d, d_ok))
+        un, invn = _unit_tile(_load_rows(n_ptr, rows, k_ok, offs_d, d_ok))
         valid = _valid(m_ptr, r * K + offs_k, k_ok, HAS_MASK)
         ck = _rowdot(ua, un)
         dck = tl.where(valid, gt * tl.exp(ck / tau - lse), 0.0)
         Ga += tl.sum(dck[:, None] * un, axis=0)
         if NEED_N:
-            _store_rows(dn_ptr, rows, k_ok, offs_d, d_ok, _unit_grad_rows(un, invn, dck[:, None] * ua[None, :]))
-    tl.store(da_ptr + r * D + offs_d, _unit_grad(ua, inva, Ga).to(da_ptr.dtype.element_ty), mask=d_ok)
+            _store_rows(dn_ptr, rows, k_ok, offs_d, d_ok, _unit_grad_tile(un, invn, dck[:, None] * ua[None, :]))
+    tl.store(da_ptr + r * D + offs_d, _unit_grad_tile(ua, inva, Ga).to(da_ptr.dtype.element_ty), mask=d_ok)
 
 
 def _nt_prepare(anchor, positive, negatives, negatives_mask):

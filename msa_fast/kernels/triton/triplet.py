@@ -23,8 +23,8 @@ from msa_fast.kernels.triton._contrastive_common import (
     _load_rows,
     _num_warps,
     _store_rows,
-    _unit_grad_rows,
-    _unit_rows,
+    _unit_grad_tile,
+    _unit_tile,
 )
 
 
@@ -35,9 +35,9 @@ def _triplet_rows(a_ptr, p_ptr, n_ptr, P, D, BLOCK_R: tl.constexpr, D_P: tl.cons
     offs_d = tl.arange(0, D_P)
     d_ok = offs_d < D
     off = rows * D
-    ua, inva = _unit_rows(_load_rows(a_ptr, off, r_ok, offs_d, d_ok))
-    up, invp = _unit_rows(_load_rows(p_ptr, off, r_ok, offs_d, d_ok))
-    un, invn = _unit_rows(_load_rows(n_ptr, off, r_ok, offs_d, d_ok))
+    ua, inva = _unit_tile(_load_rows(a_ptr, off, r_ok, offs_d, d_ok))
+    up, invp = _unit_tile(_load_rows(p_ptr, off, r_ok, offs_d, d_ok))
+    un, invn = _unit_tile(_load_rows(n_ptr, off, r_ok, offs_d, d_ok))
     cp = tl.sum(ua * up, axis=1)
     cn = tl.sum(ua * un, axis=1)
     return rows, r_ok, offs_d, d_ok, off, ua, inva, up, invp, un, invn, cp, cn
@@ -62,9 +62,9 @@ def triplet_bwd_kernel(g_ptr, g_stride, a_ptr, p_ptr, n_ptr, da_ptr, dp_ptr, dn_
     h = (1.0 - cp) - (1.0 - cn) + margin
     dcn = tl.where(h > 0.0, g, 0.0)[:, None]
     dcp = -dcn
-    _store_rows(da_ptr, off, r_ok, offs_d, d_ok, _unit_grad_rows(ua, inva, dcp * up + dcn * un))
-    _store_rows(dp_ptr, off, r_ok, offs_d, d_ok, _unit_grad_rows(up, invp, dcp * ua))
-    _store_rows(dn_ptr, off, r_ok, offs_d, d_ok, _unit_grad_rows(un, invn, dcn * ua))
+    _store_rows(da_ptr, off, r_ok, offs_d, d_ok, _unit_grad_tile(ua, inva, dcp * up + dcn * un))
+    _store_rows(dp_ptr, off, r_ok, offs_d, d_ok, _unit_grad_tile(up, invp, dcp * ua))
+    _store_rows(dn_ptr, off, r_ok, offs_d, d_ok, _unit_grad_tile(un, invn, dcn * ua))
 
 
 def _triplet_launch(P: int, D: int):
