@@ -14,4 +14,11 @@ TORCH_LIBRARY(msa_fast, m) {
       "mine_pairs(Tensor features, Tensor labels, Tensor queries, Tensor query_labels, "
       "Tensor query_index, int k) -> (Tensor pos_idx, Tensor pos_sim, Tensor neg_idx, "
       "Tensor neg_sim)");
+  // contract §3.3. softmax(q k^T * scale) v over the unmasked keys (key_padding_mask
+  // True = ignore), and the rows' log-sum-exp for the backward; a batch row with every
+  // key masked outputs 0 (lse +inf) and gets gradient 0.
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? key_padding_mask, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
 }

@@ -484,3 +484,127 @@ def test_triton_add_layer_norm_gpu_large(dtype):
     for a, c in zip(got, want):
         scale = c.abs().max().clamp_min(1.0)
         assert (a.float() - c).abs().max() / scale < (5e-2 if big else 1e-3)
+
+
+@pytest.mark.parametrize("pattern", ["common_tail", "tail_and_row", "no_padding", "all_masked", "holes"])
+def test_sdpa_attention_trims_the_common_padded_tail_exactly(pattern):
+    """The CPU path drops key columns every row masks (and the mask when none is left): the
+    result and every gradient equal the reference, and the dropped keys' gradients are 0."""
+    from msa_fast.ops.attention import _trim_padding
+
+    torch.manual_seed(7)
+    B, Lk = 3, 12
+    q, k, v = (_rand(B, 2, n, 8, requires_grad=True) for n in (5, Lk, Lk))
+    kpm = torch.zeros(B, Lk, dtype=torch.bool)
+    kept = {"common_tail": 9, "tail_and_row": 9, "no_padding": Lk, "all_masked": 1, "holes": 10}[pattern]
+    if pattern == "all_masked":
+        kpm[:] = True
+    elif pattern == "holes":  # masked columns inside the live range stay, the mask with them
+        kpm[:, 10:] = True
+        kpm[:, 2] = True
+    elif pattern != "no_padding":
+        kpm[:, 9:] = True
+        if pattern == "tail_and_row":
+            kpm[1, 4:] = True
+    tk, _, tm = _trim_padding(k, v, kpm)
+    assert tk.shape[2] == kept
+    assert (tm is None) == (pattern in ("common_tail", "no_padding"))
+    cot = torch.randn(B, 2, 5, 8)
+    out, (dq, dk, dv) = _matches_fp64_reference(q, k, v, kpm, "sdpa", cot, (1e-5, 1e-5), (1e-4, 1e-5))
+    assert torch.equal(dk[:, :, kept:], torch.zeros_like(dk[:, :, kept:]))
+    assert torch.equal(dv[:, :, kept:], torch.zeros_like(dv[:, :, kept:]))
+    if pattern == "all_masked":
+        assert torch.equal(out, torch.zeros_like(out)) and torch.equal(dq, torch.zeros_like(dq))
+
+
+# --------------------------------------------------------------------------- #
+# attention: cpp backend (csrc/cpu/attention.cpp) vs the reference
+# --------------------------------------------------------------------------- #
+
+def _cpp_attention_reason():
+    from msa_fast import _backend
+    from msa_fast.ops.attention import _cpp_limit
+
+    return _backend.unavailable_reason("attention", "cpp", torch.device("cpu")) or _cpp_limit(torch.empty(1, 1, 1, 16))
+
+
+needs_cpp_attention = pytest.mark.skipif(_cpp_attention_reason() is not None,
+                                         reason=str(_cpp_attention_reason()))
+
+
+@needs_cpp_attention
+@pytest.mark.parametrize("B,H,Lq,Lk,Dh", [(1, 1, 1, 1, 16), (2, 2, 37, 5, 24), (3, 2, 9, 37, 5), (2, 1, 40, 37, 8),
+                                          (2, 3, 17, 33, 16), (1, 2, 11, 70, 33), (2, 1, 6, 19, 64), (1, 1, 5, 21, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", ["none", "some", "full_row", "tail"])
+def test_cpp_attention_matches_reference(B, H, Lq, Lk, Dh, dtype, masked):
+    """Every head width 1-128 (1-8 registers a row, the last one partial), query counts
+    on and off the 8 / 4 / 2-query blocks, and masks with holes, a padded tail common to
+    all rows and an all-masked row, forward and backward against the fp64 reference."""
+    torch.manual_seed(B * 1000 + Lq * 10 + Lk + Dh)
+    q = torch.randn(B, H, Lq, Dh, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, H, Lk, Dh, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, H, Lk, Dh, dtype=dtype, requires_grad=True)
+    if masked == "none":
+        mask = None
+    elif masked == "tail":
+        mask = torch.zeros(B, Lk, dtype=torch.bool)
+        mask[:, Lk - Lk // 3:] = True
+        mask[:, 0] = False
+    else:
+        mask = _kpm(B, Lk, full_row=0 if masked == "full_row" else None)
+    fp32 = dtype == torch.float32
+    out, got = _matches_fp64_reference(q, k, v, mask, "cpp", torch.randn(B, H, Lq, Dh, dtype=dtype),
+                                       (1e-5, 1e-5) if fp32 else (2e-2, 2e-2), (1e-4, 1e-5) if fp32 else (5e-2, 5e-2))
+    assert out.dtype == dtype
+    if mask is not None:  # a masked key gets exactly zero gradient
+        dead = mask[:, None, :, None].expand_as(got[1])
+        assert torch.equal(got[1][dead], torch.zeros_like(got[1][dead]))
+        assert torch.equal(got[2][dead], torch.zeros_like(got[2][dead]))
+    if masked == "full_row":
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        for g in got:
+            assert torch.equal(g[0], torch.zeros_like(g[0]))
+
+
+@needs_cpp_attention
+def test_cpp_attention_fd_cmdie_shape_strided_inputs_and_stride0_gradient():
+    """FD-CMDIE's unaligned shape (875 keys, the last 75 padded, one sequence empty) with a
+    (B, L, H, Dh) view as q and the expanded cotangent of ``out.sum()``: equal to the
+    reference, nothing NaN."""
+    torch.manual_seed(3)
+    q = torch.randn(2, 875, 4, 16).transpose(1, 2).requires_grad_()
+    k, v = (_rand(2, 4, 875, 16, requires_grad=True) for _ in range(2))
+    kpm = torch.zeros(2, 875, dtype=torch.bool)
+    kpm[0, 800:] = True
+    kpm[1] = True
+    out = ops.attention(q, k, v, kpm, backend="cpp")
+    want = R.attention(q, k, v, kpm)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    cot = torch.ones(()).expand_as(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), cot), torch.autograd.grad(want, (q, k, v), cot)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_cpp_attention
+def test_cpp_attention_opcheck_compile_and_limits():
+    q, k, v = (_rand(2, 2, n, 16, requires_grad=True) for n in (3, 5, 5))
+    kpm = _kpm(2, 5, full_row=1)
+    for mask in (kpm, None):
+        torch.library.opcheck(torch.ops.msa_fast.attention.default, (q, k, v, mask, 0.3))
+    fn = torch.compile(lambda a, b, c, m: ops.attention(a, b, c, m, backend="cpp"), fullgraph=True)
+    out = fn(q, k, v, kpm)
+    torch.testing.assert_close(out, R.attention(q, k, v, kpm), rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert torch.equal(q.grad[1], torch.zeros_like(q.grad[1])) and torch.isfinite(k.grad).all()
+    # empty batch / heads / queries: empty outputs, zero key gradients
+    for shape in ((0, 2, 3, 16), (2, 0, 3, 16), (2, 2, 0, 16)):
+        qe = torch.zeros(shape, requires_grad=True)
+        ke = torch.randn(shape[0], shape[1], 4, 16, requires_grad=True)
+        oe = ops.attention(qe, ke, ke, backend="cpp")
+        assert oe.shape == shape
+        oe.sum().backward()
+        assert torch.equal(ke.grad, torch.zeros_like(ke.grad))
+    with pytest.raises(RuntimeError, match="head dims up to 128"):
+        ops.attention(_rand(1, 1, 2, 129), _rand(1, 1, 2, 129), _rand(1, 1, 2, 129), backend="cpp")

@@ -325,6 +325,23 @@ def test_cpp_screen_adversarial_near_ties(spread, k, screen):
 
 @needs_cpp
 @needs_screen
+@pytest.mark.parametrize("k", [16, 17, 40, 64, 65, 150])
+def test_cpp_screen_every_top_k_width(k, screen):
+    """The screen's running k-th best lives in ceil(k / 16) vectors (1-4 in registers, more
+    through the generic loop): every width, across tile boundaries, equals the reference
+    and the fp32 pass, with duplicated rows (tied values in the slots) and classes smaller
+    than k."""
+    f, labels = _data(2100, 33, 9, torch.float32, dup=40, zeros=2, seed=k)
+    labels[:5] = 11  # a class of five: fewer candidates than k
+    screen("always")
+    got = mine_pairs(f, labels, k, backend="cpp")
+    assert_mined_equal(got, R.mine_pairs(f, labels, k), f)
+    screen("never")
+    assert_mined_equal(got, mine_pairs(f, labels, k, backend="cpp"), f)
+
+
+@needs_cpp
+@needs_screen
 def test_cpp_screen_exact_ties_tiny_classes_and_bad_rows(screen):
     """One-hot rows (bf16-exact: every similarity exactly 0 or 1, the lower index decides),
     classes smaller than k, a NaN row and an inf row, fp16 and bf16 inputs."""

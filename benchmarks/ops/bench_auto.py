@@ -59,7 +59,7 @@ def _cases() -> dict[str, tuple]:
     mining = importlib.import_module("benchmarks.ops.bench_pair_mining")
     pick = lambda shapes, *labels: {k: shapes[k] for k in labels}
     return {
-        "attention": (att.build, {"fd_cmdie_unaligned": (8, 4, 875, 875, 16),
+        "attention": (att.build, {"fd_cmdie_unaligned": att.SHAPES["fd_cmdie_unaligned"],
                                   "mosi_aligned": att.SHAPES["mosi_aligned"]}, False),
         "dual_gate": (dg.build, pick(dg.SHAPES, "mosi_b32", "mosei_b64"), False),
         "gated_attention_pool": (gap.build, pick(gap.SHAPES, "mosi_aligned", "mosei_aligned"), False),

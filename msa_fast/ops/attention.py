@@ -2,15 +2,23 @@
 
 Backends: ``eager`` (:func:`msa_fast.ops.reference.attention`), ``sdpa`` (PyTorch's
 ``scaled_dot_product_attention``: on the CPU its flash kernel, on CUDA FlashAttention-2 /
-memory-efficient / cuDNN as PyTorch picks; see :func:`_run_sdpa`) and ``triton``
+memory-efficient / cuDNN as PyTorch picks; see :func:`_run_sdpa`), ``cpp``
+(``csrc/cpu/attention.cpp``: AVX-512, one register a 16-wide head row, query blocks that
+read each key row once for 8 queries, fp32; ``torch.ops.msa_fast.attention`` and
+``attention_backward`` with fake kernels and autograd) and ``triton``
 (``msa_fast/kernels/triton/attention.py``: flash attention, online softmax, LSE saved,
 recomputing backward), registered as ``torch.ops.msa_fast.attention_triton`` with a
 fake kernel and autograd.
 
-``auto`` on the CPU: ``sdpa`` (measured, ``benchmarks/ops/bench_auto.py``: forward + backward
-9.2x the eager reference at FD-CMDIE's unaligned shape, 1.6x at MOSI's aligned one). On CUDA: ``sdpa`` before ``triton``
-until ``tools/gpu_check.sh`` measures our kernel faster on a GPU (none has run it yet:
-PyTorch's kernels are the safe default, contract §2's rule).
+``auto`` on the CPU follows the measured order in ``msa_fast/_auto_order.py``
+(``benchmarks/ops/bench_auto.py --write-order``). Forward + backward, 1 thread, measured
+with ``benchmarks/ops/bench_attention.py``: at FD-CMDIE's unaligned shape (8, 4, 875, 875,
+16), last 75 keys padded, ``cpp`` 45-50 ms, ``sdpa`` 80 ms, SDPA called directly with the
+mask 93-96 ms, the eager reference ~800 ms; at MOSI's aligned (32, 8, 50, 50, 16) 2.4 ms
+against SDPA's 4.9 ms. ``sdpa`` drops a padded tail every batch row shares before calling
+SDPA (:func:`_trim_padding`). On CUDA: ``sdpa`` before ``triton`` until
+``tools/gpu_check.sh`` measures our kernel faster on a GPU (none has run it yet: PyTorch's
+kernels are the safe default, contract §2's rule).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from msa_fast import _backend
+from msa_fast import _backend, _ext
 from msa_fast.ops import _validate as V
 from msa_fast.ops import reference
 
@@ -50,6 +58,8 @@ def _(do, q, k, v, out, lse, key_padding_mask, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+# Autograd of both kernels that return (out, lse), the Triton and the C++ one: the same
+# saved tensors, each through its own backward op.
 def _setup_context(ctx, inputs, output):
     q, k, v, key_padding_mask, scale = inputs
     out, lse = output
@@ -57,13 +67,32 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = _attention_triton_backward(dout, q, k, v, out, lse, key_padding_mask, ctx.scale)
-    return dq, dk, dv, None, None
+def _backward_through(backward_op):
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        dq, dk, dv = backward_op()(dout, q, k, v, out, lse, key_padding_mask, ctx.scale)
+        return dq, dk, dv, None, None
+
+    return backward
 
 
-_attention_triton.register_autograd(_backward, setup_context=_setup_context)
+_attention_triton.register_autograd(_backward_through(lambda: _attention_triton_backward),
+                                    setup_context=_setup_context)
+
+if _ext.load()[0] is not None:
+    # The C++ CPU kernel (csrc/cpu/attention.cpp): fake kernels for tracing, autograd
+    # through its own backward. The schemas are in csrc/ops.cpp.
+    @torch.library.register_fake("msa_fast::attention")
+    def _attention_cpp_fake(q, k, v, key_padding_mask, scale):
+        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("msa_fast::attention_backward")
+    def _attention_cpp_backward_fake(dout, q, k, v, out, lse, key_padding_mask, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    torch.library.register_autograd("msa_fast::attention",
+                                    _backward_through(lambda: torch.ops.msa_fast.attention_backward),
+                                    setup_context=_setup_context)
 
 __all__ = ["attention"]
 
@@ -87,6 +116,29 @@ def _head_limit(q, *_args) -> str | None:
     if q.shape[-1] > 128:  # one (block, Dh) tile per operand
         return f"supports head dims up to 128, got Dh={q.shape[-1]}"
     return None
+
+
+# read once, at import: under torch.compile the call would be a graph break
+_CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+
+
+def _cpp_limit(q, *_args) -> str | None:
+    if q.shape[-1] > 128:  # at most 8 AVX-512 registers a head row
+        return f"supports head dims up to 128, got Dh={q.shape[-1]}"
+    if _CPU_CAPABILITY not in ("AVX512", "AVX512_BF16", "AMX"):
+        return f"needs a CPU with AVX-512 (this one: {_CPU_CAPABILITY})"
+    return None
+
+
+def _run_cpp(q, k, v, key_padding_mask, scale):
+    """The C++ kernel, fp32: fp16 / bf16 inputs are computed in fp32, as the reference does,
+    and the output cast back (autocast off for the call, as for ``sdpa``)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dtype = q.dtype
+    if dtype != torch.float32:
+        with torch.autocast("cpu", enabled=False):
+            return torch.ops.msa_fast.attention(q.float(), k.float(), v.float(), key_padding_mask, scale)[0].to(dtype)
+    return torch.ops.msa_fast.attention(q, k, v, key_padding_mask, scale)[0]
 
 
 def _run_sdpa(q, k, v, key_padding_mask, scale):
@@ -122,7 +174,31 @@ def _run_sdpa(q, k, v, key_padding_mask, scale):
     return _sdpa_masked(q, k, v, key_padding_mask, scale)
 
 
+def _trim_padding(k, v, key_padding_mask):
+    """Drop the trailing key columns that every batch row masks, and the mask if nothing is
+    left masked -> ``(k, v, key_padding_mask or None)``.
+
+    Why: a batch padded to a fixed length (FD-CMDIE's 875 unaligned frames) has a common
+    padded tail, and SDPA spends as much on a masked key as on a live one. Dropping the
+    tail is exact: those keys get softmax weight 0 and gradient 0 either way (the sliced
+    views' gradients land in the full ``k``/``v`` grads as zeros), and with no key masked
+    SDPA takes its unmasked path. Measured at ``(8, 4, 875, 875, 16)`` with the last 75 keys
+    padded, forward + backward, 1 thread: 96 ms through the masked call, 82 ms trimmed.
+    One pass over the ``(B, Lk)`` mask and a host read: CPU eager only (on CUDA the read
+    would sync, and under ``torch.compile`` the length is data-dependent).
+    At least one key is kept, so an all-masked batch still has a softmax to replace by 0.
+    """
+    live = ~key_padding_mask.all(dim=0)  # (Lk,)
+    lk = live.numel()
+    n = lk - int(live.flip(0).int().argmax()) if bool(live.any()) else 1
+    if n < lk:
+        k, v, key_padding_mask = k[:, :, :n], v[:, :, :n], key_padding_mask[:, :n]
+    return k, v, (key_padding_mask if bool(key_padding_mask.any()) else None)
+
+
 def _sdpa_masked(q, k, v, key_padding_mask, scale):
+    if key_padding_mask is not None and q.device.type == "cpu" and not torch.compiler.is_compiling():
+        k, v, key_padding_mask = _trim_padding(k, v, key_padding_mask)
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     empty = key_padding_mask.all(dim=-1)  # (B,)
@@ -139,6 +215,8 @@ def _run_triton(q, k, v, key_padding_mask, scale):
 _SPEC = _backend.declare(_backend.OpSpec(
     "attention", reference.attention, _check,
     fused=(_backend.Fused("sdpa", _run_sdpa, auto=("cpu", "cuda"), rank=0),
+           _backend.Fused("cpp", _run_cpp, limit=_cpp_limit, limit_doc="Dh <= 128, AVX-512", auto=("cpu",),
+                          rank=0),
            _backend.Fused("triton", _run_triton, limit=_head_limit, limit_doc="Dh <= 128", rank=1)),
 ))
 
