@@ -3,11 +3,11 @@ measured by ``benchmarks/ops/bench_auto.py --write-order`` (generated: do not ed
 rerun the benchmark). An (op, device) missing here uses the order its descriptor
 declares (``Fused.auto`` / ``rank``, see ``msa_fast/_backend.py``).
 
-Last written from: AMD EPYC, 1 thread(s), torch 2.14.1+cu130, commit af92e03.
+Last written from: AMD EPYC, 1 thread(s), torch 2.14.1+cu130, commit c7ec856.
 """
 
 MEASURED: dict[str, dict[str, tuple[str, ...]]] = {'cpu': {'add_layer_norm': ('eager', 'compile'),
-         'attention': ('sdpa', 'eager'),
+         'attention': ('cpp', 'sdpa', 'eager'),
          'dual_gate': ('compile', 'eager'),
          'fd_cmdie_contrastive_loss': ('compile', 'eager'),
          'gated_attention_pool': ('compile', 'eager'),

@@ -21,6 +21,9 @@ def load() -> tuple[object | None, str | None]:
     return _C, None
 
 
+# a constant to torch.compile: the dispatcher query is not traceable, and a backend chain
+# checked inside a compiled model (auto trying ``cpp``) would otherwise break its graph
+@torch.compiler.assume_constant_result
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when ``torch.ops.msa_fast.<op>`` has a kernel for ``dispatch_key`` (CPU, CUDA)."""
     if load()[0] is None:

@@ -309,13 +309,18 @@ def _matches_fp64_reference(q, k, v, mask, backend, cot, tol, gtol):
     return out, got
 
 
-def test_auto_attention_on_cpu_is_sdpa():
+def test_auto_attention_on_cpu_is_cpp_then_sdpa():
+    """The measured CPU chain: our C++ kernel, then SDPA (beyond the kernel's head width, or
+    where it cannot run), then eager; on CUDA SDPA until a GPU measures triton."""
     from msa_fast import _backend
 
-    assert _backend.AUTO_ORDER[("attention", "cpu")][0] == "sdpa"
+    assert _backend.AUTO_ORDER[("attention", "cpu")] == ("cpp", "sdpa", "eager")
     assert _backend.AUTO_ORDER[("attention", "cuda")][0] == "sdpa"  # until a GPU measures triton
     q = _rand(1, 1, 3, 4)
-    assert _backend.choose(_backend.SPECS["attention"], (q, q, q, None, None), "auto").backend == "sdpa"
+    want = "cpp" if _cpp_attention_reason() is None else "sdpa"
+    assert _backend.choose(_backend.SPECS["attention"], (q, q, q, None, None), "auto").backend == want
+    wide = _rand(1, 1, 3, 144)  # past the kernel's 128: SDPA
+    assert _backend.choose(_backend.SPECS["attention"], (wide, wide, wide, None, None), "auto").backend == "sdpa"
     # fp64 is not a fused dtype: auto runs it on the reference, an explicit sdpa says why
     assert _backend.choose(_backend.SPECS["attention"], (q.double(),) * 3 + (None, None), "auto") is None
     with pytest.raises(ValueError, match="backend 'sdpa' takes dtypes"):
@@ -389,7 +394,7 @@ def test_sdpa_attention_at_fd_cmdie_unaligned_shape_has_no_nan():
     kpm = torch.zeros(2, 875, dtype=torch.bool)
     kpm[0, 800:] = True
     kpm[1] = True
-    out = ops.attention(q, k, v, kpm)  # auto: sdpa
+    out = ops.attention(q, k, v, kpm)  # auto: cpp, or sdpa on a CPU without AVX-512
     want = R.attention(q, k, v, kpm)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     go = torch.randn_like(out)
@@ -591,8 +596,10 @@ def test_cpp_attention_fd_cmdie_shape_strided_inputs_and_stride0_gradient():
 def test_cpp_attention_opcheck_compile_and_limits():
     q, k, v = (_rand(2, 2, n, 16, requires_grad=True) for n in (3, 5, 5))
     kpm = _kpm(2, 5, full_row=1)
+    strided = torch.randn(2, 3, 2, 16).transpose(1, 2).requires_grad_()  # (B, H, L, Dh) view
     for mask in (kpm, None):
         torch.library.opcheck(torch.ops.msa_fast.attention.default, (q, k, v, mask, 0.3))
+        torch.library.opcheck(torch.ops.msa_fast.attention.default, (strided, k, v, mask, 0.3))
     fn = torch.compile(lambda a, b, c, m: ops.attention(a, b, c, m, backend="cpp"), fullgraph=True)
     out = fn(q, k, v, kpm)
     torch.testing.assert_close(out, R.attention(q, k, v, kpm), rtol=1e-5, atol=1e-6)

@@ -196,7 +196,7 @@ def test_descriptor_limits_are_the_kernels_limits():
 def test_auto_order_comes_from_the_measurement_or_the_descriptors():
     # CPU: measured (msa_fast/_auto_order.py, see tests/test_backend.py); CUDA: declared
     assert _backend.AUTO_ORDER[("mine_pairs", "cpu")] == ("cpp", "eager")
-    assert _backend.AUTO_ORDER[("attention", "cpu")] == ("sdpa", "eager")
+    assert _backend.AUTO_ORDER[("attention", "cpu")] == ("cpp", "sdpa", "eager")
     assert _backend.AUTO_ORDER[("mine_pairs", "cuda")] == ("cuda", "triton", "eager")
     assert _backend.AUTO_ORDER[("attention", "cuda")] == ("sdpa", "triton", "eager")
     assert _backend.AUTO_ORDER[("dipu", "cuda")] == ("eager",)

@@ -72,9 +72,13 @@ def _fused(op: str) -> list:
     return out
 
 
-def _dtypes(backend: str) -> list[torch.dtype]:
-    # the interpreter cannot do bf16 math (contract §9); the kernels take no fp64
-    return [F32, F16] if backend == "triton" else [F32, F64, F16, BF16]
+def _dtypes(backend: str, op: str) -> list[torch.dtype]:
+    # the interpreter cannot do bf16 math (contract §9); otherwise what the backend declares
+    # (mining's cpp takes fp64, attention's does not)
+    if backend == "triton":
+        return [F32, F16]
+    fused = next(f for f in _backend.SPECS[op].fused if f.backend == backend)
+    return [d for d in (F32, F64, F16, BF16) if d in fused.dtypes]
 
 
 # --------------------------------------------------------------------------- #
@@ -251,7 +255,7 @@ _UPSTREAM = st.sampled_from(["random", "sum"])
 @given(data=st.data())
 def test_fuzz_add_layer_norm(backend, data):
     draw = data.draw
-    dtype, gen = draw(st.sampled_from(_dtypes(backend))), _gen(draw)
+    dtype, gen = draw(st.sampled_from(_dtypes(backend, "add_layer_norm"))), _gen(draw)
     lead = draw(st.lists(st.integers(0, 3), min_size=0, max_size=2))
     d = draw(st.sampled_from([0, 1, 2, 5, 16, 37]))
     shape = (*lead, d)
@@ -268,7 +272,7 @@ def test_fuzz_add_layer_norm(backend, data):
 @given(data=st.data())
 def test_fuzz_attention(backend, data):
     draw = data.draw
-    dtype, gen = draw(st.sampled_from(_dtypes(backend))), _gen(draw)
+    dtype, gen = draw(st.sampled_from(_dtypes(backend, "attention"))), _gen(draw)
     b, h = draw(st.integers(0, 2)), draw(st.integers(0, 2))
     lq, lk = draw(st.sampled_from([0, 1, 3, 17])), draw(st.sampled_from([0, 1, 2, 5, 19]))
     dh = draw(st.sampled_from([0, 1, 4, 9, 16]))
@@ -287,7 +291,7 @@ def test_fuzz_attention(backend, data):
 @given(data=st.data())
 def test_fuzz_dual_gate(backend, data):
     draw = data.draw
-    dtype, gen = draw(st.sampled_from(_dtypes(backend))), _gen(draw)
+    dtype, gen = draw(st.sampled_from(_dtypes(backend, "dual_gate"))), _gen(draw)
     lead = tuple(draw(st.lists(st.integers(0, 3), min_size=0, max_size=2)))
     m, d = draw(st.sampled_from([0, 1, 2, 3])), draw(st.sampled_from([0, 1, 3, 8, 19]))
     c = draw(st.sampled_from([0, 1, 2, 7, 19]))  # 0: rejected; 1: H = 0
@@ -306,7 +310,7 @@ def test_fuzz_dual_gate(backend, data):
 @given(data=st.data())
 def test_fuzz_gated_attention_pool(backend, data):
     draw = data.draw
-    dtype, gen = draw(st.sampled_from(_dtypes(backend))), _gen(draw)
+    dtype, gen = draw(st.sampled_from(_dtypes(backend, "gated_attention_pool"))), _gen(draw)
     m, b, seq = draw(st.sampled_from([0, 1, 3])), draw(st.integers(0, 2)), draw(st.sampled_from([0, 1, 4, 7]))
     d, hg, ha = draw(st.sampled_from([0, 1, 6, 16])), draw(st.sampled_from([0, 1, 5])), draw(st.sampled_from([0, 1, 4]))
     mask = _mask(draw, gen, (b, seq)) if draw(st.booleans()) else None
@@ -341,7 +345,7 @@ def _vectors(draw, gen, dtype, shape, zero_rows=True):
 @given(data=st.data())
 def test_fuzz_nt_xent(backend, data):
     draw = data.draw
-    dtype, gen = draw(st.sampled_from(_dtypes(backend))), _gen(draw)
+    dtype, gen = draw(st.sampled_from(_dtypes(backend, "nt_xent"))), _gen(draw)
     p, k, d = draw(st.integers(0, 4)), draw(st.sampled_from([0, 1, 3, 9])), draw(st.sampled_from([0, 1, 4, 33]))
     mask = _mask(draw, gen, (p, k)) if draw(st.booleans()) else None
     if mask is not None:
@@ -357,7 +361,7 @@ def test_fuzz_nt_xent(backend, data):
 @given(data=st.data())
 def test_fuzz_triplet(backend, data):
     draw = data.draw
-    dtype, gen = draw(st.sampled_from(_dtypes(backend))), _gen(draw)
+    dtype, gen = draw(st.sampled_from(_dtypes(backend, "triplet"))), _gen(draw)
     p, d = draw(st.integers(0, 6)), draw(st.sampled_from([0, 1, 4, 33]))
     # margins away from the hinge's kink at the exact cosines of D = 1 (+-1) and of zero rows (0)
     margin = draw(st.sampled_from([0.3, -0.4, 1.7]))
@@ -371,7 +375,7 @@ def test_fuzz_triplet(backend, data):
 @given(data=st.data())
 def test_fuzz_fd_cmdie_contrastive_loss(backend, data):
     draw = data.draw
-    dtype, gen = draw(st.sampled_from(_dtypes(backend))), _gen(draw)
+    dtype, gen = draw(st.sampled_from(_dtypes(backend, "fd_cmdie_contrastive_loss"))), _gen(draw)
     b, kp, kn = draw(st.integers(0, 3)), draw(st.integers(0, 3)), draw(st.integers(0, 3))
     d = draw(st.sampled_from([0, 1, 5, 16]))
     pm = ~_mask(draw, gen, (b, kp)) if draw(st.booleans()) else None
@@ -447,7 +451,7 @@ def _assert_mined(got, want, features, queries):
 @given(data=st.data())
 def test_fuzz_mine_pairs(backend, data):
     draw = data.draw
-    dtype = draw(st.sampled_from(_dtypes(backend)))
+    dtype = draw(st.sampled_from(_dtypes(backend, "mine_pairs")))
     n, d, classes = draw(st.sampled_from([0, 1, 2, 7, 40])), draw(st.sampled_from([0, 1, 3, 10])), draw(st.integers(1, 4))
     k = draw(st.sampled_from([0, 1, 3, 8]))
     f, labels = random_mining_data(n, d, classes, dtype=F64, dup=n // 4, zeros=int(n > 3),

@@ -82,13 +82,14 @@ _attention_triton.register_autograd(_backward_through(lambda: _attention_triton_
 if _ext.load()[0] is not None:
     # The C++ CPU kernel (csrc/cpu/attention.cpp): fake kernels for tracing, autograd
     # through its own backward. The schemas are in csrc/ops.cpp.
+    # contiguous outputs whatever the inputs' strides, as the kernel allocates them
     @torch.library.register_fake("msa_fast::attention")
     def _attention_cpp_fake(q, k, v, key_padding_mask, scale):
-        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
     @torch.library.register_fake("msa_fast::attention_backward")
     def _attention_cpp_backward_fake(dout, q, k, v, out, lse, key_padding_mask, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     torch.library.register_autograd("msa_fast::attention",
                                     _backward_through(lambda: torch.ops.msa_fast.attention_backward),
@@ -123,6 +124,10 @@ _CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
 
 
 def _cpp_limit(q, *_args) -> str | None:
+    if torch.compiler.is_exporting():
+        # an exported graph (ONNX, AOTInductor) is run where msa_fast may not be installed:
+        # it takes SDPA, which both formats know
+        return "is not exported (an exported graph takes sdpa)"
     if q.shape[-1] > 128:  # at most 8 AVX-512 registers a head row
         return f"supports head dims up to 128, got Dh={q.shape[-1]}"
     if _CPU_CAPABILITY not in ("AVX512", "AVX512_BF16", "AMX"):
