@@ -33,10 +33,10 @@ RUNTIMES = ("auto", "eager", "compiled", "onnxruntime", "aoti")
 # first request of a layout. Without the [onnx] extra, "onnxruntime" becomes the model's torch
 # default (predictor.COMPILE_DEFAULT).
 AUTO_CPU: dict[str, tuple[tuple[int, str], ...]] = {
-    "agfn": ((1, "onnxruntime"), (8, "onnxruntime"), (64, "onnxruntime")),
+    "agfn": ((1, "onnxruntime"), (8, "onnxruntime"), (64, "compiled")),
     "fd_cmdie": ((1, "onnxruntime"), (8, "compiled"), (64, "compiled")),
     "lf_dnn": ((1, "onnxruntime"), (8, "onnxruntime"), (64, "onnxruntime")),
-    "promma": ((1, "onnxruntime"), (8, "onnxruntime"), (64, "compiled")),
+    "promma": ((1, "onnxruntime"), (8, "compiled"), (64, "compiled")),
     "text_only": ((1, "onnxruntime"), (8, "onnxruntime"), (64, "onnxruntime")),
 }
 
