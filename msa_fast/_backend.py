@@ -113,6 +113,32 @@ _COMPILE_OPTIONS = ({"cpp.simdlen": 0}
                     if torch.torch_version.TorchVersion(torch.__version__) < (2, 14) else None)
 
 
+_EXPORTING = 0
+
+
+@contextlib.contextmanager
+def exporting():
+    """Marks a ``torch.export`` / ``torch.onnx.export`` of msa_fast's own
+    (:mod:`msa_fast.inference.export`): a backend whose op a plain ONNX Runtime or
+    AOTInductor consumer lacks (the ``cpp`` attention kernel) declines inside it."""
+    global _EXPORTING
+    _EXPORTING += 1
+    try:
+        yield
+    finally:
+        _EXPORTING -= 1
+
+
+def is_exporting() -> bool:
+    """Inside :func:`exporting`, or (torch >= 2.14) any ``torch.export``. Before 2.14,
+    ``torch.compiler.is_exporting()`` reads True while Dynamo traces a plain ``torch.compile``
+    (seen on 2.11), so only msa_fast's own exports are known there."""
+    return _EXPORTING > 0 or (_TORCH_214 and torch.compiler.is_exporting())
+
+
+_TORCH_214 = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
+
+
 def compiled_reference(reference: Callable[..., Any],
                        check: Callable[..., None] | None = None) -> Callable[..., Any]:
     """``reference`` under ``torch.compile``, compiled on its first call (2-25 s on a CPU: once

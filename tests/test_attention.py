@@ -615,3 +615,34 @@ def test_cpp_attention_opcheck_compile_and_limits():
         assert torch.equal(ke.grad, torch.zeros_like(ke.grad))
     with pytest.raises(RuntimeError, match="head dims up to 128"):
         ops.attention(_rand(1, 1, 2, 129), _rand(1, 1, 2, 129), _rand(1, 1, 2, 129), backend="cpp")
+
+
+@needs_cpp_attention
+def test_cpp_attention_declines_inside_msa_fast_exports_and_torch_export():
+    """An exported graph is run where msa_fast may not be installed: inside msa_fast's own
+    exports (and, on torch >= 2.14, any torch.export) auto takes sdpa, and a plain
+    torch.compile still takes the kernel."""
+    from msa_fast import _backend
+
+    q = _rand(1, 2, 3, 16)
+    spec = _backend.SPECS["attention"]
+    assert _backend.choose(spec, (q, q, q, None, None), "auto").backend == "cpp"
+    with _backend.exporting():
+        assert _backend.choose(spec, (q, q, q, None, None), "auto").backend == "sdpa"
+    assert not _backend.is_exporting()
+
+    class M(torch.nn.Module):
+        def forward(self, a):
+            return ops.attention(a, a, a)
+
+    graph = str(torch.export.export(M(), (q,)).graph)
+    assert "msa_fast.attention" not in graph and "scaled_dot_product" in graph
+    seen = []
+
+    def record(gm, _inputs):
+        seen.append(str(gm.graph))
+        return gm
+
+    compiled = torch.compile(lambda a: ops.attention(a, a, a), fullgraph=True, backend=record)
+    torch.testing.assert_close(compiled(q), R.attention(q, q, q), rtol=1e-5, atol=1e-6)
+    assert "msa_fast.attention" in seen[0]

@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from msa_fast import _backend
+
 MODALITIES = ("text", "audio", "vision")
 # the file that registers ``msa_fast::lstm`` with torch alone (no other import): an AOTInductor
 # package calls the op by name, so a loader runs this file first (``msa-fast export`` copies it
@@ -193,9 +195,10 @@ def onnx_program(forward: ExportForward, dims: Mapping, aligned: bool, present: 
     names = input_names(dims, present)
     shapes = _dynamic_shapes(dims, aligned, present)
     try:
-        return torch.onnx.export(forward, _trace_inputs(dims, aligned, present), dynamo=True, dynamic_shapes=shapes,
-                                 input_names=list(names), output_names=["pred"], verbose=False,
-                                 custom_translation_table=onnx_translations())
+        with _backend.exporting():
+            return torch.onnx.export(forward, _trace_inputs(dims, aligned, present), dynamo=True,
+                                     dynamic_shapes=shapes, input_names=list(names), output_names=["pred"],
+                                     verbose=False, custom_translation_table=onnx_translations())
     except Exception as e:  # noqa: BLE001 - say what failed, in one line
         raise ExportError(f"export: torch.onnx.export failed: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
@@ -267,7 +270,8 @@ def export_aoti(model: nn.Module, dims: Mapping, path: str, *, model_name: str, 
     forward = ExportForward(model, dims, aligned).eval()
     meta = metadata(model_name, dims, aligned, length_buckets)
     try:
-        ep = torch.export.export(forward, _trace_inputs(dims, aligned), dynamic_shapes=_dynamic_shapes(dims, aligned))
+        with _backend.exporting():
+            ep = torch.export.export(forward, _trace_inputs(dims, aligned), dynamic_shapes=_dynamic_shapes(dims, aligned))
         torch._inductor.aoti_compile_and_package(ep, package_path=path,
                                                  inductor_configs={"aot_inductor.metadata": meta})
     except Exception as e:  # noqa: BLE001

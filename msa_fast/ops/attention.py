@@ -124,7 +124,7 @@ _CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
 
 
 def _cpp_limit(q, *_args) -> str | None:
-    if torch.compiler.is_exporting():
+    if _backend.is_exporting():
         # an exported graph (ONNX, AOTInductor) is run where msa_fast may not be installed:
         # it takes SDPA, which both formats know
         return "is not exported (an exported graph takes sdpa)"
