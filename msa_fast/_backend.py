@@ -109,8 +109,8 @@ def _compile_reason(device_type: str) -> str | None:
 # backward (the heap is corrupted: "double free or corruption", the process dies; found by
 # tools/gpu_rehearsal.sh, gone by torch 2.14, 2.12 / 2.13 untested): before 2.14 the
 # compile backend's CPU kernels are scalar C++ (``cpp.simdlen = 0``, per compile, not global)
-_COMPILE_OPTIONS = ({"cpp.simdlen": 0}
-                    if torch.torch_version.TorchVersion(torch.__version__) < (2, 14) else None)
+_TORCH_214 = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
+_COMPILE_OPTIONS = None if _TORCH_214 else {"cpp.simdlen": 0}
 
 
 _EXPORTING = 0
@@ -134,9 +134,6 @@ def is_exporting() -> bool:
     ``torch.compiler.is_exporting()`` reads True while Dynamo traces a plain ``torch.compile``
     (seen on 2.11), so only msa_fast's own exports are known there."""
     return _EXPORTING > 0 or (_TORCH_214 and torch.compiler.is_exporting())
-
-
-_TORCH_214 = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
 
 
 def compiled_reference(reference: Callable[..., Any],

@@ -30,16 +30,11 @@ IMPLAUSIBLE_FACTOR = 100.0
 _warned_implausible: set[str] = set()
 
 
-def implausible_bound(label_absmax: float | None) -> float:
-    """``IMPLAUSIBLE_FACTOR`` x the largest training |label| (MMSA's 3 when unknown)."""
-    return IMPLAUSIBLE_FACTOR * (label_absmax if label_absmax and label_absmax > 0 else 3.0)
-
-
 def warn_if_implausible(preds, label_absmax: float | None, where: str) -> bool:
     """Warn once per process and ``where`` when a prediction exceeds ``IMPLAUSIBLE_FACTOR`` x
     the largest training |label| (MMSA's 3 when unknown): the sign of corrupt weights or of
     data on another scale, which metrics alone report as a bad MAE. Returns whether it did."""
-    bound = implausible_bound(label_absmax)
+    bound = IMPLAUSIBLE_FACTOR * (label_absmax if label_absmax and label_absmax > 0 else 3.0)
     preds = np.asarray(preds)
     worst = float(np.abs(preds).max()) if preds.size else 0.0
     if not worst > bound or where in _warned_implausible:

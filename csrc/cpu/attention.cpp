@@ -28,6 +28,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "avx512.h"
+
 #include <immintrin.h>
 
 #include <cmath>
@@ -45,11 +47,10 @@ constexpr int64_t kMaxHeadDim = 128;
 // points refuse a CPU without AVX-512 before calling in.
 #pragma GCC push_options
 #pragma GCC target("avx512f")
-#define MSA_AVX512
 
 // exp(x) for x <= 0 (softmax numerators: x = s - max or s - lse); below -87 it underflows to
 // ~0, and the callers zero the masked lanes themselves.
-MSA_AVX512 inline __m512 exp_nonpos(__m512 x) {
+inline __m512 exp_nonpos(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -65,8 +66,10 @@ MSA_AVX512 inline __m512 exp_nonpos(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-inline __mmask16 lanes(int64_t count) {
-  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
+// The lanes of register v of a head row held in NV registers: all 16 but in the last.
+template <int NV>
+inline __mmask16 row_lanes(int v, __mmask16 tail) {
+  return v == NV - 1 ? tail : static_cast<__mmask16>(0xFFFF);
 }
 
 // Per batch row: the number of keys up to the last unmasked one (0: all masked) and, per
@@ -110,7 +113,7 @@ void transpose_rows(const float* src, int64_t n, int64_t dh, float* dst, int64_t
 // of the transposed matrix t (dh x ld), scaled, into s (QB rows of ld floats). A key row is
 // read once for the QB queries, and the QB accumulators are independent FMA chains.
 template <int QB>
-MSA_AVX512 inline void block_scores(const float* x, const float* t, int64_t ld, int64_t dh, int64_t chunks,
+inline void block_scores(const float* x, const float* t, int64_t ld, int64_t dh, int64_t chunks,
                                     float scale, float* s) {
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t c = 0; c < chunks; ++c) {
@@ -127,7 +130,7 @@ MSA_AVX512 inline void block_scores(const float* x, const float* t, int64_t ld, 
 // acc[u] (NV registers each) = sum_j w[u * ld + j] rows[j] over j < n, for QB weight rows; a
 // row of dh floats is loaded once for the QB of them.
 template <int NV, int QB>
-MSA_AVX512 inline void block_weighted_rows(const float* w, int64_t ld, const float* rows, int64_t n, int64_t dh,
+inline void block_weighted_rows(const float* w, int64_t ld, const float* rows, int64_t n, int64_t dh,
                                            __mmask16 tail, __m512 (*acc)[NV]) {
   for (int u = 0; u < QB; ++u) {
     for (int v = 0; v < NV; ++v) acc[u][v] = _mm512_setzero_ps();
@@ -150,7 +153,7 @@ constexpr int block_of() {
 // Forward of QB queries (rows Q, outputs O, LSE) of one head whose batch row has `live`
 // keys (>= 1) with unmasked lanes ok[c].
 template <int NV, int QB>
-MSA_AVX512 void forward_block(const float* Q, const float* kt, const float* V, float* O, float* LSE, int64_t live,
+void forward_block(const float* Q, const float* kt, const float* V, float* O, float* LSE, int64_t live,
                               int64_t ld, int64_t dh, const __mmask16* ok, float scale, float* s) {
   const int64_t chunks = ld / 16;
   const __mmask16 tail = lanes(dh - 16 * (NV - 1));
@@ -184,7 +187,7 @@ MSA_AVX512 void forward_block(const float* Q, const float* kt, const float* V, f
 }
 
 template <int NV>
-MSA_AVX512 void forward_head(const float* Q, const float* K, const float* V, float* O, float* LSE, int64_t lq,
+void forward_head(const float* Q, const float* K, const float* V, float* O, float* LSE, int64_t lq,
                              int64_t dh, const KeyMask& km, int64_t b, float scale, std::vector<float>& kt,
                              std::vector<float>& srow) {
   const int64_t live = km.live[b];
@@ -211,7 +214,7 @@ MSA_AVX512 void forward_head(const float* Q, const float* K, const float* V, flo
 // Backward of QB queries of one head: P and dS for the block (QB rows of ld floats), dQ
 // for its rows, and its share of dK, dV -- each key row read and written once a block.
 template <int NV, int QB>
-MSA_AVX512 void backward_block(const float* dO, const float* Q, const float* K, const float* O, const float* LSE,
+void backward_block(const float* dO, const float* Q, const float* K, const float* O, const float* LSE,
                                float* dQ, float* dK, float* dV, int64_t live, int64_t ld, int64_t dh,
                                const __mmask16* ok, float scale, const float* kt, const float* vt, float* p,
                                float* ds) {
@@ -223,7 +226,7 @@ MSA_AVX512 void backward_block(const float* dO, const float* Q, const float* K, 
   for (int u = 0; u < QB; ++u) {
     __m512 dd = _mm512_setzero_ps();
     for (int v = 0; v < NV; ++v) {
-      const __mmask16 m = v == NV - 1 ? tail : static_cast<__mmask16>(0xFFFF);
+      const __mmask16 m = row_lanes<NV>(v, tail);
       dov[u][v] = _mm512_maskz_loadu_ps(m, dO + u * dh + 16 * v);
       qv[u][v] = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, Q + u * dh + 16 * v), vscale);
       dd = _mm512_fmadd_ps(dov[u][v], _mm512_maskz_loadu_ps(m, O + u * dh + 16 * v), dd);
@@ -246,7 +249,7 @@ MSA_AVX512 void backward_block(const float* dO, const float* Q, const float* K, 
   block_weighted_rows<NV, QB>(ds, ld, K, live, dh, tail, dq);
   for (int u = 0; u < QB; ++u) {
     for (int v = 0; v < NV; ++v) {
-      const __mmask16 m = v == NV - 1 ? tail : static_cast<__mmask16>(0xFFFF);
+      const __mmask16 m = row_lanes<NV>(v, tail);
       _mm512_mask_storeu_ps(dQ + u * dh + 16 * v, m, _mm512_mul_ps(dq[u][v], vscale));
     }
   }
@@ -254,7 +257,7 @@ MSA_AVX512 void backward_block(const float* dO, const float* Q, const float* K, 
     float* dvj = dV + j * dh;
     float* dkj = dK + j * dh;
     for (int v = 0; v < NV; ++v) {
-      const __mmask16 m = v == NV - 1 ? tail : static_cast<__mmask16>(0xFFFF);
+      const __mmask16 m = row_lanes<NV>(v, tail);
       __m512 av = _mm512_maskz_loadu_ps(m, dvj + 16 * v);
       __m512 ak = _mm512_maskz_loadu_ps(m, dkj + 16 * v);
       for (int u = 0; u < QB; ++u) {
@@ -268,7 +271,7 @@ MSA_AVX512 void backward_block(const float* dO, const float* Q, const float* K, 
 }
 
 template <int NV>
-MSA_AVX512 void backward_head(const float* dO, const float* Q, const float* K, const float* V, const float* O,
+void backward_head(const float* dO, const float* Q, const float* K, const float* V, const float* O,
                               const float* LSE, float* dQ, float* dK, float* dV, int64_t lq, int64_t lk, int64_t dh,
                               const KeyMask& km, int64_t b, float scale, std::vector<float>& kt,
                               std::vector<float>& vt, std::vector<float>& prow, std::vector<float>& dsrow) {

@@ -65,6 +65,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "avx512.h"
 #include "pair_mining.h"
 
 #include <immintrin.h>
@@ -317,8 +318,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) float dot_avx512(const floa
     acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
   }
   for (; i < d; i += 16) {
-    const __mmask16 m = d - i >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                    : static_cast<__mmask16>((1u << (d - i)) - 1u);
+    const __mmask16 m = lanes(d - i);
     acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc0);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
@@ -490,7 +490,7 @@ struct RowCands {
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void scan_screen(ScreenQuery& sq, const at::BFloat16* row,
                                                     int64_t len, int64_t j0, const int32_t* lab,
                                                     int32_t ql, int64_t self, const ScreenTol& tol,
-                                                    const float* rf, float rf_max, int64_t k) {
+                                                    const float* rf, float rf_max) {
   RowCands pc, nc;
   const __m512i vql = _mm512_set1_epi32(ql);
   const __m512 vbase = _mm512_set1_ps(tol.base), vmul = _mm512_set1_ps(tol.mul),
@@ -499,8 +499,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void scan_screen(ScreenQuer
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const uint16_t* raw = reinterpret_cast<const uint16_t*>(row);
   for (int64_t j = 0; j < len; j += 16) {
-    const __mmask16 m = len - j >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                      : static_cast<__mmask16>((1u << (len - j)) - 1u);
+    const __mmask16 m = lanes(len - j);
     const __m512 a = bf16_to_f32(_mm256_maskz_loadu_epi16(m, raw + j));
     const __mmask16 same = _mm512_mask_cmpeq_epi32_mask(m, _mm512_maskz_loadu_epi32(m, lab + j), vql);
     const __m512 t = _mm512_fmadd_ps(vrel, _mm512_abs_ps(a),
@@ -527,7 +526,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) float residual_norm(const f
                                                                        int64_t d) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < d; i += 16) {
-    const __mmask16 m = d - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (d - i)) - 1u);
+    const __mmask16 m = lanes(d - i);
     const __m512 e = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, a + i), bf16_to_f32(_mm256_maskz_loadu_epi16(m, b + i)));
     acc = _mm512_fmadd_ps(e, e, acc);
   }
@@ -574,7 +573,7 @@ void mine_screened(const at::Tensor& fn, const at::Tensor& qn, bool symmetric, c
   // pass 1: the bf16 tiles (mine_blocked's tiling and symmetric half)
   for_each_tile_row<at::BFloat16>(qb16, fb, symmetric,
                                   [&](int64_t r, const at::BFloat16* row, int64_t len, int64_t j0) {
-    scan_screen(state[r], row, len, j0, labels + j0, qlabels[r], qindex[r] - j0, tols[r], rf, rf_max, k);
+    scan_screen(state[r], row, len, j0, labels + j0, qlabels[r], qindex[r] - j0, tols[r], rf, rf_max);
   });
 
   // Passes 2 and 3 per block of kRescoreBlock queries, in parallel over the blocks: each

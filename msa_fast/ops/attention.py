@@ -128,22 +128,36 @@ def _cpp_limit(q, *_args) -> str | None:
         # an exported graph (ONNX, AOTInductor) is run where msa_fast may not be installed:
         # it takes SDPA, which both formats know
         return "is not exported (an exported graph takes sdpa)"
-    if q.shape[-1] > 128:  # at most 8 AVX-512 registers a head row
-        return f"supports head dims up to 128, got Dh={q.shape[-1]}"
+    why = _head_limit(q)  # the same 128: at most 8 AVX-512 registers a head row
+    if why is not None:
+        return why
     if _CPU_CAPABILITY not in ("AVX512", "AVX512_BF16", "AMX"):
         return f"needs a CPU with AVX-512 (this one: {_CPU_CAPABILITY})"
     return None
 
 
-def _run_cpp(q, k, v, key_padding_mask, scale):
-    """The C++ kernel, fp32: fp16 / bf16 inputs are computed in fp32, as the reference does,
-    and the output cast back (autocast off for the call, as for ``sdpa``)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+def _default_scale(q, scale) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def _in_fp32(run, q, k, v, key_padding_mask, scale):
+    """``run`` on fp32 copies of fp16 / bf16 CPU inputs, as the reference computes them, the
+    output cast back; autocast off for the call (SDPA is on the CPU autocast's bf16 list and
+    would cast them straight back)."""
     dtype = q.dtype
-    if dtype != torch.float32:
-        with torch.autocast("cpu", enabled=False):
-            return torch.ops.msa_fast.attention(q.float(), k.float(), v.float(), key_padding_mask, scale)[0].to(dtype)
-    return torch.ops.msa_fast.attention(q, k, v, key_padding_mask, scale)[0]
+    with torch.autocast("cpu", enabled=False):
+        return run(q.float(), k.float(), v.float(), key_padding_mask, scale).to(dtype)
+
+
+def _cpp_fp32(q, k, v, key_padding_mask, scale):
+    return torch.ops.msa_fast.attention(q, k, v, key_padding_mask, _default_scale(q, scale))[0]
+
+
+def _run_cpp(q, k, v, key_padding_mask, scale):
+    """The C++ kernel, fp32 (fp16 / bf16 inputs through :func:`_in_fp32`, as for ``sdpa``)."""
+    if q.dtype != torch.float32:
+        return _in_fp32(_cpp_fp32, q, k, v, key_padding_mask, scale)
+    return _cpp_fp32(q, k, v, key_padding_mask, scale)
 
 
 def _run_sdpa(q, k, v, key_padding_mask, scale):
@@ -172,10 +186,8 @@ def _run_sdpa(q, k, v, key_padding_mask, scale):
     """
     if q.numel() == 0:
         return reference.attention(q, k, v, key_padding_mask, scale)
-    dtype = q.dtype
-    if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        with torch.autocast("cpu", enabled=False):
-            return _sdpa_masked(q.float(), k.float(), v.float(), key_padding_mask, scale).to(dtype)
+    if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
+        return _in_fp32(_sdpa_masked, q, k, v, key_padding_mask, scale)
     return _sdpa_masked(q, k, v, key_padding_mask, scale)
 
 
@@ -213,8 +225,7 @@ def _sdpa_masked(q, k, v, key_padding_mask, scale):
 
 
 def _run_triton(q, k, v, key_padding_mask, scale):
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _attention_triton(q, k, v, key_padding_mask, scale)[0]
+    return _attention_triton(q, k, v, key_padding_mask, _default_scale(q, scale))[0]
 
 
 _SPEC = _backend.declare(_backend.OpSpec(
